@@ -1,0 +1,33 @@
+# Quick start: `make demo` and `make test`. Both create .venv on first use with a Python >= 3.12
+# found by tools/find-python, and reinstall only when pyproject.toml (the dependency spec) changes.
+SHELL := /bin/bash
+VENV ?= .venv
+PY := $(VENV)/bin/python
+SPEC := $(shell sha1sum pyproject.toml | cut -c1-12)
+STAMP := $(VENV)/.deps-$(SPEC)
+OUT ?= reports/demo
+
+.PHONY: demo test bench venv clean
+
+venv: $(STAMP)
+
+$(STAMP):
+	@set -euo pipefail; \
+	if [ -x $(PY) ] && ! $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then \
+		echo "$(VENV) has an old Python; recreating it"; rm -rf $(VENV); fi; \
+	if [ ! -x $(PY) ]; then py=$$(tools/find-python); echo "creating $(VENV) with $$py"; "$$py" -m venv $(VENV); fi; \
+	echo "installing dependencies into $(VENV) (first run: a few minutes)"; \
+	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'; \
+	rm -f $(VENV)/.deps-*; touch $@
+
+demo: $(STAMP)
+	$(PY) -m captum_chefer demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+bench: $(STAMP)
+	$(PY) benchmarks/speed.py
+
+clean:
+	rm -rf $(VENV) reports .pytest_cache
