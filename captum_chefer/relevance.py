@@ -1,0 +1,141 @@
+"""Pure tensor math of Chefer et al.'s relevance propagation for self-attention.
+
+Chefer, Gur and Wolf, "Generic Attention-model Explainability for Interpreting Bi-Modal and
+Encoder-Decoder Transformers", ICCV 2021 (arXiv 2103.15679), rule (6) for self-attention:
+
+    A_bar_k = E_h[ max(0, grad A_k * A_k) ]          (gradient-weighted attention, heads averaged)
+    R      <- R + A_bar_k @ R                          (for k = 1 .. n, R starting at the identity)
+
+so that ``R = (I + A_bar_n) ... (I + A_bar_1)``. A classifier only reads one row of ``R``, the row
+``p`` of the position it pools, and that row is ``e_p^T (I + A_bar_n) ... (I + A_bar_1)``: a vector
+times matrices, taken from the last layer down. That costs ``O(L^2)`` per layer instead of the
+``O(L^3)`` of the dense product, and the last layer's gradient is also the first the backward pass
+delivers, so the row can be updated as gradients arrive (:func:`propagate_row`).
+
+Nothing here knows about ``nn.Module``, Captum or PyHealth: tensors in, tensors out.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+HeadReduction = Literal["mean", "max"]
+
+__all__ = [
+    "HeadReduction",
+    "weighted_attention",
+    "propagate_row",
+    "pooling_rows",
+    "dense_relevance",
+    "read_rows",
+]
+
+
+def weighted_attention(
+    attention: Tensor,
+    gradient: Optional[Tensor],
+    *,
+    use_gradient: bool = True,
+    clamp: bool = True,
+    head_reduction: HeadReduction = "mean",
+) -> Tensor:
+    """Gradient-weighted, clamped, head-reduced attention ``A_bar`` of one layer.
+
+    Args:
+        attention: attention probabilities ``[B, H, L, L]`` (or ``[B, L, L]``, one head).
+        gradient: gradient of the explained logit with respect to ``attention``, same shape, or
+            ``None`` where no gradient reached the layer (it then contributes nothing).
+        use_gradient: ``False`` drops the gradient weighting (attention only; an ablation).
+        clamp: ``False`` keeps negative products (an ablation; the paper clamps at zero).
+        head_reduction: ``"mean"`` (the paper) or ``"max"`` over heads.
+
+    Returns:
+        ``[B, L, L]``.
+
+    Example:
+        >>> a = torch.tensor([[[0.5, 0.5], [0.0, 1.0]]])
+        >>> g = torch.tensor([[[2.0, -2.0], [1.0, 1.0]]])
+        >>> weighted_attention(a, g)
+        tensor([[[1., 0.],
+                 [0., 1.]]])
+    """
+    if gradient is not None and gradient.shape != attention.shape:
+        raise ValueError(
+            f"attention {tuple(attention.shape)} and its gradient {tuple(gradient.shape)} differ in shape"
+        )
+    if attention.dim() == 3:
+        attention = attention.unsqueeze(1)
+        gradient = None if gradient is None else gradient.unsqueeze(1)
+    if attention.dim() != 4:
+        raise ValueError(f"attention must be [B, H, L, L] or [B, L, L], got {tuple(attention.shape)}")
+    if use_gradient:
+        if gradient is None:
+            return attention.new_zeros(attention.shape[0], *attention.shape[2:])
+        weighted = attention * gradient
+    else:
+        weighted = attention
+    if clamp:
+        weighted = weighted.clamp(min=0)
+    if head_reduction == "mean":
+        return weighted.mean(dim=1)
+    if head_reduction == "max":
+        return weighted.amax(dim=1)
+    raise ValueError(f"head_reduction must be 'mean' or 'max', got {head_reduction!r}")
+
+
+def propagate_row(row: Tensor, weighted: Tensor) -> Tensor:
+    """One layer of the row recursion: ``r <- r (I + A_bar) = r + r A_bar``.
+
+    Args:
+        row: ``[B, L]``, the pooling row of the layers above (``e_p`` before the last layer).
+        weighted: ``[B, L, L]`` from :func:`weighted_attention`.
+
+    Returns:
+        ``[B, L]``.
+
+    Example:
+        >>> propagate_row(torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.5, 0.5], [0.0, 1.0]]]))
+        tensor([[1.5000, 0.5000]])
+    """
+    return row + torch.bmm(row.unsqueeze(1), weighted).squeeze(1)
+
+
+def pooling_rows(pool_index: Tensor, length: int, dtype: torch.dtype = torch.float32) -> Tensor:
+    """The unit rows ``e_p`` ``[B, L]`` for each sample's pooling position ``p`` (``[B]``)."""
+    rows = torch.zeros(pool_index.shape[0], length, dtype=dtype, device=pool_index.device)
+    rows.scatter_(1, pool_index.long().view(-1, 1), 1.0)
+    return rows
+
+
+def dense_relevance(weighted_layers: Sequence[Tensor]) -> Tensor:
+    """The full relevance matrix ``R = (I + A_bar_n) ... (I + A_bar_1)``, ``[B, L, L]``.
+
+    The dense ``O(L^3)`` computation of the paper (and of PyHealth's ``CheferRelevance``), kept as the
+    reference that the row recursion is tested against.
+
+    Args:
+        weighted_layers: ``A_bar_k`` of each layer, first (closest to the input) to last.
+
+    Example:
+        >>> a = torch.tensor([[[0.5, 0.5], [0.0, 1.0]]])
+        >>> dense_relevance([a, a])
+        tensor([[[2.2500, 1.7500],
+                 [0.0000, 4.0000]]])
+    """
+    if not weighted_layers:
+        raise ValueError("dense_relevance needs at least one layer")
+    first = weighted_layers[0]
+    batch, length = first.shape[0], first.shape[-1]
+    relevance = torch.eye(length, dtype=first.dtype, device=first.device).expand(batch, length, length)
+    for weighted in weighted_layers:
+        relevance = relevance + torch.bmm(weighted, relevance)
+    return relevance
+
+
+def read_rows(relevance: Tensor, pool_index: Tensor) -> Tensor:
+    """Row ``pool_index[b]`` of ``relevance[b]`` for each sample: ``[B, L, L]`` -> ``[B, L]``."""
+    batch = torch.arange(relevance.shape[0], device=relevance.device)
+    return relevance[batch, pool_index.long().to(relevance.device)]
