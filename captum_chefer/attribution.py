@@ -1,0 +1,296 @@
+"""``CheferAttribution``: Chefer et al.'s relevance as a Captum attribution method.
+
+The algorithm depends on a narrow interface, :class:`AttentionModel`, that a forward function
+implements to expose its attention; :class:`captum_chefer.PyHealthAdapter` implements it for
+PyHealth's ``Transformer`` and ``StageAttentionNet``.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Sequence, runtime_checkable
+
+import torch
+from captum.attr import GradientAttribution
+from captum.log import log_usage
+from torch import Tensor
+
+from .relevance import (
+    HeadReduction,
+    dense_relevance,
+    pooling_rows,
+    propagate_row,
+    read_rows,
+    weighted_attention,
+)
+
+__all__ = ["AttentionForward", "AttentionModel", "CheferAttribution", "TargetType"]
+
+TargetType = Optional[int | Sequence[int] | Tensor]
+Propagation = Literal["row", "dense"]
+
+
+@dataclass
+class AttentionForward:
+    """What one forward pass with attention capture returns.
+
+    Attributes:
+        logits: ``[B, C]`` model outputs, in the autograd graph.
+        attention: per attention stream (a feature key), the attention probabilities of each layer,
+            first (closest to the input) to last, each ``[B, H, L, L]`` and in the autograd graph.
+        pool_index: per stream, ``[B]`` the position whose output the model pools.
+    """
+
+    logits: Tensor
+    attention: dict[str, list[Tensor]]
+    pool_index: dict[str, Tensor]
+
+
+@runtime_checkable
+class AttentionModel(Protocol):
+    """What ``CheferAttribution`` needs from its forward function, besides being callable.
+
+    ``attention_forward`` runs the model in evaluation mode with attention capture and leaves the
+    model exactly as it found it when it returns or raises. ``relevance_to_inputs`` maps each
+    stream's token relevance ``[B, L]`` back to tensors shaped like ``inputs``.
+    """
+
+    def __call__(self, *args: Any) -> Tensor: ...
+
+    def attention_forward(self, inputs: tuple[Tensor, ...], additional_forward_args: tuple) -> AttentionForward: ...
+
+    def relevance_to_inputs(
+        self, relevance: Mapping[str, Tensor], inputs: tuple[Tensor, ...], additional_forward_args: tuple
+    ) -> tuple[Tensor, ...]: ...
+
+
+class CheferAttribution(GradientAttribution):
+    r"""Gradient-weighted attention relevance (Chefer, Gur and Wolf, ICCV 2021, arXiv 2103.15679).
+
+    For each attention stream, one forward pass captures the attention probabilities ``A_k`` of every
+    layer and one backward pass from the target logit gives their gradients; the relevance of the
+    position ``p`` the model pools is
+
+    .. math::
+        r = e_p^\top (I + \bar A_n) \cdots (I + \bar A_1), \qquad
+        \bar A_k = \mathbb{E}_h\big[\max(0, \nabla A_k \odot A_k)\big].
+
+    Only that row is ever formed: it is updated layer by layer inside the backward pass, as each
+    layer's attention gradient arrives, so no per-head gradient is kept and no ``L x L`` relevance
+    matrix is multiplied. Gradients are taken with ``torch.autograd.grad`` with respect to the
+    attention only; parameter ``.grad`` is never touched. The defaults reproduce PyHealth 2.1's
+    ``CheferRelevance``.
+
+    Args:
+        forward_func: an :class:`AttentionModel`, normally a :class:`captum_chefer.PyHealthAdapter`.
+            A PyHealth model is wrapped in a ``PyHealthAdapter``.
+
+    Example:
+        >>> from captum_chefer import CheferAttribution, PyHealthAdapter
+        >>> from captum_chefer._doctest import tiny_model_and_batch
+        >>> model, batch = tiny_model_and_batch()
+        >>> adapter = PyHealthAdapter(model)
+        >>> inputs, args = adapter.captum_inputs(batch)
+        >>> attributions = CheferAttribution(adapter).attribute(
+        ...     inputs, target=adapter.captum_target(batch), additional_forward_args=args)
+        >>> [tuple(a.shape) for a in attributions] == [tuple(x.shape) for x in inputs]
+        True
+    """
+
+    def __init__(self, forward_func: Callable[..., Tensor]) -> None:
+        if not isinstance(forward_func, AttentionModel):
+            forward_func = _wrap_model(forward_func)
+        super().__init__(forward_func)
+        self.model: AttentionModel = forward_func
+
+    @classmethod
+    def get_name(cls) -> str:
+        return "Chefer"
+
+    @property
+    def multiplies_by_inputs(self) -> bool:
+        return False
+
+    def has_convergence_delta(self) -> bool:
+        return False
+
+    @log_usage()
+    def attribute(
+        self,
+        inputs: Tensor | tuple[Tensor, ...],
+        target: TargetType = None,
+        additional_forward_args: Any = None,
+        *,
+        exclude_self: bool = False,
+        use_gradients: bool = True,
+        clamp: bool = True,
+        head_reduction: HeadReduction = "mean",
+        layers: Optional[int] = None,
+        propagation: Propagation = "row",
+    ) -> Tensor | tuple[Tensor, ...]:
+        """Relevance of each input position for the ``target`` output.
+
+        Args:
+            inputs: a tensor or a tuple of tensors, one per attention stream (feature key), as made by
+                ``PyHealthAdapter.captum_inputs``: embeddings ``[B, L, D]`` / ``[B, V, C, D]`` or
+                token ids ``[B, L]`` / ``[B, V, C]``.
+            target: the output index to explain, as in Captum: an int, a per-sample tensor or list of
+                ``B`` ints, or ``None`` for a model with a single output (binary).
+            additional_forward_args: the extra forward arguments (masks, times) from
+                ``PyHealthAdapter.captum_inputs``; a tensor or a tuple.
+            exclude_self: drop the identity term of the pooling position, which otherwise gives that
+                position a relevance of at least 1 in every sample.
+            use_gradients: ``False`` uses the clamped attention alone (an ablation).
+            clamp: ``False`` keeps negative gradient-attention products (an ablation).
+            head_reduction: ``"mean"`` (the paper) or ``"max"`` over heads.
+            layers: use only the last ``layers`` attention layers of each stream (``None``: all).
+            propagation: ``"row"`` (default) fuses the row recursion into the backward pass;
+                ``"dense"`` forms the full ``L x L`` product as PyHealth does (a reference, slow).
+
+        Returns:
+            Attributions shaped like ``inputs`` (a tensor for a tensor, a tuple for a tuple). For
+            embeddings each position's relevance is spread evenly over the embedding dimension, so
+            summing over it gives the relevance back; nested visits give each visit's relevance to
+            every real code of the visit; padding gets zero.
+        """
+        is_tuple = isinstance(inputs, tuple)
+        inputs_tuple = inputs if is_tuple else (inputs,)
+        if not inputs_tuple or not all(isinstance(x, Tensor) for x in inputs_tuple):
+            raise TypeError("inputs must be a tensor or a non-empty tuple of tensors")
+        args = _as_tuple(additional_forward_args)
+        if layers is not None and (not isinstance(layers, int) or layers < 1):
+            raise ValueError(f"layers must be a positive int or None, got {layers!r}")
+        if propagation not in ("row", "dense"):
+            raise ValueError(f"propagation must be 'row' or 'dense', got {propagation!r}")
+        if head_reduction not in ("mean", "max"):
+            raise ValueError(f"head_reduction must be 'mean' or 'max', got {head_reduction!r}")
+        reduce = dict(use_gradient=use_gradients, clamp=clamp, head_reduction=head_reduction)
+
+        # Captum's NoiseTunnel and metrics call attribute() under torch.no_grad().
+        with torch.enable_grad():
+            captured = self.model.attention_forward(inputs_tuple, args)
+            logits = captured.logits
+            explained = _select_target(logits, target)
+            streams = {key: maps[-layers:] if layers else maps for key, maps in captured.attention.items()}
+            if propagation == "row":
+                rows = _rows_fused(explained, streams, captured.pool_index, reduce)
+            else:
+                rows = _rows_dense(explained, streams, captured.pool_index, reduce)
+        if exclude_self:
+            rows = {
+                key: row - pooling_rows(captured.pool_index[key], row.shape[1], row.dtype)
+                for key, row in rows.items()
+            }
+        out = self.model.relevance_to_inputs(rows, inputs_tuple, args)
+        return out if is_tuple else out[0]
+
+
+def _rows_fused(
+    explained: Tensor, streams: dict[str, list[Tensor]], pool_index: dict[str, Tensor], reduce: dict
+) -> dict[str, Tensor]:
+    """Row recursion inside the backward pass: each layer's hook consumes its gradient on arrival."""
+    rows: dict[str, Tensor] = {}
+    pending: dict[str, int] = {}
+    handles = []
+
+    def make_hook(key: str, depth: int, attention: Tensor) -> Callable[[Tensor], None]:
+        def hook(grad: Tensor) -> None:
+            if depth > pending[key]:  # the recursion needs layers from the last one down
+                raise RuntimeError(f"attention gradients of stream {key!r} arrived out of layer order")
+            with torch.no_grad():
+                weighted = weighted_attention(attention.detach(), grad, **reduce)
+                rows[key] = propagate_row(rows[key], weighted)
+            pending[key] = depth - 1
+
+        return hook
+
+    try:
+        wanted = []
+        for key, maps in streams.items():
+            length = maps[0].shape[-1]
+            rows[key] = pooling_rows(pool_index[key], length, maps[0].dtype)
+            pending[key] = len(maps) - 1
+            if not reduce["use_gradient"]:  # attention alone: no backward pass needed
+                for attention in reversed(maps):
+                    rows[key] = propagate_row(rows[key], weighted_attention(attention.detach(), None, **reduce))
+                pending[key] = -1
+                continue
+            for depth, attention in enumerate(maps):
+                handles.append(attention.register_hook(make_hook(key, depth, attention)))
+            wanted.append(maps[0])  # the lowest layer used: the backward stops there
+        if wanted:
+            torch.autograd.grad(explained, wanted, allow_unused=True)
+    finally:
+        for handle in handles:
+            handle.remove()
+    # A layer no gradient reached has no hook call: it contributes r (I + 0) = r, as in the dense path.
+    return rows
+
+
+def _rows_dense(
+    explained: Tensor, streams: dict[str, list[Tensor]], pool_index: dict[str, Tensor], reduce: dict
+) -> dict[str, Tensor]:
+    """The reference: all gradients at once, then the dense product, then read the pooling row."""
+    flat = [a for maps in streams.values() for a in maps]
+    if reduce["use_gradient"]:
+        grads = torch.autograd.grad(explained, flat, allow_unused=True)
+    else:
+        grads = (None,) * len(flat)
+    rows, i = {}, 0
+    for key, maps in streams.items():
+        weighted = [
+            weighted_attention(a.detach(), None if g is None else g.detach(), **reduce)
+            for a, g in zip(maps, grads[i : i + len(maps)])
+        ]
+        i += len(maps)
+        rows[key] = read_rows(dense_relevance(weighted), pool_index[key])
+    return rows
+
+
+def _select_target(logits: Tensor, target: TargetType) -> Tensor:
+    """Sum over the batch of each sample's target logit, validating ``target`` as Captum would."""
+    if logits.dim() != 2:
+        raise ValueError(f"the model must return logits [B, C]; got shape {tuple(logits.shape)}")
+    batch, classes = logits.shape
+    if target is None:
+        if classes != 1:
+            raise ValueError(
+                f"target is required: the model has {classes} outputs. Pass an int, a list or tensor of "
+                f"{batch} class indices, or adapter.captum_target(batch)."
+            )
+        return logits[:, 0].sum()
+    if isinstance(target, bool):
+        raise TypeError("target must be an int, a sequence of ints or a tensor, not a bool")
+    if isinstance(target, int):
+        index = torch.full((batch,), target, dtype=torch.long, device=logits.device)
+    elif isinstance(target, (Tensor, list, tuple)):
+        index = torch.as_tensor(target, device=logits.device)
+        if index.is_floating_point() or index.is_complex():
+            raise TypeError(f"target must hold integer class indices, got dtype {index.dtype}")
+        if index.dim() == 0:
+            index = index.expand(batch)
+        elif index.dim() == 2 and index.shape[1] == 1:
+            index = index[:, 0]
+        if index.dim() != 1 or index.shape[0] != batch:
+            raise ValueError(
+                f"target must be one index for the batch or one per sample ({batch}); got shape "
+                f"{tuple(index.shape)}. Multi-dimensional (tuple) targets are not supported."
+            )
+        index = index.long()
+    else:
+        raise TypeError(f"target must be an int, a sequence of ints, a tensor or None; got {type(target).__name__}")
+    if batch and (index.min() < 0 or index.max() >= classes):
+        raise ValueError(f"target out of range: the model has {classes} output(s), indices 0..{classes - 1}")
+    return logits.gather(1, index.view(-1, 1)).sum()
+
+
+def _as_tuple(args: Any) -> tuple:
+    if args is None:
+        return ()
+    return args if isinstance(args, tuple) else (args,)
+
+
+def _wrap_model(model: Any) -> AttentionModel:
+    from .pyhealth import PyHealthAdapter  # only for the convenience of passing a model directly
+
+    return PyHealthAdapter(model)

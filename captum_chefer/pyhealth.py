@@ -1,0 +1,429 @@
+"""``PyHealthAdapter``: a PyHealth model as one Captum ``forward_func``.
+
+PyHealth models take a batch dict; Captum methods take ``inputs`` (a tuple of tensors they perturb or
+differentiate), a ``target`` and ``additional_forward_args`` (passed along untouched, repeated along
+the batch when Captum expands it). The adapter maps one to the other and back:
+
+* ``inputs``: one tensor per feature key, in ``model.feature_keys`` order: the embedded codes
+  (``level="embedding"``, ``[B, L, D]`` or ``[B, V, C, D]`` for nested visits) or the code ids
+  (``level="token"``, ``[B, L]`` or ``[B, V, C]``).
+* ``additional_forward_args``: a flat tuple of tensors: per feature key, the code mask (shaped like
+  the ids, ``True`` on real codes) and, for temporal (``stagenet``) features, the time intervals.
+  Masks come from the batch, never from embedding values, so a zero baseline is not mistaken for
+  padding.
+
+The adapter also implements :class:`captum_chefer.attribution.AttentionModel`, the interface
+``CheferAttribution`` needs, for PyHealth's ``Transformer`` and ``StageAttentionNet``.
+"""
+
+from __future__ import annotations
+
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any, Iterator, Literal, Mapping, Optional
+
+import torch
+from torch import Tensor, nn
+
+from .attribution import AttentionForward
+
+__all__ = ["PyHealthAdapter"]
+
+Level = Literal["embedding", "token"]
+TargetMode = Literal["predicted", "label"]
+Pooling = Literal["first", "last"]
+
+
+@dataclass(frozen=True)
+class _Feature:
+    """How one feature key enters the model."""
+
+    key: str
+    token_dims: int  # 2: [B, L] codes; 3: [B, V, C] nested visits
+    temporal: bool  # carries time intervals (stagenet)
+    value_index: int  # position of the codes in the batch tuple (temporal features)
+    time_index: Optional[int]
+    pad_id: int
+
+
+class PyHealthAdapter(nn.Module):
+    """A PyHealth ``Transformer`` or ``StageAttentionNet`` as a Captum forward function.
+
+    ``adapter(*inputs, *additional_forward_args)`` returns the logits ``[B, C]``, so the same adapter
+    serves :class:`captum_chefer.CheferAttribution`, ``IntegratedGradients``, ``Saliency``,
+    ``NoiseTunnel`` and ``LayerIntegratedGradients`` (on ``adapter.embedding_layers``).
+
+    Args:
+        model: a PyHealth ``BaseModel`` whose features are code sequences (``sequence``,
+            ``nested_sequence`` or ``stagenet`` codes).
+        pooling: which position the model pools for its prediction: ``"first"`` (``Transformer``) or
+            ``"last"`` valid step (``StageAttentionNet``). Needed only for other attention models.
+
+    Example:
+        >>> from captum_chefer import CheferAttribution, PyHealthAdapter
+        >>> from captum_chefer._doctest import tiny_model_and_batch
+        >>> model, batch = tiny_model_and_batch()
+        >>> adapter = PyHealthAdapter(model)
+        >>> inputs, args = adapter.captum_inputs(batch)
+        >>> torch.allclose(adapter(*inputs, *args), model(**batch)["logit"])
+        True
+        >>> attributions = CheferAttribution(adapter).attribute(
+        ...     inputs, target=adapter.captum_target(batch), additional_forward_args=args)
+        >>> scores = adapter.to_feature_dict(attributions)
+        >>> sorted(scores) == sorted(model.feature_keys)
+        True
+    """
+
+    def __init__(self, model: nn.Module, *, pooling: Optional[Pooling] = None) -> None:
+        super().__init__()
+        from pyhealth.models import BaseModel
+
+        if isinstance(model, PyHealthAdapter):
+            raise TypeError("model is already a PyHealthAdapter; pass it to the attribution method directly")
+        if not isinstance(model, BaseModel):
+            raise TypeError(
+                f"PyHealthAdapter needs a PyHealth model (pyhealth.models.BaseModel), got {type(model).__name__}. "
+                "Train a pyhealth.models.Transformer or StageAttentionNet, or give Captum your own forward function."
+            )
+        if len(model.label_keys) != 1:
+            raise ValueError(f"PyHealthAdapter supports models with one label key, got {model.label_keys}")
+        self.model = model
+        self.feature_keys: list[str] = list(model.feature_keys)
+        self.label_key: str = model.label_keys[0]
+        self._features = [self._describe_feature(key) for key in self.feature_keys]
+        self._attention_modules = self._find_attention(model)
+        self.pooling: Optional[Pooling] = pooling or self._default_pooling(model)
+
+    # ------------------------------------------------------------------ model description
+
+    def _describe_feature(self, key: str) -> _Feature:
+        from pyhealth.processors import NestedSequenceProcessor, SequenceProcessor, StageNetProcessor
+
+        processor = self.model.dataset.input_processors[key]
+        schema = tuple(processor.schema())
+        pad_id = int(getattr(processor, "code_vocab", {}).get("<pad>", 0))
+        if isinstance(processor, SequenceProcessor):
+            return _Feature(key, 2, False, 0, None, pad_id)
+        if isinstance(processor, NestedSequenceProcessor):
+            return _Feature(key, 3, False, 0, None, pad_id)
+        if isinstance(processor, StageNetProcessor):
+            dims = 3 if getattr(processor, "_is_nested", False) else 2
+            return _Feature(key, dims, True, schema.index("value"), schema.index("time"), pad_id)
+        raise ValueError(
+            f"feature {key!r} uses {type(processor).__name__}; PyHealthAdapter supports code features "
+            "('sequence', 'nested_sequence', 'stagenet' codes)."
+        )
+
+    @staticmethod
+    def _find_attention(model: nn.Module) -> dict[str, list[nn.Module]]:
+        """The attention modules of each feature stream, first layer to last."""
+        from pyhealth.models.transformer import Attention
+
+        keys = list(model.feature_keys)
+        for container in model.children():
+            if isinstance(container, nn.ModuleDict) and all(k in container for k in keys):
+                found = {k: [m for m in container[k].modules() if isinstance(m, Attention)] for k in keys}
+                if all(found.values()):
+                    return found
+        return {}
+
+    def _default_pooling(self, model: nn.Module) -> Optional[Pooling]:
+        from pyhealth.models import StageAttentionNet, Transformer
+
+        if isinstance(model, StageAttentionNet):
+            return "last"
+        if isinstance(model, Transformer):
+            return "first"
+        return None
+
+    @property
+    def embedding_layers(self) -> list[nn.Module]:
+        """The embedding layer of each feature key, in input order (for ``LayerIntegratedGradients``)."""
+        return [self.model.embedding_model.embedding_layers[key] for key in self.feature_keys]
+
+    @property
+    def num_outputs(self) -> int:
+        """Number of logits: 1 for binary models, the number of classes otherwise."""
+        return int(self.model.get_output_size())
+
+    # ------------------------------------------------------------------ batch <-> Captum
+
+    def captum_inputs(self, batch: Mapping[str, Any], level: Level = "embedding") -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """``(inputs, additional_forward_args)`` for a batch from ``pyhealth.datasets.get_dataloader``.
+
+        Args:
+            batch: the batch dict.
+            level: ``"embedding"`` (float embeddings, for gradient methods) or ``"token"`` (code ids,
+                for ``LayerIntegratedGradients``, token removal and Chefer).
+
+        Returns:
+            ``inputs``: one tensor per feature key; ``additional_forward_args``: per feature key its
+            code mask, then its time intervals for temporal features (ones where the batch has none).
+        """
+        if level not in ("embedding", "token"):
+            raise ValueError(f"level must be 'embedding' or 'token', got {level!r}")
+        ids, times = self._read_batch(batch)
+        device = self.model.device
+        inputs, args = [], []
+        for feature, codes, time in zip(self._features, ids, times):
+            codes = codes.to(device)
+            args.append(codes != feature.pad_id)
+            if feature.temporal:
+                args.append(time.to(device).float() if time is not None else torch.ones(codes.shape[:2], device=device))
+            if level == "embedding":
+                with torch.no_grad():
+                    inputs.append(self.model.embedding_model({feature.key: codes})[feature.key].detach())
+            else:
+                inputs.append(codes)
+        return tuple(inputs), tuple(args)
+
+    def captum_target(self, batch: Mapping[str, Any], mode: TargetMode = "predicted") -> Optional[Tensor]:
+        """The Captum ``target`` for a batch.
+
+        Args:
+            batch: the batch dict.
+            mode: ``"predicted"`` (each sample's arg-max class) or ``"label"`` (its true class).
+
+        Returns:
+            ``None`` for single-logit (binary) models, whose one logit is explained whatever the class,
+            as PyHealth does; else a ``[B]`` tensor of class indices.
+        """
+        if mode not in ("predicted", "label"):
+            raise ValueError(f"target mode must be 'predicted' or 'label', got {mode!r}")
+        if mode == "label":
+            if self.label_key not in batch:
+                raise ValueError(
+                    f"target mode 'label' needs the label {self.label_key!r} in the batch, which has only "
+                    f"{sorted(batch)}; use mode='predicted' or a batch with labels"
+                )
+            labels = torch.as_tensor(batch[self.label_key])
+            if self.num_outputs == 1:
+                return None
+            if self.model.mode == "multilabel":
+                raise ValueError("a multilabel model has several true classes per sample; pass target=class index")
+            return labels.view(-1).long().to(self.model.device)
+        if self.num_outputs == 1:
+            self._read_batch(batch)  # still validate the batch
+            return None
+        inputs, args = self.captum_inputs(batch, level="token")
+        with torch.no_grad(), self._evaluation():
+            return self(*inputs, *args).argmax(dim=1)
+
+    def to_feature_dict(self, attributions: Tensor | tuple[Tensor, ...]) -> dict[str, Tensor]:
+        """``{feature_key: per-code scores}`` from attributions shaped like the inputs.
+
+        Embedding-level attributions are summed over the embedding dimension, so the result is shaped
+        like the batch's code ids (``[B, L]`` or ``[B, V, C]``) for every method.
+        """
+        attributions = attributions if isinstance(attributions, tuple) else (attributions,)
+        if len(attributions) != len(self._features):
+            raise ValueError(
+                f"expected {len(self._features)} attribution tensors (one per feature key {self.feature_keys}), "
+                f"got {len(attributions)}"
+            )
+        scores = {}
+        for feature, attribution in zip(self._features, attributions):
+            if attribution.dim() == feature.token_dims + 1:
+                attribution = attribution.sum(dim=-1)
+            elif attribution.dim() != feature.token_dims:
+                raise ValueError(
+                    f"attributions for {feature.key!r} have shape {tuple(attribution.shape)}; expected "
+                    f"{feature.token_dims} dims (codes) or {feature.token_dims + 1} (embeddings)"
+                )
+            scores[feature.key] = attribution.detach()
+        return scores
+
+    def _read_batch(self, batch: Mapping[str, Any]) -> tuple[list[Tensor], list[Optional[Tensor]]]:
+        if not isinstance(batch, Mapping):
+            raise TypeError(f"batch must be a dict from pyhealth.datasets.get_dataloader, got {type(batch).__name__}")
+        ids, times = [], []
+        for feature in self._features:
+            if feature.key not in batch:
+                raise KeyError(
+                    f"the batch has no feature {feature.key!r}; the model needs {self.feature_keys}, the batch has "
+                    f"{sorted(batch)}"
+                )
+            value = batch[feature.key]
+            time = None
+            if feature.temporal:
+                if not isinstance(value, (tuple, list)) or len(value) < 2:
+                    raise TypeError(
+                        f"feature {feature.key!r} must be a (time, codes) tuple as the stagenet processor makes it, "
+                        f"got {type(value).__name__}"
+                    )
+                time, value = value[feature.time_index], value[feature.value_index]
+            if not isinstance(value, Tensor) or value.is_floating_point() or value.dtype == torch.bool:
+                raise TypeError(
+                    f"feature {feature.key!r} must be a tensor of code ids, got "
+                    f"{type(value).__name__}{'' if not isinstance(value, Tensor) else ' of ' + str(value.dtype)}"
+                )
+            if value.dim() != feature.token_dims:
+                raise ValueError(
+                    f"feature {feature.key!r} must have {feature.token_dims} dims, got shape {tuple(value.shape)}"
+                )
+            if time is not None and (not isinstance(time, Tensor) or tuple(time.shape) != tuple(value.shape[:2])):
+                raise ValueError(
+                    f"times of {feature.key!r} must be a tensor shaped {tuple(value.shape[:2])}, got "
+                    f"{getattr(time, 'shape', type(time).__name__)}"
+                )
+            ids.append(value)
+            times.append(time)
+        sizes = {x.shape[0] for x in ids}
+        if len(sizes) > 1:
+            raise ValueError(f"features of the batch have different batch sizes: {sorted(sizes)}")
+        if sizes == {0}:
+            raise ValueError("the batch is empty")
+        return ids, times
+
+    # ------------------------------------------------------------------ forward
+
+    def forward(self, *inputs_and_args: Tensor) -> Tensor:
+        """Logits ``[B, C]`` from ``(*inputs, *additional_forward_args)``."""
+        inputs, args = self._split(inputs_and_args)
+        return self.model.forward_from_embedding(**self._model_kwargs(inputs, args, track=False)[0])["logit"]
+
+    def _split(self, inputs_and_args: tuple) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        n_inputs = len(self._features)
+        n_args = n_inputs + sum(f.temporal for f in self._features)
+        if len(inputs_and_args) != n_inputs + n_args:
+            raise ValueError(
+                f"expected {n_inputs} input tensors (one per feature key {self.feature_keys}) and {n_args} additional "
+                f"forward args (masks, times), got {len(inputs_and_args)} tensors in all; "
+                "make both with adapter.captum_inputs(batch)"
+            )
+        return tuple(inputs_and_args[:n_inputs]), tuple(inputs_and_args[n_inputs:])
+
+    def _model_kwargs(
+        self, inputs: tuple[Tensor, ...], args: tuple[Tensor, ...], track: bool
+    ) -> tuple[dict[str, tuple[Tensor, ...]], list[Tensor]]:
+        """forward_from_embedding keyword arguments, and each stream's step mask ``[B, L]``."""
+        kwargs: dict[str, tuple[Tensor, ...]] = {}
+        step_masks = []
+        batch_sizes = set()
+        arg_iter = iter(args)
+        for feature, x in zip(self._features, inputs):
+            mask = next(arg_iter)
+            time = next(arg_iter) if feature.temporal else None
+            if not isinstance(x, Tensor) or not isinstance(mask, Tensor):
+                raise TypeError(f"inputs and additional forward args must be tensors (feature {feature.key!r})")
+            codes_shape = tuple(mask.shape)
+            if len(codes_shape) != feature.token_dims:
+                raise ValueError(f"mask of {feature.key!r} must have {feature.token_dims} dims, got {codes_shape}")
+            if x.is_floating_point():
+                value = x
+                expected = codes_shape + (self.model.embedding_model.embedding_dim,)
+            else:
+                value = self.model.embedding_model({feature.key: x})[feature.key]
+                expected = codes_shape
+            if tuple(x.shape) != expected:
+                raise ValueError(
+                    f"input for {feature.key!r} has shape {tuple(x.shape)} but its mask implies {expected}; "
+                    "inputs and additional_forward_args must come from the same captum_inputs call"
+                )
+            batch_sizes.add(x.shape[0])
+            if track:
+                value = value.detach().requires_grad_(True)
+            mask = mask.to(value.device).bool()
+            step_mask = mask.any(dim=-1) if feature.token_dims == 3 else mask
+            step_masks.append(step_mask)
+            if feature.temporal:
+                kwargs[feature.key] = self._temporal_feature(feature, value, time, mask)
+            else:
+                kwargs[feature.key] = (value, self._transformer_mask(step_mask))
+        if len(batch_sizes) > 1:
+            raise ValueError(f"inputs have different batch sizes: {sorted(batch_sizes)}")
+        return kwargs, step_masks
+
+    def _transformer_mask(self, step_mask: Tensor) -> Tensor:
+        """The attention mask PyHealth's Transformer would infer: truncated, and never all False."""
+        max_len = getattr(self.model, "max_seq_len", None)
+        if max_len is not None:
+            step_mask = step_mask[:, :max_len]
+        step_mask = step_mask.clone()
+        step_mask[~step_mask.any(dim=1), 0] = True
+        return step_mask
+
+    @staticmethod
+    def _temporal_feature(feature: _Feature, value: Tensor, time: Optional[Tensor], mask: Tensor) -> tuple[Tensor, ...]:
+        parts: list[Optional[Tensor]] = [None, None]
+        parts[feature.value_index] = value
+        parts[feature.time_index] = time
+        return (*parts, mask.int())  # a trailing mask, as StageAttentionNet accepts it
+
+    # ------------------------------------------------------------------ AttentionModel
+
+    def attention_forward(self, inputs: tuple[Tensor, ...], additional_forward_args: tuple) -> Any:
+        """One forward pass in evaluation mode that captures each layer's attention in the graph."""
+        if not self._attention_modules:
+            raise ValueError(
+                f"{type(self.model).__name__} has no attention layers for Chefer relevance to propagate; use a "
+                "pyhealth.models.Transformer or StageAttentionNet, or a gradient method such as IntegratedGradients"
+            )
+        if self.pooling is None:
+            raise ValueError(f"pass pooling='first' or 'last' to PyHealthAdapter for {type(self.model).__name__}")
+        args = tuple(additional_forward_args)
+        self._split(tuple(inputs) + args)  # validates the counts before touching the model
+        captured: dict[str, list[Tensor]] = {key: [] for key in self.feature_keys}
+        handles = []
+        with self._evaluation(freeze=True):
+            try:
+                for key, modules in self._attention_modules.items():
+                    for module in modules:
+                        handles.append(module.register_forward_hook(_capture_into(captured[key])))
+                kwargs, step_masks = self._model_kwargs(tuple(inputs), args, track=True)
+                logits = self.model.forward_from_embedding(**kwargs)["logit"]
+            finally:
+                for handle in handles:
+                    handle.remove()
+        pool_index = {}
+        for feature, step_mask in zip(self._features, step_masks):
+            if self.pooling == "first":
+                pool_index[feature.key] = torch.zeros(step_mask.shape[0], dtype=torch.long, device=step_mask.device)
+            else:
+                pool_index[feature.key] = (step_mask.long().sum(dim=1) - 1).clamp(min=0)
+        return AttentionForward(logits=logits, attention=captured, pool_index=pool_index)
+
+    def relevance_to_inputs(
+        self, relevance: Mapping[str, Tensor], inputs: tuple[Tensor, ...], additional_forward_args: tuple
+    ) -> tuple[Tensor, ...]:
+        """Token relevance ``[B, L_attention]`` per stream -> tensors shaped like ``inputs``."""
+        out = []
+        arg_iter = iter(additional_forward_args)
+        for feature, x in zip(self._features, inputs):
+            mask = next(arg_iter).to(x.device).bool()
+            if feature.temporal:
+                next(arg_iter)
+            row = relevance[feature.key].to(x.device)
+            steps = mask.shape[1]
+            if row.shape[1] < steps:  # positions the model truncated away get zero
+                row = torch.nn.functional.pad(row, (0, steps - row.shape[1]))
+            row = row[:, :steps]
+            codes = row.unsqueeze(-1).expand(mask.shape) if feature.token_dims == 3 else row
+            codes = codes * mask  # padding gets nothing
+            if x.is_floating_point():
+                codes = (codes / x.shape[-1]).unsqueeze(-1).expand(x.shape).to(x.dtype)
+            out.append(codes.detach())
+        return tuple(out)
+
+    @contextmanager
+    def _evaluation(self, freeze: bool = False) -> Iterator[None]:
+        """Dropout off (and, with ``freeze``, no parameter in the graph); restores the model exactly."""
+        modes = [(m, m.training) for m in self.model.modules()]
+        flags = [(p, p.requires_grad) for p in self.model.parameters()] if freeze else []
+        try:
+            self.model.eval()
+            for p, _ in flags:
+                p.requires_grad_(False)
+            yield
+        finally:
+            for m, training in modes:
+                m.training = training
+            for p, requires_grad in flags:
+                p.requires_grad_(requires_grad)
+
+
+def _capture_into(store: list[Tensor]):
+    def hook(module: nn.Module, args: Any, output: Any) -> None:
+        store.append(output[1])  # PyHealth's Attention returns (values, attention probabilities)
+
+    return hook
