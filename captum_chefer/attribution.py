@@ -87,8 +87,8 @@ class CheferAttribution(GradientAttribution):
 
     Example:
         >>> from captum_chefer import CheferAttribution, PyHealthAdapter
-        >>> from captum_chefer._doctest import tiny_model_and_batch
-        >>> model, batch = tiny_model_and_batch()
+        >>> from captum_chefer.synthetic import toy_model_and_batch
+        >>> model, batch = toy_model_and_batch()
         >>> adapter = PyHealthAdapter(model)
         >>> inputs, args = adapter.captum_inputs(batch)
         >>> attributions = CheferAttribution(adapter).attribute(

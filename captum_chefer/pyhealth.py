@@ -61,10 +61,11 @@ class PyHealthAdapter(nn.Module):
 
     Example:
         >>> from captum_chefer import CheferAttribution, PyHealthAdapter
-        >>> from captum_chefer._doctest import tiny_model_and_batch
-        >>> model, batch = tiny_model_and_batch()
+        >>> from captum_chefer.synthetic import toy_model_and_batch
+        >>> model, batch = toy_model_and_batch()
         >>> adapter = PyHealthAdapter(model)
         >>> inputs, args = adapter.captum_inputs(batch)
+        >>> _ = model.eval()  # the adapter always runs the model with dropout off
         >>> torch.allclose(adapter(*inputs, *args), model(**batch)["logit"])
         True
         >>> attributions = CheferAttribution(adapter).attribute(
@@ -206,7 +207,7 @@ class PyHealthAdapter(nn.Module):
             self._read_batch(batch)  # still validate the batch
             return None
         inputs, args = self.captum_inputs(batch, level="token")
-        with torch.no_grad(), self._evaluation():
+        with torch.no_grad():
             return self(*inputs, *args).argmax(dim=1)
 
     def to_feature_dict(self, attributions: Tensor | tuple[Tensor, ...]) -> dict[str, Tensor]:
@@ -278,9 +279,14 @@ class PyHealthAdapter(nn.Module):
     # ------------------------------------------------------------------ forward
 
     def forward(self, *inputs_and_args: Tensor) -> Tensor:
-        """Logits ``[B, C]`` from ``(*inputs, *additional_forward_args)``."""
+        """Logits ``[B, C]`` from ``(*inputs, *additional_forward_args)``, with dropout off.
+
+        Attribution methods call this many times and compare the outputs, so the model always runs in
+        evaluation mode here (its own training flags are restored afterwards).
+        """
         inputs, args = self._split(inputs_and_args)
-        return self.model.forward_from_embedding(**self._model_kwargs(inputs, args, track=False)[0])["logit"]
+        with self._evaluation():
+            return self.model.forward_from_embedding(**self._model_kwargs(inputs, args, track=False)[0])["logit"]
 
     def _split(self, inputs_and_args: tuple) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         n_inputs = len(self._features)
