@@ -234,6 +234,12 @@ class PyHealthAdapter(nn.Module):
             scores[feature.key] = attribution.detach()
         return scores
 
+    def visualization_records(self, batch: Mapping[str, Any], attributions: Any, target: Any = None) -> list:
+        """Captum ``VisualizationDataRecord`` per sample; see :func:`captum_chefer.visualization.visualization_records`."""
+        from .visualization import visualization_records
+
+        return visualization_records(self, batch, attributions, target)
+
     def _read_batch(self, batch: Mapping[str, Any]) -> tuple[list[Tensor], list[Optional[Tensor]]]:
         if not isinstance(batch, Mapping):
             raise TypeError(f"batch must be a dict from pyhealth.datasets.get_dataloader, got {type(batch).__name__}")
