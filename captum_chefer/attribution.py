@@ -39,11 +39,15 @@ class AttentionForward:
         attention: per attention stream (a feature key), the attention probabilities of each layer,
             first (closest to the input) to last, each ``[B, H, L, L]`` and in the autograd graph.
         pool_index: per stream, ``[B]`` the position whose output the model pools.
+        stacked: each layer's attention is computed from the output of the layer below (a transformer
+            stack), so the backward pass delivers the gradients from the last layer down and the row can
+            be updated as they arrive. ``False`` collects all gradients first.
     """
 
     logits: Tensor
     attention: dict[str, list[Tensor]]
     pool_index: dict[str, Tensor]
+    stacked: bool = True
 
 
 @runtime_checkable
@@ -100,6 +104,9 @@ class CheferAttribution(GradientAttribution):
     def __init__(self, forward_func: Callable[..., Tensor]) -> None:
         if not isinstance(forward_func, AttentionModel):
             forward_func = _wrap_model(forward_func)
+        require_attention = getattr(forward_func, "require_attention", None)
+        if require_attention is not None:
+            require_attention()  # fail at construction, not at the first call
         super().__init__(forward_func)
         self.model: AttentionModel = forward_func
 
@@ -172,8 +179,10 @@ class CheferAttribution(GradientAttribution):
             logits = captured.logits
             explained = _select_target(logits, target)
             streams = {key: maps[-layers:] if layers else maps for key, maps in captured.attention.items()}
-            if propagation == "row":
+            if propagation == "row" and captured.stacked:
                 rows = _rows_fused(explained, streams, captured.pool_index, reduce)
+            elif propagation == "row":
+                rows = _rows_collected(explained, streams, captured.pool_index, reduce)
             else:
                 rows = _rows_dense(explained, streams, captured.pool_index, reduce)
         if exclude_self:
@@ -195,8 +204,12 @@ def _rows_fused(
 
     def make_hook(key: str, depth: int, attention: Tensor) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
-            if depth > pending[key]:  # the recursion needs layers from the last one down
-                raise RuntimeError(f"attention gradients of stream {key!r} arrived out of layer order")
+            if depth != pending[key]:  # the recursion needs every layer, from the last one down
+                raise RuntimeError(
+                    f"attention gradients of stream {key!r} did not arrive layer by layer from the last one "
+                    f"(layer {depth} came when {pending[key]} was due): the layers are not a stack; "
+                    "return AttentionForward(..., stacked=False)"
+                )
             with torch.no_grad():
                 weighted = weighted_attention(attention.detach(), grad, **reduce)
                 rows[key] = propagate_row(rows[key], weighted)
@@ -223,7 +236,36 @@ def _rows_fused(
     finally:
         for handle in handles:
             handle.remove()
-    # A layer no gradient reached has no hook call: it contributes r (I + 0) = r, as in the dense path.
+    # A stream no gradient reached keeps r = e_p, as in the dense path (A_bar = 0 for every layer).
+    return rows
+
+
+def _collect_weighted(
+    explained: Tensor, streams: dict[str, list[Tensor]], reduce: dict
+) -> dict[str, list[Tensor]]:
+    """``A_bar`` of every layer of every stream, from one ``autograd.grad`` call for all of them."""
+    flat = [a for maps in streams.values() for a in maps]
+    grads = torch.autograd.grad(explained, flat, allow_unused=True) if reduce["use_gradient"] else (None,) * len(flat)
+    weighted, i = {}, 0
+    for key, maps in streams.items():
+        weighted[key] = [
+            weighted_attention(a.detach(), None if g is None else g.detach(), **reduce)
+            for a, g in zip(maps, grads[i : i + len(maps)])
+        ]
+        i += len(maps)
+    return weighted
+
+
+def _rows_collected(
+    explained: Tensor, streams: dict[str, list[Tensor]], pool_index: dict[str, Tensor], reduce: dict
+) -> dict[str, Tensor]:
+    """The row recursion from gradients collected first, for attention layers that are not a stack."""
+    rows = {}
+    for key, layers in _collect_weighted(explained, streams, reduce).items():
+        row = pooling_rows(pool_index[key], layers[0].shape[-1], layers[0].dtype)
+        for weighted in reversed(layers):
+            row = propagate_row(row, weighted)
+        rows[key] = row
     return rows
 
 
@@ -231,20 +273,10 @@ def _rows_dense(
     explained: Tensor, streams: dict[str, list[Tensor]], pool_index: dict[str, Tensor], reduce: dict
 ) -> dict[str, Tensor]:
     """The reference: all gradients at once, then the dense product, then read the pooling row."""
-    flat = [a for maps in streams.values() for a in maps]
-    if reduce["use_gradient"]:
-        grads = torch.autograd.grad(explained, flat, allow_unused=True)
-    else:
-        grads = (None,) * len(flat)
-    rows, i = {}, 0
-    for key, maps in streams.items():
-        weighted = [
-            weighted_attention(a.detach(), None if g is None else g.detach(), **reduce)
-            for a, g in zip(maps, grads[i : i + len(maps)])
-        ]
-        i += len(maps)
-        rows[key] = read_rows(dense_relevance(weighted), pool_index[key])
-    return rows
+    return {
+        key: read_rows(dense_relevance(layers), pool_index[key])
+        for key, layers in _collect_weighted(explained, streams, reduce).items()
+    }
 
 
 def _select_target(logits: Tensor, target: TargetType) -> Tensor:
@@ -293,4 +325,8 @@ def _as_tuple(args: Any) -> tuple:
 def _wrap_model(model: Any) -> AttentionModel:
     from .pyhealth import PyHealthAdapter  # only for the convenience of passing a model directly
 
+    if not isinstance(model, torch.nn.Module):
+        raise TypeError(
+            f"CheferAttribution needs a PyHealthAdapter, a PyHealth model or an AttentionModel, got {type(model).__name__}"
+        )
     return PyHealthAdapter(model)

@@ -364,8 +364,8 @@ class PyHealthAdapter(nn.Module):
 
     # ------------------------------------------------------------------ AttentionModel
 
-    def attention_forward(self, inputs: tuple[Tensor, ...], additional_forward_args: tuple) -> Any:
-        """One forward pass in evaluation mode that captures each layer's attention in the graph."""
+    def require_attention(self) -> None:
+        """Raise ``ValueError`` unless the model has attention layers Chefer relevance can propagate."""
         if not self._attention_modules:
             raise ValueError(
                 f"{type(self.model).__name__} has no attention layers for Chefer relevance to propagate; use a "
@@ -373,6 +373,10 @@ class PyHealthAdapter(nn.Module):
             )
         if self.pooling is None:
             raise ValueError(f"pass pooling='first' or 'last' to PyHealthAdapter for {type(self.model).__name__}")
+
+    def attention_forward(self, inputs: tuple[Tensor, ...], additional_forward_args: tuple) -> Any:
+        """One forward pass in evaluation mode that captures each layer's attention in the graph."""
+        self.require_attention()
         args = tuple(additional_forward_args)
         self._split(tuple(inputs) + args)  # validates the counts before touching the model
         captured: dict[str, list[Tensor]] = {key: [] for key in self.feature_keys}

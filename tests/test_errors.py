@@ -1,0 +1,161 @@
+"""Bad input gets an error that names the problem and the fix, never an IndexError from inside torch."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captum_chefer import CheferAttribution, PyHealthAdapter
+from captum_chefer.synthetic import quiet_pyhealth
+from conftest import first_batch, make_dataset
+
+
+@pytest.fixture
+def adapter(seq_model):
+    return PyHealthAdapter(seq_model)
+
+
+def attribute(adapter, inputs, args, target=None):
+    return CheferAttribution(adapter).attribute(inputs, target=target, additional_forward_args=args)
+
+
+def test_not_a_pyhealth_model():
+    with pytest.raises(TypeError, match="PyHealth model"):
+        PyHealthAdapter(torch.nn.Linear(2, 1))
+    with pytest.raises(TypeError, match="PyHealth model"):
+        CheferAttribution(torch.nn.Linear(2, 1))
+    with pytest.raises(TypeError, match="CheferAttribution needs"):
+        CheferAttribution(lambda x: x)
+
+
+def test_pyhealth_model_without_attention(seq_dataset):
+    from pyhealth.models import RNN
+
+    with quiet_pyhealth():
+        rnn = RNN(dataset=seq_dataset, embedding_dim=8, hidden_dim=8)
+    adapter = PyHealthAdapter(rnn)  # fine for gradient methods
+    with pytest.raises(ValueError, match="no attention layers.*IntegratedGradients"):
+        CheferAttribution(adapter)
+    with pytest.raises(ValueError, match="no attention layers"):
+        CheferAttribution(rnn)
+
+
+def test_batch_missing_a_feature_key(adapter, seq_batch):
+    batch = {k: v for k, v in seq_batch.items() if k != "procedures"}
+    with pytest.raises(KeyError, match="no feature 'procedures'"):
+        adapter.captum_inputs(batch)
+
+
+def test_batch_holding_the_wrong_type(adapter, seq_batch):
+    with pytest.raises(TypeError, match="'conditions' must be a tensor of code ids"):
+        adapter.captum_inputs({**seq_batch, "conditions": seq_batch["conditions"].tolist()})
+    with pytest.raises(TypeError, match="code ids"):
+        adapter.captum_inputs({**seq_batch, "conditions": seq_batch["conditions"].float()})
+    with pytest.raises(TypeError, match="batch must be a dict"):
+        adapter.captum_inputs([seq_batch])
+    with pytest.raises(ValueError, match="must have 3 dims"):
+        adapter.captum_inputs({**seq_batch, "procedures": seq_batch["conditions"]})
+
+
+def test_stagenet_feature_without_times(stage_dataset):
+    from conftest import make_model
+
+    adapter = PyHealthAdapter(make_model(stage_dataset, "stagenet", heads=1))
+    batch = first_batch(stage_dataset)
+    with pytest.raises(TypeError, match=r"\(time, codes\) tuple"):
+        adapter.captum_inputs({**batch, "codes": batch["codes"][1]})
+
+
+def test_label_asked_for_but_absent(adapter, seq_batch):
+    batch = {k: v for k, v in seq_batch.items() if k != "label"}
+    with pytest.raises(ValueError, match="needs the label 'label'.*mode='predicted'"):
+        adapter.captum_target(batch, mode="label")
+    assert adapter.captum_target(batch) is None  # binary: the one logit, no label needed
+
+
+def test_label_target_for_multiclass():
+    from conftest import make_model
+
+    dataset = make_dataset("sequence", n=6, n_classes=3)
+    batch = first_batch(dataset)
+    adapter = PyHealthAdapter(make_model(dataset))
+    assert torch.equal(adapter.captum_target(batch, mode="label"), batch["label"].view(-1))
+
+
+def test_unknown_target_mode(adapter, seq_batch):
+    with pytest.raises(ValueError, match="'predicted' or 'label'"):
+        adapter.captum_target(seq_batch, mode="true")
+
+
+def test_unknown_level(adapter, seq_batch):
+    with pytest.raises(ValueError, match="'embedding' or 'token'"):
+        adapter.captum_inputs(seq_batch, level="visit")
+
+
+def test_wrong_number_of_input_tensors(adapter, seq_batch):
+    inputs, args = adapter.captum_inputs(seq_batch)
+    with pytest.raises(ValueError, match="expected 2 input tensors.*captum_inputs"):
+        attribute(adapter, inputs[:1], args)
+    with pytest.raises(ValueError, match="expected 2 input tensors"):
+        adapter(*inputs)  # additional forward args forgotten
+
+
+def test_inputs_with_different_batch_sizes(adapter, seq_batch):
+    inputs, args = adapter.captum_inputs(seq_batch)
+    with pytest.raises(ValueError, match="shape"):
+        attribute(adapter, (inputs[0][:3], inputs[1]), args)
+    with pytest.raises(ValueError, match="different batch sizes"):
+        attribute(adapter, (inputs[0][:3], inputs[1]), (args[0][:3], args[1]))
+    batch = {**seq_batch, "conditions": seq_batch["conditions"][:3]}
+    with pytest.raises(ValueError, match="different batch sizes"):
+        adapter.captum_inputs(batch)
+
+
+def test_inputs_and_masks_of_different_shapes(adapter, seq_batch):
+    inputs, args = adapter.captum_inputs(seq_batch)
+    with pytest.raises(ValueError, match="'conditions' has shape .* mask implies"):
+        attribute(adapter, (inputs[0][:, :2], inputs[1]), args)
+
+
+@pytest.mark.parametrize("target", [1, 5, -1, [0, 0], torch.tensor([0, 1, 0, 0, 0, 0])])
+def test_target_out_of_range_or_misshapen(adapter, seq_batch, target):
+    inputs, args = adapter.captum_inputs(seq_batch)
+    with pytest.raises(ValueError, match="out of range|one per sample"):
+        attribute(adapter, inputs, args, target=target)
+
+
+def test_target_required_for_multiclass_and_must_be_integer():
+    from conftest import make_model
+
+    dataset = make_dataset("sequence", n=6, n_classes=3)
+    adapter = PyHealthAdapter(make_model(dataset))
+    inputs, args = adapter.captum_inputs(first_batch(dataset))
+    with pytest.raises(ValueError, match="target is required.*captum_target"):
+        attribute(adapter, inputs, args, target=None)
+    with pytest.raises(TypeError, match="integer class indices"):
+        attribute(adapter, inputs, args, target=torch.ones(6))
+
+
+def test_empty_batch(adapter, seq_batch):
+    batch = {**seq_batch, "conditions": seq_batch["conditions"][:0], "procedures": seq_batch["procedures"][:0]}
+    with pytest.raises(ValueError, match="empty"):
+        adapter.captum_inputs(batch)
+
+
+def test_bad_options(adapter, seq_batch):
+    inputs, args = adapter.captum_inputs(seq_batch)
+    method = CheferAttribution(adapter)
+    with pytest.raises(ValueError, match="layers"):
+        method.attribute(inputs, additional_forward_args=args, layers=0)
+    with pytest.raises(ValueError, match="propagation"):
+        method.attribute(inputs, additional_forward_args=args, propagation="sparse")
+    with pytest.raises(ValueError, match="head_reduction"):
+        method.attribute(inputs, additional_forward_args=args, head_reduction="median")
+
+
+def test_feature_dict_of_the_wrong_shape(adapter, seq_batch):
+    inputs, _ = adapter.captum_inputs(seq_batch)
+    with pytest.raises(ValueError, match="one per feature key"):
+        adapter.to_feature_dict(inputs[:1])
+    with pytest.raises(ValueError, match="expected 2 dims"):
+        adapter.to_feature_dict((inputs[0][0, :, 0], inputs[1]))
