@@ -417,7 +417,7 @@ class PyHealthAdapter(nn.Module):
             codes = row.unsqueeze(-1).expand(mask.shape) if feature.token_dims == 3 else row
             codes = codes * mask  # padding gets nothing
             if x.is_floating_point():
-                codes = (codes / x.shape[-1]).unsqueeze(-1).expand(x.shape).to(x.dtype)
+                codes = (codes / x.shape[-1]).unsqueeze(-1).expand(x.shape).contiguous().to(x.dtype)
             out.append(codes.detach())
         return tuple(out)
 
