@@ -140,39 +140,53 @@ class TokenRemover:
         tokens, args = adapter.captum_inputs(batch, level="token")
         self._tokens = tokens
         self._args = args
-        self._layout = []  # per feature: (key, mask index in args, time index or None, pad id)
-        position = 0
-        for feature in adapter._features:
-            self._layout.append((feature.key, position, position + 1 if feature.temporal else None, feature.pad_id))
-            position += 2 if feature.temporal else 1
-        self.real: dict[str, Tensor] = {key: args[m].bool() for key, m, _, _ in self._layout}
+        self.real: dict[str, Tensor] = {key: args[m].bool() for key, m, _, _ in _layout(adapter)}
         with torch.no_grad():
             self.full = self(self.real)
             self.empty = self({k: torch.zeros_like(v) for k, v in self.real.items()})
 
     def __call__(self, keep: Mapping[str, Tensor]) -> Tensor:
-        tokens, args = list(self._tokens), list(self._args)
-        for i, (key, m, t, pad) in enumerate(self._layout):
+        for key, real in self.real.items():
             if key not in keep:
                 raise KeyError(f"keep has no mask for feature {key!r}")
-            kept = keep[key].to(tokens[i].device).bool() & self.real[key]
-            if tuple(kept.shape) != tuple(tokens[i].shape):
-                raise ValueError(f"keep[{key!r}] has shape {tuple(kept.shape)}, the codes {tuple(tokens[i].shape)}")
-            ids = torch.where(kept, tokens[i], torch.full_like(tokens[i], pad))
-            time = args[t] if t is not None else None
-            if self.compact:
-                step = kept.any(dim=-1) if kept.dim() == 3 else kept
-                order = torch.argsort((~step).to(torch.int8), dim=1, stable=True)
-                gather = order.view(*order.shape, *([1] * (kept.dim() - 2))).expand_as(kept)
-                ids, kept = ids.gather(1, gather), kept.gather(1, gather)
-                if time is not None:
-                    time = time.gather(1, order)
-            tokens[i], args[m] = ids, kept
-            if t is not None:
-                args[t] = time
+            if tuple(keep[key].shape) != tuple(real.shape):
+                raise ValueError(f"keep[{key!r}] has shape {tuple(keep[key].shape)}, the codes {tuple(real.shape)}")
+        tokens, args = _remove_codes(self.adapter, self._tokens, self._args, keep, self.compact)
         with torch.no_grad():
             logits = self.adapter(*tokens, *args)
         return _explained_output(logits, self.target, self.output).detach().cpu()
+
+
+def _layout(adapter: Any) -> list[tuple[str, int, Optional[int], int]]:
+    """Per feature: (key, index of its mask in the args, index of its times or None, pad id)."""
+    layout, position = [], 0
+    for feature in adapter._features:
+        layout.append((feature.key, position, position + 1 if feature.temporal else None, feature.pad_id))
+        position += 2 if feature.temporal else 1
+    return layout
+
+
+def _remove_codes(
+    adapter: Any, tokens: Sequence[Tensor], args: Sequence[Tensor], keep: Mapping[str, Tensor], compact: bool
+) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+    """Token inputs and args with the codes outside ``keep`` made padding (and, with ``compact``,
+    the kept codes / non-empty visits moved to the front, in their order)."""
+    tokens, args = list(tokens), list(args)
+    for i, (key, m, t, pad) in enumerate(_layout(adapter)):
+        kept = keep[key].to(tokens[i].device).bool() & args[m].bool()
+        ids = torch.where(kept, tokens[i], torch.full_like(tokens[i], pad))
+        time = args[t] if t is not None else None
+        if compact:
+            step = kept.any(dim=-1) if kept.dim() == 3 else kept
+            order = torch.argsort((~step).to(torch.int8), dim=1, stable=True)
+            gather = order.view(*order.shape, *([1] * (kept.dim() - 2))).expand_as(kept)
+            ids, kept = ids.gather(1, gather), kept.gather(1, gather)
+            if time is not None:
+                time = time.gather(1, order)
+        tokens[i], args[m] = ids, kept
+        if t is not None:
+            args[t] = time
+    return tuple(tokens), tuple(args)
 
 
 def _flatten(tensors: Mapping[str, Tensor], keys: Sequence[str]) -> Tensor:
@@ -422,12 +436,16 @@ def token_infidelity(
     n_perturb_samples: int = 10,
     fraction: float = 0.3,
     seed: int = 0,
+    compact: bool = True,
 ) -> Tensor:
     """``[B]`` Captum ``infidelity`` of per-code scores, perturbing by removing random codes.
 
-    Uses :func:`captum_chefer.side_by_side.token_removal_perturbation` (each real code removed with
-    probability ``fraction``) and ``normalize=True`` (the scores are rescaled by the least-squares
-    factor first, so methods with different scales compare). Lower is better.
+    The perturbation is :func:`captum_chefer.side_by_side.token_removal_perturbation` (each real code
+    removed with probability ``fraction``, its id made padding); the forward function treats padding
+    ids as removed and, with ``compact``, moves the remaining codes to the front as
+    :class:`TokenRemover` does, so every removal metric here removes codes the same way.
+    ``normalize=True``: the scores are rescaled by the least-squares factor first, so methods with
+    different scales compare. The output compared is the target logit. Lower is better.
     """
     from captum.metrics import infidelity
 
@@ -438,8 +456,16 @@ def token_infidelity(
     _check_scores(scores, real)
     attributions = tuple(scores[k].detach().float().to(t.device) for k, t in zip(adapter.feature_keys, tokens))
     removal = token_removal_perturbation(adapter, fraction, torch.Generator().manual_seed(seed))
+    layout = _layout(adapter)
+
+    def forward(*inputs_and_args: Tensor) -> Tensor:
+        ids, extra = adapter._split(inputs_and_args)
+        keep = {key: ids[i] != pad for i, (key, _, _, pad) in enumerate(layout)}
+        kept_ids, kept_args = _remove_codes(adapter, ids, extra, keep, compact)
+        return adapter(*kept_ids, *kept_args)
+
     return infidelity(
-        removal.forward_func, removal, tokens, attributions,
+        forward, removal, tokens, attributions,
         additional_forward_args=args, target=target, n_perturb_samples=n_perturb_samples, normalize=True,
     ).detach().cpu()
 
@@ -744,7 +770,9 @@ def evaluate_methods(
                 metrics.setdefault("auroc", []).append(localization_auroc(scores, truth, remover.real))
             if infidelity_samples > 0:
                 metrics.setdefault("infidelity", []).append(
-                    token_infidelity(adapter, batch, scores, target, n_perturb_samples=infidelity_samples, seed=seed)
+                    token_infidelity(
+                        adapter, batch, scores, target, n_perturb_samples=infidelity_samples, seed=seed, compact=compact
+                    )
                 )
             if sensitivity_samples > 0:
                 method, kwargs = next((m, k) for s, m, k in specs if s == name)

@@ -1,0 +1,460 @@
+"""The side-by-side comparison as one call, written as a self-contained HTML report with figures, CSV and JSON.
+
+:func:`run_comparison` takes a trained PyHealth model (or its adapter) and a batch or ``DataLoader``,
+runs :func:`default_methods` (or yours), scores them with
+:func:`captum_chefer.evaluation.evaluate_methods` and, with ``out=...``, writes:
+
+* ``report.html``: the results table, the figures (embedded), and for a few patients the codes each
+  method highlights, in Captum's ``visualize_text`` colours (true codes, when known, in brackets);
+* ``deletion_insertion.png``, ``metrics.png``, ``time.png``, ``patient_<i>.png``;
+* ``results.csv`` (one row per method), ``curves.csv`` and ``results.json`` (summary, mean curves,
+  per-sample values, settings).
+
+``python -m captum_chefer compare`` is this function on the embedded synthetic cohort.
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import html
+import io
+import json
+import math
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+from .evaluation import DEFAULT_FRACTIONS, DEFAULT_PERCENTAGES, Evaluation, RandomAttribution, evaluate_methods
+
+__all__ = ["ComparisonReport", "default_methods", "run_comparison", "write_report"]
+
+# Columns of the headline table, in order, with their labels.
+HEADLINE = (
+    ("deletion_aopc", "Deletion AOPC ↑"),
+    ("insertion_aopc", "Insertion AOPC ↑"),
+    ("comprehensiveness", "Compr. ↑"),
+    ("sufficiency", "Suff. ↓"),
+    ("precision_at_k", "P@k ↑"),
+    ("auroc", "AUROC ↑"),
+    ("infidelity", "Infidelity ↓"),
+    ("sensitivity", "Sensitivity ↓"),
+    ("seconds_per_sample", "ms / sample ↓"),
+)
+
+
+def default_methods(adapter: Any, *, ig_steps: int = 50, nt_samples: int = 10, nt_stdev: float = 0.1, seed: int = 0) -> list[tuple]:
+    """The compared methods: Chefer (default and ``exclude_self``), Integrated Gradients, Saliency,
+    NoiseTunnel (SmoothGrad over Saliency) and a random baseline, as ``(name, method, kwargs)``.
+
+    Example:
+        >>> from captum_chefer import PyHealthAdapter
+        >>> from captum_chefer.synthetic import toy_model_and_batch
+        >>> [name for name, _, _ in default_methods(PyHealthAdapter(toy_model_and_batch()[0]))]
+        ['Chefer', 'Chefer (exclude_self)', 'Integrated Gradients', 'Saliency', 'NoiseTunnel (SmoothGrad)', 'Random']
+    """
+    from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+
+    from .attribution import CheferAttribution
+
+    if ig_steps < 1 or nt_samples < 1:
+        raise ValueError(f"ig_steps and nt_samples must be >= 1, got {ig_steps}, {nt_samples}")
+    return [
+        ("Chefer", CheferAttribution(adapter), {}),
+        ("Chefer (exclude_self)", CheferAttribution(adapter), {"exclude_self": True}),
+        ("Integrated Gradients", IntegratedGradients(adapter), {"n_steps": ig_steps}),
+        ("Saliency", Saliency(adapter), {}),
+        ("NoiseTunnel (SmoothGrad)", NoiseTunnel(Saliency(adapter)), {"nt_type": "smoothgrad", "nt_samples": nt_samples, "stdevs": nt_stdev}),
+        ("Random", RandomAttribution(adapter, seed=seed), {}),
+    ]
+
+
+@dataclass
+class ComparisonReport:
+    """What :func:`run_comparison` returns: the evaluation, the files written, the settings."""
+
+    evaluation: Evaluation
+    files: dict[str, Path] = field(default_factory=dict)
+    settings: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def html_path(self) -> Optional[Path]:
+        return self.files.get("report")
+
+    def table(self, markdown: bool = False) -> str:
+        return headline_table(self.evaluation, markdown=markdown)
+
+
+def run_comparison(
+    model: Any,
+    data: Mapping[str, Any] | Iterable[Mapping[str, Any]],
+    *,
+    methods: Optional[Sequence[Any]] = None,
+    ground_truth: Optional[Callable[[Mapping[str, Any]], Mapping[str, Tensor]]] = None,
+    out: Optional[str | Path] = None,
+    title: str = "Chefer relevance side by side",
+    show_patients: int = 4,
+    ig_steps: int = 50,
+    nt_samples: int = 10,
+    infidelity_samples: int = 10,
+    sensitivity_samples: int = 3,
+    sensitivity_max_batch: int = 16,
+    fractions: Sequence[float] = DEFAULT_FRACTIONS,
+    percentages: Sequence[float] = DEFAULT_PERCENTAGES,
+    target_mode: str = "predicted",
+    settings: Optional[Mapping[str, Any]] = None,
+    describe_patient: Optional[Callable[[Mapping[str, Any], int], str]] = None,
+    seed: int = 0,
+    progress: bool = True,
+) -> ComparisonReport:
+    """Compare attribution methods on a model and data in one call; optionally write the report.
+
+    Args:
+        model: a trained PyHealth ``Transformer`` / ``StageAttentionNet`` or its ``PyHealthAdapter``.
+        data: a batch dict or a ``DataLoader`` of the patients to explain.
+        methods: ``(name, method, kwargs)`` tuples on the adapter; default :func:`default_methods`.
+        ground_truth: ``batch -> {feature key: bool mask}`` of truly relevant codes, for localization.
+        out: a folder for ``report.html``, figures, CSV and JSON; ``None`` writes nothing.
+        show_patients: how many patients of the first batch the report shows code by code.
+        ig_steps, nt_samples: Integrated Gradients steps and NoiseTunnel samples of the default methods.
+        infidelity_samples, sensitivity_samples, sensitivity_max_batch: see ``evaluate_methods``.
+        settings: extra key/values shown in the report and saved in the JSON.
+        describe_patient: ``(batch, index) -> text`` shown above a patient's codes (e.g. the rule).
+
+    Returns:
+        A :class:`ComparisonReport`.
+
+    Example:
+        >>> import tempfile
+        >>> from captum_chefer.synthetic import toy_model_and_batch
+        >>> model, batch = toy_model_and_batch()
+        >>> result = run_comparison(model, batch, out=tempfile.mkdtemp(), ig_steps=4, nt_samples=2,
+        ...                         sensitivity_samples=0, infidelity_samples=2, progress=False)
+        >>> result.html_path.name, result.evaluation.methods[0]
+        ('report.html', 'Chefer')
+    """
+    from .pyhealth import PyHealthAdapter
+
+    adapter = model if isinstance(model, PyHealthAdapter) else PyHealthAdapter(model)
+    specs = list(methods) if methods is not None else default_methods(adapter, ig_steps=ig_steps, nt_samples=nt_samples, seed=seed)
+    start = time.perf_counter()
+    evaluation = evaluate_methods(
+        adapter, data, specs, ground_truth=ground_truth, fractions=fractions, percentages=percentages,
+        target_mode=target_mode, infidelity_samples=infidelity_samples, sensitivity_samples=sensitivity_samples,
+        sensitivity_max_batch=sensitivity_max_batch, seed=seed, progress=progress,
+    )
+    info = dict(settings or {})
+    info.setdefault("model", type(adapter.model).__name__)
+    info.setdefault("feature keys", ", ".join(adapter.feature_keys))
+    info["evaluation seconds"] = round(time.perf_counter() - start, 1)
+    report = ComparisonReport(evaluation, settings=info)
+    if out is not None:
+        first = data if isinstance(data, Mapping) else next(iter(data))
+        report.files = write_report(
+            out, adapter, evaluation, first, specs, title=title, settings=info, ground_truth=ground_truth,
+            show_patients=show_patients, target_mode=target_mode, describe_patient=describe_patient,
+        )
+    return report
+
+
+# ---------------------------------------------------------------------------------------------- writing
+
+
+def headline_table(evaluation: Evaluation, markdown: bool = False, digits: int = 3) -> str:
+    """The headline metrics, one row per method (``ms / sample`` in milliseconds)."""
+    rows = evaluation.summary()
+    present = [(k, label) for k, label in HEADLINE if any(k in r and not _isnan(r[k]) for r in rows)]
+    header = ["Method"] + [label for _, label in present]
+    cells = []
+    for r in rows:
+        line = [r["method"]]
+        for k, _ in present:
+            v = r.get(k, math.nan)
+            line.append(_num(v * 1000 if k == "seconds_per_sample" else v, digits))
+        cells.append(line)
+    if markdown:
+        out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(present)) + "|"]
+        return "\n".join(out + ["| " + " | ".join(c) + " |" for c in cells])
+    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
+    return "\n".join(out + ["  ".join(v.ljust(w) for v, w in zip(c, widths)) for c in cells])
+
+
+def _isnan(v: Any) -> bool:
+    return isinstance(v, float) and math.isnan(v)
+
+
+def _num(v: Any, digits: int = 3) -> str:
+    if not isinstance(v, (int, float)) or _isnan(v):
+        return "n/a"
+    if v != 0 and abs(v) < 10 ** (-digits):
+        return f"{v:.{digits - 1}e}"
+    return f"{v:.{digits}f}"
+
+
+def _png(fig: Any, path: Path) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=110)
+    path.write_bytes(buffer.getvalue())
+    return base64.b64encode(buffer.getvalue()).decode("ascii")
+
+
+def _curves_figure(evaluation: Evaluation) -> Any:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(10, 3.8), layout="constrained")
+    axes = fig.subplots(1, 2)
+    x = list(evaluation.fractions)
+    for name, curves in evaluation.curves.items():
+        style = {"linestyle": "--", "color": "grey"} if name == "Random" else {}
+        for ax, kind in zip(axes, ("deletion", "insertion")):
+            ax.plot(x, curves[kind].nanmean(0).tolist(), marker="o", markersize=3, label=name, **style)
+    axes[0].set(title="Deletion: top codes removed (lower is better)", xlabel="fraction of codes removed", ylabel="target probability")
+    axes[1].set(title="Insertion: only top codes kept (higher is better)", xlabel="fraction of codes kept", ylabel="target probability")
+    axes[1].legend(fontsize=8, loc="lower right")
+    return fig
+
+
+def _metrics_figure(evaluation: Evaluation) -> Any:
+    from matplotlib.figure import Figure
+
+    rows = evaluation.summary()
+    metrics = [(k, label) for k, label in HEADLINE[:6] if any(not _isnan(r.get(k, math.nan)) for r in rows)]
+    fig = Figure(figsize=(10, 4.0), layout="constrained")
+    ax = fig.subplots()
+    width = 0.8 / max(len(rows), 1)
+    for i, r in enumerate(rows):
+        values = [r.get(k, math.nan) for k, _ in metrics]
+        ax.bar([j + i * width for j in range(len(metrics))], values, width, label=r["method"])
+    ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(metrics))], [label for _, label in metrics])
+    ax.set_title("Faithfulness and localization (means over the explained patients)")
+    ax.axhline(0, color="black", linewidth=0.6)
+    ax.legend(fontsize=8, ncols=len(rows), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    return fig
+
+
+def _time_figure(evaluation: Evaluation) -> Any:
+    from matplotlib.figure import Figure
+
+    names = list(evaluation.seconds_per_sample)
+    values = [evaluation.seconds_per_sample[n] * 1000 for n in names]
+    fig = Figure(figsize=(10, 2.8), layout="constrained")
+    ax = fig.subplots()
+    ax.barh(names, values)
+    ax.set_xscale("log")
+    ax.invert_yaxis()
+    ax.set(title="Wall time per explained patient", xlabel="milliseconds (log scale)")
+    for y, v in enumerate(values):
+        ax.text(v, y, f" {v:.2f} ms", va="center", fontsize=8)
+    return fig
+
+
+def _select(batch: Mapping[str, Any], indices: Sequence[int], n: int) -> dict[str, Any]:
+    """Samples ``indices`` of a batch dict, keeping its padded shapes."""
+    index = torch.tensor(list(indices), dtype=torch.long)
+
+    def cut(value: Any) -> Any:
+        if isinstance(value, Tensor) and value.dim() > 0 and value.shape[0] == n:
+            return value[index]
+        if isinstance(value, tuple):
+            return tuple(cut(v) for v in value)
+        if isinstance(value, list) and len(value) == n:
+            return [value[i] for i in indices]
+        return value
+
+    return {key: cut(value) for key, value in batch.items()}
+
+
+def _patient_rows(
+    adapter: Any, batch: Mapping[str, Any], scores: Mapping[str, Mapping[str, Tensor]], truth: Optional[Mapping[str, Tensor]], index: int
+) -> tuple[str, str]:
+    """One patient, one row per method: Captum's word-importance cells (true codes in brackets)."""
+    from captum.attr import visualization as captum_viz
+
+    from .visualization import visualization_records
+
+    n = int(next(iter(adapter.captum_inputs(batch, level="token")[0])).shape[0])
+    one = _select(batch, [index], n)
+    marks: Optional[list[bool]] = None
+    if truth is not None:
+        marks = []
+        real = adapter.captum_inputs(one, level="token")[1]
+        from .side_by_side import _masks_from_args
+
+        masks = _masks_from_args(adapter, real)
+        for key, mask in zip(adapter.feature_keys, masks):
+            marks.append(False)  # the stream marker
+            t = truth[key][index : index + 1]
+            marks.extend(bool(v) for v in t[mask])
+    rows = []
+    record = None
+    for name, per_key in scores.items():
+        sub = {k: v[index : index + 1] for k, v in per_key.items()}
+        record = visualization_records(adapter, one, sub)[0]
+        words = [str(w) for w in record.raw_input_ids]
+        if marks is not None and len(marks) == len(words):
+            words = [f"[{w}]" if m else w for w, m in zip(words, marks)]
+        words = [html.escape(captum_viz.format_special_tokens(w)) for w in words]
+        importances = torch.as_tensor(record.word_attributions, dtype=torch.float).reshape(-1).tolist()
+        rows.append(
+            f"<tr><td class='method'>{html.escape(name)}</td><td>{record.attr_score:.3f}</td>"
+            + captum_viz.format_word_importances(words, importances)
+            + "</tr>"
+        )
+    head = ""
+    if record is not None:
+        head = (
+            f"true label <b>{html.escape(str(record.true_class))}</b>, predicted <b>{html.escape(str(record.pred_class))}</b> "
+            f"({record.pred_prob:.2f}), explained class <b>{html.escape(str(record.attr_class))}</b>"
+        )
+    return head, "<table class='codes'><tr><th>Method</th><th>Sum of scores</th><th>Codes (colour: score / max |score| of the row)</th></tr>" + "".join(rows) + "</table>"
+
+
+def _pick_patients(batch: Mapping[str, Any], truth: Optional[Mapping[str, Tensor]], n_batch: int, k: int) -> list[int]:
+    """Prefer patients with true codes, then the rest, in batch order."""
+    if k <= 0:
+        return []
+    if truth is None:
+        return list(range(min(k, n_batch)))
+    has = torch.zeros(n_batch, dtype=torch.bool)
+    for t in truth.values():
+        has |= t.reshape(n_batch, -1).any(1).cpu()
+    with_truth = [i for i in range(n_batch) if has[i]]
+    without = [i for i in range(n_batch) if not has[i]]
+    chosen = with_truth[: max(k - 1, 1)] if without else with_truth[:k]
+    return (chosen + without)[:k] if len(chosen) < k else chosen[:k]
+
+
+CSS = """
+body{font-family:system-ui,-apple-system,'Segoe UI',sans-serif;margin:24px auto;max-width:1150px;color:#222;background:#fff}
+h1{font-size:1.6em} h2{border-bottom:1px solid #ccc;padding-bottom:4px;margin-top:1.6em}
+table.results{border-collapse:collapse;font-size:0.92em} table.results td,table.results th{border:1px solid #ccc;padding:4px 8px;text-align:right}
+table.results td:first-child,table.results th:first-child{text-align:left} td.best{font-weight:bold;background:#e8f4e8}
+table.codes{border-collapse:collapse;margin-bottom:8px} table.codes td,table.codes th{border-bottom:1px solid #eee;padding:3px 6px;text-align:left;vertical-align:top}
+td.method{white-space:nowrap;font-weight:600} img{max-width:100%;border:1px solid #eee}
+.small{color:#555;font-size:0.88em} dl.settings{display:grid;grid-template-columns:max-content auto;gap:2px 14px} dl.settings dt{font-weight:600}
+"""
+
+
+def write_report(
+    out: str | Path,
+    adapter: Any,
+    evaluation: Evaluation,
+    batch: Mapping[str, Any],
+    methods: Sequence[Any],
+    *,
+    title: str = "Chefer relevance side by side",
+    settings: Optional[Mapping[str, Any]] = None,
+    ground_truth: Optional[Callable[[Mapping[str, Any]], Mapping[str, Tensor]]] = None,
+    show_patients: int = 4,
+    target_mode: str = "predicted",
+    describe_patient: Optional[Callable[[Mapping[str, Any], int], str]] = None,
+) -> dict[str, Path]:
+    """Write ``report.html``, the PNG figures, ``results.csv``, ``curves.csv`` and ``results.json`` to ``out``."""
+    from .side_by_side import compare_methods
+    from .visualization import plot_methods
+
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    files: dict[str, Path] = {}
+    images: dict[str, str] = {}
+    for name, make in (("deletion_insertion", _curves_figure), ("metrics", _metrics_figure), ("time", _time_figure)):
+        files[name] = out / f"{name}.png"
+        images[name] = _png(make(evaluation), files[name])
+
+    # Patients shown code by code: scores of the first batch (recomputed: cheap next to the evaluation).
+    n_batch = int(adapter.captum_inputs(batch, level="token")[0][0].shape[0])
+    truth = ground_truth(batch) if ground_truth is not None else None
+    shown = _pick_patients(batch, truth, n_batch, show_patients)
+    patients_html = []
+    if shown:
+        sub = _select(batch, shown, n_batch)
+        sub_truth = None if truth is None else {k: v[torch.tensor(shown)] for k, v in truth.items()}
+        comparison = compare_methods(adapter, sub, methods, target_mode=target_mode, progress=False)  # type: ignore[arg-type]
+        for j, i in enumerate(shown):
+            head, table = _patient_rows(adapter, sub, comparison.scores, sub_truth, j)
+            files[f"patient_{i}"] = out / f"patient_{i}.png"
+            pid = batch.get("patient_id", [None] * n_batch)[i] if isinstance(batch.get("patient_id"), list) else None
+            fig = plot_methods(adapter, sub, comparison.scores, sample=j, title=f"Patient {pid or i}: scores per method")
+            image = _png(fig, files[f"patient_{i}"])
+            extra = html.escape(describe_patient(batch, i)) if describe_patient is not None else ""
+            patients_html.append(
+                f"<h3>Patient {html.escape(str(pid or i))}</h3><p class='small'>{head}{'; ' + extra if extra else ''}</p>{table}"
+                f"<img alt='scores of patient {i}' src='data:image/png;base64,{image}'>"
+            )
+
+    files["csv"] = evaluation.to_csv(out / "results.csv")
+    files["curves_csv"] = out / "curves.csv"
+    with files["curves_csv"].open("w", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["method", "curve", "fraction", "mean_output"])
+        for name, curves in evaluation.curves.items():
+            for kind, values in curves.items():
+                for x, y in zip(evaluation.fractions, values.nanmean(0).tolist()):
+                    writer.writerow([name, kind, x, y])
+    info = {k: v for k, v in (settings or {}).items()}
+    payload = evaluation.to_dict()
+    payload["settings"] = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in info.items()}
+    files["json"] = out / "results.json"
+    files["json"].write_text(json.dumps(payload, indent=2))
+
+    # Results table with the best value per column in bold (Random excluded from "best").
+    rows = evaluation.summary()
+    present = [(k, label) for k, label in HEADLINE if any(not _isnan(r.get(k, math.nan)) for r in rows)]
+    best = {}
+    for k, _ in present:
+        try:
+            best[k] = evaluation.best(k)
+        except ValueError:
+            pass
+    header = "<tr><th>Method</th>" + "".join(f"<th>{html.escape(label)}</th>" for _, label in present) + "</tr>"
+    body = []
+    for r in rows:
+        cells = [f"<td>{html.escape(r['method'])}</td>"]
+        for k, _ in present:
+            v = r.get(k, math.nan)
+            text = _num(v * 1000 if k == "seconds_per_sample" else v)
+            cells.append(f"<td class='{'best' if best.get(k) == r['method'] else ''}'>{text}</td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    settings_html = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in info.items())
+    legend = "".join(
+        f"<span style='display:inline-block;width:12px;height:12px;border:1px solid #999;background:{c}'></span> {t} &nbsp; "
+        for c, t in (("hsl(0, 75%, 60%)", "negative"), ("hsl(0, 75%, 100%)", "neutral"), ("hsl(120, 75%, 50%)", "positive"))
+    )
+    page = f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>
+<body>
+<h1>{html.escape(title)}</h1>
+<p class="small">Generated by <code>captum_chefer</code> on {html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}
+(Python {platform.python_version()}, torch {torch.__version__}). Every number below was computed in this run.</p>
+<h2>Settings</h2><dl class="settings">{settings_html}</dl>
+<h2>Results</h2>
+<table class="results">{header}{''.join(body)}</table>
+<p class="small">Means over the explained patients. Removal metrics remove codes through the model (a removed code becomes
+padding; the remaining codes move to the front). AOPC: mean drop (deletion) or gain (insertion) of the target probability over
+the fractions {', '.join(f'{f:g}' for f in evaluation.fractions)}. Comprehensiveness / sufficiency: at
+{', '.join(f'{p:.0%}' for p in evaluation.percentages)} of the codes, averaged. P@k and AUROC: ranking of the planted
+ground-truth codes among each patient's codes (patients with true codes only). Infidelity: Captum, random code removal,
+normalized. Sensitivity: Captum <code>sensitivity_max</code>, relative change under small embedding noise. Bold: the best
+method per column (the random baseline excluded).</p>
+<h2>Deletion and insertion curves</h2>
+<img alt="deletion and insertion curves" src="data:image/png;base64,{images['deletion_insertion']}">
+<h2>Metrics</h2>
+<img alt="metrics by method" src="data:image/png;base64,{images['metrics']}">
+<h2>Time</h2>
+<img alt="time per patient" src="data:image/png;base64,{images['time']}">
+<h2>Highlighted codes</h2>
+<p class="small">Per patient and method, each code coloured by its score divided by the row's largest |score|
+(Captum's <code>visualize_text</code> colours). {'Codes in [brackets] are the planted ground truth. ' if truth is not None else ''}
+<code>v2:P007</code> is code P007 of visit 2. Legend: {legend}</p>
+{''.join(patients_html) or '<p>No patients shown.</p>'}
+</body></html>
+"""
+    files["report"] = out / "report.html"
+    files["report"].write_text(page, encoding="utf-8")
+    return files
