@@ -21,7 +21,7 @@ $(STAMP):
 	rm -f $(VENV)/.deps-*; touch $@
 
 demo: $(STAMP)
-	$(PY) -m captum_chefer demo
+	$(PY) -m captum_chefer compare --out $(OUT)
 
 test: $(STAMP)
 	$(PY) -m pytest
