@@ -96,3 +96,59 @@ def seq_model(seq_dataset):
 @pytest.fixture
 def seq_batch(seq_dataset):
     return first_batch(seq_dataset)
+
+
+def make_planted_samples(n: int = 128, seed: int = 0) -> list[dict[str, Any]]:
+    """Label 1 exactly when the planted code ``C0`` is among the conditions (at a random position);
+    ``procedures`` (nested) is noise."""
+    rng = random.Random(seed)
+    samples = []
+    for i in range(n):
+        conditions = _codes(rng, "C", 20, 2, 7)
+        conditions = [c if c != "C0" else "C1" for c in conditions]
+        if i % 2:
+            conditions.insert(rng.randrange(len(conditions) + 1), "C0")
+        procedures = [_codes(rng, "P", 8, 1, 3) for _ in range(rng.randint(1, 3))]
+        samples.append({"patient_id": f"p{i}", "visit_id": "v0", "conditions": conditions,
+                        "procedures": procedures, "label": i % 2})
+    return samples
+
+
+@pytest.fixture(scope="session")
+def planted_model():
+    """A two-layer Transformer (two logits, multiclass) trained to accuracy 1 on the planted cohort,
+    in eval mode. A few seconds on two cores."""
+    return train_planted_model()
+
+
+def train_planted_model(epochs: int = 8):
+    from pyhealth.datasets import create_sample_dataset, get_dataloader
+    from pyhealth.models import Transformer
+
+    with quiet_pyhealth():
+        dataset = create_sample_dataset(
+            samples=make_planted_samples(),
+            input_schema={"conditions": "sequence", "procedures": "nested_sequence"},
+            output_schema={"label": "multiclass"},
+            dataset_name="planted",
+        )
+        torch.manual_seed(0)
+        model = Transformer(dataset=dataset, embedding_dim=16, heads=2, num_layers=2, dropout=0.1)
+    batches = list(get_dataloader(dataset, batch_size=32, shuffle=False))
+    optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
+    model.train()
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny matrices: one thread is several times faster on a shared CPU
+    try:
+        for _ in range(epochs):
+            for batch in batches:
+                optimizer.zero_grad()
+                model(**batch)["loss"].backward()
+                optimizer.step()
+    finally:
+        torch.set_num_threads(threads)
+    model.eval()
+    with torch.no_grad():
+        correct = sum(int((model(**b)["y_prob"].argmax(1) == b["label"].view(-1)).sum()) for b in batches)
+    assert correct == len(dataset), f"planted model trained to {correct}/{len(dataset)} only"
+    return model
