@@ -1,0 +1,175 @@
+"""Captum visualization records, the HTML file, the methods-by-codes figure, Captum's plotting fix."""
+
+from __future__ import annotations
+
+import re
+
+import matplotlib
+import numpy as np
+import pytest
+import torch
+from captum.attr import IntegratedGradients, Saliency
+from captum.attr import visualization as captum_viz
+
+from captum_chefer import CheferAttribution, PyHealthAdapter
+from captum_chefer.side_by_side import compare_methods
+from captum_chefer.visualization import (
+    captum_matplotlib_compat,
+    plot_methods,
+    render_html,
+    visualization_records,
+    visualize_timeseries_attr,
+    write_html,
+)
+from conftest import make_planted_samples
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def planted(planted_model):
+    from pyhealth.datasets import get_dataloader
+
+    batch = next(iter(get_dataloader(planted_model.dataset, batch_size=8, shuffle=False)))
+    return PyHealthAdapter(planted_model), batch
+
+
+@pytest.fixture(scope="module")
+def chefer_records(planted):
+    adapter, batch = planted
+    inputs, args = adapter.captum_inputs(batch)
+    attributions = CheferAttribution(adapter).attribute(
+        inputs, target=adapter.captum_target(batch), additional_forward_args=args
+    )
+    return attributions, adapter.visualization_records(batch, attributions)
+
+
+def _expected_tokens(sample: dict) -> list[str]:
+    """From the raw sample, independently of the processors: markers, then codes in order."""
+    tokens = ["<conditions>", *sample["conditions"], "<procedures>"]
+    for v, visit in enumerate(sample["procedures"]):
+        tokens += [f"v{v + 1}:{code}" for code in visit]
+    return tokens
+
+
+def test_records_carry_the_decoded_codes(planted, chefer_records):
+    adapter, batch = planted
+    _, records = chefer_records
+    samples = {s["patient_id"]: s for s in make_planted_samples()}
+    assert len(records) == batch["conditions"].shape[0]
+    for record, patient in zip(records, batch["patient_id"]):
+        assert record.raw_input_ids == _expected_tokens(samples[patient])
+        assert len(record.word_attributions) == len(record.raw_input_ids)
+
+
+def test_record_scores_classes_and_probabilities(planted, chefer_records):
+    adapter, batch = planted
+    attributions, records = chefer_records
+    scores = adapter.to_feature_dict(attributions)
+    with torch.no_grad():
+        probs = adapter.model(**batch)["y_prob"]  # PyHealth's own forward as the reference
+    for i, record in enumerate(records):
+        words = record.word_attributions
+        markers = [j for j, w in enumerate(record.raw_input_ids) if w.startswith("<")]
+        assert torch.all(words[markers] == 0)
+        raw = torch.cat([scores["conditions"][i][batch["conditions"][i] != 0],
+                         scores["procedures"][i][batch["procedures"][i] != 0]])
+        real = [j for j in range(len(words)) if j not in markers]
+        torch.testing.assert_close(words[real], raw / raw.abs().max())
+        assert record.attr_score == pytest.approx(float(raw.sum()), rel=1e-5)
+        predicted = int(probs[i].argmax())
+        assert record.pred_class == str(predicted)
+        assert record.pred_prob == pytest.approx(float(probs[i, predicted]), rel=1e-5)
+        assert record.true_class == str(int(batch["label"][i]))
+        assert record.attr_class == str(predicted)  # target None explains the predicted class
+    explained = visualization_records(adapter, batch, attributions, target=torch.zeros(len(records), dtype=torch.long))
+    assert {r.attr_class for r in explained} == {"0"}
+
+
+def test_feature_dict_input_and_bad_shapes(planted, chefer_records):
+    adapter, batch = planted
+    attributions, records = chefer_records
+    from_dict = visualization_records(adapter, batch, adapter.to_feature_dict(attributions))
+    assert [r.raw_input_ids for r in from_dict] == [r.raw_input_ids for r in records]
+    with pytest.raises(KeyError, match="procedures"):
+        visualization_records(adapter, batch, {"conditions": adapter.to_feature_dict(attributions)["conditions"]})
+    with pytest.raises(ValueError, match="shape"):
+        visualization_records(adapter, batch, {k: v[:2] for k, v in adapter.to_feature_dict(attributions).items()})
+
+
+def test_captum_visualize_text_renders_the_records(chefer_records):
+    pytest.importorskip("IPython")
+    _, records = chefer_records
+    html = captum_viz.visualize_text(records).data
+    assert "#conditions" in html and "C0" in html
+
+
+def test_html_file_highlights_the_tokens(planted, chefer_records, tmp_path):
+    adapter, batch = planted
+    _, records = chefer_records
+    path = write_html(records, tmp_path / "out" / "chefer.html", title="Chefer <planted>")
+    text = path.read_text()
+    assert "<title>Chefer &lt;planted&gt;</title>" in text
+    assert not re.search(r"(src|href)=", text)  # self-contained
+    marks = re.findall(r'<mark style="background-color: (hsl\([^)]*\))[^>]*><font color="black">\s*([^<\s]+)', text)
+    assert len(marks) == sum(len(r.raw_input_ids) for r in records)
+    # The planted code carries the largest Chefer relevance of a positive sample: full green.
+    positive = [i for i, r in enumerate(records) if r.pred_class == "1"]
+    assert positive
+    row = text.split("<tr>")[2 + positive[0]]
+    colours = dict((w, c) for c, w in re.findall(r'background-color: (hsl\([^)]*\))[^>]*><font color="black">\s*([^<\s]+)', row))
+    assert colours["C0"] == "hsl(120, 75%, 50%)"
+    assert colours["#conditions"] == "hsl(0, 75%, 100%)"
+
+
+def test_html_escapes_codes():
+    record = captum_viz.VisualizationDataRecord(torch.tensor([1.0]), 0.9, "1", "1", "1", 1.0, ["a<b&c"], None)
+    text = render_html([record])
+    assert "a&lt;b&amp;c" in text and "a<b" not in text
+    with pytest.raises(TypeError, match="VisualizationDataRecord"):
+        render_html(["not a record"])
+
+
+def test_plot_methods_heat_maps(planted):
+    adapter, batch = planted
+    result = compare_methods(
+        adapter, batch, [CheferAttribution(adapter), ("IG", IntegratedGradients(adapter), {"n_steps": 8}), Saliency(adapter)]
+    )
+    sample = 1
+    fig = plot_methods(adapter, batch, result, sample=sample)
+    panels = [ax for ax in fig.axes if ax.get_title()]
+    assert [ax.get_title() for ax in panels] == ["conditions", "procedures"]
+    n_codes = [int((batch[k][sample] != 0).sum()) for k in ("conditions", "procedures")]
+    for ax, n in zip(panels, n_codes):
+        image = ax.get_images()[0].get_array()
+        assert image.shape == (3, n)
+        assert len(ax.get_xticklabels()) == n
+    # Each method's row is scaled by its largest |score| over both streams.
+    both = np.concatenate([ax.get_images()[0].get_array() for ax in panels], axis=1)
+    np.testing.assert_allclose(np.abs(both).max(axis=1), 1.0, rtol=1e-6)
+    assert [t.get_text() for t in panels[0].get_yticklabels()] == ["Chefer", "IG", "Saliency"]
+    # From the Comparison alone (no batch), the same picture.
+    again = plot_methods(adapter, None, result, sample=sample)
+    np.testing.assert_array_equal(again.axes[0].get_images()[0].get_array(), panels[0].get_images()[0].get_array())
+    with pytest.raises(IndexError):
+        plot_methods(adapter, batch, result, sample=99)
+    with pytest.raises(ValueError, match="batch"):
+        plot_methods(adapter, None, result.scores)
+
+
+@pytest.mark.skipif(hasattr(matplotlib.cm, "get_cmap"), reason="this matplotlib still has cm.get_cmap")
+def test_captum_timeseries_plot_needs_and_gets_the_fix():
+    attr, data = np.random.rand(5, 2), np.random.rand(5, 2)
+    with pytest.raises(AttributeError, match="get_cmap"):
+        captum_viz.visualize_timeseries_attr(attr, data, use_pyplot=False)
+    fig, axes = visualize_timeseries_attr(attr, data, method="colored_graph", cmap="viridis", use_pyplot=False)
+    assert len(axes) == 2 and fig is not None
+    assert not hasattr(matplotlib.cm, "get_cmap")  # the shim is gone again
+    with captum_matplotlib_compat():
+        assert matplotlib.cm.get_cmap("viridis", 4).N == 4
