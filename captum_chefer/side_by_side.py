@@ -36,6 +36,7 @@ __all__ = [
     "TokenRemoval",
     "compare_methods",
     "ig_baselines",
+    "masked_feature_dict",
     "method_name",
     "token_removal_perturbation",
 ]
@@ -70,9 +71,13 @@ def ig_baselines(
         One baseline per input, shaped like it. At padding positions the baseline equals the input,
         so ``inputs - baselines`` is zero there and IG gives padding nothing.
 
-    Measured convergence delta (``IntegratedGradients``, ``n_steps=50``, Gauss-Legendre): on the
-    trained two-layer test Transformer, ``|delta|`` is below ``1e-3`` logits for both references;
-    see ``tests/test_side_by_side.py::test_ig_convergence_delta_is_small``.
+    Measured convergence delta (``IntegratedGradients``, Gauss-Legendre, 16 patients of the trained
+    two-layer test Transformer, ``|f(x) - f(baseline)|`` median 5.2 logits for ``"unk"``, 2.6 for
+    ``"zero"``): ``"unk"`` reaches max ``|delta|`` 0.33 at ``n_steps=50`` (median 1e-6) and 1.4e-5 at
+    200; ``"zero"`` only 8.3 / 4.1 / 2.0 at 50 / 200 / 800 steps. PyHealth's Transformer normalises
+    each layer's input, so along the straight path from a zero embedding the output barely moves until
+    it jumps close to zero, which the quadrature misses: prefer ``"unk"``. See
+    ``tests/test_side_by_side.py::test_ig_convergence_delta_is_small``.
 
     Example:
         >>> from captum.attr import IntegratedGradients
