@@ -36,6 +36,7 @@ import csv
 import json
 import math
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Protocol, Sequence
@@ -503,7 +504,9 @@ def attribution_sensitivity(
         kwargs["baselines"] = ig_baselines(adapter, embeddings, args, reference=baseline)
 
     def explain(inputs: Any, target: Any = None, additional_forward_args: Any = None, **kw: Any) -> tuple[Tensor, ...]:
-        attributions = method.attribute(inputs, target=target, additional_forward_args=additional_forward_args, **kw)
+        with warnings.catch_warnings():  # Captum notes that it set requires_grad on the inputs itself
+            warnings.filterwarnings("ignore", message=r"Input Tensor \d+ did not already require gradients")
+            attributions = method.attribute(inputs, target=target, additional_forward_args=additional_forward_args, **kw)
         masks = _masks_from_args(adapter, additional_forward_args)
         return tuple(masked_feature_dict(adapter, attributions, masks).values())
 
