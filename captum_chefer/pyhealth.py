@@ -332,6 +332,8 @@ class PyHealthAdapter(nn.Module):
                     f"input for {feature.key!r} has shape {tuple(x.shape)} but its mask implies {expected}; "
                     "inputs and additional_forward_args must come from the same captum_inputs call"
                 )
+            if x.is_floating_point():  # padding carries nothing, whatever a method puts there (noise, IG paths)
+                value = value * mask.to(value.device).unsqueeze(-1).to(value.dtype)
             batch_sizes.add(x.shape[0])
             if track:
                 value = value.detach().requires_grad_(True)
