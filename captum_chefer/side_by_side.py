@@ -8,13 +8,15 @@
 * :class:`EvaluatorMethod`: runs any Captum method through the adapter for PyHealth's
   ``pyhealth.metrics.interpretability.Evaluator``.
 
-Which methods put attribution on padding by themselves (measured on PyHealth 2.1's ``Transformer``):
-Chefer never does. Gradients reaching flat-sequence padding are exactly zero, because the attention
-gives padded keys a probability of exactly zero. In nested (visit x code) streams PyHealth sums the
-code embeddings of a visit, so a padded code slot inside a real visit receives the visit's gradient:
-``Saliency``, ``InputXGradient`` (where the input is not zero) and ``NoiseTunnel`` put attribution
-there. :func:`compare_methods` and :class:`EvaluatorMethod` therefore multiply every method's scores by
-the batch's code masks.
+Padding (measured on PyHealth 2.1's ``Transformer``): Chefer never puts relevance on padding.
+Gradients reaching flat-sequence padding are exactly zero, because the attention gives padded keys a
+probability of exactly zero; in nested (visit x code) streams PyHealth sums the code embeddings of a
+visit, so a padded code slot inside a real visit would receive the visit's gradient, and noise put
+there (``NoiseTunnel``, ``sensitivity_max``) would change the visit. ``PyHealthAdapter`` therefore
+multiplies embedding inputs by the code masks, which makes every gradient on padding exactly zero and
+padding noise inert. :func:`compare_methods` and :class:`EvaluatorMethod` still multiply the scores
+by the masks, for custom methods whose attribution does not vanish with the gradient (e.g. a baseline
+that differs from the input on padding).
 """
 
 from __future__ import annotations
@@ -317,7 +319,7 @@ def compare_methods(
     ``IntegratedGradients``/``LayerIntegratedGradients`` (also inside ``NoiseTunnel``) get
     :func:`ig_baselines` with ``baseline`` unless the method's kwargs give ``baselines``. Scores are
     summed over the embedding dimension and multiplied by the code masks, so padding is zero for
-    every method (see the module docstring for which methods need that).
+    every method (see the module docstring).
 
     Args:
         adapter: the :class:`PyHealthAdapter` every method wraps.

@@ -71,17 +71,20 @@ def test_each_method_puts_nothing_on_padding(planted):
         assert result.seconds_per_sample[name] > 0
 
 
-def test_which_methods_need_the_padding_mask(planted):
-    """What the module docstring claims: raw gradients on flat padding are exactly zero, but padded
-    code slots inside real visits of a nested stream get the visit's gradient."""
+def test_adapter_forward_ignores_padding_embeddings(planted):
+    """The adapter multiplies embedding inputs by the code masks: noise on padding (NoiseTunnel,
+    sensitivity_max) changes nothing, and raw gradients on padding are exactly zero for every method,
+    also on padded code slots inside real visits, which PyHealth's visit sum would otherwise reach."""
     adapter, batch = planted
     inputs, args = adapter.captum_inputs(batch)
-    grads = adapter.to_feature_dict(Saliency(adapter).attribute(inputs, target=0, additional_forward_args=args))
-    flat_padding = batch["conditions"] == 0
-    assert flat_padding.any() and torch.all(grads["conditions"][flat_padding] == 0)
+    noisy = tuple(x + 3.0 * torch.randn_like(x) * (batch[k] == 0).unsqueeze(-1) for k, x in zip(adapter.feature_keys, inputs))
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(*noisy, *args), adapter(*inputs, *args))
+    grads = adapter.to_feature_dict(Saliency(adapter).attribute(noisy, target=0, additional_forward_args=args))
     procedures = batch["procedures"]
     slot_in_real_visit = (procedures == 0) & (procedures != 0).any(dim=-1, keepdim=True)
-    assert slot_in_real_visit.any() and grads["procedures"][slot_in_real_visit].abs().max() > 0
+    assert slot_in_real_visit.any() and torch.all(grads["procedures"][procedures == 0] == 0)
+    assert (batch["conditions"] == 0).any() and torch.all(grads["conditions"][batch["conditions"] == 0] == 0)
 
 
 def test_per_sample_tensor_targets_match_per_example_calls(planted):
