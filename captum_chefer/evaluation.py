@@ -732,7 +732,7 @@ def evaluate_methods(
     Returns:
         An :class:`Evaluation`.
     """
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     from .side_by_side import _method_specs, compare_methods
 

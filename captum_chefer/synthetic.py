@@ -614,7 +614,7 @@ def train_transformer(
     """
     from pyhealth.datasets import get_dataloader
     from pyhealth.models import Transformer
-    from tqdm.auto import tqdm
+    from tqdm import tqdm
 
     if epochs < 1:
         raise ValueError(f"epochs must be >= 1, got {epochs}")
