@@ -726,12 +726,27 @@ def evaluate_methods(
         compact: see :class:`TokenRemover`.
         infidelity_samples: perturbations per sample for Captum infidelity (0 skips it).
         sensitivity_samples: perturbations per sample for Captum sensitivity (0 skips it).
-        seed: seeds tie-breaking and the infidelity perturbations.
+        seed: seeds tie-breaking, the infidelity perturbations and torch's global generator for the
+            duration (NoiseTunnel, sensitivity), whose state is restored afterwards: same seed, same numbers.
         progress: show progress bars.
 
     Returns:
         An :class:`Evaluation`.
     """
+    # NoiseTunnel and sensitivity_max draw from torch's global generator: seed it, and give the caller's state back.
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        return _evaluate_methods(
+            adapter, data, methods, ground_truth, fractions, percentages, target_mode, output, compact,
+            infidelity_samples, sensitivity_samples, sensitivity_max_batch, seed, progress,
+        )
+
+
+def _evaluate_methods(
+    adapter: Any, data: Any, methods: Sequence[Any], ground_truth: Optional[GroundTruth], fractions: Sequence[float],
+    percentages: Sequence[float], target_mode: Any, output: Output, compact: bool, infidelity_samples: int,
+    sensitivity_samples: int, sensitivity_max_batch: int, seed: int, progress: bool,
+) -> Evaluation:
     from tqdm import tqdm
 
     from .side_by_side import _method_specs, compare_methods

@@ -254,3 +254,21 @@ def test_evaluate_methods_end_to_end(trained, tmp_path):
     assert (tmp_path / "e.csv").exists() is False
     assert evaluation.to_csv(tmp_path / "e.csv").read_text().splitlines()[0].startswith("method,")
     assert "Chefer" in evaluation.table() and evaluation.table(markdown=True).startswith("| method")
+
+
+def test_same_seed_same_numbers_even_for_noisetunnel(trained):
+    from captum.attr import NoiseTunnel, Saliency
+
+    adapter, batch = trained
+    methods = [("SmoothGrad", NoiseTunnel(Saliency(adapter)), {"nt_samples": 3, "stdevs": 0.5})]
+    runs = []
+    for draws in (1, 5):
+        torch.rand(draws)  # the caller's global random state differs between the runs
+        state = torch.get_rng_state()
+        evaluation = evaluate_methods(adapter, batch, methods, infidelity_samples=2, sensitivity_samples=2, progress=False)
+        assert torch.equal(torch.get_rng_state(), state)  # and is given back untouched
+        runs.append(evaluation.per_sample["SmoothGrad"])
+    for metric in ("deletion_aopc", "insertion_aopc", "infidelity", "sensitivity"):
+        assert torch.equal(runs[0][metric], runs[1][metric]), metric
+    other = evaluate_methods(adapter, batch, methods, infidelity_samples=2, sensitivity_samples=2, seed=1, progress=False)
+    assert not torch.equal(other.per_sample["SmoothGrad"]["sensitivity"], runs[0]["sensitivity"])
