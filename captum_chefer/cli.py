@@ -146,11 +146,15 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         raise SystemExit(f"error: --threads must be >= 1, got {args.threads}")
     import torch
 
+    threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
     started = time.perf_counter()
     print(f"captum_chefer {args.command}: cohort {sizes['patients']} patients, {sizes['epochs']} epochs, "
           f"{sizes['explain']} explained, IG {sizes['ig_steps']} steps -> {args.out}", flush=True)
-    report = compare(args.out, task=args.task, seed=args.seed, progress=not args.no_progress, **sizes)
+    try:
+        report = compare(args.out, task=args.task, seed=args.seed, progress=not args.no_progress, **sizes)
+    finally:
+        torch.set_num_threads(threads)  # main() may run inside another program (tests, notebooks)
     print()
     print(report.table())
     print()
