@@ -105,7 +105,6 @@ def compare(
     labels = batch["label"].view(-1).long()
     predicted = (probs.view(-1) >= 0.5).long() if probs.shape[-1] == 1 else probs.argmax(-1)
     accuracy = float((predicted == labels).float().mean())
-    fired = {s["patient_id"]: s for s in cohort.samples}
     fired_rules = dict(zip((s["patient_id"] for s in cohort.samples), cohort.fired))
 
     def describe(b: Any, i: int) -> str:
@@ -126,7 +125,6 @@ def compare(
         "sensitivity / infidelity perturbations": f"{sensitivity_samples} / {infidelity_samples}",
         "torch threads": torch.get_num_threads(),
     }
-    del fired
     report = run_comparison(
         adapter, batch, ground_truth=lambda b: cohort.ground_truth(adapter, b), out=out,
         title="Chefer relevance side by side: synthetic cohort with planted ground truth",

@@ -35,7 +35,6 @@ from __future__ import annotations
 import csv
 import json
 import math
-import time
 import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -176,17 +175,17 @@ def _remove_codes(
     for i, (key, m, t, pad) in enumerate(_layout(adapter)):
         kept = keep[key].to(tokens[i].device).bool() & args[m].bool()
         ids = torch.where(kept, tokens[i], torch.full_like(tokens[i], pad))
-        time = args[t] if t is not None else None
+        times = args[t] if t is not None else None
         if compact:
             step = kept.any(dim=-1) if kept.dim() == 3 else kept
             order = torch.argsort((~step).to(torch.int8), dim=1, stable=True)
             gather = order.view(*order.shape, *([1] * (kept.dim() - 2))).expand_as(kept)
             ids, kept = ids.gather(1, gather), kept.gather(1, gather)
-            if time is not None:
-                time = time.gather(1, order)
+            if times is not None:
+                times = times.gather(1, order)
         tokens[i], args[m] = ids, kept
         if t is not None:
-            args[t] = time
+            args[t] = times
     return tuple(tokens), tuple(args)
 
 

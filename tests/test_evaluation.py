@@ -281,3 +281,23 @@ def test_same_seed_same_numbers_even_for_noisetunnel(trained):
         assert torch.equal(runs[0][metric], runs[1][metric]), metric
     other = evaluate_methods(adapter, batch, methods, infidelity_samples=2, sensitivity_samples=2, seed=1, progress=False)
     assert not torch.equal(other.per_sample["SmoothGrad"]["sensitivity"], runs[0]["sensitivity"])
+
+
+def test_stagenet_removal_moves_times_with_their_codes(stage_dataset):
+    adapter = PyHealthAdapter(make_model(stage_dataset, kind="stagenet"))
+    batch = first_batch(stage_dataset)
+    remover = TokenRemover(adapter, batch)
+    assert torch.allclose(remover({k: v.clone() for k, v in remover.real.items()}), remover.full)
+    keep = {k: v.clone() for k, v in remover.real.items()}
+    keep["codes"][:, 0] = False
+    got = remover(keep)
+    schema = list(stage_dataset.input_processors["codes"].schema())
+    parts = list(batch["codes"])
+    time, codes = parts[schema.index("time")], parts[schema.index("value")]
+    parts[schema.index("time")] = torch.cat([time[:, 1:], torch.zeros_like(time[:, :1])], dim=1)
+    parts[schema.index("value")] = torch.cat([codes[:, 1:], torch.zeros_like(codes[:, :1])], dim=1)
+    tokens, args = adapter.captum_inputs({**batch, "codes": tuple(parts)}, level="token")
+    expected = torch.sigmoid(adapter(*tokens, *args)[:, 0])
+    has_two = (codes != 0).sum(1) >= 2
+    assert has_two.any()
+    assert torch.allclose(got[has_two], expected[has_two], atol=1e-6)
