@@ -20,6 +20,7 @@ from .relevance import (
     dense_relevance,
     pooling_rows,
     propagate_row,
+    propagate_weighted_row,
     read_rows,
     weighted_attention,
 )
@@ -210,9 +211,12 @@ def _rows_fused(
                     f"(layer {depth} came when {pending[key]} was due): the layers are not a stack; "
                     "return AttentionForward(..., stacked=False)"
                 )
-            with torch.no_grad():
-                weighted = weighted_attention(attention.detach(), grad, **reduce)
-                rows[key] = propagate_row(rows[key], weighted)
+            with torch.no_grad():  # the first call (last layer) still has r = e_p: only row p is read
+                unit = pool_index[key] if depth == len(streams[key]) - 1 else None
+                rows[key] = propagate_weighted_row(
+                    rows[key], attention.detach(), grad, clamp=reduce["clamp"],
+                    head_reduction=reduce["head_reduction"], unit_index=unit,
+                )
             pending[key] = depth - 1
 
         return hook

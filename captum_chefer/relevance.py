@@ -28,6 +28,7 @@ __all__ = [
     "HeadReduction",
     "weighted_attention",
     "propagate_row",
+    "propagate_weighted_row",
     "pooling_rows",
     "dense_relevance",
     "read_rows",
@@ -101,6 +102,69 @@ def propagate_row(row: Tensor, weighted: Tensor) -> Tensor:
         tensor([[1.5000, 0.5000]])
     """
     return row + torch.bmm(row.unsqueeze(1), weighted).squeeze(1)
+
+
+def propagate_weighted_row(
+    row: Tensor,
+    attention: Tensor,
+    gradient: Tensor,
+    *,
+    clamp: bool = True,
+    head_reduction: HeadReduction = "mean",
+    unit_index: Optional[Tensor] = None,
+) -> Tensor:
+    """``propagate_row(row, weighted_attention(attention, gradient))`` with less memory traffic.
+
+    The fused backward pass calls this once per layer, so it avoids forming ``A_bar``: the product
+    ``A * grad`` is clamped in place and the head mean is folded into one ``baddbmm``
+    (``r A_bar = (1/H) sum_h r W_h``). Where ``row`` is still the unit row ``e_p`` (the last layer,
+    the first one the backward pass reaches), ``unit_index`` gives ``p`` and only row ``p`` of each
+    head is read: ``e_p (I + A_bar) = e_p + A_bar[p]``.
+
+    Args:
+        row: ``[B, L]``; ignored (taken as ``e_p``) when ``unit_index`` is given.
+        attention: ``[B, H, L, L]`` (or ``[B, L, L]``) attention probabilities (not modified).
+        gradient: their gradient, same shape (not modified).
+        clamp: clamp negative products at zero (the paper).
+        head_reduction: ``"mean"`` or ``"max"`` over heads.
+        unit_index: ``[B]`` positions ``p`` if ``row`` is ``e_p``.
+
+    Returns:
+        ``[B, L]``, equal to ``propagate_row(row, weighted_attention(attention, gradient, ...))``.
+
+    Example:
+        >>> a = torch.tensor([[[[0.5, 0.5], [0.0, 1.0]]]])
+        >>> g = torch.tensor([[[[2.0, -2.0], [1.0, 1.0]]]])
+        >>> propagate_weighted_row(torch.tensor([[0.5, 1.0]]), a, g)
+        tensor([[1., 2.]])
+        >>> propagate_weighted_row(None, a, g, unit_index=torch.tensor([0]))
+        tensor([[2., 0.]])
+    """
+    if gradient.shape != attention.shape or attention.dim() not in (3, 4):
+        raise ValueError(
+            f"attention and gradient must both be [B, H, L, L] or [B, L, L]; got {tuple(attention.shape)} and "
+            f"{tuple(gradient.shape)}"
+        )
+    if attention.dim() == 3:
+        attention, gradient = attention.unsqueeze(1), gradient.unsqueeze(1)
+    batch, heads, length = attention.shape[0], attention.shape[1], attention.shape[-1]
+    if unit_index is not None:
+        samples = torch.arange(batch, device=attention.device)
+        index = unit_index.long().to(attention.device)
+        weighted = attention[samples, :, index] * gradient[samples, :, index]  # [B, H, L]: row p only
+        if clamp:
+            weighted.clamp_(min=0)
+        reduced = weighted.mean(dim=1) if head_reduction == "mean" else weighted.amax(dim=1)
+        return pooling_rows(index, length, reduced.dtype) + reduced
+    if head_reduction != "mean":
+        return propagate_row(row, weighted_attention(attention, gradient, clamp=clamp, head_reduction=head_reduction))
+    weighted = attention * gradient
+    if clamp:
+        weighted.clamp_(min=0)
+    left = row.unsqueeze(1)
+    spread = left if heads == 1 else left.repeat(1, 1, heads)  # [B, 1, H*L]: r once per head
+    product = torch.baddbmm(left, spread, weighted.reshape(batch, heads * length, length), alpha=1.0 / heads)
+    return product.squeeze(1)
 
 
 def pooling_rows(pool_index: Tensor, length: int, dtype: torch.dtype = torch.float32) -> Tensor:
