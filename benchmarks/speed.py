@@ -1,0 +1,498 @@
+"""Side-by-side speed and memory of Chefer relevance and Captum methods on PyHealth's Transformer.
+
+For each configuration (codes in the first stream, layers, heads; batch 4, a second stream of 256
+codes), one process builds a synthetic cohort with ``pyhealth.datasets.create_sample_dataset`` and an
+untrained ``pyhealth.models.Transformer`` in evaluation mode, then times, interleaved and in a rotating
+order, the median of ``--repeats`` calls (after one warm-up call each) of:
+
+* ``forward``: the model's logits through the adapter under ``torch.no_grad()``;
+* ``chefer``: ``CheferAttribution(adapter).attribute`` (ours, the fused row propagation);
+* ``pyhealth``: PyHealth's own ``CheferRelevance(model).attribute(**batch)``;
+* ``saliency``: Captum ``Saliency(adapter)``;
+* ``ig``: Captum ``IntegratedGradients(adapter)`` with 50 steps (no warm-up call; outside the target
+  configuration it is timed ``--ig-repeats`` times, as it dominates the run time).
+
+The peak memory growth of one call of each method is measured in a process of its own: a child forked
+from this process before it runs any tensor operation (so no OpenMP pool is inherited), which builds the
+same workload, runs one no-grad forward to warm the allocator and thread pool, resets the kernel's
+high-water mark (``/proc/self/clear_refs``), calls the method once and reads ``VmHWM`` from
+``/proc/self/status`` (``ru_maxrss`` would carry a parent's peak across ``exec``). On CUDA the growth
+of ``torch.cuda.max_memory_allocated`` is reported as well.
+
+Usage::
+
+    .venv/bin/python benchmarks/speed.py              # the full grid (CPU: tens of minutes)
+    .venv/bin/python benchmarks/speed.py --target     # only the configurations the targets read
+    .venv/bin/python benchmarks/speed.py --quick      # a tiny grid, a few seconds after the imports
+    .venv/bin/python benchmarks/speed.py --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import math
+import os
+import platform
+import random
+import statistics
+import sys
+import time
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+import torch  # noqa: E402
+
+METHODS = ("forward", "chefer", "pyhealth", "saliency", "ig")
+LABELS = {
+    "forward": "no-grad forward",
+    "chefer": "CheferAttribution (ours)",
+    "pyhealth": "PyHealth CheferRelevance",
+    "saliency": "Captum Saliency",
+    "ig": "Captum IntegratedGradients (50 steps)",
+}
+IG_STEPS = 50
+
+
+@dataclass(frozen=True)
+class Config:
+    """One benchmark configuration."""
+
+    length: int  # codes in the first stream (the longest sample; the others are shorter)
+    depth: int  # transformer layers per stream
+    heads: int
+    batch: int = 4
+    second: int = 256  # codes in the second stream
+    embedding_dim: int = 64
+
+    @property
+    def name(self) -> str:
+        return f"L={self.length}+{self.second} depth={self.depth} heads={self.heads} batch={self.batch} dim={self.embedding_dim}"
+
+
+def full_grid(embedding_dim: int) -> list[Config]:
+    """The grid of the issue: 128..1024 codes, depth 2 and 6, 1 and 4 heads, batch 4."""
+    return [Config(n, d, h, embedding_dim=embedding_dim) for n in (128, 256, 512, 1024) for d in (2, 6) for h in (1, 4)]
+
+
+def target_configs(embedding_dim: int) -> tuple[Config, Config]:
+    """The target configuration (1024 codes, 6 layers, 1 head) and its 256-code companion."""
+    return Config(1024, 6, 1, embedding_dim=embedding_dim), Config(256, 6, 1, embedding_dim=embedding_dim)
+
+
+QUICK = Config(16, 2, 2, batch=4, second=8, embedding_dim=16)
+
+
+# ---------------------------------------------------------------------------------------------- workload
+
+
+@dataclass
+class Workload:
+    """A model, one batch and the Captum arguments the adapter makes from it."""
+
+    config: Config
+    model: Any
+    batch: dict[str, Any]
+    adapter: Any
+    inputs: tuple
+    args: tuple
+    target: Any
+
+
+def synthetic_samples(config: Config, seed: int = 0) -> list[dict[str, Any]]:
+    """``config.batch`` samples: the first with exactly ``length`` / ``second`` codes, the others with
+    between half and all of them (so the batch has padding), and a binary label."""
+    rng = random.Random(seed)
+
+    def codes(n: int) -> list[str]:
+        return [f"C{rng.randrange(500)}" for _ in range(n)]
+
+    samples = []
+    for i in range(config.batch):
+        n_first = config.length if i == 0 else rng.randint(max(1, config.length // 2), config.length)
+        n_second = config.second if i == 0 else rng.randint(max(1, config.second // 2), config.second)
+        samples.append(
+            {"patient_id": f"p{i}", "visit_id": "v0", "codes": codes(n_first), "second": codes(n_second), "label": i % 2}
+        )
+    return samples
+
+
+def build_workload(config: Config, device: str, seed: int = 0) -> Workload:
+    """The model and batch of ``config`` on ``device``."""
+    from pyhealth.datasets import create_sample_dataset, get_dataloader
+    from pyhealth.models import Transformer
+
+    from captum_chefer import PyHealthAdapter
+    from captum_chefer.synthetic import quiet_pyhealth
+
+    with quiet_pyhealth():
+        dataset = create_sample_dataset(
+            samples=synthetic_samples(config, seed),
+            input_schema={"codes": "sequence", "second": "sequence"},
+            output_schema={"label": "binary"},
+            dataset_name="benchmark",
+        )
+        torch.manual_seed(seed)
+        model = Transformer(
+            dataset=dataset, embedding_dim=config.embedding_dim, heads=config.heads, num_layers=config.depth
+        )
+    model = model.to(device).eval()
+    batch = next(iter(get_dataloader(dataset, batch_size=config.batch, shuffle=False)))
+    adapter = PyHealthAdapter(model)
+    inputs, args = adapter.captum_inputs(batch)
+    return Workload(config, model, batch, adapter, inputs, args, adapter.captum_target(batch))
+
+
+def ig_internal_batch(config: Config) -> int:
+    """Expanded samples per IG chunk: about 4096 codes of the first stream, whole steps of the batch."""
+    return config.batch * max(1, min(IG_STEPS, 4096 // config.length))
+
+
+def make_methods(w: Workload) -> dict[str, Callable[[], Any]]:
+    """One zero-argument call per method; each returns its attributions (or logits)."""
+    from captum.attr import IntegratedGradients, Saliency
+    from pyhealth.interpret.methods import CheferRelevance
+
+    from captum_chefer import CheferAttribution
+
+    chefer = CheferAttribution(w.adapter)
+    reference = CheferRelevance(w.model)
+    saliency = Saliency(w.adapter)
+    ig = IntegratedGradients(w.adapter)
+    kwargs = dict(target=w.target, additional_forward_args=w.args)
+
+    def forward() -> Any:
+        with torch.no_grad():
+            return w.adapter(*w.inputs, *w.args)
+
+    return {
+        "forward": forward,
+        "chefer": lambda: chefer.attribute(w.inputs, **kwargs),
+        "pyhealth": lambda: reference.attribute(**w.batch),
+        "saliency": lambda: saliency.attribute(w.inputs, **kwargs),
+        "ig": lambda: ig.attribute(w.inputs, n_steps=IG_STEPS, internal_batch_size=ig_internal_batch(w.config), **kwargs),
+    }
+
+
+# ---------------------------------------------------------------------------------------------- timing
+
+
+@dataclass
+class Timing:
+    """Median wall time of one method in one configuration."""
+
+    seconds: float
+    runs: int
+    all_seconds: list[float] = field(default_factory=list)
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def time_methods(
+    w: Workload, device: str, repeats: int, ig_repeats: int, methods: tuple[str, ...] = METHODS
+) -> tuple[dict[str, Timing], float]:
+    """Interleaved timings (the order rotates every round) and the largest |ours - PyHealth|."""
+    calls = make_methods(w)
+    warm = {name: calls[name]() for name in methods if name != "ig"}  # warm-up, and results to compare
+    _sync(device)
+    gap = _max_difference(w, warm["chefer"], warm["pyhealth"]) if {"chefer", "pyhealth"} <= set(warm) else math.nan
+    del warm
+    samples: dict[str, list[float]] = {name: [] for name in methods}
+    for round_ in range(max(repeats, ig_repeats)):
+        order = methods[round_ % len(methods) :] + methods[: round_ % len(methods)]
+        for name in order:
+            if len(samples[name]) >= (ig_repeats if name == "ig" else repeats):
+                continue
+            gc.collect()
+            _sync(device)
+            start = time.perf_counter()
+            result = calls[name]()
+            _sync(device)
+            samples[name].append(time.perf_counter() - start)
+            del result
+    return {n: Timing(statistics.median(s), len(s), s) for n, s in samples.items()}, gap
+
+
+def _max_difference(w: Workload, ours: tuple, theirs: dict[str, torch.Tensor]) -> float:
+    scores = w.adapter.to_feature_dict(ours)
+    return max(float((scores[k].float() - theirs[k].to(scores[k].device).float()).abs().max()) for k in scores)
+
+
+# ---------------------------------------------------------------------------------------------- memory
+
+
+def _status_kib(field_name: str) -> int:
+    with open("/proc/self/status") as status:
+        for line in status:
+            if line.startswith(field_name + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field_name} not in /proc/self/status")
+
+
+def _reset_peak() -> bool:
+    """Reset VmHWM to the current RSS (Linux >= 4.0); False where the kernel refuses."""
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+        return True
+    except OSError:
+        return False
+
+
+def measure_memory_here(config: Config, method: str, device: str, threads: int) -> dict[str, float]:
+    """Peak memory growth (MiB) of one call of ``method``, measured in the calling process."""
+    torch.set_num_threads(threads)
+    w = build_workload(config, device)
+    call = make_methods(w)[method]
+    with torch.no_grad():
+        w.adapter(*w.inputs, *w.args)  # thread pool and allocator warm, shared by every method
+    gc.collect()
+    cuda = device.startswith("cuda")
+    if cuda:
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        cuda_base = torch.cuda.memory_allocated()
+    reset = _reset_peak()
+    before = _status_kib("VmRSS") if reset else _status_kib("VmHWM")
+    result = call()
+    if cuda:
+        torch.cuda.synchronize()
+    peak = _status_kib("VmHWM")
+    del result
+    out = {"rss_mib": max(0, peak - before) / 1024, "hwm_reset": float(reset)}
+    if cuda:
+        out["cuda_mib"] = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
+    return out
+
+
+def measure_memory_forked(config: Config, method: str, device: str, threads: int) -> dict[str, float]:
+    """``measure_memory_here`` in a child process forked for this one measurement."""
+    read_end, write_end = os.pipe()
+    with warnings.catch_warnings():  # the imports' idle helper threads are not used by the child
+        warnings.simplefilter("ignore", DeprecationWarning)
+        pid = os.fork()
+    if pid == 0:  # child
+        os.close(read_end)
+        code = 0
+        try:
+            payload = json.dumps(measure_memory_here(config, method, device, threads))
+        except BaseException as error:  # report, never fall back into the parent's code
+            payload, code = json.dumps({"error": f"{type(error).__name__}: {error}"}), 1
+        with os.fdopen(write_end, "w") as pipe:
+            pipe.write(payload)
+        os._exit(code)
+    os.close(write_end)
+    with os.fdopen(read_end) as pipe:
+        payload = pipe.read()
+    os.waitpid(pid, 0)
+    result = json.loads(payload) if payload else {"error": "the child process died"}
+    if "error" in result:
+        raise RuntimeError(f"memory probe {method} at {config.name} failed: {result['error']}")
+    return result
+
+
+# ---------------------------------------------------------------------------------------------- report
+
+
+@dataclass
+class Row:
+    """One method in one configuration."""
+
+    config: Config
+    method: str
+    seconds: float
+    runs: int
+    ratio_pyhealth: float
+    ratio_forward: float
+    memory_mib: float
+    memory_ratio_pyhealth: float
+    cuda_mib: Optional[float] = None
+    max_diff_pyhealth: float = math.nan
+
+
+def machine_line(device: str, threads: int) -> str:
+    """CPU model, cores, torch version (and GPU) of this run."""
+    cpu = "unknown CPU"
+    try:
+        with open("/proc/cpuinfo") as info:
+            cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
+    except (OSError, StopIteration):
+        cpu = platform.processor() or cpu
+    line = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} intra-op thread(s)), Python {platform.python_version()}"
+    if device.startswith("cuda"):
+        line += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
+    return line + f", device {device}"
+
+
+def _fmt(x: Optional[float], digits: int = 2) -> str:
+    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+
+
+def markdown_table(rows: list[Row], cuda: bool) -> str:
+    """The rows as a markdown table."""
+    head = "| codes | layers | heads | method | median ms | runs | × PyHealth | × forward | peak growth MiB | mem × PyHealth |"
+    rule = "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"
+    if cuda:
+        head += " CUDA peak MiB |"
+        rule += "---:|"
+    lines = [head, rule]
+    for r in rows:
+        c = r.config
+        line = (
+            f"| {c.length}+{c.second} | {c.depth} | {c.heads} | {LABELS[r.method]} | {r.seconds * 1000:.1f} | {r.runs} | "
+            f"{_fmt(r.ratio_pyhealth)} | {_fmt(r.ratio_forward)} | {_fmt(r.memory_mib, 1)} | {_fmt(r.memory_ratio_pyhealth)} |"
+        )
+        if cuda:
+            line += f" {_fmt(r.cuda_mib, 1)} |"
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def _row(rows: list[Row], config: Config, method: str) -> Optional[Row]:
+    return next((r for r in rows if r.config == config and r.method == method), None)
+
+
+def target_lines(rows: list[Row], embedding_dim: int) -> list[str]:
+    """PASS/FAIL per target of the issue, with the measured ratio."""
+    big, small = target_configs(embedding_dim)
+    get = lambda config, method: _row(rows, config, method)  # noqa: E731
+    ours, ph, sal, fwd, ig = (get(big, m) for m in ("chefer", "pyhealth", "saliency", "forward", "ig"))
+    ours_small, fwd_small = get(small, "chefer"), get(small, "forward")
+    checks: list[tuple[str, Optional[float], str, float]] = []
+    if ours and ph:
+        checks.append(("time ours / PyHealth", ours.seconds / ph.seconds, "<=", 0.5))
+        checks.append(("peak memory growth ours / PyHealth", ours.memory_mib / ph.memory_mib if ph.memory_mib else None, "<=", 0.6))
+    if ours and sal:
+        checks.append(("time ours / Saliency", ours.seconds / sal.seconds, "<=", 1.0))
+    if ours and fwd:
+        checks.append(("time ours / no-grad forward", ours.seconds / fwd.seconds, "<=", 2.0))
+    if ours and ig:
+        checks.append(("time IntegratedGradients / ours", ig.seconds / ours.seconds, ">=", 40.0))
+    if ours and fwd and ours_small and fwd_small:
+        growth = (ours.seconds / fwd.seconds) / (ours_small.seconds / fwd_small.seconds)
+        checks.append(("(ours / forward at 1024) / (ours / forward at 256)", growth, "<=", 1.2))
+    runs = min((r.runs for r in (ours, ph, sal, fwd, ig) if r), default=0)
+    lines = [f"targets at {big.length}+{big.second} codes, {big.depth} layers, {big.heads} head, batch {big.batch} (>= {runs} runs each):"]
+    for name, value, op, bound in checks:
+        ok = value is not None and (value <= bound if op == "<=" else value >= bound)
+        lines.append(f"  {'PASS' if ok else 'FAIL'}  {name} = {_fmt(value)} (target {op} {bound})")
+    if not checks:
+        lines.append("  (the target configuration was not run)")
+    return lines
+
+
+# ---------------------------------------------------------------------------------------------- main
+
+
+def preload() -> None:
+    """Import everything the workloads use once, here, so that forked memory probes start at once."""
+    import captum.attr  # noqa: F401
+    import pyhealth.datasets  # noqa: F401
+    import pyhealth.interpret.methods  # noqa: F401
+    import pyhealth.models  # noqa: F401
+
+    import captum_chefer  # noqa: F401
+
+
+def run(configs: list[Config], device: str, repeats: int, ig_repeats: int, threads: int, log=print) -> list[Row]:
+    """Memory probes first (forked before this process runs any tensor op), then the timings."""
+    t0 = time.time()
+    preload()
+    log(f"imports: {time.time() - t0:.1f} s")
+    targets = set(target_configs(configs[0].embedding_dim))
+    memory: dict[tuple[Config, str], dict[str, float]] = {}
+    for config in configs:
+        for method in METHODS:
+            if method == "ig" and config not in targets and config != QUICK:
+                continue  # IG's memory is not a target; measuring it everywhere doubles the grid's time
+            t0 = time.time()
+            memory[config, method] = measure_memory_forked(config, method, device, threads)
+            log(f"memory {config.name} {method}: {memory[config, method]['rss_mib']:.1f} MiB ({time.time() - t0:.1f} s)")
+    torch.set_num_threads(threads)
+    rows: list[Row] = []
+    for config in configs:
+        w = build_workload(config, device)
+        timings, gap = time_methods(w, device, repeats, repeats if config in targets or config == QUICK else ig_repeats)
+        del w
+        gc.collect()
+        ph, fwd = timings["pyhealth"].seconds, timings["forward"].seconds
+        ph_mem = memory[config, "pyhealth"]["rss_mib"]
+        for method in METHODS:
+            t, m = timings[method], memory.get((config, method))
+            mib = m["rss_mib"] if m else math.nan
+            rows.append(
+                Row(
+                    config, method, t.seconds, t.runs, t.seconds / ph, t.seconds / fwd, mib,
+                    mib / ph_mem if ph_mem else math.nan, m.get("cuda_mib") if m else None,
+                    gap if method == "chefer" else math.nan,
+                )
+            )
+        log(f"timed {config.name}: " + ", ".join(f"{n} {t.seconds * 1000:.1f} ms" for n, t in timings.items()) + f"; max |ours - PyHealth| = {gap:.2e}")
+    return rows
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    grid = parser.add_mutually_exclusive_group()
+    grid.add_argument("--quick", action="store_true", help="one tiny configuration (for the tests)")
+    grid.add_argument("--target", action="store_true", help="only the 1024- and 256-code configurations the targets read")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (median; default 5)")
+    parser.add_argument("--ig-repeats", type=int, default=1, help="timed IG calls outside the target configuration")
+    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every method (default 1)")
+    parser.add_argument("--embedding-dim", type=int, default=64)
+    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")), help="markdown output ('' for none)")
+    parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    args = parser.parse_args(argv)
+    if args.repeats < 1 or args.ig_repeats < 1:
+        parser.error("--repeats and --ig-repeats must be positive")
+    if args.device.startswith("cuda") and not torch.cuda.is_available():
+        parser.error("--device cuda, but torch sees no CUDA device")
+    if args.quick:
+        configs = [QUICK]
+    elif args.target:
+        configs = list(target_configs(args.embedding_dim))
+    else:
+        configs = full_grid(args.embedding_dim)
+        big, small = target_configs(args.embedding_dim)
+        configs = [big, small] + [c for c in configs if c not in (big, small)]  # targets first
+
+    started = time.time()
+    rows = run(configs, args.device, args.repeats, args.ig_repeats, args.threads, log=lambda s: print(s, file=sys.stderr, flush=True))
+    rows.sort(key=lambda r: (r.config.length, r.config.depth, r.config.heads, METHODS.index(r.method)))
+    cuda = args.device.startswith("cuda")
+    machine = machine_line(args.device, args.threads)
+    gaps = [r.max_diff_pyhealth for r in rows if r.method == "chefer"]
+    text = "\n".join(
+        [
+            f"machine: {machine}",
+            f"batch 4, a second stream of 256 codes, embedding dim {configs[0].embedding_dim}; median of {args.repeats} "
+            f"interleaved runs (IG: {args.repeats} at the target configurations, {args.ig_repeats} elsewhere; IG memory "
+            "only at the target configurations); peak growth = VmHWM - VmRSS of one call in its own process",
+            f"max |ours - PyHealth| over the grid: {max(gaps):.2e}; total run time {time.time() - started:.0f} s",
+            "",
+            markdown_table(rows, cuda),
+            "",
+            *target_lines(rows, configs[0].embedding_dim),
+        ]
+    )
+    print(text)
+    if args.results:
+        Path(args.results).write_text(f"# Benchmark results ({args.device})\n\n```\n{' '.join(sys.argv)}\n```\n\n{text}\n")
+    if args.json:
+        args.json.write_text(json.dumps([{**asdict(r), "config": asdict(r.config)} for r in rows], indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

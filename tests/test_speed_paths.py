@@ -1,0 +1,102 @@
+"""The fused row propagation (inside the backward pass) equals the dense reference, on CPU and CUDA."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from captum_chefer import CheferAttribution, PyHealthAdapter
+from captum_chefer.relevance import propagate_row, propagate_weighted_row, weighted_attention
+from conftest import first_batch, make_dataset, make_model
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+OPTIONS = [
+    {},
+    {"exclude_self": True},
+    {"head_reduction": "max"},
+    {"clamp": False},
+    {"layers": 2},
+]
+
+
+def _fused_and_dense(model, batch, n_classes: int, **options) -> tuple[tuple, tuple, tuple]:
+    adapter = PyHealthAdapter(model)
+    inputs, args = adapter.captum_inputs(batch)
+    target = adapter.captum_target(batch)
+    method = CheferAttribution(adapter)
+    fused = method.attribute(inputs, target=target, additional_forward_args=args, propagation="row", **options)
+    dense = method.attribute(inputs, target=target, additional_forward_args=args, propagation="dense", **options)
+    return inputs, fused, dense
+
+
+@pytest.fixture(scope="module")
+def three_layer_four_head():
+    """A Transformer with 3 layers and 4 heads over two streams (flat and nested), 3 classes."""
+    dataset = make_dataset("sequence", n=10, n_classes=3, seed=5, max_len=9)
+    return make_model(dataset, layers=3, heads=4, seed=5), first_batch(dataset, batch_size=6)
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=lambda o: ",".join(o) or "default")
+def test_fused_equals_dense(three_layer_four_head, options):
+    model, batch = three_layer_four_head
+    assert len(model.feature_keys) >= 2 and model.num_layers == 3 and model.heads == 4
+    inputs, fused, dense = _fused_and_dense(model, batch, 3, **options)
+    assert len(fused) == len(inputs) == len(dense)
+    for a, b in zip(fused, dense):
+        assert a.shape == b.shape
+        assert a.abs().sum() > 0  # something was propagated
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_path_fills_no_parameter_grad(three_layer_four_head):
+    model, batch = three_layer_four_head
+    model.zero_grad(set_to_none=True)
+    flags = [p.requires_grad for p in model.parameters()]
+    _fused_and_dense(model, batch, 3)
+    assert all(p.grad is None for p in model.parameters())
+    assert [p.requires_grad for p in model.parameters()] == flags
+
+
+@pytest.mark.parametrize("heads", [1, 3])
+@pytest.mark.parametrize("clamp", [True, False])
+@pytest.mark.parametrize("reduction", ["mean", "max"])
+def test_propagate_weighted_row_matches_the_two_step_rule(heads, clamp, reduction):
+    torch.manual_seed(heads)
+    batch, length = 3, 7
+    attention = torch.softmax(torch.randn(batch, heads, length, length), dim=-1)
+    gradient = torch.randn(batch, heads, length, length)
+    row = torch.rand(batch, length)
+    kept = attention.clone(), gradient.clone()
+    weighted = weighted_attention(attention, gradient, clamp=clamp, head_reduction=reduction)
+    expected = propagate_row(row, weighted)
+    got = propagate_weighted_row(row, attention, gradient, clamp=clamp, head_reduction=reduction)
+    torch.testing.assert_close(got, expected)
+    # the unit-row shortcut of the last layer: e_p (I + A_bar) = e_p + A_bar[p]
+    pool = torch.tensor([0, 3, 6])
+    unit = torch.nn.functional.one_hot(pool, length).float()
+    torch.testing.assert_close(
+        propagate_weighted_row(None, attention, gradient, clamp=clamp, head_reduction=reduction, unit_index=pool),
+        propagate_row(unit, weighted),
+    )
+    assert torch.equal(attention, kept[0]) and torch.equal(gradient, kept[1])  # inputs untouched
+
+
+def test_propagate_weighted_row_rejects_mismatched_shapes():
+    with pytest.raises(ValueError, match="same|must both"):
+        propagate_weighted_row(torch.ones(1, 2), torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 3))
+
+
+@CUDA
+@pytest.mark.parametrize("options", [{}, {"exclude_self": True}], ids=["default", "exclude_self"])
+def test_fused_equals_dense_on_cuda(three_layer_four_head, options):
+    model, batch = three_layer_four_head
+    cpu_inputs, cpu_fused, _ = _fused_and_dense(model, batch, 3, **options)
+    model.to("cuda")
+    try:
+        inputs, fused, dense = _fused_and_dense(model, batch, 3, **options)
+    finally:
+        model.to("cpu")
+    for a, b, c in zip(fused, dense, cpu_fused):
+        assert a.device.type == "cuda" and b.device.type == "cuda"
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(a.cpu(), c, atol=1e-4, rtol=1e-4)
