@@ -129,14 +129,18 @@ def run_comparison(
     Returns:
         A :class:`ComparisonReport`.
 
-    Example:
+    Example (two methods on the untrained toy model, to stay fast; leave ``methods`` out for all six):
         >>> import tempfile
+        >>> from captum.attr import Saliency
+        >>> from captum_chefer import CheferAttribution, PyHealthAdapter
         >>> from captum_chefer.synthetic import toy_model_and_batch
         >>> model, batch = toy_model_and_batch()
-        >>> result = run_comparison(model, batch, out=tempfile.mkdtemp(), ig_steps=4, nt_samples=2,
+        >>> adapter = PyHealthAdapter(model)
+        >>> result = run_comparison(adapter, batch, out=tempfile.mkdtemp(), show_patients=1,
+        ...                         methods=[("Chefer", CheferAttribution(adapter), {}), ("Saliency", Saliency(adapter), {})],
         ...                         sensitivity_samples=0, infidelity_samples=2, progress=False)
-        >>> result.html_path.name, result.evaluation.methods[0]
-        ('report.html', 'Chefer')
+        >>> result.html_path.name, result.evaluation.methods
+        ('report.html', ['Chefer', 'Saliency'])
     """
     from .pyhealth import PyHealthAdapter
 
