@@ -179,7 +179,8 @@ class CheferAttribution(GradientAttribution):
             captured = self.model.attention_forward(inputs_tuple, args)
             logits = captured.logits
             explained = _select_target(logits, target)
-            streams = {key: maps[-layers:] if layers else maps for key, maps in captured.attention.items()}
+            streams = {key: list(maps[-layers:] if layers else maps) for key, maps in captured.attention.items()}
+            captured.attention = {}  # the propagation below holds the only references and drops them early
             if propagation == "row" and captured.stacked:
                 rows = _rows_fused(explained, streams, captured.pool_index, reduce)
             elif propagation == "row":
@@ -196,14 +197,18 @@ class CheferAttribution(GradientAttribution):
 
 
 def _rows_fused(
-    explained: Tensor, streams: dict[str, list[Tensor]], pool_index: dict[str, Tensor], reduce: dict
+    explained: Tensor, streams: dict[str, list[Optional[Tensor]]], pool_index: dict[str, Tensor], reduce: dict
 ) -> dict[str, Tensor]:
-    """Row recursion inside the backward pass: each layer's hook consumes its gradient on arrival."""
+    """Row recursion inside the backward pass: each layer's hook consumes its gradient on arrival.
+
+    ``streams`` hands over the references to the attention maps: each is dropped once its layer is
+    done, so autograd can free it as the backward pass moves down instead of at the end.
+    """
     rows: dict[str, Tensor] = {}
     pending: dict[str, int] = {}
     handles = []
 
-    def make_hook(key: str, depth: int, attention: Tensor) -> Callable[[Tensor], None]:
+    def make_hook(key: str, depth: int) -> Callable[[Tensor], None]:
         def hook(grad: Tensor) -> None:
             if depth != pending[key]:  # the recursion needs every layer, from the last one down
                 raise RuntimeError(
@@ -211,6 +216,7 @@ def _rows_fused(
                     f"(layer {depth} came when {pending[key]} was due): the layers are not a stack; "
                     "return AttentionForward(..., stacked=False)"
                 )
+            attention, streams[key][depth] = streams[key][depth], None
             with torch.no_grad():  # the first call (last layer) still has r = e_p: only row p is read
                 unit = pool_index[key] if depth == len(streams[key]) - 1 else None
                 rows[key] = propagate_weighted_row(
@@ -224,16 +230,16 @@ def _rows_fused(
     try:
         wanted = []
         for key, maps in streams.items():
-            length = maps[0].shape[-1]
-            rows[key] = pooling_rows(pool_index[key], length, maps[0].dtype)
+            rows[key] = pooling_rows(pool_index[key], maps[0].shape[-1], maps[0].dtype)
             pending[key] = len(maps) - 1
             if not reduce["use_gradient"]:  # attention alone: no backward pass needed
-                for attention in reversed(maps):
-                    rows[key] = propagate_row(rows[key], weighted_attention(attention.detach(), None, **reduce))
+                for depth in reversed(range(len(maps))):
+                    weighted = weighted_attention(maps[depth].detach(), None, **reduce)
+                    rows[key] = propagate_row(rows[key], weighted)
                 pending[key] = -1
                 continue
-            for depth, attention in enumerate(maps):
-                handles.append(attention.register_hook(make_hook(key, depth, attention)))
+            for depth in range(len(maps)):
+                handles.append(maps[depth].register_hook(make_hook(key, depth)))
             wanted.append(maps[0])  # the lowest layer used: the backward stops there
         if wanted:
             torch.autograd.grad(explained, wanted, allow_unused=True)
