@@ -160,7 +160,7 @@ class TokenRemover:
 def _layout(adapter: Any) -> list[tuple[str, int, Optional[int], int]]:
     """Per feature: (key, index of its mask in the args, index of its times or None, pad id)."""
     layout, position = [], 0
-    for feature in adapter._features:
+    for feature in adapter.features:
         layout.append((feature.key, position, position + 1 if feature.temporal else None, feature.pad_id))
         position += 2 if feature.temporal else 1
     return layout
@@ -459,7 +459,7 @@ def token_infidelity(
     layout = _layout(adapter)
 
     def forward(*inputs_and_args: Tensor) -> Tensor:
-        ids, extra = adapter._split(inputs_and_args)
+        ids, extra = adapter.split_inputs(inputs_and_args)
         keep = {key: ids[i] != pad for i, (key, _, _, pad) in enumerate(layout)}
         kept_ids, kept_args = _remove_codes(adapter, ids, extra, keep, compact)
         return adapter(*kept_ids, *kept_args)
@@ -472,7 +472,7 @@ def token_infidelity(
 
 def _mask_positions(adapter: Any) -> list[int]:
     positions, p = [], 0
-    for feature in adapter._features:
+    for feature in adapter.features:
         positions.append(p)
         p += 2 if feature.temporal else 1
     return positions
@@ -495,18 +495,18 @@ def attribution_sensitivity(
     norm of the unperturbed scores, so methods with different scales compare."""
     from captum.metrics import sensitivity_max
 
-    from .side_by_side import _ig_like, _masks_from_args, ig_baselines, masked_feature_dict
+    from .side_by_side import ig_baselines, is_ig_like, masked_feature_dict
 
     embeddings, args = adapter.captum_inputs(batch, level="embedding")
     kwargs = dict(attribute_kwargs or {})
-    if _ig_like(method) and "baselines" not in kwargs:
+    if is_ig_like(method) and "baselines" not in kwargs:
         kwargs["baselines"] = ig_baselines(adapter, embeddings, args, reference=baseline)
 
     def explain(inputs: Any, target: Any = None, additional_forward_args: Any = None, **kw: Any) -> tuple[Tensor, ...]:
         with warnings.catch_warnings():  # Captum notes that it set requires_grad on the inputs itself
             warnings.filterwarnings("ignore", message=r"Input Tensor \d+ did not already require gradients")
             attributions = method.attribute(inputs, target=target, additional_forward_args=additional_forward_args, **kw)
-        masks = _masks_from_args(adapter, additional_forward_args)
+        masks = adapter.code_masks(additional_forward_args)
         return tuple(masked_feature_dict(adapter, attributions, masks).values())
 
     return sensitivity_max(
@@ -748,9 +748,9 @@ def _evaluate_methods(
 ) -> Evaluation:
     from tqdm import tqdm
 
-    from .side_by_side import _method_specs, compare_methods
+    from .side_by_side import compare_methods, method_specs
 
-    specs = _method_specs(adapter, methods)
+    specs = method_specs(adapter, methods)
     fractions = tuple(float(f) for f in fractions)
     percentages = tuple(float(p) for p in percentages)
     batches = [data] if isinstance(data, Mapping) else data

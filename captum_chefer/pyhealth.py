@@ -27,7 +27,7 @@ from torch import Tensor, nn
 
 from .attribution import AttentionForward
 
-__all__ = ["PyHealthAdapter"]
+__all__ = ["FeatureSpec", "PyHealthAdapter"]
 
 Level = Literal["embedding", "token"]
 TargetMode = Literal["predicted", "label"]
@@ -35,8 +35,8 @@ Pooling = Literal["first", "last"]
 
 
 @dataclass(frozen=True)
-class _Feature:
-    """How one feature key enters the model."""
+class FeatureSpec:
+    """How one feature key enters the model (``PyHealthAdapter.features``, in input order)."""
 
     key: str
     token_dims: int  # 2: [B, L] codes; 3: [B, V, C] nested visits
@@ -91,25 +91,25 @@ class PyHealthAdapter(nn.Module):
         self.model = model
         self.feature_keys: list[str] = list(model.feature_keys)
         self.label_key: str = model.label_keys[0]
-        self._features = [self._describe_feature(key) for key in self.feature_keys]
+        self.features: tuple[FeatureSpec, ...] = tuple(self._describe_feature(key) for key in self.feature_keys)
         self._attention_modules = self._find_attention(model)
         self.pooling: Optional[Pooling] = pooling or self._default_pooling(model)
 
     # ------------------------------------------------------------------ model description
 
-    def _describe_feature(self, key: str) -> _Feature:
+    def _describe_feature(self, key: str) -> FeatureSpec:
         from pyhealth.processors import NestedSequenceProcessor, SequenceProcessor, StageNetProcessor
 
         processor = self.model.dataset.input_processors[key]
         schema = tuple(processor.schema())
         pad_id = int(getattr(processor, "code_vocab", {}).get("<pad>", 0))
         if isinstance(processor, SequenceProcessor):
-            return _Feature(key, 2, False, 0, None, pad_id)
+            return FeatureSpec(key, 2, False, 0, None, pad_id)
         if isinstance(processor, NestedSequenceProcessor):
-            return _Feature(key, 3, False, 0, None, pad_id)
+            return FeatureSpec(key, 3, False, 0, None, pad_id)
         if isinstance(processor, StageNetProcessor):
             dims = 3 if getattr(processor, "_is_nested", False) else 2
-            return _Feature(key, dims, True, schema.index("value"), schema.index("time"), pad_id)
+            return FeatureSpec(key, dims, True, schema.index("value"), schema.index("time"), pad_id)
         raise ValueError(
             f"feature {key!r} uses {type(processor).__name__}; PyHealthAdapter supports code features "
             "('sequence', 'nested_sequence', 'stagenet' codes)."
@@ -166,7 +166,7 @@ class PyHealthAdapter(nn.Module):
         ids, times = self._read_batch(batch)
         device = self.model.device
         inputs, args = [], []
-        for feature, codes, time in zip(self._features, ids, times):
+        for feature, codes, time in zip(self.features, ids, times):
             codes = codes.to(device)
             args.append(codes != feature.pad_id)
             if feature.temporal:
@@ -217,13 +217,13 @@ class PyHealthAdapter(nn.Module):
         like the batch's code ids (``[B, L]`` or ``[B, V, C]``) for every method.
         """
         attributions = attributions if isinstance(attributions, tuple) else (attributions,)
-        if len(attributions) != len(self._features):
+        if len(attributions) != len(self.features):
             raise ValueError(
-                f"expected {len(self._features)} attribution tensors (one per feature key {self.feature_keys}), "
+                f"expected {len(self.features)} attribution tensors (one per feature key {self.feature_keys}), "
                 f"got {len(attributions)}"
             )
         scores = {}
-        for feature, attribution in zip(self._features, attributions):
+        for feature, attribution in zip(self.features, attributions):
             if attribution.dim() == feature.token_dims + 1:
                 attribution = attribution.sum(dim=-1)
             elif attribution.dim() != feature.token_dims:
@@ -244,7 +244,7 @@ class PyHealthAdapter(nn.Module):
         if not isinstance(batch, Mapping):
             raise TypeError(f"batch must be a dict from pyhealth.datasets.get_dataloader, got {type(batch).__name__}")
         ids, times = [], []
-        for feature in self._features:
+        for feature in self.features:
             if feature.key not in batch:
                 raise KeyError(
                     f"the batch has no feature {feature.key!r}; the model needs {self.feature_keys}, the batch has "
@@ -290,13 +290,14 @@ class PyHealthAdapter(nn.Module):
         Attribution methods call this many times and compare the outputs, so the model always runs in
         evaluation mode here (its own training flags are restored afterwards).
         """
-        inputs, args = self._split(inputs_and_args)
+        inputs, args = self.split_inputs(inputs_and_args)
         with self._evaluation():
             return self.model.forward_from_embedding(**self._model_kwargs(inputs, args, track=False)[0])["logit"]
 
-    def _split(self, inputs_and_args: tuple) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        n_inputs = len(self._features)
-        n_args = n_inputs + sum(f.temporal for f in self._features)
+    def split_inputs(self, inputs_and_args: tuple) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """``(*inputs, *additional_forward_args)`` -> ``(inputs, additional_forward_args)``, checking counts."""
+        n_inputs = len(self.features)
+        n_args = n_inputs + sum(f.temporal for f in self.features)
         if len(inputs_and_args) != n_inputs + n_args:
             raise ValueError(
                 f"expected {n_inputs} input tensors (one per feature key {self.feature_keys}) and {n_args} additional "
@@ -304,6 +305,30 @@ class PyHealthAdapter(nn.Module):
                 "make both with adapter.captum_inputs(batch)"
             )
         return tuple(inputs_and_args[:n_inputs]), tuple(inputs_and_args[n_inputs:])
+
+    def code_masks(self, additional_forward_args: Any) -> tuple[Tensor, ...]:
+        """The code mask of each feature key (``True`` on real codes) from ``additional_forward_args``.
+
+        Example:
+            >>> from captum_chefer.synthetic import toy_model_and_batch
+            >>> model, batch = toy_model_and_batch()
+            >>> adapter = PyHealthAdapter(model)
+            >>> _, args = adapter.captum_inputs(batch)
+            >>> torch.equal(adapter.code_masks(args)[0], batch["conditions"] != 0)
+            True
+        """
+        args = additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
+        expected = len(self.features) + sum(f.temporal for f in self.features)
+        if len(args) != expected or not all(isinstance(a, Tensor) for a in args):
+            raise ValueError(
+                f"expected {expected} additional forward args (per feature key its mask, then times for temporal "
+                "features); make them with adapter.captum_inputs(batch)"
+            )
+        masks, position = [], 0
+        for feature in self.features:
+            masks.append(args[position].bool())
+            position += 2 if feature.temporal else 1
+        return tuple(masks)
 
     def _model_kwargs(
         self, inputs: tuple[Tensor, ...], args: tuple[Tensor, ...], track: bool
@@ -313,7 +338,7 @@ class PyHealthAdapter(nn.Module):
         step_masks = []
         batch_sizes = set()
         arg_iter = iter(args)
-        for feature, x in zip(self._features, inputs):
+        for feature, x in zip(self.features, inputs):
             mask = next(arg_iter)
             time = next(arg_iter) if feature.temporal else None
             if not isinstance(x, Tensor) or not isinstance(mask, Tensor):
@@ -358,7 +383,7 @@ class PyHealthAdapter(nn.Module):
         return step_mask
 
     @staticmethod
-    def _temporal_feature(feature: _Feature, value: Tensor, time: Optional[Tensor], mask: Tensor) -> tuple[Tensor, ...]:
+    def _temporal_feature(feature: FeatureSpec, value: Tensor, time: Optional[Tensor], mask: Tensor) -> tuple[Tensor, ...]:
         parts: list[Optional[Tensor]] = [None, None]
         parts[feature.value_index] = value
         parts[feature.time_index] = time
@@ -380,7 +405,7 @@ class PyHealthAdapter(nn.Module):
         """One forward pass in evaluation mode that captures each layer's attention in the graph."""
         self.require_attention()
         args = tuple(additional_forward_args)
-        self._split(tuple(inputs) + args)  # validates the counts before touching the model
+        self.split_inputs(tuple(inputs) + args)  # validates the counts before touching the model
         captured: dict[str, list[Tensor]] = {key: [] for key in self.feature_keys}
         handles = []
         with self._evaluation(freeze=True):
@@ -394,7 +419,7 @@ class PyHealthAdapter(nn.Module):
                 for handle in handles:
                     handle.remove()
         pool_index = {}
-        for feature, step_mask in zip(self._features, step_masks):
+        for feature, step_mask in zip(self.features, step_masks):
             if self.pooling == "first":
                 pool_index[feature.key] = torch.zeros(step_mask.shape[0], dtype=torch.long, device=step_mask.device)
             else:
@@ -407,7 +432,7 @@ class PyHealthAdapter(nn.Module):
         """Token relevance ``[B, L_attention]`` per stream -> tensors shaped like ``inputs``."""
         out = []
         arg_iter = iter(additional_forward_args)
-        for feature, x in zip(self._features, inputs):
+        for feature, x in zip(self.features, inputs):
             mask = next(arg_iter).to(x.device).bool()
             if feature.temporal:
                 next(arg_iter)

@@ -288,9 +288,8 @@ def _patient_rows(
     if truth is not None:
         marks = []
         real = adapter.captum_inputs(one, level="token")[1]
-        from .side_by_side import _masks_from_args
 
-        masks = _masks_from_args(adapter, real)
+        masks = adapter.code_masks(real)
         for key, mask in zip(adapter.feature_keys, masks):
             marks.append(False)  # the stream marker
             t = truth[key][index : index + 1]

@@ -38,8 +38,10 @@ __all__ = [
     "TokenRemoval",
     "compare_methods",
     "ig_baselines",
+    "is_ig_like",
     "masked_feature_dict",
     "method_name",
+    "method_specs",
     "token_removal_perturbation",
 ]
 
@@ -98,9 +100,9 @@ def ig_baselines(
     if reference not in ("unk", "zero"):
         raise ValueError(f"reference must be 'unk' or 'zero', got {reference!r}")
     inputs = _as_inputs(adapter, inputs)
-    masks = _masks_from_args(adapter, additional_forward_args)
+    masks = adapter.code_masks(additional_forward_args)
     out = []
-    for feature, x, mask in zip(adapter._features, inputs, masks):
+    for feature, x, mask in zip(adapter.features, inputs, masks):
         mask = mask.to(x.device).bool()
         unk_id = int(getattr(adapter.model.dataset.input_processors[feature.key], "code_vocab", {}).get("<unk>", 1))
         if x.is_floating_point():
@@ -159,10 +161,10 @@ class TokenRemoval:
 
     def forward_func(self, *inputs_and_args: Tensor) -> Tensor:
         """The adapter's logits, with each code mask anded with ``ids != <pad>`` (token level only)."""
-        inputs, args = self.adapter._split(inputs_and_args)
+        inputs, args = self.adapter.split_inputs(inputs_and_args)
         args = list(args)
         position = 0
-        for feature, ids in zip(self.adapter._features, inputs):
+        for feature, ids in zip(self.adapter.features, inputs):
             if ids.is_floating_point():
                 raise TypeError(
                     f"TokenRemoval works on token ids; input for {feature.key!r} is {ids.dtype}. "
@@ -175,7 +177,7 @@ class TokenRemoval:
     def __call__(self, inputs: Tensor | tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         inputs_tuple = inputs if isinstance(inputs, tuple) else (inputs,)
         perturbations, perturbed = [], []
-        for feature, ids in zip(self.adapter._features, inputs_tuple):
+        for feature, ids in zip(self.adapter.features, inputs_tuple):
             if ids.is_floating_point():
                 raise TypeError(f"TokenRemoval perturbs token ids; input for {feature.key!r} is {ids.dtype}")
             real = ids != feature.pad_id
@@ -356,7 +358,7 @@ def compare_methods(
         raise ValueError(f"target_mode must be 'predicted' or 'label', got {target_mode!r}")
     if baseline not in ("unk", "zero"):
         raise ValueError(f"baseline must be 'unk' or 'zero', got {baseline!r}")
-    specs = _method_specs(adapter, methods)
+    specs = method_specs(adapter, methods)
     if isinstance(data, Mapping):
         batches: Iterable[Mapping[str, Any]] = [data]
     else:
@@ -381,7 +383,7 @@ def compare_methods(
         embeddings, args = adapter.captum_inputs(batch, level="embedding")
         tokens, _ = adapter.captum_inputs(batch, level="token")
         target = adapter.captum_target(batch, mode=target_mode)
-        masks = _masks_from_args(adapter, args)
+        masks = adapter.code_masks(args)
         for name, method, kwargs in specs:
             scores[name].append(
                 _attribute_one(adapter, method, kwargs, embeddings, tokens, args, masks, target, baseline, seconds, name)
@@ -419,7 +421,7 @@ def _attribute_one(
     token_level = _token_level(method)
     inputs = tokens if token_level else embeddings
     kwargs = dict(kwargs)
-    if _ig_like(method) and "baselines" not in kwargs:
+    if is_ig_like(method) and "baselines" not in kwargs:
         kwargs["baselines"] = ig_baselines(adapter, inputs, args, reference=baseline)
     with warnings.catch_warnings():  # Captum notes that it set requires_grad on the inputs itself
         warnings.filterwarnings("ignore", message=r"Input Tensor \d+ did not already require gradients")
@@ -447,7 +449,8 @@ def masked_feature_dict(
     return out
 
 
-def _method_specs(adapter: PyHealthAdapter, methods: Sequence[MethodSpec]) -> list[tuple[str, Attribution, dict]]:
+def method_specs(adapter: PyHealthAdapter, methods: Sequence[MethodSpec]) -> list[tuple[str, Attribution, dict]]:
+    """``(name, method, attribute_kwargs)`` for each entry of a methods list, validated."""
     if isinstance(methods, (Attribution, str)) or not isinstance(methods, Sequence):
         raise TypeError("methods must be a list of Captum attribution objects or (name, method[, kwargs]) tuples")
     if not methods:
@@ -491,7 +494,8 @@ def _token_level(method: Attribution) -> bool:
     return isinstance(method, LayerIntegratedGradients)
 
 
-def _ig_like(method: Attribution) -> bool:
+def is_ig_like(method: Attribution) -> bool:
+    """Whether ``method`` (or the method a NoiseTunnel wraps) takes IG-style ``baselines``."""
     inner = method.attribution_method if isinstance(method, NoiseTunnel) else method
     return type(inner).__name__ in _IG_LIKE
 
@@ -504,22 +508,6 @@ def _as_inputs(adapter: PyHealthAdapter, inputs: Any) -> tuple[Tensor, ...]:
             "make them with adapter.captum_inputs(batch)"
         )
     return inputs
-
-
-def _masks_from_args(adapter: PyHealthAdapter, args: Any) -> tuple[Tensor, ...]:
-    """The code mask of each feature key from ``additional_forward_args`` (masks, then times if temporal)."""
-    args = args if isinstance(args, tuple) else (args,)
-    expected = len(adapter._features) + sum(f.temporal for f in adapter._features)
-    if len(args) != expected or not all(isinstance(a, Tensor) for a in args):
-        raise ValueError(
-            f"expected {expected} additional forward args (per feature key its mask, then times for temporal "
-            "features); make them with adapter.captum_inputs(batch)"
-        )
-    masks, position = [], 0
-    for feature in adapter._features:
-        masks.append(args[position].bool())
-        position += 2 if feature.temporal else 1
-    return tuple(masks)
 
 
 def _cat_padded(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -584,7 +572,7 @@ class EvaluatorMethod:
         **attribute_kwargs: Any,
     ) -> None:
         self.adapter = adapter
-        self.name, self.method, self.kwargs = _method_specs(adapter, [("method", method, attribute_kwargs)])[0]
+        self.name, self.method, self.kwargs = method_specs(adapter, [("method", method, attribute_kwargs)])[0]
         self.name = method_name(method)
         if target_mode not in ("predicted", "label"):
             raise ValueError(f"target_mode must be 'predicted' or 'label', got {target_mode!r}")
@@ -596,7 +584,7 @@ class EvaluatorMethod:
         embeddings, args = self.adapter.captum_inputs(batch, level="embedding")
         tokens, _ = self.adapter.captum_inputs(batch, level="token")
         target = self.adapter.captum_target(batch, mode=self.target_mode)
-        masks = _masks_from_args(self.adapter, args)
+        masks = self.adapter.code_masks(args)
         seconds = {self.name: 0.0}
         scores = _attribute_one(
             self.adapter, self.method, self.kwargs, embeddings, tokens, args, masks, target, self.baseline, seconds,

@@ -79,10 +79,9 @@ def _label_names(adapter: "PyHealthAdapter") -> dict[int, str]:
 
 
 def _token_view(adapter: "PyHealthAdapter", batch: Mapping[str, Any]) -> tuple[tuple[Tensor, ...], tuple, dict, dict]:
-    from .side_by_side import _masks_from_args
 
     tokens, args = adapter.captum_inputs(batch, level="token")
-    masks = _masks_from_args(adapter, args)
+    masks = adapter.code_masks(args)
     ids = dict(zip(adapter.feature_keys, tokens))
     return tokens, args, ids, dict(zip(adapter.feature_keys, masks))
 
