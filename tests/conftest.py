@@ -137,16 +137,11 @@ def train_planted_model(epochs: int = 8):
     batches = list(get_dataloader(dataset, batch_size=32, shuffle=False))
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-2)
     model.train()
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # tiny matrices: one thread is several times faster on a shared CPU
-    try:
-        for _ in range(epochs):
-            for batch in batches:
-                optimizer.zero_grad()
-                model(**batch)["loss"].backward()
-                optimizer.step()
-    finally:
-        torch.set_num_threads(threads)
+    for _ in range(epochs):
+        for batch in batches:
+            optimizer.zero_grad()
+            model(**batch)["loss"].backward()
+            optimizer.step()
     model.eval()
     with torch.no_grad():
         correct = sum(int((model(**b)["y_prob"].argmax(1) == b["label"].view(-1)).sum()) for b in batches)

@@ -9,18 +9,9 @@ import sys
 from importlib.metadata import entry_points
 
 import pytest
-import torch
 
 from captum_chefer.cli import main
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small models on a shared 2-core machine: one thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 METHODS = ["Chefer", "Chefer (exclude_self)", "Integrated Gradients", "Saliency", "NoiseTunnel (SmoothGrad)", "Random"]
 

@@ -25,14 +25,6 @@ from captum_chefer.evaluation import (
 from tests.conftest import first_batch, make_model
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small models on a shared 2-core machine: one thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 WEIGHTS = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])  # one sample, 5 real codes + padding
 REAL = {"x": torch.tensor([[True, True, True, True, True, False]])}
 

@@ -11,16 +11,7 @@ import subprocess
 import tempfile
 
 import pytest
-import torch
 
-
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small models on a shared 2-core machine: one thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 CHROMIUM = shutil.which("chromium")
 IN_CI = bool(os.environ.get("CI"))

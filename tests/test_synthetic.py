@@ -19,14 +19,6 @@ from captum_chefer.synthetic import (
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_torch_thread():
-    """Small models on a shared 2-core machine: one thread is several times faster than two."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 FLAT = StreamSpec("dx", "sequence", prefix="D", vocab_size=30, length=(3, 8))
 NESTED = StreamSpec("px", "nested_sequence", prefix="P", vocab_size=20, length=(1, 4), codes_per_visit=(1, 3))
 TIMED = StreamSpec("rx", "stagenet", prefix="R", vocab_size=20, length=(1, 4), codes_per_visit=(1, 2))
