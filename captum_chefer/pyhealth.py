@@ -401,7 +401,7 @@ class PyHealthAdapter(nn.Module):
         if self.pooling is None:
             raise ValueError(f"pass pooling='first' or 'last' to PyHealthAdapter for {type(self.model).__name__}")
 
-    def attention_forward(self, inputs: tuple[Tensor, ...], additional_forward_args: tuple) -> Any:
+    def attention_forward(self, inputs: tuple[Tensor, ...], additional_forward_args: tuple) -> AttentionForward:
         """One forward pass in evaluation mode that captures each layer's attention in the graph."""
         self.require_attention()
         args = tuple(additional_forward_args)
