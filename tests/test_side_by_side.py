@@ -36,14 +36,6 @@ def planted(planted_model, planted_batches):
     return PyHealthAdapter(planted_model), planted_batches[0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """Tiny matrices: one thread is several times faster than two on a shared CPU."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 def _slice(tensors, i):
     return tuple(t[i : i + 1] for t in tensors)

@@ -24,13 +24,6 @@ from captum_chefer.visualization import (
 from conftest import make_planted_samples
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
 
 @pytest.fixture(scope="module")
 def planted(planted_model):
