@@ -19,7 +19,6 @@ from .relevance import (
     HeadReduction,
     dense_relevance,
     pooling_rows,
-    propagate_row,
     propagate_weighted_row,
     read_rows,
     weighted_attention,
@@ -38,7 +37,9 @@ class AttentionForward:
     Attributes:
         logits: ``[B, C]`` model outputs, in the autograd graph.
         attention: per attention stream (a feature key), the attention probabilities of each layer,
-            first (closest to the input) to last, each ``[B, H, L, L]`` and in the autograd graph.
+            first (closest to the input) to last, each ``[B, H, L, L]`` and in the autograd graph. When
+            ``attention_forward`` was called with ``pooled_row_only=True``, the last layer's may be
+            ``[B, H, 1, L]``: each sample's row of its pooling position alone.
         pool_index: per stream, ``[B]`` the position whose output the model pools.
         stacked: each layer's attention is computed from the output of the layer below (a transformer
             stack), so the backward pass delivers the gradients from the last layer down and the row can
@@ -56,13 +57,18 @@ class AttentionModel(Protocol):
     """What ``CheferAttribution`` needs from its forward function, besides being callable.
 
     ``attention_forward`` runs the model in evaluation mode with attention capture and leaves the
-    model exactly as it found it when it returns or raises. ``relevance_to_inputs`` maps each
-    stream's token relevance ``[B, L]`` back to tensors shaped like ``inputs``.
+    model exactly as it found it when it returns or raises. With ``pooled_row_only=True`` only the
+    pooling position's output of the last attention layer is needed (the row recursion reads nothing
+    else of that layer), so a model may compute that layer for the pooling position alone and return its
+    attention as ``[B, H, 1, L]``; returning the full map is always correct. ``relevance_to_inputs``
+    maps each stream's token relevance ``[B, L]`` back to tensors shaped like ``inputs``.
     """
 
     def __call__(self, *args: Any) -> Tensor: ...
 
-    def attention_forward(self, inputs: tuple[Tensor, ...], additional_forward_args: tuple) -> AttentionForward: ...
+    def attention_forward(
+        self, inputs: tuple[Tensor, ...], additional_forward_args: tuple, *, pooled_row_only: bool = False
+    ) -> AttentionForward: ...
 
     def relevance_to_inputs(
         self, relevance: Mapping[str, Tensor], inputs: tuple[Tensor, ...], additional_forward_args: tuple
@@ -176,10 +182,11 @@ class CheferAttribution(GradientAttribution):
 
         # Captum's NoiseTunnel and metrics call attribute() under torch.no_grad().
         with torch.enable_grad():
-            captured = self.model.attention_forward(inputs_tuple, args)
+            captured = self.model.attention_forward(inputs_tuple, args, pooled_row_only=propagation == "row")
             logits = captured.logits
             explained = _select_target(logits, target)
             streams = {key: list(maps[-layers:] if layers else maps) for key, maps in captured.attention.items()}
+            _check_maps(streams, pooled_allowed=propagation == "row")
             captured.attention = {}  # the propagation below holds the only references and drops them early
             if propagation == "row" and captured.stacked:
                 rows = _rows_fused(explained, streams, captured.pool_index, reduce)
@@ -217,12 +224,8 @@ def _rows_fused(
                     "return AttentionForward(..., stacked=False)"
                 )
             attention, streams[key][depth] = streams[key][depth], None
-            with torch.no_grad():  # the first call (last layer) still has r = e_p: only row p is read
-                unit = pool_index[key] if depth == len(streams[key]) - 1 else None
-                rows[key] = propagate_weighted_row(
-                    rows[key], attention.detach(), grad, clamp=reduce["clamp"],
-                    head_reduction=reduce["head_reduction"], unit_index=unit,
-                )
+            with torch.no_grad():
+                rows[key] = _propagate(rows[key], attention.detach(), grad, depth, key, streams, pool_index, reduce)
             pending[key] = depth - 1
 
         return hook
@@ -234,8 +237,7 @@ def _rows_fused(
             pending[key] = len(maps) - 1
             if not reduce["use_gradient"]:  # attention alone: no backward pass needed
                 for depth in reversed(range(len(maps))):
-                    weighted = weighted_attention(maps[depth].detach(), None, **reduce)
-                    rows[key] = propagate_row(rows[key], weighted)
+                    rows[key] = _propagate(rows[key], maps[depth].detach(), None, depth, key, streams, pool_index, reduce)
                 pending[key] = -1
                 continue
             for depth in range(len(maps)):
@@ -250,20 +252,30 @@ def _rows_fused(
     return rows
 
 
-def _collect_weighted(
-    explained: Tensor, streams: dict[str, list[Tensor]], reduce: dict
-) -> dict[str, list[Tensor]]:
-    """``A_bar`` of every layer of every stream, from one ``autograd.grad`` call for all of them."""
+def _propagate(
+    row: Tensor, attention: Tensor, grad: Optional[Tensor], depth: int, key: str,
+    streams: Mapping[str, Sequence[Any]], pool_index: Mapping[str, Tensor], reduce: dict,
+) -> Tensor:
+    """One layer of the row recursion; the last layer (the first one processed) starts from ``e_p``."""
+    top = depth == len(streams[key]) - 1
+    return propagate_weighted_row(
+        row, attention, grad, use_gradient=reduce["use_gradient"], clamp=reduce["clamp"],
+        head_reduction=reduce["head_reduction"], unit_index=pool_index[key] if top else None,
+    )
+
+
+def _gradients(explained: Tensor, streams: Mapping[str, list[Tensor]], reduce: dict) -> dict[str, list[Optional[Tensor]]]:
+    """The attention gradients of every layer of every stream from one ``autograd.grad`` call."""
     flat = [a for maps in streams.values() for a in maps]
-    grads = torch.autograd.grad(explained, flat, allow_unused=True) if reduce["use_gradient"] else (None,) * len(flat)
-    weighted, i = {}, 0
+    if reduce["use_gradient"]:
+        grads = torch.autograd.grad(explained, flat, allow_unused=True)
+    else:
+        grads = (None,) * len(flat)
+    out, i = {}, 0
     for key, maps in streams.items():
-        weighted[key] = [
-            weighted_attention(a.detach(), None if g is None else g.detach(), **reduce)
-            for a, g in zip(maps, grads[i : i + len(maps)])
-        ]
+        out[key] = [None if g is None else g.detach() for g in grads[i : i + len(maps)]]
         i += len(maps)
-    return weighted
+    return out
 
 
 def _rows_collected(
@@ -271,10 +283,11 @@ def _rows_collected(
 ) -> dict[str, Tensor]:
     """The row recursion from gradients collected first, for attention layers that are not a stack."""
     rows = {}
-    for key, layers in _collect_weighted(explained, streams, reduce).items():
-        row = pooling_rows(pool_index[key], layers[0].shape[-1], layers[0].dtype)
-        for weighted in reversed(layers):
-            row = propagate_row(row, weighted)
+    for key, grads in _gradients(explained, streams, reduce).items():
+        maps = streams[key]
+        row = pooling_rows(pool_index[key], maps[0].shape[-1], maps[0].dtype)
+        for depth in reversed(range(len(maps))):
+            row = _propagate(row, maps[depth].detach(), grads[depth], depth, key, streams, pool_index, reduce)
         rows[key] = row
     return rows
 
@@ -283,10 +296,29 @@ def _rows_dense(
     explained: Tensor, streams: dict[str, list[Tensor]], pool_index: dict[str, Tensor], reduce: dict
 ) -> dict[str, Tensor]:
     """The reference: all gradients at once, then the dense product, then read the pooling row."""
-    return {
-        key: read_rows(dense_relevance(layers), pool_index[key])
-        for key, layers in _collect_weighted(explained, streams, reduce).items()
-    }
+    rows = {}
+    for key, grads in _gradients(explained, streams, reduce).items():
+        weighted = [weighted_attention(a.detach(), g, **reduce) for a, g in zip(streams[key], grads)]
+        rows[key] = read_rows(dense_relevance(weighted), pool_index[key])
+    return rows
+
+
+def _check_maps(streams: Mapping[str, Sequence[Tensor]], pooled_allowed: bool) -> None:
+    """Each layer's attention must be ``[B, (H,) L, L]``; the last may be the pooled row alone when allowed."""
+    for key, maps in streams.items():
+        if not maps:
+            raise ValueError(f"attention_forward returned no attention layers for stream {key!r}")
+        length = maps[0].shape[-1]
+        for depth, attention in enumerate(maps):
+            last = depth == len(maps) - 1
+            square = attention.shape[-2:] == (length, length)
+            pooled = last and pooled_allowed and attention.shape[-2:] == (1, length)
+            if attention.dim() not in (3, 4) or not (square or pooled):
+                raise ValueError(
+                    f"attention of stream {key!r}, layer {depth}, has shape {tuple(attention.shape)}; expected "
+                    f"[B, H, {length}, {length}] like the first layer"
+                    + (" (or [B, H, 1, L] for the last layer, when asked for the pooled row only)" if pooled_allowed else "")
+                )
 
 
 def _select_target(logits: Tensor, target: TargetType) -> Tensor:

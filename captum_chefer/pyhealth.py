@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from typing import Any, Iterator, Literal, Mapping, Optional
 
 import torch
@@ -401,14 +402,21 @@ class PyHealthAdapter(nn.Module):
         if self.pooling is None:
             raise ValueError(f"pass pooling='first' or 'last' to PyHealthAdapter for {type(self.model).__name__}")
 
-    def attention_forward(self, inputs: tuple[Tensor, ...], additional_forward_args: tuple) -> AttentionForward:
-        """One forward pass in evaluation mode that captures each layer's attention in the graph."""
+    def attention_forward(
+        self, inputs: tuple[Tensor, ...], additional_forward_args: tuple, *, pooled_row_only: bool = False
+    ) -> AttentionForward:
+        """One forward pass in evaluation mode that captures each layer's attention in the graph.
+
+        With ``pooled_row_only`` (what the row propagation asks for), a ``Transformer``'s last block is
+        evaluated for the first position alone: the model reads nothing else of it (its ``cls_emb``), so
+        the logits are the same and that block's attention comes back as ``[B, H, 1, L]``.
+        """
         self.require_attention()
         args = tuple(additional_forward_args)
         self.split_inputs(tuple(inputs) + args)  # validates the counts before touching the model
         captured: dict[str, list[Tensor]] = {key: [] for key in self.feature_keys}
         handles = []
-        with self._evaluation(freeze=True):
+        with self._evaluation(freeze=True), self._first_row_last_blocks(pooled_row_only):
             try:
                 for key, modules in self._attention_modules.items():
                     for module in modules:
@@ -449,6 +457,26 @@ class PyHealthAdapter(nn.Module):
         return tuple(out)
 
     @contextmanager
+    def _first_row_last_blocks(self, enabled: bool) -> Iterator[None]:
+        """Within the block, each stream's last ``TransformerBlock`` computes its first position only."""
+        from pyhealth.models import Transformer
+        from pyhealth.models.transformer import TransformerBlock
+
+        blocks = []
+        if enabled and self.pooling == "first" and isinstance(self.model, Transformer):
+            for key in self.feature_keys:
+                last = self.model.transformer[key].transformer[-1]
+                if type(last) is TransformerBlock and "forward" not in vars(last):
+                    blocks.append(last)
+        try:
+            for block in blocks:
+                block.forward = partial(_first_row_block_forward, block)
+            yield
+        finally:
+            for block in blocks:
+                vars(block).pop("forward", None)
+
+    @contextmanager
     def _evaluation(self, freeze: bool = False) -> Iterator[None]:
         """Dropout off (and, with ``freeze``, no parameter in the graph); restores the model exactly."""
         modes = [(m, m.training) for m in self.model.modules()]
@@ -463,6 +491,22 @@ class PyHealthAdapter(nn.Module):
                 m.training = training
             for p, requires_grad in flags:
                 p.requires_grad_(requires_grad)
+
+
+def _first_row_block_forward(block: nn.Module, x: Tensor, mask: Optional[Tensor] = None, register_hook: bool = False) -> Tensor:
+    """PyHealth's ``TransformerBlock.forward`` for the first position alone: ``[B, L, D]`` -> ``[B, 1, D]``.
+
+    The same pre-norm residual block, with the first position as the only query: its attention row
+    over all keys, then the feed-forward of that one row. ``TransformerLayer`` returns ``x[:, 0]`` of
+    the last block as ``cls_emb``, the only part of it ``Transformer`` reads.
+    """
+    row_mask = None if mask is None else mask[:, :1]
+    attend, feed = block.input_sublayer, block.output_sublayer
+    normed = attend.norm(x)
+    attended = block.attention(normed[:, :1], normed, normed, mask=row_mask, register_hook=register_hook)
+    x = x[:, :1] + attend.dropout(attended)
+    x = feed(x, lambda y: block.feed_forward(y, mask=row_mask))
+    return block.dropout(x)
 
 
 def _capture_into(store: list[Tensor]):

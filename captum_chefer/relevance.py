@@ -105,10 +105,11 @@ def propagate_row(row: Tensor, weighted: Tensor) -> Tensor:
 
 
 def propagate_weighted_row(
-    row: Tensor,
+    row: Optional[Tensor],
     attention: Tensor,
-    gradient: Tensor,
+    gradient: Optional[Tensor],
     *,
+    use_gradient: bool = True,
     clamp: bool = True,
     head_reduction: HeadReduction = "mean",
     unit_index: Optional[Tensor] = None,
@@ -119,12 +120,17 @@ def propagate_weighted_row(
     ``A * grad`` is clamped in place and the head mean is folded into one ``baddbmm``
     (``r A_bar = (1/H) sum_h r W_h``). Where ``row`` is still the unit row ``e_p`` (the last layer,
     the first one the backward pass reaches), ``unit_index`` gives ``p`` and only row ``p`` of each
-    head is read: ``e_p (I + A_bar) = e_p + A_bar[p]``.
+    head is read: ``e_p (I + A_bar) = e_p + A_bar[p]``. That layer's attention may then be given for
+    row ``p`` alone (``[B, H, 1, L]``), as a model computes it when it evaluates its last layer for the
+    pooled position only.
 
     Args:
         row: ``[B, L]``; ignored (taken as ``e_p``) when ``unit_index`` is given.
-        attention: ``[B, H, L, L]`` (or ``[B, L, L]``) attention probabilities (not modified).
-        gradient: their gradient, same shape (not modified).
+        attention: ``[B, H, L, L]`` (or ``[B, L, L]``) attention probabilities (not modified); with
+            ``unit_index``, also ``[B, H, 1, L]`` (or ``[B, 1, L]``): each sample's row ``p`` alone.
+        gradient: their gradient, same shape (not modified); ``None`` where no gradient reached the
+            layer (it then adds nothing) or with ``use_gradient=False``.
+        use_gradient: ``False`` weights by the attention alone (an ablation).
         clamp: clamp negative products at zero (the paper).
         head_reduction: ``"mean"`` or ``"max"`` over heads.
         unit_index: ``[B]`` positions ``p`` if ``row`` is ``e_p``.
@@ -139,25 +145,43 @@ def propagate_weighted_row(
         tensor([[1., 2.]])
         >>> propagate_weighted_row(None, a, g, unit_index=torch.tensor([0]))
         tensor([[2., 0.]])
+        >>> propagate_weighted_row(None, a[:, :, :1], g[:, :, :1], unit_index=torch.tensor([0]))  # row p alone
+        tensor([[2., 0.]])
     """
-    if gradient.shape != attention.shape or attention.dim() not in (3, 4):
+    if attention.dim() not in (3, 4) or (gradient is not None and gradient.shape != attention.shape):
         raise ValueError(
             f"attention and gradient must both be [B, H, L, L] or [B, L, L]; got {tuple(attention.shape)} and "
-            f"{tuple(gradient.shape)}"
+            f"{None if gradient is None else tuple(gradient.shape)}"
         )
     if attention.dim() == 3:
-        attention, gradient = attention.unsqueeze(1), gradient.unsqueeze(1)
-    batch, heads, length = attention.shape[0], attention.shape[1], attention.shape[-1]
+        attention = attention.unsqueeze(1)
+        gradient = None if gradient is None else gradient.unsqueeze(1)
+    batch, heads, queries, length = attention.shape
+    if use_gradient and gradient is None:  # no gradient reached the layer: A_bar = 0
+        return pooling_rows(unit_index, length, attention.dtype) if unit_index is not None else row
     if unit_index is not None:
-        samples = torch.arange(batch, device=attention.device)
         index = unit_index.long().to(attention.device)
-        weighted = attention[samples, :, index] * gradient[samples, :, index]  # [B, H, L]: row p only
+        if queries not in (1, length):
+            raise ValueError(f"attention must be [B, H, L, L] or [B, H, 1, L] (row p alone); got {tuple(attention.shape)}")
+        if queries == length:
+            rows: tuple = (torch.arange(batch, device=attention.device), slice(None), index)
+        else:
+            rows = (slice(None), slice(None), 0)
+        attention = attention[rows]  # [B, H, L]: row p of each head
+        gradient = None if gradient is None else gradient[rows]
+        weighted = attention * gradient if use_gradient else attention
         if clamp:
-            weighted.clamp_(min=0)
+            weighted = weighted.clamp(min=0)
         reduced = weighted.mean(dim=1) if head_reduction == "mean" else weighted.amax(dim=1)
         return pooling_rows(index, length, reduced.dtype) + reduced
-    if head_reduction != "mean":
-        return propagate_row(row, weighted_attention(attention, gradient, clamp=clamp, head_reduction=head_reduction))
+    if queries != length:
+        raise ValueError(
+            f"attention of shape {tuple(attention.shape)} is not square: only the last layer may be given for the "
+            "pooled row alone"
+        )
+    if head_reduction != "mean" or not use_gradient:
+        weighted = weighted_attention(attention, gradient, use_gradient=use_gradient, clamp=clamp, head_reduction=head_reduction)
+        return propagate_row(row, weighted)
     weighted = attention * gradient
     if clamp:
         weighted.clamp_(min=0)

@@ -40,10 +40,16 @@ class TwoLayerToy(torch.nn.Module):
         a1, a2 = self._attention(x.shape[0])
         return (a2[:, 0] @ a1[:, 0] @ x.unsqueeze(-1))[:, self.pool]
 
-    def attention_forward(self, inputs: tuple[Tensor, ...], additional_forward_args: tuple) -> AttentionForward:
+    def attention_forward(
+        self, inputs: tuple[Tensor, ...], additional_forward_args: tuple, *, pooled_row_only: bool = False
+    ) -> AttentionForward:
         (x,) = inputs
         a1, a2 = self._attention(x.shape[0])
-        logits = (a2[:, 0] @ a1[:, 0] @ x.unsqueeze(-1))[:, self.pool]
+        if pooled_row_only:  # the last layer for the pooled position alone: [B, 1, 1, L]
+            a2 = a2.detach()[:, :, self.pool : self.pool + 1].clone().requires_grad_(True)
+            logits = (a2[:, 0] @ a1[:, 0] @ x.unsqueeze(-1))[:, 0]
+        else:
+            logits = (a2[:, 0] @ a1[:, 0] @ x.unsqueeze(-1))[:, self.pool]
         pool = torch.full((x.shape[0],), self.pool, dtype=torch.long)
         # The two layers are independent tensors, not a stack: gradients are collected, then propagated.
         return AttentionForward(logits=logits, attention={"x": [a1, a2]}, pool_index={"x": pool}, stacked=False)
@@ -54,18 +60,33 @@ class TwoLayerToy(torch.nn.Module):
         return (relevance["x"],)
 
 
+class FullMapsToy(TwoLayerToy):
+    """The same model, always returning every layer's full attention map (also allowed)."""
+
+    def attention_forward(self, inputs, additional_forward_args, *, pooled_row_only=False):
+        return super().attention_forward(inputs, additional_forward_args)
+
+
+TOYS = [TwoLayerToy, FullMapsToy]
+
+
 def test_toy_model_implements_the_interface():
     assert isinstance(TwoLayerToy(A1_2, A2_2), AttentionModel)
+    x = torch.tensor([[1.0, 2.0]])
+    pooled = TwoLayerToy(A1_2, A2_2, pool=1).attention_forward((x,), (), pooled_row_only=True)
+    assert pooled.attention["x"][1].shape == (1, 1, 1, 2)
+    torch.testing.assert_close(pooled.logits, TwoLayerToy(A1_2, A2_2, pool=1)(x))
 
 
-def test_two_tokens_two_layers_by_hand():
+@pytest.mark.parametrize("toy", TOYS)
+def test_two_tokens_two_layers_by_hand(toy):
     # A1 x = [1.5, 1.75]; grad A2 = [[1.5, 1.75], [0, 0]]; A_bar2 = [[.9, .7], [0, 0]]
     # grad A1 = [[.6, 1.2], [.4, .8]]; A_bar1 = [[.3, .6], [.1, .6]]
     # r = [1, 0] -> [1.9, .7] -> [1.9 + .57 + .07, .7 + 1.14 + .42] = [2.54, 2.26]
     x = torch.tensor([[1.0, 2.0]])
-    out = CheferAttribution(TwoLayerToy(A1_2, A2_2)).attribute(x, target=0)
+    out = CheferAttribution(toy(A1_2, A2_2)).attribute(x, target=0)
     torch.testing.assert_close(out, torch.tensor([[2.54, 2.26]]))
-    out = CheferAttribution(TwoLayerToy(A1_2, A2_2)).attribute(x, target=0, exclude_self=True)
+    out = CheferAttribution(toy(A1_2, A2_2)).attribute(x, target=0, exclude_self=True)
     torch.testing.assert_close(out, torch.tensor([[1.54, 2.26]]))
 
 
@@ -85,20 +106,23 @@ def test_two_tokens_two_layers_by_hand():
         ({"exclude_self": True}, [0.31, 0.0, 0.79]),
     ],
 )
-def test_three_tokens_variants_by_hand(options, expected):
+@pytest.mark.parametrize("toy", TOYS)
+def test_three_tokens_variants_by_hand(options, expected, toy):
     x = torch.tensor([[1.0, -1.0, 2.0]])
     for propagation in ("row", "dense"):
-        out = CheferAttribution(TwoLayerToy(A1_3, A2_3)).attribute(x, target=0, propagation=propagation, **options)
+        out = CheferAttribution(toy(A1_3, A2_3)).attribute(x, target=0, propagation=propagation, **options)
         torch.testing.assert_close(out, torch.tensor([expected]), msg=f"{propagation} {options}")
 
 
-def test_pooling_another_position_by_hand():
+@pytest.mark.parametrize("toy", TOYS)
+def test_pooling_another_position_by_hand(toy):
     # pool = 1: A1 x = [1.5, 1.75]; grad A2 = [[0, 0], [1.5, 1.75]]; A_bar2 = [[0, 0], [.75, .875]]
     # grad A1 = A2[1]^T x^T = [[.5, 1], [.5, 1]]; A_bar1 = [[.25, .5], [.125, .75]]
     # r = [0, 1] -> [.75, 1.875] -> [.75 + .1875 + .234375, 1.875 + .375 + 1.40625] = [1.171875, 3.65625]
     x = torch.tensor([[1.0, 2.0]])
-    out = CheferAttribution(TwoLayerToy(A1_2, A2_2, pool=1)).attribute(x, target=0)
-    torch.testing.assert_close(out, torch.tensor([[1.171875, 3.65625]]))
+    for propagation in ("row", "dense"):
+        out = CheferAttribution(toy(A1_2, A2_2, pool=1)).attribute(x, target=0, propagation=propagation)
+        torch.testing.assert_close(out, torch.tensor([[1.171875, 3.65625]]))
 
 
 def test_weighted_attention_heads_mean_and_max():
@@ -125,8 +149,8 @@ def test_row_recursion_equals_dense_product():
 
 def test_fused_path_refuses_attention_that_is_not_a_stack():
     class Mislabelled(TwoLayerToy):
-        def attention_forward(self, inputs, additional_forward_args):
-            captured = super().attention_forward(inputs, additional_forward_args)
+        def attention_forward(self, inputs, additional_forward_args, *, pooled_row_only=False):
+            captured = super().attention_forward(inputs, additional_forward_args, pooled_row_only=pooled_row_only)
             captured.stacked = True  # wrong: the fused path would read layer 1 before layer 2
             return captured
 
@@ -137,3 +161,21 @@ def test_fused_path_refuses_attention_that_is_not_a_stack():
 def test_missing_gradient_contributes_nothing():
     attention = torch.rand(2, 3, 4, 4)
     assert torch.equal(weighted_attention(attention, None), torch.zeros(2, 4, 4))
+
+
+def test_only_the_last_layer_may_be_the_pooled_row_and_only_when_asked():
+    class RowTooLow(TwoLayerToy):
+        def attention_forward(self, inputs, additional_forward_args, *, pooled_row_only=False):
+            captured = super().attention_forward(inputs, additional_forward_args, pooled_row_only=pooled_row_only)
+            captured.attention["x"].reverse()  # the pooled row is now the first layer
+            return captured
+
+    class AlwaysRow(TwoLayerToy):
+        def attention_forward(self, inputs, additional_forward_args, *, pooled_row_only=False):
+            return super().attention_forward(inputs, additional_forward_args, pooled_row_only=True)
+
+    x = torch.tensor([[1.0, 2.0]])
+    with pytest.raises(ValueError, match="layer 0, has shape"):
+        CheferAttribution(RowTooLow(A1_2, A2_2)).attribute(x, target=0)
+    with pytest.raises(ValueError, match=r"layer 1, has shape \(1, 1, 1, 2\)"):
+        CheferAttribution(AlwaysRow(A1_2, A2_2)).attribute(x, target=0, propagation="dense")

@@ -78,12 +78,52 @@ def test_propagate_weighted_row_matches_the_two_step_rule(heads, clamp, reductio
         propagate_weighted_row(None, attention, gradient, clamp=clamp, head_reduction=reduction, unit_index=pool),
         propagate_row(unit, weighted),
     )
+    # the last layer given for row p alone ([B, H, 1, L]), as a model computes it for the pooled position only
+    samples = torch.arange(batch)
+    row_p = attention[samples, :, pool].unsqueeze(2), gradient[samples, :, pool].unsqueeze(2)
+    torch.testing.assert_close(
+        propagate_weighted_row(None, *row_p, clamp=clamp, head_reduction=reduction, unit_index=pool),
+        propagate_row(unit, weighted),
+    )
     assert torch.equal(attention, kept[0]) and torch.equal(gradient, kept[1])  # inputs untouched
 
 
 def test_propagate_weighted_row_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same|must both"):
         propagate_weighted_row(torch.ones(1, 2), torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 3))
+
+
+def test_last_block_for_the_first_position_alone(three_layer_four_head):
+    """``pooled_row_only``: the Transformer's last block runs for position 0 only, with the same logits."""
+    model, batch = three_layer_four_head
+    adapter = PyHealthAdapter(model)
+    inputs, args = adapter.captum_inputs(batch)
+    full = adapter.attention_forward(inputs, args)
+    pooled = adapter.attention_forward(inputs, args, pooled_row_only=True)
+    torch.testing.assert_close(pooled.logits, full.logits, atol=1e-6, rtol=1e-5)
+    for key in model.feature_keys:
+        *lower, last = pooled.attention[key]
+        assert last.shape == full.attention[key][-1][:, :, :1].shape  # [B, H, 1, L]
+        torch.testing.assert_close(last, full.attention[key][-1][:, :, :1])
+        for a, b in zip(lower, full.attention[key][:-1]):
+            torch.testing.assert_close(a, b)
+        assert "forward" not in vars(model.transformer[key].transformer[-1])  # the class's forward again
+
+
+def test_last_block_is_restored_when_the_forward_fails(three_layer_four_head):
+    model, batch = three_layer_four_head
+    adapter = PyHealthAdapter(model)
+    inputs, args = adapter.captum_inputs(batch)
+    handle = model.fc.register_forward_hook(lambda *_: (_ for _ in ()).throw(RuntimeError("boom")))
+    try:
+        with pytest.raises(RuntimeError, match="boom"):
+            adapter.attention_forward(inputs, args, pooled_row_only=True)
+    finally:
+        handle.remove()
+    assert not any("forward" in vars(layer.transformer[-1]) for layer in model.transformer.values())
+    with torch.no_grad():  # and the model computes every position of its last block again
+        emb, _ = model.transformer[model.feature_keys[0]](torch.randn(2, 5, model.embedding_dim))
+    assert emb.shape == (2, 5, model.embedding_dim)
 
 
 @CUDA
