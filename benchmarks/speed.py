@@ -12,12 +12,13 @@ order, the median of ``--repeats`` calls (after one warm-up call each) of:
 * ``ig``: Captum ``IntegratedGradients(adapter)`` with 50 steps (no warm-up call; outside the target
   configuration it is timed ``--ig-repeats`` times, as it dominates the run time).
 
-The peak memory growth of one call of each method is measured in a process of its own: a child forked
-from this process before it runs any tensor operation (so no OpenMP pool is inherited), which builds the
-same workload, runs one no-grad forward to warm the allocator and thread pool, resets the kernel's
-high-water mark (``/proc/self/clear_refs``), calls the method once and reads ``VmHWM`` from
-``/proc/self/status`` (``ru_maxrss`` would carry a parent's peak across ``exec``). On CUDA the growth
-of ``torch.cuda.max_memory_allocated`` is reported as well.
+On the CPU, the peak memory growth of one call of each method is measured in a process of its own: a
+child forked from this process before it runs any tensor operation (so no OpenMP pool is inherited),
+which builds the same workload, runs one no-grad forward to warm the allocator and thread pool, resets
+the kernel's high-water mark (``/proc/self/clear_refs``), calls the method once and reads ``VmHWM`` from
+``/proc/self/status`` (``ru_maxrss`` would carry a parent's peak across ``exec``). On CUDA it is the
+growth of ``torch.cuda.max_memory_allocated`` over one call, in this process (the allocator counts
+exactly, and CUDA does not survive a fork).
 
 Usage::
 
@@ -250,29 +251,37 @@ def _reset_peak() -> bool:
 
 
 def measure_memory_here(config: Config, method: str, device: str, threads: int) -> dict[str, float]:
-    """Peak memory growth (MiB) of one call of ``method``, measured in the calling process."""
+    """Peak RSS growth (MiB) of one call of ``method`` on the CPU, measured in the calling process."""
     torch.set_num_threads(threads)
     w = build_workload(config, device)
     call = make_methods(w)[method]
     with torch.no_grad():
         w.adapter(*w.inputs, *w.args)  # thread pool and allocator warm, shared by every method
     gc.collect()
-    cuda = device.startswith("cuda")
-    if cuda:
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        cuda_base = torch.cuda.memory_allocated()
     reset = _reset_peak()
     before = _status_kib("VmRSS") if reset else _status_kib("VmHWM")
     result = call()
-    if cuda:
-        torch.cuda.synchronize()
     peak = _status_kib("VmHWM")
     del result
-    out = {"rss_mib": max(0, peak - before) / 1024, "hwm_reset": float(reset)}
-    if cuda:
-        out["cuda_mib"] = (torch.cuda.max_memory_allocated() - cuda_base) / 2**20
-    return out
+    return {"rss_mib": max(0, peak - before) / 1024, "hwm_reset": float(reset)}
+
+
+def measure_cuda_memory(w: Workload, method: str) -> dict[str, float]:
+    """Peak growth (MiB) of CUDA memory allocated by one call, from PyTorch's allocator statistics.
+
+    The allocator counts every tensor of this process exactly, so no separate process is needed (and
+    a process forked after CUDA started could not use it).
+    """
+    call = make_methods(w)[method]
+    gc.collect()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated()
+    result = call()
+    torch.cuda.synchronize()
+    peak = torch.cuda.max_memory_allocated() - base
+    del result
+    return {"rss_mib": peak / 2**20}
 
 
 def measure_memory_forked(config: Config, method: str, device: str, threads: int) -> dict[str, float]:
@@ -316,7 +325,6 @@ class Row:
     ratio_forward: float
     memory_mib: float
     memory_ratio_pyhealth: float
-    cuda_mib: Optional[float] = None
     max_diff_pyhealth: float = math.nan
 
 
@@ -338,23 +346,18 @@ def _fmt(x: Optional[float], digits: int = 2) -> str:
     return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
-def markdown_table(rows: list[Row], cuda: bool) -> str:
+def markdown_table(rows: list[Row]) -> str:
     """The rows as a markdown table."""
-    head = "| codes | layers | heads | method | median ms | runs | × PyHealth | × forward | peak growth MiB | mem × PyHealth |"
-    rule = "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|"
-    if cuda:
-        head += " CUDA peak MiB |"
-        rule += "---:|"
-    lines = [head, rule]
+    lines = [
+        "| codes | layers | heads | method | median ms | runs | × PyHealth | × forward | peak growth MiB | mem × PyHealth |",
+        "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         c = r.config
-        line = (
+        lines.append(
             f"| {c.length}+{c.second} | {c.depth} | {c.heads} | {LABELS[r.method]} | {r.seconds * 1000:.1f} | {r.runs} | "
             f"{_fmt(r.ratio_pyhealth)} | {_fmt(r.ratio_forward)} | {_fmt(r.memory_mib, 1)} | {_fmt(r.memory_ratio_pyhealth)} |"
         )
-        if cuda:
-            line += f" {_fmt(r.cuda_mib, 1)} |"
-        lines.append(line)
     return "\n".join(lines)
 
 
@@ -410,8 +413,9 @@ def run(configs: list[Config], device: str, repeats: int, ig_repeats: int, threa
     preload()
     log(f"imports: {time.time() - t0:.1f} s")
     targets = set(target_configs(configs[0].embedding_dim))
+    cuda = device.startswith("cuda")
     memory: dict[tuple[Config, str], dict[str, float]] = {}
-    for config in configs:
+    for config in [] if cuda else configs:
         for method in METHODS:
             if method == "ig" and config not in targets and config != QUICK:
                 continue  # IG's memory is not a target; measuring it everywhere doubles the grid's time
@@ -423,6 +427,9 @@ def run(configs: list[Config], device: str, repeats: int, ig_repeats: int, threa
     for config in configs:
         w = build_workload(config, device)
         timings, gap = time_methods(w, device, repeats, repeats if config in targets or config == QUICK else ig_repeats)
+        if cuda:
+            for method in METHODS:
+                memory[config, method] = measure_cuda_memory(w, method)
         del w
         gc.collect()
         ph, fwd = timings["pyhealth"].seconds, timings["forward"].seconds
@@ -433,8 +440,7 @@ def run(configs: list[Config], device: str, repeats: int, ig_repeats: int, threa
             rows.append(
                 Row(
                     config, method, t.seconds, t.runs, t.seconds / ph, t.seconds / fwd, mib,
-                    mib / ph_mem if ph_mem else math.nan, m.get("cuda_mib") if m else None,
-                    gap if method == "chefer" else math.nan,
+                    mib / ph_mem if ph_mem else math.nan, gap if method == "chefer" else math.nan,
                 )
             )
         log(f"timed {config.name}: " + ", ".join(f"{n} {t.seconds * 1000:.1f} ms" for n, t in timings.items()) + f"; max |ours - PyHealth| = {gap:.2e}")
@@ -472,16 +478,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     rows.sort(key=lambda r: (r.config.length, r.config.depth, r.config.heads, METHODS.index(r.method)))
     cuda = args.device.startswith("cuda")
     machine = machine_line(args.device, args.threads)
+    if cuda:
+        memory_note = "peak growth = torch.cuda.max_memory_allocated over one call, above what was allocated before it"
+    else:
+        memory_note = "IG memory only at the target configurations; peak growth = VmHWM - VmRSS of one call in its own process"
     gaps = [r.max_diff_pyhealth for r in rows if r.method == "chefer"]
     text = "\n".join(
         [
             f"machine: {machine}",
             f"batch 4, a second stream of 256 codes, embedding dim {configs[0].embedding_dim}; median of {args.repeats} "
-            f"interleaved runs (IG: {args.repeats} at the target configurations, {args.ig_repeats} elsewhere; IG memory "
-            "only at the target configurations); peak growth = VmHWM - VmRSS of one call in its own process",
+            f"interleaved runs (IG: {args.repeats} at the target configurations, {args.ig_repeats} elsewhere); {memory_note}",
             f"max |ours - PyHealth| over the grid: {max(gaps):.2e}; total run time {time.time() - started:.0f} s",
             "",
-            markdown_table(rows, cuda),
+            markdown_table(rows),
             "",
             *target_lines(rows, configs[0].embedding_dim),
         ]
