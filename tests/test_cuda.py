@@ -1,0 +1,75 @@
+"""The adapter and the attribution methods on CUDA tensors (skipped where torch sees no CUDA device).
+
+Each result is compared with an independent one: PyHealth's ``CheferRelevance`` on the same GPU model,
+or the same Captum method on the CPU.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from captum.attr import IntegratedGradients, LayerIntegratedGradients, Saliency
+
+from captum_chefer import CheferAttribution, PyHealthAdapter
+from conftest import first_batch, make_dataset, make_model
+from test_equivalence import assert_matches, pyhealth_reference, with_explicit_masks
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
+ATOL = 1e-4  # the GPU sums in another order
+
+
+@pytest.fixture(autouse=True)
+def exact_matmul():
+    """TF32 would round products to 10 bits of mantissa; the comparisons here are in float32."""
+    saved = torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = False
+    yield
+    torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = saved
+
+
+@pytest.mark.parametrize(
+    "fmt, kind", [("sequence", "transformer"), ("stagenet_nested", "stagenet")], ids=["Transformer", "StageAttentionNet"]
+)
+@pytest.mark.parametrize("level", ["embedding", "token"])
+def test_chefer_on_cuda_matches_pyhealth_on_cuda(fmt, kind, level):
+    dataset = make_dataset(fmt, n=10, n_classes=3, seed=11)
+    model = make_model(dataset, kind, layers=3, heads=2, seed=11).to("cuda")
+    batch = first_batch(dataset, batch_size=7)
+    adapter = PyHealthAdapter(model)
+    inputs, args = adapter.captum_inputs(batch, level=level)
+    assert all(t.device.type == "cuda" for t in inputs + args)
+    attributions = CheferAttribution(adapter).attribute(
+        inputs, target=adapter.captum_target(batch), additional_forward_args=args
+    )
+    assert all(a.device.type == "cuda" and a.shape == x.shape for a, x in zip(attributions, inputs))
+    reference = pyhealth_reference(model, with_explicit_masks(batch) if kind == "stagenet" else batch)
+    result = {k: v.cpu() for k, v in adapter.to_feature_dict(attributions).items()}
+    assert_matches(result, {k: v.cpu() for k, v in reference.items()}, batch)
+
+
+def test_captum_methods_through_the_adapter_on_cuda_match_the_cpu():
+    dataset = make_dataset("sequence", n=8, n_classes=3, seed=12)
+    model = make_model(dataset, layers=2, heads=2, seed=12)
+    batch = first_batch(dataset, batch_size=6)
+
+    def run(device: str) -> dict[str, tuple[torch.Tensor, ...]]:
+        adapter = PyHealthAdapter(model.to(device))
+        inputs, args = adapter.captum_inputs(batch)
+        ids, _ = adapter.captum_inputs(batch, level="token")
+        kwargs = dict(target=adapter.captum_target(batch), additional_forward_args=args)
+        return {
+            "saliency": Saliency(adapter).attribute(inputs, **kwargs),
+            "ig": IntegratedGradients(adapter).attribute(inputs, n_steps=16, **kwargs),
+            "layer_ig": LayerIntegratedGradients(adapter, adapter.embedding_layers).attribute(ids, n_steps=16, **kwargs),
+        }
+
+    try:
+        on_gpu = run("cuda")
+        on_cpu = run("cpu")
+    finally:
+        model.to("cpu")
+    for name, attributions in on_gpu.items():
+        for gpu, cpu in zip(attributions, on_cpu[name]):
+            assert gpu.device.type == "cuda", name
+            assert cpu.abs().sum() > 0, name
+            torch.testing.assert_close(gpu.cpu(), cpu, atol=ATOL, rtol=1e-3, msg=name)
