@@ -93,3 +93,25 @@ def test_target_lines_judge_each_target():
     assert "PASS  time IntegratedGradients / ours = 60.00" in joined
     assert "PASS  (ours / forward at 1024) / (ours / forward at 256) = 1.00" in joined
     assert sum(line.lstrip().startswith(("PASS", "FAIL")) for line in lines) == 6
+
+
+def test_pyhealth_call_leaves_no_attention_state_behind():
+    """PyHealth's CheferRelevance keeps attention maps, their gradients and parameter .grad on the model;
+    the benchmark drops them after each call so the next method's memory is not flattered by their release."""
+    import torch
+
+    speed = _load_speed()
+    w = speed.build_workload(speed.QUICK, "cpu")
+
+    def leftovers() -> int:
+        held = [m for m in w.model.modules() if getattr(m, "attn_map", None) is not None]
+        return len(held) + sum(p.grad is not None for p in w.model.parameters())
+
+    from pyhealth.interpret.methods import CheferRelevance
+
+    CheferRelevance(w.model).attribute(**w.batch)
+    assert leftovers() > 0  # what the benchmark has to clean up
+    speed.release_pyhealth_state(w.model)
+    assert leftovers() == 0
+    result = speed.make_methods(w)["pyhealth"]()
+    assert leftovers() == 0 and all(torch.isfinite(v).all() for v in result.values())
