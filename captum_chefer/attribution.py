@@ -88,7 +88,9 @@ class CheferAttribution(GradientAttribution):
 
     Only that row is ever formed: it is updated layer by layer inside the backward pass, as each
     layer's attention gradient arrives, so no per-head gradient is kept and no ``L x L`` relevance
-    matrix is multiplied. Gradients are taken with ``torch.autograd.grad`` with respect to the
+    matrix is multiplied. Of the last layer only row ``p`` is read, so the model is asked for that row
+    alone (``pooled_row_only``): a PyHealth ``Transformer`` then evaluates its last block for the
+    pooled position only. Gradients are taken with ``torch.autograd.grad`` with respect to the
     attention only; parameter ``.grad`` is never touched. The defaults reproduce PyHealth 2.1's
     ``CheferRelevance``.
 

@@ -60,6 +60,9 @@ class PyHealthAdapter(nn.Module):
         pooling: which position the model pools for its prediction: ``"first"`` (``Transformer``) or
             ``"last"`` valid step (``StageAttentionNet``). Needed only for other attention models.
 
+    The adapter reads the model's modules when it is made; wrap the model again after replacing any of
+    its submodules. Training mode and weights may change freely: each call reads them.
+
     Example:
         >>> from captum_chefer import CheferAttribution, PyHealthAdapter
         >>> from captum_chefer.synthetic import toy_model_and_batch
@@ -94,6 +97,10 @@ class PyHealthAdapter(nn.Module):
         self.label_key: str = model.label_keys[0]
         self.features: tuple[FeatureSpec, ...] = tuple(self._describe_feature(key) for key in self.feature_keys)
         self._attention_modules = self._find_attention(model)
+        # Read once, like the attention modules: walking the module tree costs milliseconds per call,
+        # and attribution methods call the model over and over. Wrap again after replacing submodules.
+        self._model_modules: tuple[nn.Module, ...] = tuple(model.modules())
+        self._model_parameters: tuple[nn.Parameter, ...] = tuple(model.parameters())
         self.pooling: Optional[Pooling] = pooling or self._default_pooling(model)
 
     # ------------------------------------------------------------------ model description
@@ -479,18 +486,20 @@ class PyHealthAdapter(nn.Module):
     @contextmanager
     def _evaluation(self, freeze: bool = False) -> Iterator[None]:
         """Dropout off (and, with ``freeze``, no parameter in the graph); restores the model exactly."""
-        modes = [(m, m.training) for m in self.model.modules()]
-        flags = [(p, p.requires_grad) for p in self.model.parameters()] if freeze else []
+        # Only what has to change is touched: attribution methods call this once per forward.
+        training = [m for m in self._model_modules if m.training]
+        frozen = [p for p in self._model_parameters if p.requires_grad] if freeze else []
         try:
-            self.model.eval()
-            for p, _ in flags:
+            if training:
+                self.model.eval()
+            for p in frozen:
                 p.requires_grad_(False)
             yield
         finally:
-            for m, training in modes:
-                m.training = training
-            for p, requires_grad in flags:
-                p.requires_grad_(requires_grad)
+            for m in training:
+                m.training = True
+            for p in frozen:
+                p.requires_grad_(True)
 
 
 def _first_row_block_forward(block: nn.Module, x: Tensor, mask: Optional[Tensor] = None, register_hook: bool = False) -> Tensor:
