@@ -14,11 +14,12 @@ order, the median of ``--repeats`` calls (after one warm-up call each) of:
 
 On the CPU, the peak memory growth of one call of each method is measured in a process of its own: a
 child forked from this process before it runs any tensor operation (so no OpenMP pool is inherited),
-which builds the same workload, runs one no-grad forward to warm the allocator and thread pool, resets
-the kernel's high-water mark (``/proc/self/clear_refs``), calls the method once and reads ``VmHWM`` from
-``/proc/self/status`` (``ru_maxrss`` would carry a parent's peak across ``exec``). On CUDA it is the
-growth of ``torch.cuda.max_memory_allocated`` over one call, in this process (the allocator counts
-exactly, and CUDA does not survive a fork).
+which fixes glibc's mmap threshold (so freed tensors leave the resident set at once and the peak does not
+depend on allocation history), builds the same workload, runs one no-grad forward to warm the allocator
+and thread pool, resets the kernel's high-water mark (``/proc/self/clear_refs``), calls the method once
+and reads ``VmHWM`` from ``/proc/self/status`` (``ru_maxrss`` would carry a parent's peak across
+``exec``). On CUDA it is the growth of ``torch.cuda.max_memory_allocated`` over one call, in this
+process (the allocator counts exactly, and CUDA does not survive a fork).
 
 Usage::
 
@@ -31,6 +32,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import ctypes
 import gc
 import json
 import math
@@ -270,8 +272,23 @@ def _reset_peak() -> bool:
         return False
 
 
+def fixed_mmap_threshold(threshold: int = 64 * 1024) -> bool:
+    """Have glibc serve every block above ``threshold`` bytes with ``mmap`` and unmap it when freed.
+
+    By default glibc raises its mmap threshold each time a large block is freed and serves later blocks
+    of that size from the heap, which it keeps; the high-water mark then depends on what ran before and
+    in which order. With a fixed threshold, ``VmHWM`` follows the tensors alive at each moment. Returns
+    ``False`` where that is not glibc.
+    """
+    try:
+        return bool(ctypes.CDLL("libc.so.6").mallopt(-3, threshold))  # -3: M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        return False
+
+
 def measure_memory_here(config: Config, method: str, device: str, threads: int) -> dict[str, float]:
     """Peak RSS growth (MiB) of one call of ``method`` on the CPU, measured in the calling process."""
+    fixed = fixed_mmap_threshold()
     torch.set_num_threads(threads)
     w = build_workload(config, device)
     call = make_methods(w)[method]
@@ -283,7 +300,7 @@ def measure_memory_here(config: Config, method: str, device: str, threads: int) 
     result = call()
     peak = _status_kib("VmHWM")
     del result
-    return {"rss_mib": max(0, peak - before) / 1024, "hwm_reset": float(reset)}
+    return {"rss_mib": max(0, peak - before) / 1024, "hwm_reset": float(reset), "fixed_mmap_threshold": float(fixed)}
 
 
 def measure_cuda_memory(w: Workload, method: str) -> dict[str, float]:
@@ -501,7 +518,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if cuda:
         memory_note = "peak growth = torch.cuda.max_memory_allocated over one call, above what was allocated before it"
     else:
-        memory_note = "IG memory only at the target configurations; peak growth = VmHWM - VmRSS of one call in its own process"
+        memory_note = (
+            "IG memory only at the target configurations; peak growth = VmHWM - VmRSS of one call in its own "
+            "process, glibc mmap threshold fixed at 64 KiB"
+        )
     gaps = [r.max_diff_pyhealth for r in rows if r.method == "chefer"]
     text = "\n".join(
         [
