@@ -7,6 +7,7 @@ PyHealth's ``Transformer`` and ``StageAttentionNet``.
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
@@ -60,7 +61,8 @@ class AttentionModel(Protocol):
     model exactly as it found it when it returns or raises. With ``pooled_row_only=True`` only the
     pooling position's output of the last attention layer is needed (the row recursion reads nothing
     else of that layer), so a model may compute that layer for the pooling position alone and return its
-    attention as ``[B, H, 1, L]``; returning the full map is always correct. ``relevance_to_inputs``
+    attention as ``[B, H, 1, L]``; returning the full map is always correct, and an
+    ``attention_forward`` without that keyword is called without it. ``relevance_to_inputs``
     maps each stream's token relevance ``[B, L]`` back to tensors shaped like ``inputs``.
     """
 
@@ -118,6 +120,8 @@ class CheferAttribution(GradientAttribution):
             require_attention()  # fail at construction, not at the first call
         super().__init__(forward_func)
         self.model: AttentionModel = forward_func
+        # An AttentionModel written before pooled_row_only existed is called without it (full maps).
+        self._asks_pooled_row = _accepts_keyword(forward_func.attention_forward, "pooled_row_only")
 
     @classmethod
     def get_name(cls) -> str:
@@ -184,11 +188,12 @@ class CheferAttribution(GradientAttribution):
 
         # Captum's NoiseTunnel and metrics call attribute() under torch.no_grad().
         with torch.enable_grad():
-            captured = self.model.attention_forward(inputs_tuple, args, pooled_row_only=propagation == "row")
+            pooled = propagation == "row" and self._asks_pooled_row
+            captured = self.model.attention_forward(inputs_tuple, args, **({"pooled_row_only": True} if pooled else {}))
             logits = captured.logits
             explained = _select_target(logits, target)
             streams = {key: list(maps[-layers:] if layers else maps) for key, maps in captured.attention.items()}
-            _check_maps(streams, pooled_allowed=propagation == "row")
+            _check_maps(streams, pooled_allowed=pooled)
             captured.attention = {}  # the propagation below holds the only references and drops them early
             if propagation == "row" and captured.stacked:
                 rows = _rows_fused(explained, streams, captured.pool_index, reduce)
@@ -358,6 +363,14 @@ def _select_target(logits: Tensor, target: TargetType) -> Tensor:
     if batch and (index.min() < 0 or index.max() >= classes):
         raise ValueError(f"target out of range: the model has {classes} output(s), indices 0..{classes - 1}")
     return logits.gather(1, index.view(-1, 1)).sum()
+
+
+def _accepts_keyword(function: Callable[..., Any], name: str) -> bool:
+    try:
+        parameters = inspect.signature(function).parameters.values()
+    except (TypeError, ValueError):  # no signature to read: do not pass it
+        return False
+    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
 
 
 def _as_tuple(args: Any) -> tuple:

@@ -67,7 +67,14 @@ class FullMapsToy(TwoLayerToy):
         return super().attention_forward(inputs, additional_forward_args)
 
 
-TOYS = [TwoLayerToy, FullMapsToy]
+class OlderSignatureToy(TwoLayerToy):
+    """An AttentionModel written before ``pooled_row_only`` existed: called without it."""
+
+    def attention_forward(self, inputs, additional_forward_args):
+        return super().attention_forward(inputs, additional_forward_args)
+
+
+TOYS = [TwoLayerToy, FullMapsToy, OlderSignatureToy]
 
 
 def test_toy_model_implements_the_interface():
