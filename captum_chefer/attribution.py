@@ -1,14 +1,14 @@
 """``CheferAttribution``: Chefer et al.'s relevance as a Captum attribution method.
 
 The algorithm depends on a narrow interface, :class:`AttentionModel`, that a forward function
-implements to expose its attention; :class:`captum_chefer.PyHealthAdapter` implements it for
-PyHealth's ``Transformer`` and ``StageAttentionNet``.
+implements to expose its attention; the adapters in :mod:`captum_chefer.adapters` implement it (this
+module imports none of them).
 """
 
 from __future__ import annotations
 
 import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
 import torch
@@ -45,12 +45,16 @@ class AttentionForward:
         stacked: each layer's attention is computed from the output of the layer below (a transformer
             stack), so the backward pass delivers the gradients from the last layer down and the row can
             be updated as they arrive. ``False`` collects all gradients first.
+        embeddings: per stream, the embedded input as the model received it (``[B, L, D]``, or
+            ``[B, V, C, D]`` for nested visits), in the graph below the first attention layer; optional
+            (gradient-based splits of a position's relevance over its parts read it).
     """
 
     logits: Tensor
     attention: dict[str, list[Tensor]]
     pool_index: dict[str, Tensor]
     stacked: bool = True
+    embeddings: dict[str, Tensor] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -97,8 +101,8 @@ class CheferAttribution(GradientAttribution):
     ``CheferRelevance``.
 
     Args:
-        forward_func: an :class:`AttentionModel`, normally a :class:`captum_chefer.PyHealthAdapter`.
-            A PyHealth model is wrapped in a ``PyHealthAdapter``.
+        forward_func: an :class:`AttentionModel`: an adapter from :mod:`captum_chefer.adapters` (for
+            example ``PyHealthAdapter(model)``, or ``adapter_for(model)`` for any supported model).
 
     Example:
         >>> from captum_chefer import CheferAttribution, PyHealthAdapter
@@ -114,7 +118,11 @@ class CheferAttribution(GradientAttribution):
 
     def __init__(self, forward_func: Callable[..., Tensor]) -> None:
         if not isinstance(forward_func, AttentionModel):
-            forward_func = _wrap_model(forward_func)
+            raise TypeError(
+                f"CheferAttribution needs an adapter that exposes the model's attention, got {type(forward_func).__name__}; "
+                "wrap the model first: CheferAttribution(captum_chefer.adapter_for(model)), or PyHealthAdapter(model), "
+                "HuggingFaceAdapter(model), TransformerAdapter(model)"
+            )
         require_attention = getattr(forward_func, "require_attention", None)
         if require_attention is not None:
             require_attention()  # fail at construction, not at the first call
@@ -378,12 +386,3 @@ def _as_tuple(args: Any) -> tuple:
         return ()
     return args if isinstance(args, tuple) else (args,)
 
-
-def _wrap_model(model: Any) -> AttentionModel:
-    from .pyhealth import PyHealthAdapter  # only for the convenience of passing a model directly
-
-    if not isinstance(model, torch.nn.Module):
-        raise TypeError(
-            f"CheferAttribution needs a PyHealthAdapter, a PyHealth model or an AttentionModel, got {type(model).__name__}"
-        )
-    return PyHealthAdapter(model)

@@ -82,7 +82,7 @@ def compare(
     """The ``compare`` command as a function: returns the :class:`captum_chefer.report.ComparisonReport`."""
     import torch
 
-    from .pyhealth import PyHealthAdapter
+    from .adapters import PyHealthAdapter
     from .report import run_comparison
     from .synthetic import default_cohort, quiet_pyhealth, train_transformer
 

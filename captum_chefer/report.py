@@ -2,7 +2,7 @@
 
 :func:`run_comparison` takes a trained PyHealth model (or its adapter) and a batch or ``DataLoader``,
 runs :func:`default_methods` (or yours), scores them with
-:func:`captum_chefer.evaluation.evaluate_methods` and, with ``out=...``, writes:
+:func:`captum_chefer.comparison.evaluate_methods` and, with ``out=...``, writes:
 
 * ``report.html``: the results table, the figures (embedded), and for a few patients the codes each
   method highlights, in Captum's ``visualize_text`` colours (true codes, when known, in brackets);
@@ -30,7 +30,16 @@ from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .evaluation import DEFAULT_FRACTIONS, DEFAULT_PERCENTAGES, Evaluation, RandomAttribution, evaluate_methods
+from .adapters import adapter_for
+from .comparison import (
+    DEFAULT_FRACTIONS,
+    DEFAULT_PERCENTAGES,
+    Evaluation,
+    RandomAttribution,
+    compare_methods,
+    evaluate_methods,
+)
+from .visualization import plot_methods
 
 __all__ = ["ComparisonReport", "default_methods", "run_comparison", "write_report"]
 
@@ -142,9 +151,7 @@ def run_comparison(
         >>> result.html_path.name, result.evaluation.methods
         ('report.html', ['Chefer', 'Saliency'])
     """
-    from .pyhealth import PyHealthAdapter
-
-    adapter = model if isinstance(model, PyHealthAdapter) else PyHealthAdapter(model)
+    adapter = adapter_for(model)
     specs = list(methods) if methods is not None else default_methods(adapter, ig_steps=ig_steps, nt_samples=nt_samples, seed=seed)
     start = time.perf_counter()
     evaluation = evaluate_methods(
@@ -280,25 +287,21 @@ def _patient_rows(
     """One patient, one row per method: Captum's word-importance cells (true codes in brackets)."""
     from captum.attr import visualization as captum_viz
 
-    from .visualization import visualization_records
-
     n = int(next(iter(adapter.captum_inputs(batch, level="token")[0])).shape[0])
     one = _select(batch, [index], n)
     marks: Optional[list[bool]] = None
     if truth is not None:
         marks = []
-        real = adapter.captum_inputs(one, level="token")[1]
-
-        masks = adapter.code_masks(real)
-        for key, mask in zip(adapter.feature_keys, masks):
-            marks.append(False)  # the stream marker
-            t = truth[key][index : index + 1]
-            marks.extend(bool(v) for v in t[mask])
+        tokens = adapter.decode(one)[0]
+        for key in adapter.feature_keys:
+            if len(adapter.feature_keys) > 1:
+                marks.append(False)  # the stream marker
+            marks.extend(bool(truth[key][index][t.index]) for t in tokens if t.feature == key)
     rows = []
     record = None
     for name, per_key in scores.items():
         sub = {k: v[index : index + 1] for k, v in per_key.items()}
-        record = visualization_records(adapter, one, sub)[0]
+        record = adapter.visualization_records(one, sub)[0]
         words = [str(w) for w in record.raw_input_ids]
         if marks is not None and len(marks) == len(words):
             words = [f"[{w}]" if m else w for w, m in zip(words, marks)]
@@ -359,9 +362,6 @@ def write_report(
     describe_patient: Optional[Callable[[Mapping[str, Any], int], str]] = None,
 ) -> dict[str, Path]:
     """Write ``report.html``, the PNG figures, ``results.csv``, ``curves.csv`` and ``results.json`` to ``out``."""
-    from .side_by_side import compare_methods
-    from .visualization import plot_methods
-
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}

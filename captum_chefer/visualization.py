@@ -1,9 +1,11 @@
-"""Captum visualization for PyHealth attributions: text records, an HTML file, a methods-by-codes figure.
+"""Captum visualization from scores and decoded tokens: an HTML file, a methods-by-codes figure.
 
-* :func:`visualization_records`: one ``captum.attr.visualization.VisualizationDataRecord`` per sample,
-  codes decoded through the dataset's processors, so Captum's ``visualize_text`` renders them in a
-  notebook.
-* :func:`write_html`: the same table as a self-contained HTML file, without IPython.
+Records come from the adapters (``adapter.visualization_records(batch, attributions, method=...)``: one
+Captum ``VisualizationDataRecord`` per sample, tokens decoded by the adapter); this module knows no model
+library: it reads records, scores and ``adapter.decode(batch)``.
+
+* :func:`write_html`: the table Captum's ``visualize_text`` shows, as a self-contained HTML file, without
+  IPython.
 * :func:`plot_methods`: a matplotlib figure, methods by codes, one heat map per feature stream, for
   one patient.
 * :func:`captum_matplotlib_compat` / :func:`visualize_timeseries_attr`: the one place that works
@@ -26,207 +28,13 @@ VisualizationDataRecord = captum_viz.VisualizationDataRecord
 if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
-    from .pyhealth import PyHealthAdapter
-    from .side_by_side import Comparison
-
 __all__ = [
     "captum_matplotlib_compat",
-    "decode_tokens",
     "plot_methods",
     "render_html",
-    "visualization_records",
     "visualize_timeseries_attr",
     "write_html",
 ]
-
-
-# ---------------------------------------------------------------------------------------------- decoding
-
-
-def _code_names(adapter: "PyHealthAdapter", key: str) -> dict[int, str]:
-    vocab = getattr(adapter.model.dataset.input_processors[key], "code_vocab", None)
-    if not vocab:
-        return {}
-    return {int(index): str(code) for code, index in vocab.items()}
-
-
-def decode_tokens(
-    adapter: "PyHealthAdapter", ids: Mapping[str, Tensor], masks: Mapping[str, Tensor], sample: int
-) -> dict[str, tuple[list[str], list[tuple[int, ...]]]]:
-    """Per feature key, the decoded real codes of one sample and their index positions.
-
-    Flat streams give ``"C3"``; nested (visit x code) streams give ``"v2:P7"`` (visit numbers from 1).
-    Ids missing from the vocabulary are shown as ``#<id>``.
-    """
-    out = {}
-    for key in adapter.feature_keys:
-        names = _code_names(adapter, key)
-        real = masks[key][sample].bool()
-        positions = [tuple(p) for p in real.nonzero().tolist()]
-        row = ids[key][sample]
-        tokens = []
-        for position in positions:
-            code = names.get(int(row[position]), f"#{int(row[position])}")
-            tokens.append(f"v{position[0] + 1}:{code}" if len(position) == 2 else code)
-        out[key] = (tokens, positions)
-    return out
-
-
-def _label_names(adapter: "PyHealthAdapter") -> dict[int, str]:
-    processor = adapter.model.dataset.output_processors.get(adapter.label_key)
-    vocab = getattr(processor, "label_vocab", None) or {}
-    return {int(index): str(label) for label, index in vocab.items()}
-
-
-def _token_view(adapter: "PyHealthAdapter", batch: Mapping[str, Any]) -> tuple[tuple[Tensor, ...], tuple, dict, dict]:
-
-    tokens, args = adapter.captum_inputs(batch, level="token")
-    masks = adapter.code_masks(args)
-    ids = dict(zip(adapter.feature_keys, tokens))
-    return tokens, args, ids, dict(zip(adapter.feature_keys, masks))
-
-
-def _scores_dict(adapter: "PyHealthAdapter", attributions: Any) -> dict[str, Tensor]:
-    if isinstance(attributions, Mapping):
-        missing = [k for k in adapter.feature_keys if k not in attributions]
-        if missing:
-            raise KeyError(f"attributions have no scores for {missing}; expected keys {adapter.feature_keys}")
-        return {k: torch.as_tensor(attributions[k]).detach() for k in adapter.feature_keys}
-    if isinstance(attributions, list):
-        attributions = tuple(attributions)
-    if not isinstance(attributions, (Tensor, tuple)):
-        raise TypeError(
-            "attributions must be a tensor or tuple shaped like the Captum inputs, or a feature dict "
-            f"{{feature_key: scores}}; got {type(attributions).__name__}"
-        )
-    return adapter.to_feature_dict(attributions)
-
-
-# ---------------------------------------------------------------------------------------------- records
-
-
-def visualization_records(
-    adapter: "PyHealthAdapter",
-    batch: Mapping[str, Any],
-    attributions: Any,
-    target: Optional[int | Sequence[int] | Tensor] = None,
-    *,
-    delta: Optional[Tensor] = None,
-) -> list[VisualizationDataRecord]:
-    """One Captum ``VisualizationDataRecord`` per sample of ``batch``.
-
-    Args:
-        adapter: the :class:`captum_chefer.PyHealthAdapter`.
-        batch: the batch the attributions explain.
-        attributions: shaped like the Captum inputs (a tuple, embeddings or token level), or a
-            feature dict ``{feature_key: scores}`` such as ``Comparison.scores[method]``.
-        target: the class that was explained (int, per-sample sequence or tensor). ``None``: the
-            single logit's class (the positive label) for binary models, else the predicted class.
-        delta: optional per-sample convergence deltas (e.g. from Integrated Gradients).
-
-    Returns:
-        Records whose ``raw_input_ids`` are, per feature stream, a marker ``"<key>"`` (rendered by
-        Captum as ``#key``) followed by the sample's decoded real codes (``"v2:P7"`` for visit 2 of a
-        nested stream); ``word_attributions`` holds their scores divided by the sample's largest
-        ``|score|`` (markers 0), ``attr_score`` the sum of the raw scores, ``pred_prob`` the
-        probability of ``pred_class``; classes are the label processor's names.
-
-    Example:
-        >>> from captum_chefer import CheferAttribution, PyHealthAdapter
-        >>> from captum_chefer.synthetic import toy_model_and_batch
-        >>> model, batch = toy_model_and_batch()
-        >>> adapter = PyHealthAdapter(model)
-        >>> inputs, args = adapter.captum_inputs(batch)
-        >>> chefer = CheferAttribution(adapter).attribute(inputs, additional_forward_args=args)
-        >>> records = visualization_records(adapter, batch, chefer)
-        >>> len(records), records[0].raw_input_ids[0]
-        (4, '<conditions>')
-        >>> float(records[0].word_attributions.abs().max())
-        1.0
-    """
-    tokens, args, ids, masks = _token_view(adapter, batch)
-    scores = _scores_dict(adapter, attributions)
-    batch_size = int(tokens[0].shape[0])
-    for key, s in scores.items():
-        if tuple(s.shape) != tuple(masks[key].shape):
-            raise ValueError(
-                f"scores for {key!r} have shape {tuple(s.shape)} but the batch's codes are {tuple(masks[key].shape)}; "
-                "pass the attributions of this batch"
-            )
-    with torch.no_grad():
-        logits = adapter(*tokens, *args).detach().cpu()
-    single = logits.shape[1] == 1
-    if single:
-        p1 = torch.sigmoid(logits[:, 0])
-        pred = (p1 >= 0.5).long()
-        pred_prob = torch.where(pred == 1, p1, 1 - p1)
-    else:
-        probs = torch.sigmoid(logits) if getattr(adapter.model, "mode", None) == "multilabel" else logits.softmax(1)
-        pred = probs.argmax(1)
-        pred_prob = probs.gather(1, pred.view(-1, 1))[:, 0]
-    explained = _explained_classes(target, batch_size, pred, single)
-    names = _label_names(adapter)
-    true = _true_classes(adapter, batch, batch_size, names)
-    deltas = None if delta is None else torch.as_tensor(delta).detach().cpu().reshape(-1)
-    if deltas is not None and deltas.numel() != batch_size:
-        raise ValueError(f"delta must hold one value per sample ({batch_size}), got {deltas.numel()}")
-
-    records = []
-    for i in range(batch_size):
-        decoded = decode_tokens(adapter, ids, masks, i)
-        words: list[str] = []
-        values: list[float] = []
-        raw_total = 0.0
-        for key in adapter.feature_keys:
-            codes, positions = decoded[key]
-            words.append(f"<{key}>")
-            values.append(0.0)
-            row = scores[key][i].detach().float().cpu()
-            for code, position in zip(codes, positions):
-                words.append(code)
-                values.append(float(row[position]))
-                raw_total += float(row[position])
-        word_scores = torch.tensor(values)
-        peak = word_scores.abs().max()
-        if peak > 0:
-            word_scores = word_scores / peak
-        records.append(
-            VisualizationDataRecord(
-                word_scores,
-                float(pred_prob[i]),
-                names.get(int(pred[i]), str(int(pred[i]))),
-                true[i],
-                names.get(explained[i], str(explained[i])),
-                raw_total,
-                words,
-                None if deltas is None else float(deltas[i]),
-            )
-        )
-    return records
-
-
-def _explained_classes(target: Any, batch_size: int, pred: Tensor, single: bool) -> list[int]:
-    if target is None:
-        return [1] * batch_size if single else pred.tolist()
-    if isinstance(target, bool):
-        raise TypeError("target must be an int, a sequence of ints or a tensor, not a bool")
-    if isinstance(target, int):
-        return [target] * batch_size
-    index = torch.as_tensor(target).reshape(-1)
-    if index.numel() == 1:
-        return [int(index)] * batch_size
-    if index.numel() != batch_size:
-        raise ValueError(f"target must be one class or one per sample ({batch_size}), got {index.numel()} values")
-    return [int(t) for t in index]
-
-
-def _true_classes(adapter: "PyHealthAdapter", batch: Mapping[str, Any], batch_size: int, names: dict[int, str]) -> list[str]:
-    if adapter.label_key not in batch:
-        return ["n/a"] * batch_size
-    labels = torch.as_tensor(batch[adapter.label_key]).detach().cpu()
-    if getattr(adapter.model, "mode", None) == "multilabel":
-        return [",".join(names.get(j, str(j)) for j in row.nonzero().flatten().tolist()) for row in labels.reshape(batch_size, -1)]
-    return [names.get(int(v), str(int(v))) for v in labels.reshape(batch_size, -1)[:, 0]]
 
 
 # ---------------------------------------------------------------------------------------------- HTML
@@ -283,7 +91,7 @@ def write_html(
         >>> adapter = PyHealthAdapter(model)
         >>> inputs, args = adapter.captum_inputs(batch)
         >>> records = adapter.visualization_records(
-        ...     batch, CheferAttribution(adapter).attribute(inputs, additional_forward_args=args))
+        ...     batch, CheferAttribution(adapter).attribute(inputs, additional_forward_args=args), method="Chefer")
         >>> path = write_html(records, tempfile.mkdtemp() + "/chefer.html", title="Chefer")
         >>> "#conditions" in path.read_text()
         True
@@ -298,9 +106,9 @@ def write_html(
 
 
 def plot_methods(
-    adapter: "PyHealthAdapter",
-    batch: Optional[Mapping[str, Any]],
-    scores: "Mapping[str, Mapping[str, Tensor]] | Comparison",
+    adapter: Any,
+    batch: Any,
+    scores: Any,
     sample: int = 0,
     *,
     normalize: bool = True,
@@ -311,11 +119,11 @@ def plot_methods(
     """Methods by codes heat maps for one patient, one panel per feature stream.
 
     Args:
-        adapter: the adapter.
-        batch: the batch the scores explain; may be ``None`` when ``scores`` is a ``Comparison``
-            (its ids and masks are used).
-        scores: ``{method: {feature_key: scores}}`` (e.g. ``Comparison.scores``) or a ``Comparison``.
-        sample: the index of the patient in the batch (or comparison).
+        adapter: the adapter (its ``feature_keys`` and ``decode(batch)`` are read).
+        batch: the batch the scores explain.
+        scores: ``{method: {feature_key: scores}}`` (e.g. ``Comparison.scores``) or an object with such
+            a ``scores`` attribute (a ``Comparison``).
+        sample: the index of the patient in the batch.
         normalize: divide each method's row by its largest ``|score|`` over the patient's codes, so
             methods with different scales share one colour scale ``[-1, 1]``.
         cmap: a diverging matplotlib colormap name.
@@ -328,8 +136,7 @@ def plot_methods(
 
     Example:
         >>> from captum.attr import Saliency
-        >>> from captum_chefer import CheferAttribution, PyHealthAdapter
-        >>> from captum_chefer.side_by_side import compare_methods
+        >>> from captum_chefer import CheferAttribution, PyHealthAdapter, compare_methods
         >>> from captum_chefer.synthetic import toy_model_and_batch
         >>> model, batch = toy_model_and_batch()
         >>> adapter = PyHealthAdapter(model)
@@ -340,49 +147,39 @@ def plot_methods(
     """
     from matplotlib.figure import Figure
 
-    from .side_by_side import Comparison
-
-    if isinstance(scores, Comparison):
-        ids, masks, per_method = scores.ids, scores.masks, scores.scores
-        if batch is not None:
-            _, _, ids, masks = _token_view(adapter, batch)
-    else:
-        if batch is None:
-            raise ValueError("batch is needed to decode the codes unless scores is a Comparison")
-        _, _, ids, masks = _token_view(adapter, batch)
-        per_method = {name: _scores_dict(adapter, s) for name, s in scores.items()}
-    if not per_method:
-        raise ValueError("scores holds no methods")
-    n = int(next(iter(masks.values())).shape[0])
-    if not 0 <= sample < n:
-        raise IndexError(f"sample {sample} is out of range for {n} samples")
-    decoded = decode_tokens(adapter, ids, masks, sample)
+    per_method = getattr(scores, "scores", scores)
+    if not isinstance(per_method, Mapping) or not per_method:
+        raise ValueError("scores must map method names to feature dicts {feature_key: scores} and hold at least one method")
+    decoded = adapter.decode(batch)
+    if not 0 <= sample < len(decoded):
+        raise IndexError(f"sample {sample} is out of range for {len(decoded)} samples")
+    tokens = decoded[sample]
     methods = list(per_method)
-    rows = {}
+    rows, labels = {}, {}
     for key in adapter.feature_keys:
-        _, positions = decoded[key]
-        matrix = torch.zeros(len(methods), len(positions))
+        mine = [t for t in tokens if t.feature == key]
+        labels[key] = [t.text for t in mine]
+        matrix = torch.zeros(len(methods), len(mine))
         for m, name in enumerate(methods):
-            row = per_method[name][key][sample].detach().float().cpu()
-            if positions:
-                matrix[m] = torch.stack([row[p] for p in positions])
+            row = torch.as_tensor(per_method[name][key][sample]).detach().float().cpu()
+            if mine:
+                matrix[m] = torch.stack([row[t.index] for t in mine])
         rows[key] = matrix
     if normalize:
         peak = torch.stack([m.abs().amax(1) if m.shape[1] else torch.zeros(len(methods)) for m in rows.values()]).amax(0)
         rows = {k: m / peak.clamp_min(1e-12).unsqueeze(1) for k, m in rows.items()}
     limit = 1.0 if normalize else max(float(m.abs().max()) if m.numel() else 0.0 for m in rows.values()) or 1.0
 
-    widths = [max(len(decoded[k][0]), 1) for k in adapter.feature_keys]
+    widths = [max(len(labels[k]), 1) for k in adapter.feature_keys]
     if figsize is None:
         figsize = (min(2.0 + 0.45 * sum(widths) + 1.2 * len(widths), 30.0), 1.0 + 0.45 * len(methods) + 1.2)
     fig = Figure(figsize=figsize, layout="constrained")
     axes = fig.subplots(1, len(widths), squeeze=False, width_ratios=widths)[0]
     image = None
     for ax, key in zip(axes, adapter.feature_keys):
-        codes, _ = decoded[key]
         image = ax.imshow(rows[key].numpy(), aspect="auto", cmap=cmap, vmin=-limit, vmax=limit)
         ax.set_title(key)
-        ax.set_xticks(range(len(codes)), codes, rotation=60, ha="right", fontsize=8)
+        ax.set_xticks(range(len(labels[key])), labels[key], rotation=60, ha="right", fontsize=8)
         ax.set_yticks(range(len(methods)), methods if ax is axes[0] else [""] * len(methods))
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="score / max |score|" if normalize else "score")
     fig.suptitle(title if title is not None else f"Patient {sample}")

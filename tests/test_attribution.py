@@ -6,7 +6,7 @@ import pytest
 import torch
 from captum.attr import Attribution
 
-from captum_chefer import CheferAttribution, PyHealthAdapter
+from captum_chefer import CheferAttribution, PyHealthAdapter, adapter_for
 from captum_chefer.synthetic import quiet_pyhealth
 from conftest import first_batch, make_dataset, make_model, make_samples
 
@@ -54,13 +54,14 @@ def test_tensor_in_tensor_out_for_one_stream():
     assert isinstance(out, torch.Tensor) and out.shape == codes.shape
 
 
-def test_model_passed_directly_is_wrapped(seq_model, seq_batch):
-    adapter = PyHealthAdapter(seq_model)
+def test_a_bare_model_is_refused_with_the_fix(seq_model, seq_batch):
+    with pytest.raises(TypeError, match=r"adapter_for\(model\)"):
+        CheferAttribution(seq_model)
+    adapter = adapter_for(seq_model)
+    assert isinstance(adapter, PyHealthAdapter) and adapter_for(adapter) is adapter
     inputs, args = adapter.captum_inputs(seq_batch)
-    direct = CheferAttribution(seq_model).attribute(inputs, additional_forward_args=args)
     wrapped = CheferAttribution(adapter).attribute(inputs, additional_forward_args=args)
-    for a, b in zip(direct, wrapped):
-        assert torch.equal(a, b)
+    assert [tuple(a.shape) for a in wrapped] == [tuple(x.shape) for x in inputs]
 
 
 @pytest.mark.parametrize("fmt, kind", [("sequence", "transformer"), ("stagenet_nested", "stagenet"), ("stagenet", "stagenet")])

@@ -22,7 +22,7 @@ def attribute(adapter, inputs, args, target=None):
 def test_not_a_pyhealth_model():
     with pytest.raises(TypeError, match="PyHealth model"):
         PyHealthAdapter(torch.nn.Linear(2, 1))
-    with pytest.raises(TypeError, match="PyHealth model"):
+    with pytest.raises(TypeError, match=r"adapter_for\(model\)"):
         CheferAttribution(torch.nn.Linear(2, 1))
     with pytest.raises(TypeError, match="CheferAttribution needs"):
         CheferAttribution(lambda x: x)
@@ -36,8 +36,6 @@ def test_pyhealth_model_without_attention(seq_dataset):
     adapter = PyHealthAdapter(rnn)  # fine for gradient methods
     with pytest.raises(ValueError, match="no attention layers.*IntegratedGradients"):
         CheferAttribution(adapter)
-    with pytest.raises(ValueError, match="no attention layers"):
-        CheferAttribution(rnn)
 
 
 def test_batch_missing_a_feature_key(adapter, seq_batch):

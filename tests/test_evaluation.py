@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from captum_chefer import CheferAttribution, PyHealthAdapter
-from captum_chefer.evaluation import (
+from captum_chefer.comparison import (
     RandomAttribution,
     TokenRemover,
     attribution_sensitivity,
@@ -238,7 +238,7 @@ def test_evaluate_methods_end_to_end(trained, tmp_path):
     assert per["deletion_aopc"].shape == (12,) and per["auroc"].shape == (12,)
     assert torch.isnan(per["sensitivity"][3:6]).all() and not torch.isnan(per["sensitivity"][:3]).any()
     # the same numbers as the metric functions on the same scores, batch after batch
-    from captum_chefer.side_by_side import compare_methods
+    from captum_chefer.comparison import compare_methods
 
     scores = compare_methods(adapter, batch, [CheferAttribution(adapter)], progress=False).scores["Chefer"]
     real = TokenRemover(adapter, batch).real

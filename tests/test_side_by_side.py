@@ -14,7 +14,7 @@ from captum.attr import (
 from captum.metrics import infidelity, sensitivity_max
 
 from captum_chefer import CheferAttribution, PyHealthAdapter
-from captum_chefer.side_by_side import (
+from captum_chefer.comparison import (
     Comparison,
     EvaluatorMethod,
     compare_methods,
@@ -244,13 +244,25 @@ def test_token_removal_makes_removed_codes_absent(planted):
         assert removed.any() and torch.all(ids[removed] != 0)  # only real codes are removed
         assert torch.all(q[removed] == 0) and torch.equal(q[~removed], ids[~removed])
         assert torch.all((q != 0).reshape(q.shape[0], -1).any(dim=1))  # a code survives in each sample
-    # The independent reference: PyHealth's own forward on a batch that never had those codes.
+    # The independent reference: PyHealth's own forward on a batch that never had those codes: removed
+    # codes dropped, the remaining codes (flat) or non-empty visits (nested) moved to the front.
+    def compacted(q):
+        out = torch.zeros_like(q)
+        for i, row in enumerate(q):
+            kept = row[row != 0] if q.dim() == 2 else row[(row != 0).any(dim=-1)]
+            out[i, : kept.shape[0]] = kept
+        return out
+
     with torch.no_grad():
-        expected = adapter.model(**{**batch, **dict(zip(adapter.feature_keys, perturbed))})["logit"]
+        expected = adapter.model(**{**batch, **{k: compacted(q) for k, q in zip(adapter.feature_keys, perturbed)}})["logit"]
         got = removal.forward_func(*perturbed, *args)
+        in_place = adapter.model(**{**batch, **dict(zip(adapter.feature_keys, perturbed))})["logit"]
+        got_in_place = token_removal_perturbation(adapter, 0.5, compact=False).forward_func(*perturbed, *args)
         plain = adapter(*perturbed, *args)  # masks still True on removed codes: not the same model input
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(got_in_place, in_place, rtol=1e-4, atol=1e-5)
     assert not torch.allclose(plain, expected, atol=1e-3)
+    assert not torch.allclose(in_place, expected, atol=1e-3)  # compaction matters on this batch
     with pytest.raises(ValueError, match="fraction"):
         token_removal_perturbation(adapter, 1.5)
 
@@ -281,7 +293,7 @@ def test_compare_over_a_loader_equals_per_batch_calls(planted, planted_batches):
 def test_compare_rejects_bad_methods(planted, seq_dataset):
     adapter, batch = planted
     other = PyHealthAdapter(adapter.model)
-    with pytest.raises(ValueError, match="same PyHealthAdapter"):
+    with pytest.raises(ValueError, match="same adapter"):
         compare_methods(adapter, batch, [Saliency(other)])
     with pytest.raises(ValueError, match="NoiseTunnel"):
         compare_methods(adapter, batch, [NoiseTunnel(LayerIntegratedGradients(adapter, adapter.embedding_layers))])

@@ -12,12 +12,11 @@ from captum.attr import IntegratedGradients, Saliency
 from captum.attr import visualization as captum_viz
 
 from captum_chefer import CheferAttribution, PyHealthAdapter
-from captum_chefer.side_by_side import compare_methods
+from captum_chefer.comparison import compare_methods
 from captum_chefer.visualization import (
     captum_matplotlib_compat,
     plot_methods,
     render_html,
-    visualization_records,
     visualize_timeseries_attr,
     write_html,
 )
@@ -81,19 +80,19 @@ def test_record_scores_classes_and_probabilities(planted, chefer_records):
         assert record.pred_prob == pytest.approx(float(probs[i, predicted]), rel=1e-5)
         assert record.true_class == str(int(batch["label"][i]))
         assert record.attr_class == str(predicted)  # target None explains the predicted class
-    explained = visualization_records(adapter, batch, attributions, target=torch.zeros(len(records), dtype=torch.long))
+    explained = adapter.visualization_records(batch, attributions, target=torch.zeros(len(records), dtype=torch.long))
     assert {r.attr_class for r in explained} == {"0"}
 
 
 def test_feature_dict_input_and_bad_shapes(planted, chefer_records):
     adapter, batch = planted
     attributions, records = chefer_records
-    from_dict = visualization_records(adapter, batch, adapter.to_feature_dict(attributions))
+    from_dict = adapter.visualization_records(batch, adapter.to_feature_dict(attributions))
     assert [r.raw_input_ids for r in from_dict] == [r.raw_input_ids for r in records]
     with pytest.raises(KeyError, match="procedures"):
-        visualization_records(adapter, batch, {"conditions": adapter.to_feature_dict(attributions)["conditions"]})
+        adapter.visualization_records(batch, {"conditions": adapter.to_feature_dict(attributions)["conditions"]})
     with pytest.raises(ValueError, match="shape"):
-        visualization_records(adapter, batch, {k: v[:2] for k, v in adapter.to_feature_dict(attributions).items()})
+        adapter.visualization_records(batch, {k: v[:2] for k, v in adapter.to_feature_dict(attributions).items()})
 
 
 def test_captum_visualize_text_renders_the_records(chefer_records):
@@ -147,12 +146,12 @@ def test_plot_methods_heat_maps(planted):
     both = np.concatenate([ax.get_images()[0].get_array() for ax in panels], axis=1)
     np.testing.assert_allclose(np.abs(both).max(axis=1), 1.0, rtol=1e-6)
     assert [t.get_text() for t in panels[0].get_yticklabels()] == ["Chefer", "IG", "Saliency"]
-    # From the Comparison alone (no batch), the same picture.
-    again = plot_methods(adapter, None, result, sample=sample)
+    # From the plain scores dict, the same picture.
+    again = plot_methods(adapter, batch, result.scores, sample=sample)
     np.testing.assert_array_equal(again.axes[0].get_images()[0].get_array(), panels[0].get_images()[0].get_array())
     with pytest.raises(IndexError):
         plot_methods(adapter, batch, result, sample=99)
-    with pytest.raises(ValueError, match="batch"):
+    with pytest.raises(TypeError, match="batch"):
         plot_methods(adapter, None, result.scores)
 
 

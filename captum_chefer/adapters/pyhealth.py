@@ -13,24 +13,27 @@ the batch when Captum expands it). The adapter maps one to the other and back:
   padding.
 
 The adapter also implements :class:`captum_chefer.attribution.AttentionModel`, the interface
-``CheferAttribution`` needs, for PyHealth's ``Transformer`` and ``StageAttentionNet``.
+``CheferAttribution`` needs, for PyHealth's ``Transformer`` and ``StageAttentionNet``, with attention
+captured by :class:`captum_chefer.capture.AttentionCapture` (scoped to the call and the thread).
 """
 
 from __future__ import annotations
 
-from contextlib import contextmanager
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Iterator, Literal, Mapping, Optional
+from typing import Any, Callable, Literal, Mapping, Optional
 
 import torch
 from torch import Tensor, nn
 
-from .attribution import AttentionForward
+from ..attribution import AttentionForward
+from ..capture import AttentionCapture, evaluation_mode
+from .base import Adapter, DecodedToken
 
 __all__ = ["FeatureSpec", "PyHealthAdapter"]
 
 Level = Literal["embedding", "token"]
+Reference = Literal["unk", "zero"]
 TargetMode = Literal["predicted", "label"]
 Pooling = Literal["first", "last"]
 
@@ -47,7 +50,7 @@ class FeatureSpec:
     pad_id: int
 
 
-class PyHealthAdapter(nn.Module):
+class PyHealthAdapter(Adapter):
     """A PyHealth ``Transformer`` or ``StageAttentionNet`` as a Captum forward function.
 
     ``adapter(*inputs, *additional_forward_args)`` returns the logits ``[B, C]``, so the same adapter
@@ -61,7 +64,9 @@ class PyHealthAdapter(nn.Module):
             ``"last"`` valid step (``StageAttentionNet``). Needed only for other attention models.
 
     The adapter reads the model's modules when it is made; wrap the model again after replacing any of
-    its submodules. Training mode and weights may change freely: each call reads them.
+    its submodules. Training mode and weights may change freely: each call reads them. Calls from several
+    threads on one model are safe: each attribution call captures its own attention only, and the model is
+    in evaluation mode while any call runs and as found afterwards.
 
     Example:
         >>> from captum_chefer import CheferAttribution, PyHealthAdapter
@@ -100,7 +105,6 @@ class PyHealthAdapter(nn.Module):
         # Read once, like the attention modules: walking the module tree costs milliseconds per call,
         # and attribution methods call the model over and over. Wrap again after replacing submodules.
         self._model_modules: tuple[nn.Module, ...] = tuple(model.modules())
-        self._model_parameters: tuple[nn.Parameter, ...] = tuple(model.parameters())
         self.pooling: Optional[Pooling] = pooling or self._default_pooling(model)
 
     # ------------------------------------------------------------------ model description
@@ -154,6 +158,11 @@ class PyHealthAdapter(nn.Module):
     def num_outputs(self) -> int:
         """Number of logits: 1 for binary models, the number of classes otherwise."""
         return int(self.model.get_output_size())
+
+    @property
+    def pad_ids(self) -> tuple[int, ...]:
+        """The padding id of each feature key, in input order."""
+        return tuple(feature.pad_id for feature in self.features)
 
     # ------------------------------------------------------------------ batch <-> Captum
 
@@ -242,11 +251,136 @@ class PyHealthAdapter(nn.Module):
             scores[feature.key] = attribution.detach()
         return scores
 
-    def visualization_records(self, batch: Mapping[str, Any], attributions: Any, target: Any = None) -> list:
-        """Captum ``VisualizationDataRecord`` per sample; see :func:`captum_chefer.visualization.visualization_records`."""
-        from .visualization import visualization_records
+    def baselines(
+        self, inputs: tuple[Tensor, ...], additional_forward_args: tuple[Tensor, ...], reference: Reference = "unk"
+    ) -> tuple[Tensor, ...]:
+        """Integrated Gradients baselines for a batch: padding stays padding, real codes get a reference.
 
-        return visualization_records(self, batch, attributions, target)
+        Args:
+            inputs: ``captum_inputs(batch, level=...)[0]``: embeddings or token ids.
+            additional_forward_args: the matching ``additional_forward_args`` (the code masks are read).
+            reference: what a real code becomes: ``"unk"`` (the ``<unk>`` code's embedding, or its id at
+                token level) or ``"zero"`` (a zero embedding; at token level the padding id, whose
+                embedding is zero, while the mask still marks the position as real).
+
+        Returns:
+            One baseline per input, shaped like it, equal to the input on padding (so IG gives padding
+            nothing). Prefer ``"unk"``: PyHealth's Transformer normalises each layer's input, so along the
+            straight path from a zero embedding the output barely moves until it jumps close to zero,
+            which IG's quadrature misses.
+        """
+        if reference not in ("unk", "zero"):
+            raise ValueError(f"reference must be 'unk' or 'zero', got {reference!r}")
+        inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
+        if len(inputs) != len(self.features) or not all(isinstance(x, Tensor) for x in inputs):
+            raise ValueError(
+                f"expected {len(self.features)} input tensors (one per feature key {self.feature_keys}); "
+                "make them with adapter.captum_inputs(batch)"
+            )
+        out = []
+        for feature, x, mask in zip(self.features, inputs, self.token_masks(additional_forward_args)):
+            mask = mask.to(x.device).bool()
+            unk_id = int(getattr(self.model.dataset.input_processors[feature.key], "code_vocab", {}).get("<unk>", 1))
+            if x.is_floating_point():
+                if tuple(x.shape[:-1]) != tuple(mask.shape):
+                    raise ValueError(
+                        f"input for {feature.key!r} has shape {tuple(x.shape)} but its mask is {tuple(mask.shape)}; "
+                        "pass inputs and additional_forward_args from the same adapter.captum_inputs call"
+                    )
+                if reference == "unk":
+                    with torch.no_grad():
+                        ids = torch.full((1,) * mask.dim(), unk_id, dtype=torch.long, device=x.device)
+                        ref = self.model.embedding_model({feature.key: ids})[feature.key].to(x.dtype)
+                else:
+                    ref = torch.zeros((), dtype=x.dtype, device=x.device)
+                out.append(torch.where(mask.unsqueeze(-1), ref.expand_as(x), x).detach())
+            else:
+                if tuple(x.shape) != tuple(mask.shape):
+                    raise ValueError(f"token input for {feature.key!r} has shape {tuple(x.shape)} but its mask is {tuple(mask.shape)}")
+                ref_id = unk_id if reference == "unk" else feature.pad_id
+                out.append(torch.where(mask, torch.full_like(x, ref_id), x))
+        return tuple(out)
+
+    def remove_tokens(
+        self, tokens: tuple[Tensor, ...], additional_forward_args: tuple[Tensor, ...], keep: Mapping[str, Tensor], *, compact: bool = True
+    ) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
+        """Token inputs and args with the codes outside ``keep`` made padding (id and mask).
+
+        With ``compact``, the kept codes of flat streams (the non-empty visits of nested streams, with
+        their times) move to the front in their order, so the model pools a real code whenever one is left.
+        """
+        tokens, args = list(tokens), list(additional_forward_args)
+        position = 0
+        for i, feature in enumerate(self.features):
+            m, t = position, (position + 1 if feature.temporal else None)
+            position += 2 if feature.temporal else 1
+            kept = keep[feature.key].to(tokens[i].device).bool() & args[m].bool()
+            ids = torch.where(kept, tokens[i], torch.full_like(tokens[i], feature.pad_id))
+            times = args[t] if t is not None else None
+            if compact:
+                step = kept.any(dim=-1) if kept.dim() == 3 else kept
+                order = torch.argsort((~step).to(torch.int8), dim=1, stable=True)
+                gather = order.view(*order.shape, *([1] * (kept.dim() - 2))).expand_as(kept)
+                ids, kept = ids.gather(1, gather), kept.gather(1, gather)
+                if times is not None:
+                    times = times.gather(1, order)
+            tokens[i], args[m] = ids, kept
+            if t is not None:
+                args[t] = times
+        return tuple(tokens), tuple(args)
+
+    # ------------------------------------------------------------------ display
+
+    def decode(self, batch: Mapping[str, Any]) -> list[list[DecodedToken]]:
+        """Each sample's real codes as text, feature by feature: ``"C3"``, or ``"v2:P7"`` for code P7 of visit 2.
+
+        Codes are decoded through the dataset's processors; an id missing from the vocabulary shows as
+        ``#<id>``.
+
+        Example:
+            >>> from captum_chefer.synthetic import toy_model_and_batch
+            >>> model, batch = toy_model_and_batch()
+            >>> [t.text for t in PyHealthAdapter(model).decode(batch)[0]][:2]
+            ['C6', 'C0']
+        """
+        ids, _ = self._read_batch(batch)
+        out: list[list[DecodedToken]] = [[] for _ in range(int(ids[0].shape[0]))]
+        for feature, codes in zip(self.features, ids):
+            names = self._code_names(feature.key)
+            real = codes != feature.pad_id
+            for index in real.nonzero().tolist():
+                sample, position = index[0], tuple(index[1:])
+                code = int(codes[tuple(index)])
+                text = names.get(code, f"#{code}")
+                if len(position) == 2:
+                    text = f"v{position[0] + 1}:{text}"
+                out[sample].append(DecodedToken(feature.key, text, position))
+        return out
+
+    def class_names(self) -> dict[int, str]:
+        """The label processor's class names (index -> name)."""
+        processor = self.model.dataset.output_processors.get(self.label_key)
+        vocab = getattr(processor, "label_vocab", None) or {}
+        return {int(index): str(label) for label, index in vocab.items()}
+
+    def true_classes(self, batch: Mapping[str, Any]) -> Optional[list[str]]:
+        """Each sample's label as text (classes joined by commas for multilabel), or ``None`` without labels."""
+        if self.label_key not in batch:
+            return None
+        names = self.class_names()
+        labels = torch.as_tensor(batch[self.label_key]).detach().cpu()
+        rows = labels.reshape(labels.shape[0], -1)
+        if self.model.mode == "multilabel":
+            return [",".join(names.get(j, str(j)) for j in row.nonzero().flatten().tolist()) for row in rows]
+        return [names.get(int(v), str(int(v))) for v in rows[:, 0]]
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Class probabilities as the model's ``y_prob``: sigmoid (binary, multilabel) or softmax."""
+        return torch.sigmoid(logits) if self.model.mode in ("binary", "multilabel") else logits.softmax(dim=1)
+
+    def _code_names(self, key: str) -> dict[int, str]:
+        vocab = getattr(self.model.dataset.input_processors[key], "code_vocab", None) or {}
+        return {int(index): str(code) for code, index in vocab.items()}
 
     def _read_batch(self, batch: Mapping[str, Any]) -> tuple[list[Tensor], list[Optional[Tensor]]]:
         if not isinstance(batch, Mapping):
@@ -299,7 +433,7 @@ class PyHealthAdapter(nn.Module):
         evaluation mode here (its own training flags are restored afterwards).
         """
         inputs, args = self.split_inputs(inputs_and_args)
-        with self._evaluation():
+        with evaluation_mode(self.model, self._model_modules):
             return self.model.forward_from_embedding(**self._model_kwargs(inputs, args, track=False)[0])["logit"]
 
     def split_inputs(self, inputs_and_args: tuple) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
@@ -314,7 +448,7 @@ class PyHealthAdapter(nn.Module):
             )
         return tuple(inputs_and_args[:n_inputs]), tuple(inputs_and_args[n_inputs:])
 
-    def code_masks(self, additional_forward_args: Any) -> tuple[Tensor, ...]:
+    def token_masks(self, additional_forward_args: Any) -> tuple[Tensor, ...]:
         """The code mask of each feature key (``True`` on real codes) from ``additional_forward_args``.
 
         Example:
@@ -322,7 +456,7 @@ class PyHealthAdapter(nn.Module):
             >>> model, batch = toy_model_and_batch()
             >>> adapter = PyHealthAdapter(model)
             >>> _, args = adapter.captum_inputs(batch)
-            >>> torch.equal(adapter.code_masks(args)[0], batch["conditions"] != 0)
+            >>> torch.equal(adapter.token_masks(args)[0], batch["conditions"] != 0)
             True
         """
         args = additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
@@ -421,25 +555,21 @@ class PyHealthAdapter(nn.Module):
         self.require_attention()
         args = tuple(additional_forward_args)
         self.split_inputs(tuple(inputs) + args)  # validates the counts before touching the model
-        captured: dict[str, list[Tensor]] = {key: [] for key in self.feature_keys}
-        handles = []
-        with self._evaluation(freeze=True), self._first_row_last_blocks(pooled_row_only):
-            try:
-                for key, modules in self._attention_modules.items():
-                    for module in modules:
-                        handles.append(module.register_forward_hook(_capture_into(captured[key])))
-                kwargs, step_masks = self._model_kwargs(tuple(inputs), args, track=True)
-                logits = self.model.forward_from_embedding(**kwargs)["logit"]
-            finally:
-                for handle in handles:
-                    handle.remove()
+        capture = AttentionCapture(
+            self._attention_modules, overrides=self._pooled_row_overrides(pooled_row_only),
+            model=self.model, model_modules=self._model_modules,
+        )
+        with capture:
+            kwargs, step_masks = self._model_kwargs(tuple(inputs), args, track=True)
+            logits = self.model.forward_from_embedding(**kwargs)["logit"]
         pool_index = {}
         for feature, step_mask in zip(self.features, step_masks):
             if self.pooling == "first":
                 pool_index[feature.key] = torch.zeros(step_mask.shape[0], dtype=torch.long, device=step_mask.device)
             else:
                 pool_index[feature.key] = (step_mask.long().sum(dim=1) - 1).clamp(min=0)
-        return AttentionForward(logits=logits, attention=captured, pool_index=pool_index)
+        embeddings = {feature.key: _tracked_value(kwargs[feature.key], feature) for feature in self.features}
+        return AttentionForward(logits=logits, attention=capture.attention, pool_index=pool_index, embeddings=embeddings)
 
     def relevance_to_inputs(
         self, relevance: Mapping[str, Tensor], inputs: tuple[Tensor, ...], additional_forward_args: tuple
@@ -463,46 +593,28 @@ class PyHealthAdapter(nn.Module):
             out.append(codes.detach())
         return tuple(out)
 
-    @contextmanager
-    def _first_row_last_blocks(self, enabled: bool) -> Iterator[None]:
-        """Within the block, each stream's last ``TransformerBlock`` computes its first position only."""
+    def _pooled_row_overrides(self, enabled: bool) -> dict[nn.Module, Callable[..., Any]]:
+        """Each stream's last ``TransformerBlock`` computes its first position only (for this call's thread)."""
         from pyhealth.models import Transformer
         from pyhealth.models.transformer import TransformerBlock
 
-        blocks = []
+        overrides: dict[nn.Module, Callable[..., Any]] = {}
         if enabled and self.pooling == "first" and isinstance(self.model, Transformer):
             for key in self.feature_keys:
                 last = self.model.transformer[key].transformer[-1]
-                if type(last) is TransformerBlock and "forward" not in vars(last):
-                    blocks.append(last)
-        try:
-            for block in blocks:
-                block.forward = partial(_first_row_block_forward, block)
-            yield
-        finally:
-            for block in blocks:
-                vars(block).pop("forward", None)
-
-    @contextmanager
-    def _evaluation(self, freeze: bool = False) -> Iterator[None]:
-        """Dropout off (and, with ``freeze``, no parameter in the graph); restores the model exactly."""
-        # Only what has to change is touched: attribution methods call this once per forward.
-        training = [m for m in self._model_modules if m.training]
-        frozen = [p for p in self._model_parameters if p.requires_grad] if freeze else []
-        try:
-            if training:
-                self.model.eval()
-            for p in frozen:
-                p.requires_grad_(False)
-            yield
-        finally:
-            for m in training:
-                m.training = True
-            for p in frozen:
-                p.requires_grad_(True)
+                if type(last) is TransformerBlock:
+                    overrides[last] = partial(_first_row_block_forward, last)
+        return overrides
 
 
-def _first_row_block_forward(block: nn.Module, x: Tensor, mask: Optional[Tensor] = None, register_hook: bool = False) -> Tensor:
+def _tracked_value(value: tuple[Tensor, ...], feature: FeatureSpec) -> Tensor:
+    """The embedded codes of a feature as ``forward_from_embedding`` receives them (the tracked leaf)."""
+    return value[feature.value_index] if feature.temporal else value[0]
+
+
+def _first_row_block_forward(
+    block: nn.Module, original: Callable[..., Tensor], x: Tensor, mask: Optional[Tensor] = None, register_hook: bool = False
+) -> Tensor:
     """PyHealth's ``TransformerBlock.forward`` for the first position alone: ``[B, L, D]`` -> ``[B, 1, D]``.
 
     The same pre-norm residual block, with the first position as the only query: its attention row
@@ -516,10 +628,3 @@ def _first_row_block_forward(block: nn.Module, x: Tensor, mask: Optional[Tensor]
     x = x[:, :1] + attend.dropout(attended)
     x = feed(x, lambda y: block.feed_forward(y, mask=row_mask))
     return block.dropout(x)
-
-
-def _capture_into(store: list[Tensor]):
-    def hook(module: nn.Module, args: Any, output: Any) -> None:
-        store.append(output[1])  # PyHealth's Attention returns (values, attention probabilities)
-
-    return hook

@@ -1,10 +1,8 @@
-"""Chefer side by side with Captum's own methods, on one ``PyHealthAdapter``.
+"""Running Captum attribution methods side by side on one adapter.
 
 * :func:`compare_methods`: one call runs a list of Captum attribution objects on a batch or a loader
   and returns per-code scores (feature dicts, padding zero) and wall time per sample.
 * :func:`ig_baselines`: Integrated Gradients baselines that keep padding as padding.
-* :func:`token_removal_perturbation`: a ``perturb_func`` (and matching forward function) for
-  ``captum.metrics.infidelity`` at token level: removed codes become padding.
 * :class:`EvaluatorMethod`: runs any Captum method through the adapter for PyHealth's
   ``pyhealth.metrics.interpretability.Evaluator``.
 
@@ -30,19 +28,18 @@ import torch
 from captum.attr import Attribution, LayerIntegratedGradients, NoiseTunnel
 from torch import Tensor
 
-from .pyhealth import PyHealthAdapter
+from ..adapters import Adapter
 
 __all__ = [
     "Comparison",
     "EvaluatorMethod",
-    "TokenRemoval",
+    "MethodSpec",
     "compare_methods",
     "ig_baselines",
     "is_ig_like",
     "masked_feature_dict",
     "method_name",
     "method_specs",
-    "token_removal_perturbation",
 ]
 
 Reference = Literal["unk", "zero"]
@@ -56,24 +53,15 @@ _IG_LIKE = ("IntegratedGradients", "LayerIntegratedGradients")
 
 
 def ig_baselines(
-    adapter: PyHealthAdapter,
+    adapter: Adapter,
     inputs: tuple[Tensor, ...],
     additional_forward_args: tuple[Tensor, ...],
     reference: Reference = "unk",
 ) -> tuple[Tensor, ...]:
-    """Integrated Gradients baselines for a batch: padding stays padding, real codes get a reference.
+    """Integrated Gradients baselines for a batch: padding stays padding, real tokens get a reference.
 
-    Args:
-        adapter: the adapter the inputs came from.
-        inputs: ``adapter.captum_inputs(batch, level=...)[0]``: embeddings or token ids.
-        additional_forward_args: the matching ``additional_forward_args`` (the code masks are read).
-        reference: what a real code becomes: ``"unk"`` (the ``<unk>`` code's embedding, or its id at
-            token level) or ``"zero"`` (a zero embedding; at token level the padding id, whose
-            embedding is zero, while the mask still marks the position as real).
-
-    Returns:
-        One baseline per input, shaped like it. At padding positions the baseline equals the input,
-        so ``inputs - baselines`` is zero there and IG gives padding nothing.
+    ``adapter.baselines(inputs, additional_forward_args, reference)``; see the adapter for the references
+    it offers (``PyHealthAdapter``: ``"unk"``, the ``<unk>`` code, or ``"zero"``).
 
     Measured convergence delta (``IntegratedGradients``, Gauss-Legendre, 16 patients of the trained
     two-layer test Transformer, ``|f(x) - f(baseline)|`` median 5.2 logits for ``"unk"``, 2.6 for
@@ -97,127 +85,8 @@ def ig_baselines(
         >>> bool(delta.abs().max() < 1e-2)
         True
     """
-    if reference not in ("unk", "zero"):
-        raise ValueError(f"reference must be 'unk' or 'zero', got {reference!r}")
-    inputs = _as_inputs(adapter, inputs)
-    masks = adapter.code_masks(additional_forward_args)
-    out = []
-    for feature, x, mask in zip(adapter.features, inputs, masks):
-        mask = mask.to(x.device).bool()
-        unk_id = int(getattr(adapter.model.dataset.input_processors[feature.key], "code_vocab", {}).get("<unk>", 1))
-        if x.is_floating_point():
-            if tuple(x.shape[:-1]) != tuple(mask.shape):
-                raise ValueError(
-                    f"input for {feature.key!r} has shape {tuple(x.shape)} but its mask is {tuple(mask.shape)}; "
-                    "pass inputs and additional_forward_args from the same adapter.captum_inputs call"
-                )
-            if reference == "unk":
-                with torch.no_grad():
-                    ids = torch.full((1,) * mask.dim(), unk_id, dtype=torch.long, device=x.device)
-                    ref = adapter.model.embedding_model({feature.key: ids})[feature.key].to(x.dtype)
-            else:
-                ref = torch.zeros((), dtype=x.dtype, device=x.device)
-            out.append(torch.where(mask.unsqueeze(-1), ref.expand_as(x), x).detach())
-        else:
-            if tuple(x.shape) != tuple(mask.shape):
-                raise ValueError(
-                    f"token input for {feature.key!r} has shape {tuple(x.shape)} but its mask is {tuple(mask.shape)}"
-                )
-            ref_id = unk_id if reference == "unk" else feature.pad_id
-            out.append(torch.where(mask, torch.full_like(x, ref_id), x))
-    return tuple(out)
-
-
-# ---------------------------------------------------------------------------------------------- infidelity
-
-
-class TokenRemoval:
-    """Token removal for ``captum.metrics.infidelity``: removed codes become padding.
-
-    ``infidelity`` perturbs only ``inputs``; the masks travel in ``additional_forward_args``, so the
-    plain adapter would still treat a removed code as a real code with the padding embedding.
-    :attr:`forward_func` therefore ands each mask with ``ids != <pad>``: the model then treats removed
-    codes as absent, exactly as if the batch had never held them. Use both together, at token level.
-
-    Calling the object is the ``perturb_func``: each real code is removed independently with
-    probability ``fraction`` (at least one real code of each sample and stream is kept); it returns
-    ``(perturbations, perturbed_inputs)`` with ``perturbations`` ``1.0`` on removed codes, so
-    infidelity compares the attribution mass of the removed codes with the drop of the output.
-
-    Args:
-        adapter: the adapter.
-        fraction: probability that a real code is removed, in ``(0, 1)``.
-        generator: a ``torch.Generator`` for reproducible draws.
-    """
-
-    def __init__(self, adapter: PyHealthAdapter, fraction: float = 0.3, generator: Optional[torch.Generator] = None):
-        if not isinstance(adapter, PyHealthAdapter):
-            raise TypeError(f"TokenRemoval needs a PyHealthAdapter, got {type(adapter).__name__}")
-        if not 0.0 < float(fraction) < 1.0:
-            raise ValueError(f"fraction must be in (0, 1), got {fraction!r}")
-        self.adapter = adapter
-        self.fraction = float(fraction)
-        self.generator = generator
-
-    def forward_func(self, *inputs_and_args: Tensor) -> Tensor:
-        """The adapter's logits, with each code mask anded with ``ids != <pad>`` (token level only)."""
-        inputs, args = self.adapter.split_inputs(inputs_and_args)
-        args = list(args)
-        position = 0
-        for feature, ids in zip(self.adapter.features, inputs):
-            if ids.is_floating_point():
-                raise TypeError(
-                    f"TokenRemoval works on token ids; input for {feature.key!r} is {ids.dtype}. "
-                    "Use adapter.captum_inputs(batch, level='token')."
-                )
-            args[position] = args[position].bool() & (ids != feature.pad_id)
-            position += 2 if feature.temporal else 1
-        return self.adapter(*inputs, *args)
-
-    def __call__(self, inputs: Tensor | tuple[Tensor, ...]) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
-        inputs_tuple = inputs if isinstance(inputs, tuple) else (inputs,)
-        perturbations, perturbed = [], []
-        for feature, ids in zip(self.adapter.features, inputs_tuple):
-            if ids.is_floating_point():
-                raise TypeError(f"TokenRemoval perturbs token ids; input for {feature.key!r} is {ids.dtype}")
-            real = ids != feature.pad_id
-            draw = torch.rand(ids.shape, generator=self.generator, device="cpu").to(ids.device)
-            remove = real & (draw < self.fraction)
-            flat_real, flat_remove = real.reshape(real.shape[0], -1), remove.reshape(real.shape[0], -1)
-            emptied = flat_real.any(dim=1) & ~(flat_real & ~flat_remove).any(dim=1)
-            if emptied.any():  # keep the first real code of a sample that would lose all of them
-                first = flat_real.float().argmax(dim=1)
-                flat_remove[emptied, first[emptied]] = False
-            remove = flat_remove.reshape(ids.shape)
-            perturbations.append(remove.float())
-            perturbed.append(torch.where(remove, torch.full_like(ids, feature.pad_id), ids))
-        return tuple(perturbations), tuple(perturbed)
-
-
-def token_removal_perturbation(
-    adapter: PyHealthAdapter, fraction: float = 0.3, generator: Optional[torch.Generator] = None
-) -> TokenRemoval:
-    """A :class:`TokenRemoval`: ``perturb_func`` for ``captum.metrics.infidelity`` at token level.
-
-    Pass ``removal.forward_func`` as infidelity's ``forward_func`` and ``removal`` as its
-    ``perturb_func``; inputs, attributions and ``additional_forward_args`` at token level.
-
-    Example:
-        >>> import torch
-        >>> from captum.metrics import infidelity
-        >>> from captum_chefer import CheferAttribution, PyHealthAdapter
-        >>> from captum_chefer.synthetic import toy_model_and_batch
-        >>> model, batch = toy_model_and_batch()
-        >>> adapter = PyHealthAdapter(model)
-        >>> tokens, args = adapter.captum_inputs(batch, level="token")
-        >>> chefer = CheferAttribution(adapter).attribute(tokens, additional_forward_args=args)
-        >>> removal = token_removal_perturbation(adapter, 0.3, torch.Generator().manual_seed(0))
-        >>> scores = infidelity(removal.forward_func, removal, tokens, chefer,
-        ...                     additional_forward_args=args, n_perturb_samples=4, normalize=True)
-        >>> tuple(scores.shape), bool(torch.isfinite(scores).all())
-        ((4,), True)
-    """
-    return TokenRemoval(adapter, fraction, generator)
+    _require_adapter(adapter, "ig_baselines")
+    return adapter.baselines(inputs, additional_forward_args, reference)
 
 
 # ---------------------------------------------------------------------------------------------- comparison
@@ -306,7 +175,7 @@ def method_name(method: Attribution) -> str:
 
 
 def compare_methods(
-    adapter: PyHealthAdapter,
+    adapter: Adapter,
     data: Mapping[str, Any] | Iterable[Mapping[str, Any]],
     methods: Sequence[MethodSpec],
     *,
@@ -324,7 +193,7 @@ def compare_methods(
     every method (see the module docstring).
 
     Args:
-        adapter: the :class:`PyHealthAdapter` every method wraps.
+        adapter: the adapter every method wraps (e.g. a :class:`~captum_chefer.PyHealthAdapter`).
         data: one batch dict, or an iterable of them (a ``DataLoader``).
         methods: Captum attribution objects, or ``(name, method)`` / ``(name, method, kwargs)``
             tuples; ``kwargs`` go to ``method.attribute`` (e.g. ``{"n_steps": 32,
@@ -352,8 +221,7 @@ def compare_methods(
         >>> bool((result.scores["Saliency"]["procedures"][batch["procedures"] == 0] == 0).all())
         True
     """
-    if not isinstance(adapter, PyHealthAdapter):
-        raise TypeError(f"compare_methods needs a PyHealthAdapter, got {type(adapter).__name__}")
+    _require_adapter(adapter, "compare_methods")
     if target_mode not in ("predicted", "label"):
         raise ValueError(f"target_mode must be 'predicted' or 'label', got {target_mode!r}")
     if baseline not in ("unk", "zero"):
@@ -364,7 +232,7 @@ def compare_methods(
     else:
         batches = data
         if progress:
-            from tqdm.auto import tqdm
+            from tqdm import tqdm
 
             batches = tqdm(data, desc="compare_methods", unit="batch")
 
@@ -383,7 +251,7 @@ def compare_methods(
         embeddings, args = adapter.captum_inputs(batch, level="embedding")
         tokens, _ = adapter.captum_inputs(batch, level="token")
         target = adapter.captum_target(batch, mode=target_mode)
-        masks = adapter.code_masks(args)
+        masks = adapter.token_masks(args)
         for name, method, kwargs in specs:
             scores[name].append(
                 _attribute_one(adapter, method, kwargs, embeddings, tokens, args, masks, target, baseline, seconds, name)
@@ -405,7 +273,7 @@ def compare_methods(
 
 
 def _attribute_one(
-    adapter: PyHealthAdapter,
+    adapter: Adapter,
     method: Attribution,
     kwargs: Mapping[str, Any],
     embeddings: tuple[Tensor, ...],
@@ -436,7 +304,7 @@ def _attribute_one(
 
 
 def masked_feature_dict(
-    adapter: PyHealthAdapter, attributions: Tensor | tuple[Tensor, ...], masks: Sequence[Tensor]
+    adapter: Adapter, attributions: Tensor | tuple[Tensor, ...], masks: Sequence[Tensor]
 ) -> dict[str, Tensor]:
     """``adapter.to_feature_dict`` with every score on padding set to zero, on the CPU."""
     scores = adapter.to_feature_dict(attributions)
@@ -449,7 +317,7 @@ def masked_feature_dict(
     return out
 
 
-def method_specs(adapter: PyHealthAdapter, methods: Sequence[MethodSpec]) -> list[tuple[str, Attribution, dict]]:
+def method_specs(adapter: Adapter, methods: Sequence[MethodSpec]) -> list[tuple[str, Attribution, dict]]:
     """``(name, method, attribute_kwargs)`` for each entry of a methods list, validated."""
     if isinstance(methods, (Attribution, str)) or not isinstance(methods, Sequence):
         raise TypeError("methods must be a list of Captum attribution objects or (name, method[, kwargs]) tuples")
@@ -469,7 +337,7 @@ def method_specs(adapter: PyHealthAdapter, methods: Sequence[MethodSpec]) -> lis
         if _forward_func(method) is not adapter:
             raise ValueError(
                 f"method {name!r} wraps {type(_forward_func(method)).__name__}, not this adapter; build every method "
-                "on the same PyHealthAdapter, e.g. IntegratedGradients(adapter)"
+                "on the same adapter, e.g. IntegratedGradients(adapter)"
             )
         if isinstance(method, NoiseTunnel) and _token_level(method.attribution_method):
             raise ValueError(f"{name!r}: NoiseTunnel adds Gaussian noise, which token ids cannot take")
@@ -500,14 +368,11 @@ def is_ig_like(method: Attribution) -> bool:
     return type(inner).__name__ in _IG_LIKE
 
 
-def _as_inputs(adapter: PyHealthAdapter, inputs: Any) -> tuple[Tensor, ...]:
-    inputs = inputs if isinstance(inputs, tuple) else (inputs,)
-    if len(inputs) != len(adapter.feature_keys) or not all(isinstance(x, Tensor) for x in inputs):
-        raise ValueError(
-            f"expected {len(adapter.feature_keys)} input tensors (one per feature key {adapter.feature_keys}); "
-            "make them with adapter.captum_inputs(batch)"
+def _require_adapter(adapter: Any, caller: str) -> None:
+    if not isinstance(adapter, Adapter):
+        raise TypeError(
+            f"{caller} needs an adapter from captum_chefer.adapters (e.g. PyHealthAdapter(model)), got {type(adapter).__name__}"
         )
-    return inputs
 
 
 def _cat_padded(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
@@ -564,7 +429,7 @@ class EvaluatorMethod:
 
     def __init__(
         self,
-        adapter: PyHealthAdapter,
+        adapter: Adapter,
         method: Attribution,
         *,
         target_mode: Literal["predicted", "label"] = "predicted",
@@ -584,7 +449,7 @@ class EvaluatorMethod:
         embeddings, args = self.adapter.captum_inputs(batch, level="embedding")
         tokens, _ = self.adapter.captum_inputs(batch, level="token")
         target = self.adapter.captum_target(batch, mode=self.target_mode)
-        masks = self.adapter.code_masks(args)
+        masks = self.adapter.token_masks(args)
         seconds = {self.name: 0.0}
         scores = _attribute_one(
             self.adapter, self.method, self.kwargs, embeddings, tokens, args, masks, target, self.baseline, seconds,

@@ -1,0 +1,228 @@
+"""What every adapter offers, under the same names, doing the same jobs, in the same order in each module.
+
+An adapter wraps one model library's classifier as a Captum ``forward_func`` and maps that library's
+batches to Captum's ``(inputs, target, additional_forward_args)`` and back:
+
+1. **Description**: ``feature_keys`` (one input tensor per key, in order), ``num_outputs``,
+   ``embedding_layers`` (for ``LayerIntegratedGradients``).
+2. **Batch to Captum and back**: ``captum_inputs(batch, level)``, ``captum_target(batch, mode)``,
+   ``to_feature_dict(attributions)`` (per-token scores shaped like the token ids, for every method).
+3. **Display**: ``decode(batch)`` (each sample's real tokens as strings, with their index in the feature
+   dict), ``visualization_records(batch, attributions, ...)`` (Captum ``VisualizationDataRecord``s).
+4. **Forward**: ``forward(*inputs, *additional_forward_args)`` returns the logits ``[B, C]`` with dropout
+   off; ``split_inputs`` undoes the flattening Captum does.
+5. **Attention** (:class:`captum_chefer.attribution.AttentionModel`, what ``CheferAttribution`` needs):
+   ``require_attention()``, ``attention_forward(inputs, args, ...)``, ``relevance_to_inputs(...)``.
+
+This module holds the parts that are the same for every library: the record builder, and the mapping
+between patch relevance and pixels for vision transformers.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional, Sequence
+
+import torch
+from captum.attr import visualization as captum_viz
+from torch import Tensor, nn
+
+__all__ = ["Adapter", "DecodedToken", "MethodRecord", "spread_over_patches", "sum_over_patches"]
+
+
+@dataclass(frozen=True)
+class DecodedToken:
+    """One real token of one sample, for display: its feature, its text and its index in the feature dict."""
+
+    feature: str
+    text: str
+    index: tuple[int, ...]  # index into the sample's row of to_feature_dict(...)[feature]
+
+
+class MethodRecord(captum_viz.VisualizationDataRecord):
+    """Captum's ``VisualizationDataRecord`` that also carries the name of the method it shows.
+
+    Captum's ``visualize_text`` renders it as any record; the attribution label reads ``"<class> (<method>)"``
+    so that rows of several methods on one page can be told apart.
+    """
+
+    def __init__(self, *args: Any, method: Optional[str] = None) -> None:
+        super().__init__(*args)
+        self.method = method
+
+
+class Adapter(nn.Module):
+    """Base of the adapters: the record builder shared by all of them (see the module docstring)."""
+
+    feature_keys: list[str]
+
+    def decode(self, batch: Any) -> list[list[DecodedToken]]:
+        """Each sample's real tokens, in display order."""
+        raise NotImplementedError
+
+    def class_names(self) -> dict[int, str]:
+        """Readable names of the output classes (index -> name); empty when the model has none."""
+        return {}
+
+    def true_classes(self, batch: Any) -> Optional[list[str]]:
+        """Each sample's true class as text, or ``None`` when the batch has no labels."""
+        return None
+
+    def probabilities(self, logits: Tensor) -> Tensor:
+        """Class probabilities from logits: softmax, or sigmoid of a single logit ``[B, 1]``."""
+        return torch.sigmoid(logits) if logits.shape[1] == 1 else logits.softmax(dim=1)
+
+    def visualization_records(
+        self,
+        batch: Any,
+        attributions: Any,
+        target: Any = None,
+        *,
+        method: Optional[str] = None,
+        delta: Optional[Tensor] = None,
+    ) -> list[MethodRecord]:
+        """One Captum ``VisualizationDataRecord`` per sample, for ``captum.attr.visualization.visualize_text``.
+
+        Args:
+            batch: the batch the attributions explain.
+            attributions: shaped like the Captum inputs (a tensor or tuple, any input level), or a feature
+                dict ``{feature_key: scores}`` such as ``Comparison.scores[method]``.
+            target: the class that was explained (an int, a per-sample sequence or tensor); ``None``: the
+                single logit's positive class for binary models, else the predicted class.
+            method: the method's name, carried by the records and shown with the attribution label.
+            delta: optional per-sample convergence deltas (e.g. from Integrated Gradients).
+
+        Returns:
+            Records whose ``raw_input_ids`` are the decoded tokens (with a ``"<key>"`` marker before each
+            feature stream when there are several), ``word_attributions`` their scores divided by the
+            sample's largest ``|score|``, ``attr_score`` the sum of the raw scores, ``pred_prob`` the
+            probability of ``pred_class``.
+        """
+        scores = self._scores_dict(attributions)
+        decoded = self.decode(batch)
+        batch_size = len(decoded)
+        inputs, args = self.captum_inputs(batch, level="token")  # type: ignore[attr-defined]
+        for key, mask in zip(self.feature_keys, self.token_masks(args)):  # type: ignore[attr-defined]
+            if tuple(scores[key].shape) != tuple(mask.shape):
+                raise ValueError(
+                    f"scores for {key!r} have shape {tuple(scores[key].shape)} but the batch's tokens are "
+                    f"{tuple(mask.shape)}; pass the attributions of this batch"
+                )
+        with torch.no_grad():
+            logits = self(*inputs, *args).detach().float().cpu()
+        single = logits.shape[1] == 1
+        probabilities = self.probabilities(logits)
+        if single:
+            predicted = (probabilities[:, 0] >= 0.5).long()
+            predicted_probability = torch.where(predicted == 1, probabilities[:, 0], 1 - probabilities[:, 0])
+        else:
+            predicted = probabilities.argmax(1)
+            predicted_probability = probabilities.gather(1, predicted.view(-1, 1))[:, 0]
+        explained = _explained_classes(target, batch_size, predicted, single)
+        names = self.class_names()
+        true = self.true_classes(batch) or ["n/a"] * batch_size
+        deltas = None if delta is None else torch.as_tensor(delta).detach().cpu().reshape(-1)
+        if deltas is not None and deltas.numel() != batch_size:
+            raise ValueError(f"delta must hold one value per sample ({batch_size}), got {deltas.numel()}")
+        markers = len(self.feature_keys) > 1
+        records = []
+        for i, tokens in enumerate(decoded):
+            words: list[str] = []
+            values: list[float] = []
+            for key in self.feature_keys:
+                if markers:
+                    words.append(f"<{key}>")
+                    values.append(0.0)
+                row = scores[key][i].detach().float().cpu()
+                for token in tokens:
+                    if token.feature == key:
+                        words.append(token.text)
+                        values.append(float(row[token.index]))
+            raw_total = sum(values)
+            word_scores = torch.tensor(values)
+            peak = word_scores.abs().max() if values else torch.tensor(0.0)
+            if peak > 0:
+                word_scores = word_scores / peak
+            attr_class = names.get(explained[i], str(explained[i]))
+            records.append(
+                MethodRecord(
+                    word_scores,
+                    float(predicted_probability[i]),
+                    names.get(int(predicted[i]), str(int(predicted[i]))),
+                    true[i],
+                    attr_class if method is None else f"{attr_class} ({method})",
+                    raw_total,
+                    words,
+                    None if deltas is None else float(deltas[i]),
+                    method=method,
+                )
+            )
+        return records
+
+    def _scores_dict(self, attributions: Any) -> dict[str, Tensor]:
+        if isinstance(attributions, Mapping):
+            missing = [k for k in self.feature_keys if k not in attributions]
+            if missing:
+                raise KeyError(f"attributions have no scores for {missing}; expected keys {self.feature_keys}")
+            return {k: torch.as_tensor(attributions[k]).detach() for k in self.feature_keys}
+        if isinstance(attributions, list):
+            attributions = tuple(attributions)
+        if not isinstance(attributions, (Tensor, tuple)):
+            raise TypeError(
+                "attributions must be a tensor or tuple shaped like the Captum inputs, or a feature dict "
+                f"{{feature_key: scores}}; got {type(attributions).__name__}"
+            )
+        return self.to_feature_dict(attributions)  # type: ignore[attr-defined]
+
+
+def _explained_classes(target: Any, batch_size: int, predicted: Tensor, single: bool) -> list[int]:
+    if target is None:
+        return [1] * batch_size if single else predicted.tolist()
+    if isinstance(target, bool):
+        raise TypeError("target must be an int, a sequence of ints or a tensor, not a bool")
+    if isinstance(target, int):
+        return [target] * batch_size
+    index = torch.as_tensor(target).reshape(-1)
+    if index.numel() == 1:
+        return [int(index)] * batch_size
+    if index.numel() != batch_size:
+        raise ValueError(f"target must be one class or one per sample ({batch_size}), got {index.numel()} values")
+    return [int(t) for t in index]
+
+
+
+def spread_over_patches(relevance: Tensor, image_shape: Sequence[int], patch_size: int | tuple[int, int]) -> Tensor:
+    """Patch relevance ``[B, N]`` (row-major over the patch grid) as pixels ``[B, C, H, W]``.
+
+    Each patch's relevance is spread evenly over its pixels and channels, so summing a patch's pixels gives
+    the patch's relevance back (:func:`sum_over_patches`). Pixels outside the grid (a border the patch
+    embedding's stride does not cover) get zero.
+
+    Example:
+        >>> pixels = spread_over_patches(torch.tensor([[4.0, 8.0]]), (1, 2, 2, 4), 2)
+        >>> pixels[0, 0]
+        tensor([[0.5000, 0.5000, 1.0000, 1.0000],
+                [0.5000, 0.5000, 1.0000, 1.0000]])
+        >>> sum_over_patches(pixels, 2)
+        tensor([[4., 8.]])
+    """
+    batch, channels, height, width = (int(d) for d in image_shape)
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    rows, cols = height // ph, width // pw
+    if relevance.shape != (batch, rows * cols):
+        raise ValueError(
+            f"patch relevance has shape {tuple(relevance.shape)}; an image {tuple(image_shape)} with patches of "
+            f"{ph}x{pw} has {rows}x{cols} = {rows * cols} patches per sample"
+        )
+    grid = relevance.reshape(batch, 1, rows, cols) / float(channels * ph * pw)
+    pixels = grid.repeat_interleave(ph, dim=2).repeat_interleave(pw, dim=3).expand(batch, channels, rows * ph, cols * pw)
+    return torch.nn.functional.pad(pixels, (0, width - cols * pw, 0, height - rows * ph)).contiguous()
+
+
+def sum_over_patches(pixels: Tensor, patch_size: int | tuple[int, int]) -> Tensor:
+    """Pixel attributions ``[B, C, H, W]`` summed per patch and channel: ``[B, N]`` row-major over the grid."""
+    ph, pw = (patch_size, patch_size) if isinstance(patch_size, int) else patch_size
+    batch, _, height, width = pixels.shape
+    rows, cols = height // ph, width // pw
+    cropped = pixels[:, :, : rows * ph, : cols * pw]
+    return cropped.reshape(batch, -1, rows, ph, cols, pw).sum(dim=(1, 3, 5)).reshape(batch, rows * cols)
