@@ -200,6 +200,7 @@ class CheferAttribution(GradientAttribution):
             captured = self.model.attention_forward(inputs_tuple, args, **({"pooled_row_only": True} if pooled else {}))
             logits = captured.logits
             explained = _select_target(logits, target)
+            _check_depth(captured.attention, layers)
             streams = {key: list(maps[-layers:] if layers else maps) for key, maps in captured.attention.items()}
             _check_maps(streams, pooled_allowed=pooled)
             captured.attention = {}  # the propagation below holds the only references and drops them early
@@ -316,6 +317,20 @@ def _rows_dense(
         weighted = [weighted_attention(a.detach(), g, **reduce) for a, g in zip(streams[key], grads)]
         rows[key] = read_rows(dense_relevance(weighted), pool_index[key])
     return rows
+
+
+def _check_depth(attention: Mapping[str, Sequence[Tensor]], layers: Optional[int]) -> None:
+    """``layers`` may not exceed the number of attention layers of any stream."""
+    if layers is None:
+        return
+    depths = {key: len(maps) for key, maps in attention.items()}
+    too_shallow = {key: depth for key, depth in depths.items() if depth < layers}
+    if too_shallow:
+        listed = ", ".join(f"{key!r} has {depth}" for key, depth in too_shallow.items())
+        raise ValueError(
+            f"layers={layers} asks for more attention layers than the model has ({listed}); pass layers between 1 "
+            f"and {min(depths.values())}, or None for all of them"
+        )
 
 
 def _check_maps(streams: Mapping[str, Sequence[Tensor]], pooled_allowed: bool) -> None:

@@ -28,14 +28,68 @@ def test_not_a_pyhealth_model():
         CheferAttribution(lambda x: x)
 
 
-def test_pyhealth_model_without_attention(seq_dataset):
+def test_pyhealth_model_that_cannot_be_run_is_refused_when_wrapped(seq_dataset):
     from pyhealth.models import RNN
 
     with quiet_pyhealth():
         rnn = RNN(dataset=seq_dataset, embedding_dim=8, hidden_dim=8)
-    adapter = PyHealthAdapter(rnn)  # fine for gradient methods
+    assert not hasattr(rnn, "forward_from_embedding")  # what every method would call, and fail on
+    with pytest.raises(TypeError, match=r"RNN cannot be explained.*no forward_from_embedding.*Transformer"):
+        PyHealthAdapter(rnn)
+
+
+def test_pyhealth_model_without_attention_runs_gradient_methods_but_not_chefer():
+    from captum.attr import Saliency
+    from pyhealth.models import MLP
+
+    dataset = make_dataset("sequence")
+    with quiet_pyhealth():
+        from pyhealth.datasets import create_sample_dataset
+
+        from conftest import make_samples
+
+        flat = create_sample_dataset(
+            samples=[{k: v for k, v in s.items() if k != "procedures"} for s in make_samples("sequence")],
+            input_schema={"conditions": "sequence"}, output_schema={"label": "binary"}, dataset_name="flat",
+        )
+        mlp = MLP(dataset=flat, embedding_dim=8, hidden_dim=8).eval()
+    adapter = PyHealthAdapter(mlp)
+    batch = first_batch(flat)
+    inputs, args = adapter.captum_inputs(batch)
+    assert torch.allclose(adapter(*inputs, *args), mlp(**batch)["logit"])
+    assert Saliency(adapter).attribute(inputs, additional_forward_args=args)[0].shape == inputs[0].shape
     with pytest.raises(ValueError, match="no attention layers.*IntegratedGradients"):
         CheferAttribution(adapter)
+    del dataset
+
+
+def test_code_ids_given_to_a_gradient_method(adapter, seq_batch):
+    from captum.attr import IntegratedGradients
+
+    ids, args = adapter.captum_inputs(seq_batch, level="token")
+    with pytest.raises(ValueError, match=r"'conditions' has the shape of its code ids.*captum_inputs\(batch\).*"
+                                          r"LayerIntegratedGradients\(adapter, adapter.embedding_layers\)"):
+        IntegratedGradients(adapter).attribute(ids, additional_forward_args=args, n_steps=4)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_non_finite_inputs(adapter, seq_batch, bad):
+    from captum.attr import Saliency
+
+    inputs, args = adapter.captum_inputs(seq_batch)
+    poisoned = inputs[0].clone()
+    poisoned[0, 0, 0] = bad
+    for method in (CheferAttribution(adapter), Saliency(adapter)):
+        with pytest.raises(ValueError, match="'conditions' holds 1 NaN or infinite value"):
+            method.attribute((poisoned, inputs[1]), additional_forward_args=args)
+
+
+def test_layers_beyond_the_depth(adapter, seq_batch):
+    inputs, args = adapter.captum_inputs(seq_batch)
+    method = CheferAttribution(adapter)
+    with pytest.raises(ValueError, match=r"layers=5 asks for more.*'conditions' has 2.*between 1 and 2"):
+        method.attribute(inputs, additional_forward_args=args, layers=5)
+    assert method.attribute(inputs, additional_forward_args=args, layers=2)[0].shape == inputs[0].shape
 
 
 def test_batch_missing_a_feature_key(adapter, seq_batch):
@@ -100,10 +154,15 @@ def test_wrong_number_of_input_tensors(adapter, seq_batch):
 
 def test_inputs_with_different_batch_sizes(adapter, seq_batch):
     inputs, args = adapter.captum_inputs(seq_batch)
-    with pytest.raises(ValueError, match="shape"):
+    message = r"different batch sizes \(input 'conditions' 3, mask of 'conditions' 6, .*one adapter.captum_inputs"
+    with pytest.raises(ValueError, match=message):
         attribute(adapter, (inputs[0][:3], inputs[1]), args)
-    with pytest.raises(ValueError, match="different batch sizes"):
+    with pytest.raises(ValueError, match=r"'conditions' 3, mask of 'conditions' 3, input 'procedures' 6, mask of 'procedures' 6"):
         attribute(adapter, (inputs[0][:3], inputs[1]), (args[0][:3], args[1]))
+    from captum.attr import Saliency
+
+    with pytest.raises(ValueError, match="different batch sizes"):
+        Saliency(adapter).attribute(inputs, additional_forward_args=(args[0], args[1][:2]))
     batch = {**seq_batch, "conditions": seq_batch["conditions"][:3]}
     with pytest.raises(ValueError, match="different batch sizes"):
         adapter.captum_inputs(batch)
@@ -157,3 +216,47 @@ def test_feature_dict_of_the_wrong_shape(adapter, seq_batch):
         adapter.to_feature_dict(inputs[:1])
     with pytest.raises(ValueError, match="expected 2 dims"):
         adapter.to_feature_dict((inputs[0][0, :, 0], inputs[1]))
+
+
+def test_zero_baseline_warning_fires_once_per_adapter_and_not_with_proper_baselines(seq_model, seq_batch):
+    import warnings
+
+    from captum.attr import IntegratedGradients, LayerIntegratedGradients, NoiseTunnel, Saliency
+
+    from captum_chefer import ig_baselines
+    from captum_chefer.adapters.base import ZeroBaselineWarning
+
+    def zero_baseline_warnings(run):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            run()
+        return [w for w in caught if issubclass(w.category, ZeroBaselineWarning)]
+
+    adapter = PyHealthAdapter(seq_model)
+    inputs, args = adapter.captum_inputs(seq_batch)
+    ids, _ = adapter.captum_inputs(seq_batch, level="token")
+    ig = IntegratedGradients(adapter)
+    proper = lambda: ig.attribute(inputs, baselines=ig_baselines(adapter, inputs, args), additional_forward_args=args, n_steps=4)
+    lig_proper = lambda: LayerIntegratedGradients(adapter, adapter.embedding_layers).attribute(
+        ids, baselines=ig_baselines(adapter, ids, args), additional_forward_args=args, n_steps=4)
+    others = lambda: (Saliency(adapter).attribute(inputs, additional_forward_args=args),
+                      CheferAttribution(adapter).attribute(inputs, additional_forward_args=args))
+    assert zero_baseline_warnings(proper) == [] and zero_baseline_warnings(lig_proper) == []
+    assert zero_baseline_warnings(others) == []
+
+    default = lambda: ig.attribute(inputs, additional_forward_args=args, n_steps=4, internal_batch_size=8)
+    (warning,) = zero_baseline_warnings(default)
+    assert "all-zero baseline" in str(warning.message) and "ig_baselines(adapter, inputs" in str(warning.message)
+    assert zero_baseline_warnings(default) == []  # once per adapter
+    assert zero_baseline_warnings(lambda: ig.attribute(inputs, baselines=(0.0, 0), additional_forward_args=args, n_steps=4)) == []
+
+    # a fresh adapter warns again; so do the zero baselines of LayerIntegratedGradients and NoiseTunnel(IG)
+    for run in (
+        lambda a: LayerIntegratedGradients(a, a.embedding_layers).attribute(ids, additional_forward_args=args, n_steps=4),
+        lambda a: NoiseTunnel(IntegratedGradients(a)).attribute(inputs, additional_forward_args=args, n_steps=4,
+                                                                 nt_samples=2, stdevs=0.01),
+        lambda a: IntegratedGradients(a).attribute(inputs, baselines=tuple(torch.zeros_like(x) for x in inputs),
+                                                   additional_forward_args=args, n_steps=4),
+    ):
+        fresh = PyHealthAdapter(seq_model)
+        assert len(zero_baseline_warnings(lambda: run(fresh))) == 1

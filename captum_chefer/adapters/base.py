@@ -20,6 +20,8 @@ between patch relevance and pixels for vision transformers.
 
 from __future__ import annotations
 
+import sys
+import warnings
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional, Sequence
 
@@ -27,7 +29,22 @@ import torch
 from captum.attr import visualization as captum_viz
 from torch import Tensor, nn
 
-__all__ = ["Adapter", "DecodedToken", "MethodRecord", "spread_over_patches", "sum_over_patches"]
+__all__ = [
+    "Adapter",
+    "DecodedToken",
+    "MethodRecord",
+    "ZeroBaselineWarning",
+    "spread_over_patches",
+    "sum_over_patches",
+]
+
+
+class ZeroBaselineWarning(UserWarning):
+    """Integrated Gradients runs through an adapter from an all-zero baseline (Captum's default).
+
+    Shown once per adapter. Filter it with ``warnings.filterwarnings("ignore", category=ZeroBaselineWarning)``
+    once you have checked the convergence delta yourself.
+    """
 
 
 @dataclass(frozen=True)
@@ -55,6 +72,7 @@ class Adapter(nn.Module):
     """Base of the adapters: the record builder shared by all of them (see the module docstring)."""
 
     feature_keys: list[str]
+    _zero_baseline_warned: bool = False
 
     def decode(self, batch: Any) -> list[list[DecodedToken]]:
         """Each sample's real tokens, in display order."""
@@ -159,6 +177,30 @@ class Adapter(nn.Module):
             )
         return records
 
+    def _warn_if_zero_baseline(self) -> None:
+        """Warn once when Captum's Integrated Gradients calls this adapter from an all-zero baseline.
+
+        Adapters call this at the top of ``forward``. It looks up the call stack for Captum's
+        ``IntegratedGradients._attribute`` working on this adapter (also inside
+        ``LayerIntegratedGradients`` and ``NoiseTunnel``) and reads the baselines it integrates from:
+        ``baselines=None`` is Captum's zero. Only the first warning per adapter costs anything beyond a
+        walk over a few stack frames.
+        """
+        if self._zero_baseline_warned:
+            return
+        baselines = _ig_baselines_on_stack(self)
+        if baselines is None or not all(_is_zero(b) for b in baselines):
+            return
+        self._zero_baseline_warned = True
+        warnings.warn(
+            f"IntegratedGradients runs through {type(self).__name__} from an all-zero baseline (Captum's default "
+            "when baselines is not given). On normalised transformers the integral from zero converges badly "
+            "(large convergence delta). Pass baselines=ig_baselines(adapter, inputs, additional_forward_args) "
+            "(from captum_chefer import ig_baselines; reference='unk' by default), as compare_methods does.",
+            ZeroBaselineWarning,
+            stacklevel=2,
+        )
+
     def _scores_dict(self, attributions: Any) -> dict[str, Tensor]:
         if isinstance(attributions, Mapping):
             missing = [k for k in self.feature_keys if k not in attributions]
@@ -173,6 +215,37 @@ class Adapter(nn.Module):
                 f"{{feature_key: scores}}; got {type(attributions).__name__}"
             )
         return self.to_feature_dict(attributions)  # type: ignore[attr-defined]
+
+
+_IG_ATTRIBUTE_CODE: Any = None
+
+
+def _ig_baselines_on_stack(adapter: Any, depth: int = 60) -> Optional[tuple]:
+    """The baselines of the innermost Captum ``IntegratedGradients._attribute`` on ``adapter``, if any."""
+    global _IG_ATTRIBUTE_CODE
+    if _IG_ATTRIBUTE_CODE is None:
+        from captum.attr import IntegratedGradients
+
+        _IG_ATTRIBUTE_CODE = IntegratedGradients._attribute.__code__
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        if frame.f_code is _IG_ATTRIBUTE_CODE:
+            local = frame.f_locals
+            if getattr(local.get("self"), "forward_func", None) is adapter:
+                baselines = local.get("baselines")
+                return tuple(baselines) if isinstance(baselines, (tuple, list)) else (baselines,)
+        frame = frame.f_back
+    return None
+
+
+def _is_zero(baseline: Any) -> bool:
+    if baseline is None:
+        return True
+    if isinstance(baseline, Tensor):
+        return baseline.is_floating_point() and not bool(baseline.any())
+    return isinstance(baseline, (int, float)) and baseline == 0
 
 
 def _explained_classes(target: Any, batch_size: int, predicted: Tensor, single: bool) -> list[int]:

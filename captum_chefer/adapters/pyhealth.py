@@ -97,6 +97,7 @@ class PyHealthAdapter(Adapter):
             )
         if len(model.label_keys) != 1:
             raise ValueError(f"PyHealthAdapter supports models with one label key, got {model.label_keys}")
+        _require_runnable(model)
         self.model = model
         self.feature_keys: list[str] = list(model.feature_keys)
         self.label_key: str = model.label_keys[0]
@@ -113,6 +114,7 @@ class PyHealthAdapter(Adapter):
         from pyhealth.processors import NestedSequenceProcessor, SequenceProcessor, StageNetProcessor
 
         processor = self.model.dataset.input_processors[key]
+        _require_embedding_model(self.model, key)
         schema = tuple(processor.schema())
         pad_id = int(getattr(processor, "code_vocab", {}).get("<pad>", 0))
         if isinstance(processor, SequenceProcessor):
@@ -433,6 +435,7 @@ class PyHealthAdapter(Adapter):
         evaluation mode here (its own training flags are restored afterwards).
         """
         inputs, args = self.split_inputs(inputs_and_args)
+        self._warn_if_zero_baseline()
         with evaluation_mode(self.model, self._model_modules):
             return self.model.forward_from_embedding(**self._model_kwargs(inputs, args, track=False)[0])["logit"]
 
@@ -478,7 +481,7 @@ class PyHealthAdapter(Adapter):
         """forward_from_embedding keyword arguments, and each stream's step mask ``[B, L]``."""
         kwargs: dict[str, tuple[Tensor, ...]] = {}
         step_masks = []
-        batch_sizes = set()
+        _check_batch_sizes(self.features, inputs, args)
         arg_iter = iter(args)
         for feature, x in zip(self.features, inputs):
             mask = next(arg_iter)
@@ -489,6 +492,7 @@ class PyHealthAdapter(Adapter):
             if len(codes_shape) != feature.token_dims:
                 raise ValueError(f"mask of {feature.key!r} must have {feature.token_dims} dims, got {codes_shape}")
             if x.is_floating_point():
+                _check_embedding_input(feature, x, codes_shape)
                 value = x
                 expected = codes_shape + (self.model.embedding_model.embedding_dim,)
             else:
@@ -501,7 +505,6 @@ class PyHealthAdapter(Adapter):
                 )
             if x.is_floating_point():  # padding carries nothing, whatever a method puts there (noise, IG paths)
                 value = value * mask.to(value.device).unsqueeze(-1).to(value.dtype)
-            batch_sizes.add(x.shape[0])
             if track:
                 value = value.detach().requires_grad_(True)
             mask = mask.to(value.device).bool()
@@ -511,8 +514,6 @@ class PyHealthAdapter(Adapter):
                 kwargs[feature.key] = self._temporal_feature(feature, value, time, mask)
             else:
                 kwargs[feature.key] = (value, self._transformer_mask(step_mask))
-        if len(batch_sizes) > 1:
-            raise ValueError(f"inputs have different batch sizes: {sorted(batch_sizes)}")
         return kwargs, step_masks
 
     def _transformer_mask(self, step_mask: Tensor) -> Tensor:
@@ -605,6 +606,81 @@ class PyHealthAdapter(Adapter):
                 if type(last) is TransformerBlock:
                     overrides[last] = partial(_first_row_block_forward, last)
         return overrides
+
+
+# ---------------------------------------------------------------------- validation (messages name the fix)
+
+
+def _require_runnable(model: nn.Module) -> None:
+    """Refuse, when wrapped, a PyHealth model the adapter cannot run: it needs ``forward_from_embedding``."""
+    if not callable(getattr(model, "forward_from_embedding", None)):
+        raise TypeError(
+            f"{type(model).__name__} cannot be explained through PyHealthAdapter: it has no forward_from_embedding(), "
+            "which every attribution method runs it through (Chefer, Integrated Gradients, Saliency, ...). Use a "
+            f"PyHealth model that has one ({', '.join(_runnable_models()) or 'Transformer, StageAttentionNet'}), or give "
+            "Captum your own forward function of the embedded inputs."
+        )
+
+
+def _require_embedding_model(model: nn.Module, key: str) -> None:
+    if getattr(model, "embedding_model", None) is None:
+        raise TypeError(
+            f"{type(model).__name__} has no embedding_model, which PyHealthAdapter needs to embed the codes of "
+            f"feature {key!r}; use a PyHealth model built on pyhealth.models.EmbeddingModel (Transformer, "
+            "StageAttentionNet)"
+        )
+
+
+def _runnable_models() -> list[str]:
+    """PyHealth model classes that have ``forward_from_embedding`` (for the error message)."""
+    try:
+        import pyhealth.models as models
+        from pyhealth.models import BaseModel
+    except ImportError:  # pragma: no cover
+        return []
+    found = {
+        name for name, cls in vars(models).items()
+        if isinstance(cls, type) and issubclass(cls, BaseModel) and callable(getattr(cls, "forward_from_embedding", None))
+    }
+    return sorted(found)
+
+
+def _check_batch_sizes(features: tuple[FeatureSpec, ...], inputs: tuple, args: tuple) -> None:
+    """All inputs and additional forward args must share the batch size (checked before any shape)."""
+    sizes: dict[str, int] = {}
+    arg_iter = iter(args)
+    for feature, x in zip(features, inputs):
+        parts = [(f"input {feature.key!r}", x), (f"mask of {feature.key!r}", next(arg_iter, None))]
+        if feature.temporal:
+            parts.append((f"times of {feature.key!r}", next(arg_iter, None)))
+        for name, tensor in parts:
+            if isinstance(tensor, Tensor) and tensor.dim() > 0:
+                sizes[name] = int(tensor.shape[0])
+    if len(set(sizes.values())) > 1:
+        listed = ", ".join(f"{name} {size}" for name, size in sizes.items())
+        raise ValueError(
+            f"inputs and additional_forward_args have different batch sizes ({listed}); make them with one "
+            "adapter.captum_inputs(batch) call and slice all of them together"
+        )
+
+
+def _check_embedding_input(feature: FeatureSpec, x: Tensor, codes_shape: tuple[int, ...]) -> None:
+    """Float inputs must be embeddings (not code ids turned into floats), and finite."""
+    if tuple(x.shape) == codes_shape:
+        raise ValueError(
+            f"the input for {feature.key!r} has the shape of its code ids {codes_shape} but holds floats: a gradient "
+            "method (e.g. IntegratedGradients) was given code ids, which it cannot differentiate. Give it the "
+            "embeddings, adapter.captum_inputs(batch) (level='embedding', the default), or use "
+            "LayerIntegratedGradients(adapter, adapter.embedding_layers) on the code ids"
+        )
+    finite = torch.isfinite(x)
+    if not bool(finite.all()):
+        bad = int((~finite).sum())
+        raise ValueError(
+            f"the input for {feature.key!r} holds {bad} NaN or infinite value(s); attributions of it would be NaN. "
+            "Check what made the inputs (a model with NaN weights, a baseline or noise with NaN/inf), and pass the "
+            "embeddings from adapter.captum_inputs(batch)"
+        )
 
 
 def _tracked_value(value: tuple[Tensor, ...], feature: FeatureSpec) -> Tensor:
