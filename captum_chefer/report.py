@@ -7,8 +7,9 @@ runs :func:`default_methods` (or yours), scores them with
 * ``report.html``: the results table, the figures (embedded), and for a few patients the codes each
   method highlights, in Captum's ``visualize_text`` colours (true codes, when known, in brackets);
 * ``deletion_insertion.png``, ``metrics.png``, ``time.png``, ``patient_<i>.png``;
-* ``results.csv`` (one row per method), ``curves.csv`` and ``results.json`` (summary, mean curves,
-  per-sample values, settings).
+* ``results.csv`` (one row per method: means, 95% bootstrap intervals, numbers of patients),
+  ``curves.csv`` and ``results.json`` (summary with intervals, statistics, curves, per-patient values,
+  settings, the check of the model against chance; ``Evaluation.load`` reads it back).
 
 ``python -m captum_chefer compare`` is this function on the embedded synthetic cohort.
 """
@@ -23,9 +24,10 @@ import json
 import math
 import platform
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Optional, Sequence
 
 import torch
 from torch import Tensor
@@ -36,12 +38,22 @@ from .comparison import (
     DEFAULT_PERCENTAGES,
     Evaluation,
     RandomAttribution,
+    above_chance,
     compare_methods,
     evaluate_methods,
 )
 from .visualization import plot_methods
 
-__all__ = ["ComparisonReport", "default_methods", "run_comparison", "write_report"]
+__all__ = [
+    "ComparisonReport",
+    "ModelCheck",
+    "check_model",
+    "curves_figure",
+    "default_methods",
+    "headline_table",
+    "run_comparison",
+    "write_report",
+]
 
 # Columns of the headline table, in order, with their labels.
 HEADLINE = (
@@ -55,6 +67,32 @@ HEADLINE = (
     ("sensitivity", "Sensitivity ↓"),
     ("seconds_per_sample", "ms / sample ↓"),
 )
+
+# One line per metric: what it measures, its direction and its scale (shown under the results table).
+METRIC_NOTES = {
+    "deletion_aopc": "mean drop of the target probability as the top-ranked codes are removed (fractions 0 to 1); "
+                     "higher is better; probability units, -1 to 1; removing any codes moves the output, so read it "
+                     "against the Random row",
+    "insertion_aopc": "mean gain of the target probability over the empty record as only the top-ranked codes are "
+                      "kept; higher is better; probability units, -1 to 1; read it against the Random row",
+    "comprehensiveness": "drop of the target probability when the top {percentages} of the codes are removed, averaged; "
+                         "higher is better; -1 to 1",
+    "sufficiency": "drop of the target probability when only the top {percentages} of the codes are kept, averaged; "
+                   "lower is better; -1 to 1, negative when the kept codes alone give a higher probability than the "
+                   "whole record (the removed codes argued against the class)",
+    "precision_at_k": "share of the planted codes among each patient's k top-scored codes (k = number of planted "
+                      "codes); higher is better; 0 to 1; patients with planted codes only",
+    "auroc": "chance that a planted code outscores a non-planted code of the same patient; higher is better; 0 to 1, "
+             "0.5 is random; patients with planted and other codes only",
+    "infidelity": "Captum infidelity: squared error between the change of the target logit when random codes (30%) "
+                  "are removed and the summed scores of those codes, after the best rescaling of the scores; lower "
+                  "is better; squared logits, so its size follows the model's logit scale: compare methods within one "
+                  "report, not across models",
+    "sensitivity": "Captum sensitivity_max: the largest relative change of the per-code scores when the code "
+                   "embeddings move by noise of radius 0.02; lower is better; 0 is perfectly stable",
+    "seconds_per_sample": "wall time of the method's attribute calls per patient; lower is better; one measurement "
+                          "per run (no interval), it varies with the machine and its load",
+}
 
 
 def default_methods(adapter: Any, *, ig_steps: int = 50, nt_samples: int = 10, nt_stdev: float = 0.1, seed: int = 0) -> list[tuple]:
@@ -83,20 +121,88 @@ def default_methods(adapter: Any, *, ig_steps: int = 50, nt_samples: int = 10, n
     ]
 
 
+@dataclass(frozen=True)
+class ModelCheck:
+    """The model's accuracy on the explained patients, against always predicting the most frequent class.
+
+    Attributes:
+        n: patients with a label; correct: those predicted right; majority_rate: the share of the most
+        frequent true class; p_value: one-sided exact binomial test of ``accuracy > majority_rate``;
+        above_chance: ``p_value < 0.05``.
+    """
+
+    n: int
+    correct: int
+    majority_rate: float
+    p_value: float
+    above_chance: bool
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / self.n
+
+    def describe(self) -> str:
+        """One sentence with the numbers."""
+        return (
+            f"accuracy {self.accuracy:.3f} ({self.correct} of {self.n} explained patients); always predicting the most "
+            f"frequent class scores {self.majority_rate:.3f} (one-sided binomial p = {self.p_value:.3g})"
+        )
+
+    def warning(self) -> str:
+        """The warning a chance-level model gets (empty when the model is above chance)."""
+        if self.above_chance:
+            return ""
+        return (
+            f"The model is not better than chance on the explained patients: {self.describe()}. Its explanations "
+            "explain a model that has not learned the task, so the metrics say little about the methods; train it "
+            "further (more epochs or patients) and compare again."
+        )
+
+
+def check_model(adapter: Any, data: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> Optional[ModelCheck]:
+    """Accuracy of the model on ``data`` against the most frequent class; ``None`` without labels.
+
+    Binary and multiclass models with the label in the batch (``adapter.label_key``); multilabel models
+    and batches without labels give ``None``.
+    """
+    label_key = getattr(adapter, "label_key", None)
+    mode = getattr(getattr(adapter, "model", None), "mode", None)
+    if label_key is None or mode not in ("binary", "multiclass"):
+        return None
+    predicted, labels = [], []
+    for batch in [data] if isinstance(data, Mapping) else data:
+        if label_key not in batch:
+            return None
+        tokens, args = adapter.captum_inputs(batch, level="token")
+        with torch.no_grad():
+            logits = adapter(*tokens, *args).detach().float().cpu()
+        predicted.append((logits[:, 0] >= 0).long() if logits.shape[1] == 1 else logits.argmax(1))
+        labels.append(torch.as_tensor(batch[label_key]).detach().cpu().reshape(-1).long())
+    if not labels:
+        return None
+    y, p = torch.cat(labels), torch.cat(predicted)
+    n, correct = int(y.numel()), int((p == y).sum())
+    majority = float(torch.bincount(y).max()) / n
+    above, p_value = above_chance(correct, n, majority)
+    return ModelCheck(n, correct, majority, p_value, above)
+
+
 @dataclass
 class ComparisonReport:
-    """What :func:`run_comparison` returns: the evaluation, the files written, the settings."""
+    """What :func:`run_comparison` returns: the evaluation, the files written, the settings, the model check."""
 
     evaluation: Evaluation
     files: dict[str, Path] = field(default_factory=dict)
     settings: dict[str, Any] = field(default_factory=dict)
+    model_check: Optional[ModelCheck] = None
 
     @property
     def html_path(self) -> Optional[Path]:
         return self.files.get("report")
 
-    def table(self, markdown: bool = False) -> str:
-        return headline_table(self.evaluation, markdown=markdown)
+    def table(self, markdown: bool = False, intervals: bool = True) -> str:
+        """The headline table (see :func:`headline_table`)."""
+        return headline_table(self.evaluation, markdown=markdown, intervals=intervals)
 
 
 def run_comparison(
@@ -119,6 +225,7 @@ def run_comparison(
     settings: Optional[Mapping[str, Any]] = None,
     describe_patient: Optional[Callable[[Mapping[str, Any], int], str]] = None,
     seed: int = 0,
+    device: Optional[str | torch.device] = None,
     progress: bool = True,
 ) -> ComparisonReport:
     """Compare attribution methods on a model and data in one call; optionally write the report.
@@ -134,9 +241,13 @@ def run_comparison(
         infidelity_samples, sensitivity_samples, sensitivity_max_batch: see ``evaluate_methods``.
         settings: extra key/values shown in the report and saved in the JSON.
         describe_patient: ``(batch, index) -> text`` shown above a patient's codes (e.g. the rule).
+        seed: seeds the random baseline, tie-breaking, the perturbations and the bootstrap intervals.
+        device: run on this device (``"cuda"``, ``"cuda:1"``, ``"cpu"``); the model is moved there for the
+            run and back afterwards. ``None``: where the model is. Batches follow the model.
 
     Returns:
-        A :class:`ComparisonReport`.
+        A :class:`ComparisonReport`. Its ``model_check`` compares the model's accuracy on ``data`` with
+        always predicting the most frequent class; a model not above chance gets a warning on the page.
 
     Example (two methods on the untrained toy model, to stay fast; leave ``methods`` out for all six):
         >>> import tempfile
@@ -152,48 +263,139 @@ def run_comparison(
         ('report.html', ['Chefer', 'Saliency'])
     """
     adapter = adapter_for(model)
-    specs = list(methods) if methods is not None else default_methods(adapter, ig_steps=ig_steps, nt_samples=nt_samples, seed=seed)
-    start = time.perf_counter()
-    evaluation = evaluate_methods(
-        adapter, data, specs, ground_truth=ground_truth, fractions=fractions, percentages=percentages,
-        target_mode=target_mode, infidelity_samples=infidelity_samples, sensitivity_samples=sensitivity_samples,
-        sensitivity_max_batch=sensitivity_max_batch, seed=seed, progress=progress,
-    )
-    info = dict(settings or {})
-    info.setdefault("model", type(adapter.model).__name__)
-    info.setdefault("feature keys", ", ".join(adapter.feature_keys))
-    info["evaluation seconds"] = round(time.perf_counter() - start, 1)
-    report = ComparisonReport(evaluation, settings=info)
-    if out is not None:
-        first = data if isinstance(data, Mapping) else next(iter(data))
-        report.files = write_report(
-            out, adapter, evaluation, first, specs, title=title, settings=info, ground_truth=ground_truth,
-            show_patients=show_patients, target_mode=target_mode, describe_patient=describe_patient,
+    target_device = _device(device)
+    with _on_device(adapter, target_device):
+        specs = list(methods) if methods is not None else default_methods(adapter, ig_steps=ig_steps, nt_samples=nt_samples, seed=seed)
+        start = time.perf_counter()
+        evaluation = evaluate_methods(
+            adapter, data, specs, ground_truth=ground_truth, fractions=fractions, percentages=percentages,
+            target_mode=target_mode, infidelity_samples=infidelity_samples, sensitivity_samples=sensitivity_samples,
+            sensitivity_max_batch=sensitivity_max_batch, seed=seed, progress=progress,
         )
+        model_check = check_model(adapter, data)
+        info = dict(settings or {})
+        info.setdefault("model", type(adapter.model).__name__)
+        info.setdefault("feature keys", ", ".join(adapter.feature_keys))
+        if model_check is not None:
+            info.setdefault("model on the explained patients", model_check.describe())
+        info.setdefault("device", str(next(adapter.parameters(), torch.empty(0)).device))
+        info["evaluation seconds"] = round(time.perf_counter() - start, 1)
+        report = ComparisonReport(evaluation, settings=info, model_check=model_check)
+        if out is not None:
+            first = data if isinstance(data, Mapping) else next(iter(data))
+            report.files = write_report(
+                out, adapter, evaluation, first, specs, title=title, settings=info, ground_truth=ground_truth,
+                show_patients=show_patients, target_mode=target_mode, describe_patient=describe_patient,
+                model_check=model_check,
+            )
     return report
+
+
+def _device(device: Optional[str | torch.device]) -> Optional[torch.device]:
+    """``device`` as a ``torch.device``, checked before any work is done."""
+    if device is None:
+        return None
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, TypeError) as error:
+        raise ValueError(f"device {device!r} is not a torch device; pass e.g. 'cpu', 'cuda' or 'cuda:1' ({error})") from None
+    if parsed.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {device!r}: torch sees no CUDA device here; pass device='cpu' or leave it out")
+        if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+            raise ValueError(f"device {device!r}: torch sees {torch.cuda.device_count()} CUDA device(s), 0 to "
+                             f"{torch.cuda.device_count() - 1}")
+    return parsed
+
+
+@contextmanager
+def _on_device(adapter: Any, device: Optional[torch.device]) -> Iterator[None]:
+    """Move the model to ``device`` for the duration and back to where it was."""
+    first = next(adapter.parameters(), None)
+    if device is None or first is None or first.device == device:
+        yield
+        return
+    original = first.device
+    adapter.to(device)
+    try:
+        yield
+    finally:
+        adapter.to(original)
 
 
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def headline_table(evaluation: Evaluation, markdown: bool = False, digits: int = 3) -> str:
-    """The headline metrics, one row per method (``ms / sample`` in milliseconds)."""
+def headline_table(evaluation: Evaluation, markdown: bool = False, digits: int = 3, intervals: bool = True) -> str:
+    """The headline metrics, one row per method (``ms / sample`` in milliseconds), with a note below.
+
+    Each cell is the mean over the patients, with its 95% bootstrap interval when ``intervals``. The best
+    mean of a column (the random baseline excluded) is bold (Markdown) or starred (text) only where the
+    paired bootstrap interval of its difference to the runner-up lies above zero. A column's header gives
+    its number of patients when it differs from the total.
+    """
     rows = evaluation.summary()
     present = [(k, label) for k, label in HEADLINE if any(k in r and not _isnan(r[k]) for r in rows)]
-    header = ["Method"] + [label for _, label in present]
+    leaders = _leaders(evaluation, [k for k, _ in present])
+    total = evaluation.n_samples
+    header = ["Method"] + [_header(evaluation, k, label, total) for k, label in present]
     cells = []
     for r in rows:
         line = [r["method"]]
         for k, _ in present:
-            v = r.get(k, math.nan)
-            line.append(_num(v * 1000 if k == "seconds_per_sample" else v, digits))
+            line.append(_cell(evaluation, r, k, digits, intervals, leaders.get(k) == r["method"], markdown))
         cells.append(line)
+    note = _table_note(evaluation, intervals, "bold" if markdown else "*")
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(present)) + "|"]
-        return "\n".join(out + ["| " + " | ".join(c) + " |" for c in cells])
+        return "\n".join(out + ["| " + " | ".join(c) + " |" for c in cells] + ["", note])
     widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
-    return "\n".join(out + ["  ".join(v.ljust(w) for v, w in zip(c, widths)) for c in cells])
+    return "\n".join(out + ["  ".join(v.ljust(w) for v, w in zip(c, widths)) for c in cells] + [note])
+
+
+def _leaders(evaluation: Evaluation, metrics: Sequence[str]) -> dict[str, str]:
+    """``{metric: method}`` for the columns whose best method clears its runner-up over the patients."""
+    out = {}
+    for metric in metrics:
+        try:
+            leader = evaluation.leader(metric)
+        except (ValueError, KeyError):
+            continue
+        if leader.clear:
+            out[metric] = leader.method
+    return out
+
+
+def _header(evaluation: Evaluation, metric: str, label: str, total: int) -> str:
+    if metric == "seconds_per_sample":
+        return label
+    counts = {evaluation.interval(m, metric).n for m in evaluation.methods if metric in evaluation.per_sample[m]}
+    return label if counts <= {total} else f"{label} (n={max(counts)})"
+
+
+def _cell(evaluation: Evaluation, row: Mapping[str, Any], metric: str, digits: int, intervals: bool, best: bool, markdown: bool) -> str:
+    value = row.get(metric, math.nan)
+    if metric == "seconds_per_sample":
+        return _num(value * 1000, digits)
+    text = _num(value, digits)
+    if best:
+        text = f"**{text}**" if markdown else f"{text}*"
+    if intervals and metric in evaluation.per_sample.get(row["method"], {}):
+        interval = evaluation.interval(row["method"], metric)
+        if interval.n:
+            text += f" [{_num(interval.low, digits)}, {_num(interval.high, digits)}]"
+    return text
+
+
+def _table_note(evaluation: Evaluation, intervals: bool, mark: str) -> str:
+    note = f"Means over n = {evaluation.n_samples} patients"
+    if intervals:
+        note += (f"; [low, high]: {evaluation.level:.0%} bootstrap interval over patients ({evaluation.n_resamples} "
+                 f"resamples, seed {evaluation.seed})")
+    return note + (f". {mark.capitalize() if mark != '*' else 'A star'}: the best mean of a column (Random excluded), "
+                   "marked only where the bootstrap interval of its paired difference to the runner-up, on the same "
+                   "patients, lies above zero. Time is one measurement.")
 
 
 def _isnan(v: Any) -> bool:
@@ -215,7 +417,8 @@ def _png(fig: Any, path: Path) -> str:
     return base64.b64encode(buffer.getvalue()).decode("ascii")
 
 
-def _curves_figure(evaluation: Evaluation) -> Any:
+def curves_figure(evaluation: Evaluation) -> Any:
+    """The mean deletion and insertion curves of every method, as a matplotlib ``Figure``."""
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 3.8), layout="constrained")
@@ -225,8 +428,10 @@ def _curves_figure(evaluation: Evaluation) -> Any:
         style = {"linestyle": "--", "color": "grey"} if name == "Random" else {}
         for ax, kind in zip(axes, ("deletion", "insertion")):
             ax.plot(x, curves[kind].nanmean(0).tolist(), marker="o", markersize=3, label=name, **style)
-    axes[0].set(title="Deletion: top codes removed (lower is better)", xlabel="fraction of codes removed", ylabel="target probability")
-    axes[1].set(title="Insertion: only top codes kept (higher is better)", xlabel="fraction of codes kept", ylabel="target probability")
+    axes[0].set(title="Deletion: top codes removed\n(a lower curve is better: higher Deletion AOPC ↑)",
+                xlabel="fraction of codes removed", ylabel="target probability")
+    axes[1].set(title="Insertion: only the top codes kept\n(a higher curve is better: higher Insertion AOPC ↑)",
+                xlabel="fraction of codes kept", ylabel="target probability")
     axes[1].legend(fontsize=8, loc="lower right")
     return fig
 
@@ -344,6 +549,8 @@ table.results td:first-child,table.results th:first-child{text-align:left} td.be
 table.codes{border-collapse:collapse;margin-bottom:8px} table.codes td,table.codes th{border-bottom:1px solid #eee;padding:3px 6px;text-align:left;vertical-align:top}
 td.method{white-space:nowrap;font-weight:600} img{max-width:100%;border:1px solid #eee}
 .small{color:#555;font-size:0.88em} dl.settings{display:grid;grid-template-columns:max-content auto;gap:2px 14px} dl.settings dt{font-weight:600}
+span.ci{color:#666;font-size:0.85em;white-space:nowrap} dl.metrics{font-size:0.9em} dl.metrics dt{font-weight:600;margin-top:4px}
+dl.metrics dd{margin-left:18px} div.warning{border:2px solid #c33;background:#fdecea;padding:10px 14px;margin:12px 0}
 """
 
 
@@ -360,13 +567,14 @@ def write_report(
     show_patients: int = 4,
     target_mode: str = "predicted",
     describe_patient: Optional[Callable[[Mapping[str, Any], int], str]] = None,
+    model_check: Optional[ModelCheck] = None,
 ) -> dict[str, Path]:
     """Write ``report.html``, the PNG figures, ``results.csv``, ``curves.csv`` and ``results.json`` to ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     images: dict[str, str] = {}
-    for name, make in (("deletion_insertion", _curves_figure), ("metrics", _metrics_figure), ("time", _time_figure)):
+    for name, make in (("deletion_insertion", curves_figure), ("metrics", _metrics_figure), ("time", _time_figure)):
         files[name] = out / f"{name}.png"
         images[name] = _png(make(evaluation), files[name])
 
@@ -403,27 +611,43 @@ def write_report(
     info = {k: v for k, v in (settings or {}).items()}
     payload = evaluation.to_dict()
     payload["settings"] = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in info.items()}
+    if model_check is not None:
+        payload["model_check"] = {
+            "n": model_check.n, "correct": model_check.correct, "accuracy": model_check.accuracy,
+            "majority_rate": model_check.majority_rate, "p_value": model_check.p_value,
+            "above_chance": model_check.above_chance, "warning": model_check.warning() or None,
+        }
     files["json"] = out / "results.json"
     files["json"].write_text(json.dumps(payload, indent=2))
 
-    # Results table with the best value per column in bold (Random excluded from "best").
+    # Results table: means with intervals; bold only where the paired difference to the runner-up clears zero.
     rows = evaluation.summary()
     present = [(k, label) for k, label in HEADLINE if any(not _isnan(r.get(k, math.nan)) for r in rows)]
-    best = {}
-    for k, _ in present:
-        try:
-            best[k] = evaluation.best(k)
-        except ValueError:
-            pass
-    header = "<tr><th>Method</th>" + "".join(f"<th>{html.escape(label)}</th>" for _, label in present) + "</tr>"
+    leaders = _leaders(evaluation, [k for k, _ in present])
+    total = evaluation.n_samples
+    header = "<tr><th>Method</th>" + "".join(
+        f"<th>{html.escape(_header(evaluation, k, label, total))}</th>" for k, label in present
+    ) + "</tr>"
     body = []
     for r in rows:
         cells = [f"<td>{html.escape(r['method'])}</td>"]
         for k, _ in present:
             v = r.get(k, math.nan)
             text = _num(v * 1000 if k == "seconds_per_sample" else v)
-            cells.append(f"<td class='{'best' if best.get(k) == r['method'] else ''}'>{text}</td>")
+            if k != "seconds_per_sample" and k in evaluation.per_sample.get(r["method"], {}):
+                interval = evaluation.interval(r["method"], k)
+                if interval.n:
+                    text += f"<br><span class='ci'>[{_num(interval.low)}, {_num(interval.high)}]</span>"
+            cells.append(f"<td class='{'best' if leaders.get(k) == r['method'] else ''}'>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
+    percentages = " / ".join(f"{p:.0%}" for p in evaluation.percentages)
+    notes = "".join(
+        f"<dt>{html.escape(label)}</dt><dd>{html.escape(METRIC_NOTES[k].format(percentages=percentages))}</dd>"
+        for k, label in present if k in METRIC_NOTES
+    )
+    banner = ""
+    if model_check is not None and not model_check.above_chance:
+        banner = f"<div class='warning'><b>Warning.</b> {html.escape(model_check.warning())}</div>"
     settings_html = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in info.items())
     legend = "".join(
         f"<span style='display:inline-block;width:12px;height:12px;border:1px solid #999;background:{c}'></span> {t} &nbsp; "
@@ -435,16 +659,28 @@ def write_report(
 <h1>{html.escape(title)}</h1>
 <p class="small">Generated by <code>captum_chefer</code> on {html.escape(time.strftime('%Y-%m-%d %H:%M:%S'))}
 (Python {platform.python_version()}, torch {torch.__version__}). Every number below was computed in this run.</p>
+{banner}
 <h2>Settings</h2><dl class="settings">{settings_html}</dl>
 <h2>Results</h2>
 <table class="results">{header}{''.join(body)}</table>
-<p class="small">Means over the explained patients. Removal metrics remove codes through the model (a removed code becomes
-padding; the remaining codes move to the front). AOPC: mean drop (deletion) or gain (insertion) of the target probability over
-the fractions {', '.join(f'{f:g}' for f in evaluation.fractions)}. Comprehensiveness / sufficiency: at
-{', '.join(f'{p:.0%}' for p in evaluation.percentages)} of the codes, averaged. P@k and AUROC: ranking of the planted
-ground-truth codes among each patient's codes (patients with true codes only). Infidelity: Captum, random code removal,
-normalized. Sensitivity: Captum <code>sensitivity_max</code>, relative change under small embedding noise. Bold: the best
-method per column (the random baseline excluded).</p>
+<p class="small">{html.escape(_table_note(evaluation, True, "bold"))}</p>
+<h3>How to read the table</h3>
+<dl class="metrics">{notes}</dl>
+<ul class="small">
+<li>Removal metrics remove codes through the model: a removed code becomes padding and the remaining codes move to the
+front (PyHealth's Transformer pools its first position). The curves run over the fractions
+{', '.join(f'{f:g}' for f in evaluation.fractions)}.</li>
+<li>The <b>target probability</b> is the probability of the explained class. A binary model has one logit, and it is
+explained for every patient: its target probability is P(label = 1) whatever the patient's class, so for a negative
+patient the top codes are those that push towards 1. A multiclass model explains each patient's predicted class.</li>
+<li><b>Sufficiency</b> can be negative: keeping only the top codes can give a higher target probability than the whole
+record, when the removed codes argued against the class.</li>
+<li><b>Infidelity</b> is in squared logits, so its size depends on the model (how large its logits are), not only on
+the method: compare methods within one report, never numbers across reports or models.</li>
+<li>Default <b>Chefer</b> starts its propagation from the identity, so the position the model pools (PyHealth's
+Transformer: the first code) gets a relevance of at least 1 in every patient, whatever the code; with
+<code>exclude_self</code> that self term is dropped.</li>
+</ul>
 <h2>Deletion and insertion curves</h2>
 <img alt="deletion and insertion curves" src="data:image/png;base64,{images['deletion_insertion']}">
 <h2>Metrics</h2>
@@ -455,6 +691,14 @@ method per column (the random baseline excluded).</p>
 <p class="small">Per patient and method, each code coloured by its score divided by the row's largest |score|
 (Captum's <code>visualize_text</code> colours). {'Codes in [brackets] are the planted ground truth. ' if truth is not None else ''}
 <code>v2:P007</code> is code P007 of visit 2. Legend: {legend}</p>
+<ul class="small">
+<li>The <b>sum of scores</b> is in each method's own units (Chefer: relevance, at least 1 on the pooled code by default;
+Integrated Gradients: logits, summing to the change from the baseline; Saliency: gradient sizes), so it cannot be compared
+across methods. Compare the colours within a row.</li>
+<li>Every code of a visit has the <b>same Chefer colour</b>: PyHealth's Transformer sums the code embeddings of a visit into one
+position, its attention runs over visits, and Chefer's relevance is a visit's relevance. Gradient methods score each code
+of a visit separately.</li>
+</ul>
 {''.join(patients_html) or '<p>No patients shown.</p>'}
 </body></html>
 """

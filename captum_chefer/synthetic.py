@@ -601,10 +601,12 @@ def train_transformer(
     lr: float = 3e-3,
     seed: int = 0,
     progress: bool = True,
+    device: Optional[str | torch.device] = None,
 ) -> Any:
     """Train a PyHealth ``Transformer`` on ``dataset`` with Adam, a progress bar per run.
 
-    Returns the model in evaluation mode. Training is seeded (initialisation and shuffling).
+    Returns the model in evaluation mode, on ``device`` (default: the CPU). Training is seeded
+    (initialisation and shuffling).
 
     Example:
         >>> cohort = default_cohort(n=64)
@@ -621,6 +623,8 @@ def train_transformer(
     torch.manual_seed(seed)
     with quiet_pyhealth():
         model = Transformer(dataset=dataset, embedding_dim=embedding_dim, heads=heads, num_layers=num_layers, dropout=dropout)
+    if device is not None:
+        model.to(device)
     loader = get_dataloader(dataset, batch_size=batch_size, shuffle=True)
     optimizer = torch.optim.Adam(model.parameters(), lr=lr)
     model.train()

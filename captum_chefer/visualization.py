@@ -6,6 +6,8 @@ library: it reads records, scores and ``adapter.decode(batch)``.
 
 * :func:`write_html`: the table Captum's ``visualize_text`` shows, as a self-contained HTML file, without
   IPython.
+* :func:`render_methods_html` / :func:`write_methods_html`: several methods' records on one page, one
+  table per patient with a row per method (:func:`records_by_method` makes the records of a comparison).
 * :func:`plot_methods`: a matplotlib figure, methods by codes, one heat map per feature stream, for
   one patient.
 * :func:`captum_matplotlib_compat` / :func:`visualize_timeseries_attr`: the one place that works
@@ -31,9 +33,12 @@ if TYPE_CHECKING:
 __all__ = [
     "captum_matplotlib_compat",
     "plot_methods",
+    "records_by_method",
     "render_html",
+    "render_methods_html",
     "visualize_timeseries_attr",
     "write_html",
+    "write_methods_html",
 ]
 
 
@@ -61,14 +66,7 @@ def render_html(records: Iterable[VisualizationDataRecord], title: str = "Attrib
             + captum_viz.format_word_importances(words, importances)
             + "</tr>"
         )
-    legend_html = ""
-    if legend:
-        swatches = "".join(
-            f'<span style="display:inline-block;width:10px;height:10px;border:1px solid;'
-            f'background-color:{captum_viz._get_color(v)}"></span> {label} &nbsp;'
-            for v, label in ((-1, "Negative"), (0, "Neutral"), (1, "Positive"))
-        )
-        legend_html = f'<div style="border-top:1px solid;margin-top:5px;padding-top:5px"><b>Legend: </b>{swatches}</div>'
+    legend_html = _legend() if legend else ""
     safe_title = html.escape(title)
     return (
         "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
@@ -100,6 +98,126 @@ def write_html(
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render_html(records, title=title, legend=legend), encoding="utf-8")
     return path
+
+
+def records_by_method(adapter: Any, batch: Any, scores: Any, target: Any = None) -> dict[str, list[VisualizationDataRecord]]:
+    """``{method: one record per sample}`` from ``{method: feature dict}`` or a ``Comparison`` of this batch.
+
+    Each method's records come from ``adapter.visualization_records(batch, scores[method], target,
+    method=method)``, so they carry the method's name.
+    """
+    per_method = getattr(scores, "scores", scores)
+    if not isinstance(per_method, Mapping) or not per_method:
+        raise ValueError("scores must map method names to feature dicts {feature_key: scores}, or be a Comparison")
+    return {
+        name: adapter.visualization_records(batch, feature_dict, target, method=name)
+        for name, feature_dict in per_method.items()
+    }
+
+
+def _group_by_method(records: Any) -> dict[str, list[VisualizationDataRecord]]:
+    if isinstance(records, Mapping):
+        grouped = {str(name): list(rows) for name, rows in records.items()}
+    else:
+        grouped = {}
+        for record in records:
+            name = getattr(record, "method", None)
+            if name is None:
+                raise ValueError(
+                    "a record carries no method name; make records with adapter.visualization_records(..., method=name) "
+                    "or pass {method: records}"
+                )
+            grouped.setdefault(str(name), []).append(record)
+    sizes = {name: len(rows) for name, rows in grouped.items()}
+    if not grouped or len(set(sizes.values())) != 1:
+        raise ValueError(f"every method needs one record per sample, in the same order; got {sizes or 'no records'}")
+    for rows in grouped.values():
+        for record in rows:
+            if not isinstance(record, VisualizationDataRecord):
+                raise TypeError(f"records must be VisualizationDataRecord objects, got {type(record).__name__}")
+    return grouped
+
+
+def render_methods_html(
+    records: Any, title: str = "Attributions by method", sample_names: Optional[Sequence[Any]] = None, legend: bool = True
+) -> str:
+    """Several methods' records on one self-contained page: per sample a table, one row per method.
+
+    Args:
+        records: ``{method: records}`` (one record per sample, the same samples in the same order), or a
+            flat list of records that carry their method's name (``adapter.visualization_records(...,
+            method=name)``), grouped by it in order.
+        title: the page title.
+        sample_names: a heading per sample (e.g. ``batch["patient_id"]``); default ``"Sample <i>"``.
+        legend: show Captum's colour legend.
+
+    Example:
+        >>> from captum.attr import Saliency
+        >>> from captum_chefer import CheferAttribution, PyHealthAdapter, compare_methods
+        >>> from captum_chefer.synthetic import toy_model_and_batch
+        >>> model, batch = toy_model_and_batch()
+        >>> adapter = PyHealthAdapter(model)
+        >>> result = compare_methods(adapter, batch, [CheferAttribution(adapter), Saliency(adapter)])
+        >>> page = render_methods_html(records_by_method(adapter, batch, result), sample_names=batch["patient_id"])
+        >>> page.count("<td class='method'>Chefer</td>"), page.count("<td class='method'>Saliency</td>")
+        (4, 4)
+    """
+    grouped = _group_by_method(records)
+    n = len(next(iter(grouped.values())))
+    names = list(sample_names) if sample_names is not None else [f"Sample {i}" for i in range(n)]
+    if len(names) != n:
+        raise ValueError(f"sample_names has {len(names)} names for {n} samples")
+    sections = []
+    for i in range(n):
+        first = next(iter(grouped.values()))[i]
+        rows = []
+        for method, method_records in grouped.items():
+            record = method_records[i]
+            words = [html.escape(captum_viz.format_special_tokens(str(w))) for w in record.raw_input_ids]
+            importances = torch.as_tensor(record.word_attributions, dtype=torch.float).reshape(-1).tolist()
+            rows.append(
+                f"<tr><td class='method'>{html.escape(method)}</td>"
+                + captum_viz.format_classname(html.escape(str(record.attr_class)))
+                + captum_viz.format_classname(f"{record.attr_score:.2f}")
+                + captum_viz.format_word_importances(words, importances)
+                + "</tr>"
+            )
+        sections.append(
+            f"<h3>{html.escape(str(names[i]))}</h3><p>true label <b>{html.escape(str(first.true_class))}</b>, predicted "
+            f"<b>{html.escape(str(first.pred_class))}</b> ({first.pred_prob:.2f})</p><table><tr><th>Method</th>"
+            "<th>Attribution Label</th><th>Sum of scores</th><th>Codes (colour: score / max |score| of the row)</th></tr>"
+            + "".join(rows) + "</table>"
+        )
+    safe_title = html.escape(title)
+    return (
+        "<!DOCTYPE html>\n<html><head><meta charset=\"utf-8\">"
+        f"<title>{safe_title}</title>"
+        "<style>body{font-family:sans-serif} td,th{padding:4px;vertical-align:top;text-align:left} "
+        "td.method{font-weight:600;white-space:nowrap}</style>"
+        f"</head><body><h2>{safe_title}</h2>{_legend() if legend else ''}"
+        "<p>The sum of scores is in each method's own units: compare colours within a row, not sums across rows.</p>"
+        f"{''.join(sections)}</body></html>\n"
+    )
+
+
+def write_methods_html(
+    records: Any, path: str | Path, title: str = "Attributions by method", sample_names: Optional[Sequence[Any]] = None,
+    legend: bool = True,
+) -> Path:
+    """Write :func:`render_methods_html` to ``path`` (parents created); returns the path."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(render_methods_html(records, title=title, sample_names=sample_names, legend=legend), encoding="utf-8")
+    return path
+
+
+def _legend() -> str:
+    swatches = "".join(
+        f'<span style="display:inline-block;width:10px;height:10px;border:1px solid;'
+        f'background-color:{captum_viz._get_color(v)}"></span> {label} &nbsp;'
+        for v, label in ((-1, "Negative"), (0, "Neutral"), (1, "Positive"))
+    )
+    return f'<div style="border-top:1px solid;margin-top:5px;padding-top:5px"><b>Legend: </b>{swatches}</div>'
 
 
 # ---------------------------------------------------------------------------------------------- figure

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import html
 import re
 
 import matplotlib
@@ -16,9 +17,12 @@ from captum_chefer.comparison import compare_methods
 from captum_chefer.visualization import (
     captum_matplotlib_compat,
     plot_methods,
+    records_by_method,
     render_html,
+    render_methods_html,
     visualize_timeseries_attr,
     write_html,
+    write_methods_html,
 )
 from conftest import make_planted_samples
 
@@ -165,3 +169,41 @@ def test_captum_timeseries_plot_needs_and_gets_the_fix():
     assert not hasattr(matplotlib.cm, "get_cmap")  # the shim is gone again
     with captum_matplotlib_compat():
         assert matplotlib.cm.get_cmap("viridis", 4).N == 4
+
+
+def test_several_methods_on_one_page(planted, tmp_path):
+    adapter, batch = planted
+    inputs, args = adapter.captum_inputs(batch)
+    chefer = adapter.visualization_records(
+        batch, CheferAttribution(adapter).attribute(inputs, additional_forward_args=args, target=adapter.captum_target(batch)),
+        method="Chefer")
+    ig = adapter.visualization_records(
+        batch, IntegratedGradients(adapter).attribute(inputs, additional_forward_args=args, target=adapter.captum_target(batch),
+                                                      n_steps=4), method="IG")
+    assert {r.method for r in chefer} == {"Chefer"} and {r.method for r in ig} == {"IG"}
+    page = render_methods_html(chefer + ig, sample_names=batch["patient_id"])  # a flat list, grouped by method
+    assert page == render_methods_html({"Chefer": chefer, "IG": ig}, sample_names=batch["patient_id"])
+    sections = page.split("<h3>")[1:]
+    assert [s.split("</h3>")[0] for s in sections] == list(batch["patient_id"])
+    for section, c, i in zip(sections, chefer, ig):
+        rows = section.split("<tr>")[2:]
+        assert [r.split("</td>")[0] for r in rows] == ["<td class='method'>Chefer", "<td class='method'>IG"]
+        assert f"{c.attr_score:.2f}" in rows[0] and f"{i.attr_score:.2f}" in rows[1]
+        for word in c.raw_input_ids:  # Captum shows "<conditions>" as "#conditions"
+            assert html.escape(captum_viz.format_special_tokens(word)) in rows[0]
+    # a comparison's scores give the same page
+    result = compare_methods(adapter, batch, [CheferAttribution(adapter)], progress=False)
+    by_method = records_by_method(adapter, batch, result)
+    assert [r.word_attributions.tolist() for r in by_method["Chefer"]] == [r.word_attributions.tolist() for r in chefer]
+    path = write_methods_html(by_method, tmp_path / "page.html", title="Chefer")
+    assert path.read_text().count("<td class='method'>Chefer</td>") == len(chefer)
+
+
+def test_several_methods_page_refuses_what_it_cannot_align(planted, chefer_records):
+    _, records = chefer_records  # made without a method name
+    with pytest.raises(ValueError, match="carries no method name"):
+        render_methods_html(records)
+    with pytest.raises(ValueError, match="one record per sample"):
+        render_methods_html({"a": records, "b": records[:2]})
+    with pytest.raises(ValueError, match="sample_names has 1 names"):
+        render_methods_html({"a": records}, sample_names=["x"])

@@ -7,9 +7,12 @@
 * :mod:`~captum_chefer.comparison.metrics`: removal curves, comprehensiveness, sufficiency, localization,
   Captum's infidelity and sensitivity, a random baseline.
 * :mod:`~captum_chefer.comparison.evaluate`: :func:`evaluate_methods`, all of it in one call.
+* :mod:`~captum_chefer.comparison.stats`: bootstrap intervals over patients, the paired comparison of two
+  methods, the binomial test of a model against chance.
+* :mod:`~captum_chefer.comparison.tables`: rows to CSV, JSON or Parquet and back (``save`` / ``load``).
 """
 
-from .evaluate import Evaluation, GroundTruth, evaluate_methods
+from .evaluate import Evaluation, GroundTruth, Leader, evaluate_methods
 from .methods import (
     Comparison,
     EvaluatorMethod,
@@ -36,6 +39,7 @@ from .metrics import (
     token_infidelity,
 )
 from .removal import Output, Remover, TokenRemoval, TokenRemover, explained_output, token_removal_perturbation
+from .stats import Interval, above_chance, bootstrap_interval, paired_difference
 
 __all__ = [
     "Comparison",
@@ -44,6 +48,8 @@ __all__ = [
     "Evaluation",
     "EvaluatorMethod",
     "GroundTruth",
+    "Interval",
+    "Leader",
     "MethodSpec",
     "Output",
     "RandomAttribution",
@@ -51,7 +57,9 @@ __all__ = [
     "Remover",
     "TokenRemoval",
     "TokenRemover",
+    "above_chance",
     "attribution_sensitivity",
+    "bootstrap_interval",
     "compare_methods",
     "comprehensiveness",
     "evaluate_methods",
@@ -62,6 +70,7 @@ __all__ = [
     "masked_feature_dict",
     "method_name",
     "method_specs",
+    "paired_difference",
     "precision_at_k",
     "rank_codes",
     "removal_curves",

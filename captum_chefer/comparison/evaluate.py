@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .methods import compare_methods, method_specs
+from .methods import _patient_ids, compare_methods, method_specs
 from .metrics import (
     DEFAULT_FRACTIONS,
     DEFAULT_PERCENTAGES,
@@ -30,8 +30,31 @@ from .metrics import (
     token_infidelity,
 )
 from .removal import Output, TokenRemover
+from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Interval, bootstrap_interval, paired_difference
+from .tables import read_rows, table_format, write_rows
 
-__all__ = ["Evaluation", "GroundTruth", "evaluate_methods"]
+__all__ = ["Evaluation", "GroundTruth", "Leader", "evaluate_methods"]
+
+
+@dataclass(frozen=True)
+class Leader:
+    """The best method on one metric, its runner-up, and whether the gap holds up over the patients.
+
+    Attributes:
+        metric: the metric.
+        method: the best method by mean; runner_up: the second best (``None`` with one method).
+        difference: the mean paired difference ``best - runner-up`` over the patients both have a
+            value for, oriented so that positive favours ``method`` (for lower-is-better metrics it is
+            ``runner-up - best``), with its bootstrap interval.
+        clear: the interval of the difference lies above zero: ``method`` beats ``runner_up`` on
+            these patients at the interval's level (a paired percentile bootstrap).
+    """
+
+    metric: str
+    method: str
+    runner_up: Optional[str]
+    difference: Optional[Interval]
+    clear: bool
 
 
 @dataclass
@@ -43,7 +66,10 @@ class Evaluation:
             localization of a sample without true codes).
         curves: ``{method: {"deletion": [N, F], "insertion": [N, F]}}``.
         fractions: the curve grid; percentages: the comprehensiveness / sufficiency fractions.
-        seconds_per_sample: wall time of each method's ``attribute`` calls per sample.
+        seconds_per_sample: wall time of each method's ``attribute`` calls per sample (one
+            measurement per method: it has no interval).
+        patient_ids: per sample, the batch's ``patient_id`` (``None`` where the batch has none).
+        level, n_resamples, seed: the bootstrap behind :meth:`interval` and :meth:`leader`.
     """
 
     per_sample: dict[str, dict[str, Tensor]]
@@ -51,6 +77,10 @@ class Evaluation:
     fractions: tuple[float, ...]
     percentages: tuple[float, ...]
     seconds_per_sample: dict[str, float] = field(default_factory=dict)
+    patient_ids: list[Optional[str]] = field(default_factory=list)
+    level: float = DEFAULT_LEVEL
+    n_resamples: int = DEFAULT_RESAMPLES
+    seed: int = 0
 
     HIGHER_IS_BETTER = {
         "deletion_aopc": True,
@@ -68,17 +98,68 @@ class Evaluation:
     def methods(self) -> list[str]:
         return list(self.per_sample)
 
-    def summary(self) -> list[dict[str, Any]]:
-        """One row per method: the mean of each metric over the samples where it applies."""
+    @property
+    def n_samples(self) -> int:
+        first = next(iter(self.per_sample.values()), {})
+        values = next(iter(first.values()), None)
+        return 0 if values is None else int(values.shape[0])
+
+    def summary(self, intervals: bool = False) -> list[dict[str, Any]]:
+        """One row per method: the mean of each metric over the samples where it applies.
+
+        With ``intervals``, each metric ``m`` also gets ``m_low`` and ``m_high`` (the bootstrap interval
+        of :meth:`interval`) and ``m_n`` (the number of patients with a value).
+        """
         rows = []
         for name, metrics in self.per_sample.items():
             row: dict[str, Any] = {"method": name}
             for metric, values in metrics.items():
                 finite = values[~torch.isnan(values)]
                 row[metric] = float(finite.mean()) if finite.numel() else math.nan
+                if intervals:
+                    interval = self.interval(name, metric)
+                    row[f"{metric}_low"], row[f"{metric}_high"], row[f"{metric}_n"] = interval.low, interval.high, interval.n
             row["seconds_per_sample"] = self.seconds_per_sample.get(name, math.nan)
             rows.append(row)
         return rows
+
+    def interval(self, method: str, metric: str) -> Interval:
+        """The mean of ``metric`` for ``method`` over the patients and its bootstrap interval."""
+        if method not in self.per_sample:
+            raise KeyError(f"unknown method {method!r}; known: {self.methods}")
+        if metric not in self.per_sample[method]:
+            raise KeyError(f"{method!r} has no per-patient values for {metric!r}; known: {sorted(self.per_sample[method])}")
+        return bootstrap_interval(self.per_sample[method][metric], level=self.level, n_resamples=self.n_resamples, seed=self.seed)
+
+    def leader(self, metric: str, exclude: Sequence[str] = ("Random",)) -> Leader:
+        """The best method on ``metric``, its runner-up, and whether the paired difference clears zero.
+
+        Example (two methods on four patients; "a" is ahead of "b" by 0.1 on every patient):
+            >>> per = {"a": {"auroc": torch.tensor([0.9, 0.8, 0.7, 0.6])},
+            ...        "b": {"auroc": torch.tensor([0.8, 0.7, 0.6, 0.5])}}
+            >>> leader = Evaluation(per, {}, (), ()).leader("auroc")
+            >>> leader.method, leader.runner_up, leader.clear
+            ('a', 'b', True)
+        """
+        if metric not in self.HIGHER_IS_BETTER:
+            raise KeyError(f"unknown metric {metric!r}; known: {sorted(self.HIGHER_IS_BETTER)}")
+        higher = self.HIGHER_IS_BETTER[metric]
+        means = {
+            r["method"]: r[metric] for r in self.summary()
+            if r["method"] not in exclude and not math.isnan(r.get(metric, math.nan))
+        }
+        if not means:
+            raise ValueError(f"no method has a value for {metric!r}")
+        ranked = sorted(means, key=lambda m: means[m], reverse=higher)
+        best = ranked[0]
+        if len(ranked) == 1 or metric == "seconds_per_sample":  # time: one measurement per method, no interval
+            return Leader(metric, best, ranked[1] if len(ranked) > 1 else None, None, False)
+        runner_up = ranked[1]
+        a, b = self.per_sample[best][metric], self.per_sample[runner_up][metric]
+        difference = paired_difference(
+            a if higher else b, b if higher else a, level=self.level, n_resamples=self.n_resamples, seed=self.seed
+        )
+        return Leader(metric, best, runner_up, difference, difference.n > 0 and difference.low > 0)
 
     def columns(self) -> list[str]:
         rows = self.summary()
@@ -99,7 +180,10 @@ class Evaluation:
         return "\n".join(lines)
 
     def best(self, metric: str, exclude: Sequence[str] = ("Random",)) -> str:
-        """The method with the best mean ``metric`` (direction from :attr:`HIGHER_IS_BETTER`)."""
+        """The method with the best mean ``metric`` (direction from :attr:`HIGHER_IS_BETTER`).
+
+        A best mean need not hold up over the patients: :meth:`leader` says whether it does.
+        """
         if metric not in self.HIGHER_IS_BETTER:
             raise KeyError(f"unknown metric {metric!r}; known: {sorted(self.HIGHER_IS_BETTER)}")
         rows = [r for r in self.summary() if r["method"] not in exclude and not math.isnan(r.get(metric, math.nan))]
@@ -109,28 +193,57 @@ class Evaluation:
         return max(rows, key=lambda r: sign * r[metric])["method"]
 
     def to_csv(self, path: str | Path) -> Path:
+        """The summary with intervals (:meth:`summary` ``(intervals=True)``), one row per method, as CSV."""
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
+        rows = self.summary(intervals=True)
         with path.open("w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=self.columns())
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method"])
             writer.writeheader()
-            writer.writerows(self.summary())
+            writer.writerows(rows)
         return path
 
-    def to_dict(self) -> dict[str, Any]:
-        """JSON-ready: the summary, the mean curves, the settings and the per-sample values."""
+    def statistics(self) -> dict[str, Any]:
+        """How the intervals and the best methods were computed, and the best method per metric."""
+        leaders = {}
+        for metric in self.HIGHER_IS_BETTER:
+            try:
+                leader = self.leader(metric)
+            except ValueError:
+                continue
+            leaders[metric] = {
+                "method": leader.method, "runner_up": leader.runner_up, "clear": leader.clear,
+                "difference": None if leader.difference is None else leader.difference.as_dict(),
+            }
         return {
-            "summary": [{k: _json_number(v) for k, v in row.items()} for row in self.summary()],
+            "n_patients": self.n_samples,
+            "interval": f"{self.level:.0%} percentile bootstrap of the mean over patients ({self.n_resamples} resamples, seed {self.seed})",
+            "best": "the best mean (Random excluded) is marked only where the bootstrap interval of its paired "
+                    "difference to the runner-up, over the same patients, lies above zero",
+            "leaders": leaders,
+        }
+
+    def to_dict(self) -> dict[str, Any]:
+        """JSON-ready: the summary with intervals, the statistics, the curves, the per-sample values."""
+        return {
+            "summary": [{k: _json_number(v) for k, v in row.items()} for row in self.summary(intervals=True)],
+            "statistics": self.statistics(),
             "fractions": list(self.fractions),
             "percentages": list(self.percentages),
             "mean_curves": {
                 name: {kind: [_json_number(float(v)) for v in c.nanmean(0)] for kind, c in curves.items()}
                 for name, curves in self.curves.items()
             },
+            "patient_ids": list(self.patient_ids),
             "per_sample": {
                 name: {metric: [_json_number(float(v)) for v in values] for metric, values in metrics.items()}
                 for name, metrics in self.per_sample.items()
             },
+            "curves": {
+                name: {kind: [[_json_number(float(v)) for v in row] for row in c] for kind, c in curves.items()}
+                for name, curves in self.curves.items()
+            },
+            "seconds_per_sample": {k: _json_number(v) for k, v in self.seconds_per_sample.items()},
             "higher_is_better": self.HIGHER_IS_BETTER,
         }
 
@@ -139,6 +252,106 @@ class Evaluation:
         path.parent.mkdir(parents=True, exist_ok=True)
         path.write_text(json.dumps(self.to_dict(), indent=2))
         return path
+
+    def rows(self) -> list[dict[str, Any]]:
+        """One row per (method, patient): ``method``, ``sample``, ``patient_id``, every per-patient
+        metric, the curve points (``deletion@<fraction>``, ``insertion@<fraction>``) and the method's
+        ``seconds_per_sample``."""
+        out = []
+        for name, metrics in self.per_sample.items():
+            curves = self.curves.get(name, {})
+            for i in range(self.n_samples):
+                row: dict[str, Any] = {
+                    "method": name, "sample": i, "patient_id": self.patient_ids[i] if i < len(self.patient_ids) else None,
+                }
+                row.update({metric: float(values[i]) for metric, values in metrics.items()})
+                for kind in ("deletion", "insertion"):
+                    if kind in curves and curves[kind].numel():
+                        row.update({f"{kind}@{f!r}": float(v) for f, v in zip(self.fractions, curves[kind][i])})
+                row["seconds_per_sample"] = self.seconds_per_sample.get(name, math.nan)
+                out.append(row)
+        return out
+
+    def save(self, path: str | Path) -> Path:
+        """Write the evaluation to ``.csv`` or ``.parquet`` (:meth:`rows`) or ``.json`` (:meth:`to_dict`).
+
+        :meth:`load` reads any of them back, and the ``results.json`` of a report.
+
+        Example:
+            >>> import tempfile
+            >>> per = {"a": {"auroc": torch.tensor([0.9, 0.7])}}
+            >>> curves = {"a": {"deletion": torch.tensor([[1.0, 0.5], [0.8, 0.1]]),
+            ...                 "insertion": torch.tensor([[0.0, 1.0], [0.2, 0.8]])}}
+            >>> evaluation = Evaluation(per, curves, (0.0, 1.0), (), {"a": 0.01}, ["p1", "p2"])
+            >>> for suffix in (".csv", ".json", ".parquet"):
+            ...     again = Evaluation.load(evaluation.save(tempfile.mkdtemp() + "/e" + suffix))
+            ...     assert again.rows() == evaluation.rows(), suffix
+            >>> again.patient_ids, again.fractions
+            (['p1', 'p2'], (0.0, 1.0))
+        """
+        if table_format(path) == ".json":
+            return self.to_json(path)
+        return write_rows(self.rows(), path)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Evaluation":
+        """An evaluation saved by :meth:`save` (CSV, JSON or Parquet) or a report's ``results.json``."""
+        if table_format(path) == ".json":
+            data = json.loads(Path(path).read_text())
+            if not isinstance(data, dict) or "per_sample" not in data:
+                raise ValueError(f"{str(path)!r} holds no per-patient values; write it with Evaluation.save")
+            number = lambda v: math.nan if v is None else float(v)  # noqa: E731
+            curves = {
+                name: {kind: torch.tensor([[number(v) for v in row] for row in c]).reshape(len(c), -1) for kind, c in per.items()}
+                for name, per in data.get("curves", {}).items()
+            }
+            return cls(
+                per_sample={
+                    name: {metric: torch.tensor([number(v) for v in values]) for metric, values in metrics.items()}
+                    for name, metrics in data["per_sample"].items()
+                },
+                curves=curves,
+                fractions=tuple(float(f) for f in data.get("fractions", ())),
+                percentages=tuple(float(p) for p in data.get("percentages", ())),
+                seconds_per_sample={k: number(v) for k, v in data.get("seconds_per_sample", {}).items()},
+                patient_ids=list(data.get("patient_ids", [])),
+            )
+        rows = read_rows(path)
+        if not rows or "method" not in rows[0] or "sample" not in rows[0]:
+            raise ValueError(
+                f"{str(path)!r} holds no per-patient rows (a report's results.csv is the summary only); load the "
+                "file Evaluation.save wrote, or the report's results.json"
+            )
+        columns = list(rows[0])
+        curve_columns = {kind: [c for c in columns if c.startswith(f"{kind}@")] for kind in ("deletion", "insertion")}
+        skip = {"method", "sample", "patient_id", "seconds_per_sample", *curve_columns["deletion"], *curve_columns["insertion"]}
+        metrics = [c for c in columns if c not in skip]
+        number = lambda v: math.nan if v is None else float(v)  # noqa: E731
+        by_method: dict[str, list[dict[str, Any]]] = {}
+        for row in rows:
+            by_method.setdefault(str(row["method"]), []).append(row)
+        n = max(int(r["sample"]) for r in rows) + 1
+        patient_ids: list[Optional[str]] = [None] * n
+        per_sample, curves, seconds = {}, {}, {}
+        for name, mine in by_method.items():
+            mine = sorted(mine, key=lambda r: int(r["sample"]))
+            per_sample[name] = {m: torch.tensor([number(r.get(m)) for r in mine]) for m in metrics}
+            curves[name] = {
+                kind: torch.tensor([[number(r[c]) for c in cols] for r in mine]).reshape(len(mine), len(cols))
+                for kind, cols in curve_columns.items()
+            }
+            seconds[name] = number(mine[0].get("seconds_per_sample"))
+            for r in mine:
+                patient_ids[int(r["sample"])] = None if r.get("patient_id") is None else str(r["patient_id"])
+        percentages = tuple(float(m.split("@", 1)[1]) for m in metrics if m.startswith("comprehensiveness@"))
+        return cls(
+            per_sample=per_sample,
+            curves=curves,
+            fractions=tuple(float(c.split("@", 1)[1]) for c in curve_columns["deletion"]),
+            percentages=percentages,
+            seconds_per_sample=seconds,
+            patient_ids=patient_ids if any(p is not None for p in patient_ids) else [],
+        )
 
 
 def _json_number(v: Any) -> Any:
@@ -225,6 +438,7 @@ def _evaluate_methods(
     per_sample: dict[str, dict[str, list[Tensor]]] = {name: {} for name, _, _ in specs}
     curves: dict[str, dict[str, list[Tensor]]] = {name: {"deletion": [], "insertion": []} for name, _, _ in specs}
     seconds = {name: 0.0 for name, _, _ in specs}
+    patient_ids: list[Optional[str]] = []
     n_total = 0
     total = len(batches) if hasattr(batches, "__len__") else None
     for batch in tqdm(batches, desc="evaluating", unit="batch", total=total, disable=not progress):
@@ -269,6 +483,7 @@ def _evaluate_methods(
                 metrics.setdefault("sensitivity", []).append(
                     torch.cat([sens, torch.full((n - sens.shape[0],), math.nan)])
                 )
+        patient_ids.extend(_patient_ids(batch, n))
         n_total += n
     if n_total == 0:
         raise ValueError("data holds no samples")
@@ -278,6 +493,8 @@ def _evaluate_methods(
         fractions=fractions,
         percentages=percentages,
         seconds_per_sample={name: s / n_total for name, s in seconds.items()},
+        patient_ids=patient_ids if any(p is not None for p in patient_ids) else [],
+        seed=seed,
     )
 
 

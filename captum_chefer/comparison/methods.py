@@ -22,13 +22,15 @@ from __future__ import annotations
 import time
 import warnings
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Iterable, Literal, Mapping, Optional, Sequence
 
 import torch
 from captum.attr import Attribution, LayerIntegratedGradients, NoiseTunnel
 from torch import Tensor
 
-from ..adapters import Adapter
+from ..adapters import Adapter, DecodedToken
+from .tables import read_rows, write_rows
 
 __all__ = [
     "Comparison",
@@ -103,6 +105,8 @@ class Comparison:
         ids: ``{feature key: code ids}`` of the samples, padded like the scores.
         masks: ``{feature key: True on real codes}``.
         targets: the explained class per sample ``[N]``, or ``None`` for single-logit (binary) models.
+        patient_ids: per sample, the batch's ``patient_id`` (``None`` where the batch has none).
+        decoded: per sample, its real codes as the adapter decodes them (``adapter.decode(batch)``).
     """
 
     scores: dict[str, dict[str, Tensor]]
@@ -110,6 +114,8 @@ class Comparison:
     ids: dict[str, Tensor] = field(default_factory=dict)
     masks: dict[str, Tensor] = field(default_factory=dict)
     targets: Optional[Tensor] = None
+    patient_ids: list[Optional[str]] = field(default_factory=list)
+    decoded: list[list[DecodedToken]] = field(default_factory=list)
 
     @property
     def methods(self) -> list[str]:
@@ -136,23 +142,119 @@ class Comparison:
         return rows
 
     def code_rows(self) -> list[dict[str, Any]]:
-        """Long format, one row per (method, sample, feature key, real code): ready for a DataFrame."""
+        """Long format, one row per (method, sample, real code): ready for a DataFrame.
+
+        Columns: ``method``, ``sample`` (index in the comparison), ``patient_id``, ``feature``, ``visit``
+        (nested streams; ``None`` for flat ones), ``position`` (of the code in the stream, or in its
+        visit), ``code_id``, ``code`` (the code as the adapter decodes it, e.g. ``"v2:P7"`` for code P7
+        of visit 2), ``score``.
+        """
         out = []
         for name, per_key in self.scores.items():
-            for key, s in per_key.items():
-                real = self.masks[key]
-                for index in real.nonzero().tolist():
+            for sample, tokens in enumerate(self._tokens()):
+                patient = self.patient_ids[sample] if sample < len(self.patient_ids) else None
+                for token in tokens:
+                    index = (sample, *token.index)
                     out.append(
                         {
                             "method": name,
-                            "sample": index[0],
-                            "feature": key,
-                            "position": tuple(index[1:]) if len(index) > 2 else index[1],
-                            "code_id": int(self.ids[key][tuple(index)]),
-                            "score": float(s[tuple(index)]),
+                            "sample": sample,
+                            "patient_id": patient,
+                            "feature": token.feature,
+                            "visit": token.index[0] if len(token.index) == 2 else None,
+                            "position": token.index[-1],
+                            "code_id": int(self.ids[token.feature][index]),
+                            "code": token.text,
+                            "score": float(per_key[token.feature][index]),
                         }
                     )
         return out
+
+    def _tokens(self) -> list[list[DecodedToken]]:
+        """The decoded codes, or (for a comparison made without them) the real codes shown by id."""
+        if self.decoded:
+            return self.decoded
+        tokens: list[list[DecodedToken]] = [[] for _ in range(self.n_samples)]
+        for key, real in self.masks.items():
+            for index in real.nonzero().tolist():
+                tokens[index[0]].append(DecodedToken(key, f"#{int(self.ids[key][tuple(index)])}", tuple(index[1:])))
+        return tokens
+
+    def save(self, path: str | Path) -> Path:
+        """Write :meth:`code_rows` (with each row's ``target`` and the method's ``seconds_per_sample``) to
+        a ``.csv``, ``.json`` or ``.parquet`` file; :meth:`load` reads it back.
+
+        Example:
+            >>> import tempfile
+            >>> from captum.attr import Saliency
+            >>> from captum_chefer import PyHealthAdapter
+            >>> from captum_chefer.synthetic import toy_model_and_batch
+            >>> model, batch = toy_model_and_batch()
+            >>> adapter = PyHealthAdapter(model)
+            >>> result = compare_methods(adapter, batch, [Saliency(adapter)])
+            >>> again = Comparison.load(result.save(tempfile.mkdtemp() + "/saliency.parquet"))
+            >>> again.code_rows() == result.code_rows()
+            True
+        """
+        targets = None if self.targets is None else self.targets.tolist()
+        rows = [
+            {**row, "target": None if targets is None else targets[row["sample"]],
+             "seconds_per_sample": self.seconds_per_sample.get(row["method"])}
+            for row in self.code_rows()
+        ]
+        columns = ["method", "sample", "patient_id", "feature", "visit", "position", "code_id", "code", "score",
+                   "target", "seconds_per_sample"]
+        return write_rows(rows, path, columns)
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Comparison":
+        """A comparison saved by :meth:`save` (CSV, JSON or Parquet).
+
+        Scores, code ids, masks, targets, patient ids and decoded codes come back as they were on every
+        real code; each stream is as wide as its longest patient (padding beyond it is not stored).
+        """
+        rows = read_rows(path)
+        if not rows or "score" not in rows[0] or "code_id" not in rows[0]:
+            raise ValueError(f"{str(path)!r} holds no comparison rows; write it with Comparison.save")
+        n = max(int(r["sample"]) for r in rows) + 1
+        features: dict[str, list[dict[str, Any]]] = {}
+        for r in rows:
+            features.setdefault(str(r["feature"]), []).append(r)
+        shapes: dict[str, tuple[int, ...]] = {}
+        for key, mine in features.items():
+            nested = any(r["visit"] is not None for r in mine)
+            width = max(int(r["position"]) for r in mine) + 1
+            shapes[key] = (n, max(int(r["visit"]) for r in mine) + 1, width) if nested else (n, width)
+        methods = list(dict.fromkeys(str(r["method"]) for r in rows))
+        scores = {m: {k: torch.zeros(shape) for k, shape in shapes.items()} for m in methods}
+        ids = {k: torch.zeros(shape, dtype=torch.long) for k, shape in shapes.items()}
+        masks = {k: torch.zeros(shape, dtype=torch.bool) for k, shape in shapes.items()}
+        patient_ids: list[Optional[str]] = [None] * n
+        targets: list[Optional[int]] = [None] * n
+        seconds: dict[str, float] = {}
+        decoded: list[list[DecodedToken]] = [[] for _ in range(n)]
+        first = methods[0]
+        for r in rows:
+            key, sample, method = str(r["feature"]), int(r["sample"]), str(r["method"])
+            position = (int(r["position"]),) if r["visit"] is None else (int(r["visit"]), int(r["position"]))
+            index = (sample, *position)
+            scores[method][key][index] = float(r["score"])
+            seconds[method] = float(r["seconds_per_sample"]) if r.get("seconds_per_sample") is not None else float("nan")
+            if method == first:
+                ids[key][index] = int(r["code_id"])
+                masks[key][index] = True
+                patient_ids[sample] = None if r["patient_id"] is None else str(r["patient_id"])
+                targets[sample] = None if r.get("target") is None else int(r["target"])
+                decoded[sample].append(DecodedToken(key, str(r["code"]), position))
+        return cls(
+            scores=scores,
+            seconds_per_sample=seconds,
+            ids=ids,
+            masks=masks,
+            targets=None if any(t is None for t in targets) else torch.tensor(targets, dtype=torch.long),
+            patient_ids=patient_ids,
+            decoded=decoded,
+        )
 
     def table(self, digits: int = 4) -> str:
         """:meth:`rows` as a plain-text table."""
@@ -241,6 +343,8 @@ def compare_methods(
     ids_parts: list[dict[str, Tensor]] = []
     mask_parts: list[dict[str, Tensor]] = []
     target_parts: list[Tensor] = []
+    patient_ids: list[Optional[str]] = []
+    decoded: list[list[DecodedToken]] = []
     n = 0
     for batch in batches:
         if not isinstance(batch, Mapping):
@@ -260,7 +364,10 @@ def compare_methods(
         mask_parts.append(dict(zip(adapter.feature_keys, (m.detach().cpu() for m in masks))))
         if target is not None:
             target_parts.append(target.detach().cpu())
-        n += int(tokens[0].shape[0])
+        size = int(tokens[0].shape[0])
+        patient_ids.extend(_patient_ids(batch, size))
+        decoded.extend(adapter.decode(batch))
+        n += size
     if n == 0:
         raise ValueError("data holds no samples")
     return Comparison(
@@ -269,7 +376,17 @@ def compare_methods(
         ids=_cat_padded(ids_parts),
         masks=_cat_padded(mask_parts),
         targets=torch.cat(target_parts) if target_parts else None,
+        patient_ids=patient_ids,
+        decoded=decoded,
     )
+
+
+def _patient_ids(batch: Mapping[str, Any], size: int) -> list[Optional[str]]:
+    """The batch's ``patient_id`` entries as strings, or ``None`` per sample when it has none."""
+    ids = batch.get("patient_id")
+    if isinstance(ids, (list, tuple)) and len(ids) == size:
+        return [None if p is None else str(p) for p in ids]
+    return [None] * size
 
 
 def _attribute_one(

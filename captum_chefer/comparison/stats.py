@@ -1,0 +1,172 @@
+"""Statistics over patients: bootstrap intervals, a paired comparison, and a binomial test against chance.
+
+Every metric of :mod:`captum_chefer.comparison.metrics` gives one value per patient, so its mean over the
+explained patients carries sampling error. Here:
+
+* :func:`bootstrap_interval`: the percentile bootstrap interval of a mean (patients resampled with
+  replacement, a seeded generator, NaN values left out).
+* :func:`paired_difference`: the same for the mean *difference* of two methods on the same patients.
+  Both methods are scored on the same patients, so the between-patient spread cancels in the difference:
+  this is how a "best" method is told apart from its runner-up (see ``Evaluation.leader``).
+* :func:`binomial_tail` and :func:`above_chance`: is a model's accuracy above always predicting the most
+  frequent class (one-sided exact binomial test)?
+
+Example:
+    >>> import torch
+    >>> interval = bootstrap_interval(torch.tensor([0.0, 0.0, 3.0]))
+    >>> interval.mean, interval.low, interval.high, interval.n
+    (1.0, 0.0, 3.0, 3)
+    >>> paired_difference(torch.tensor([1.0, 2.0, 3.0]), torch.tensor([0.5, 1.5, 2.5])).low
+    0.5
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = [
+    "DEFAULT_LEVEL",
+    "DEFAULT_RESAMPLES",
+    "Interval",
+    "above_chance",
+    "binomial_tail",
+    "bootstrap_interval",
+    "paired_difference",
+]
+
+DEFAULT_LEVEL = 0.95
+DEFAULT_RESAMPLES = 2000
+
+
+@dataclass(frozen=True)
+class Interval:
+    """A mean over ``n`` patients and its bootstrap interval ``[low, high]`` at ``level``.
+
+    ``n == 0`` (no finite value): every field is NaN.
+    """
+
+    mean: float
+    low: float
+    high: float
+    n: int
+    level: float = DEFAULT_LEVEL
+
+    def excludes(self, value: float = 0.0) -> bool:
+        """Whether ``value`` lies outside the interval (False when there is no interval)."""
+        return self.n > 0 and (self.low > value or self.high < value)
+
+    def as_dict(self) -> dict[str, float | int | None]:
+        """JSON-ready: NaN becomes ``None``."""
+        clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
+        return {"mean": clean(self.mean), "low": clean(self.low), "high": clean(self.high), "n": self.n, "level": self.level}
+
+
+def _finite(values: Tensor | Sequence[float]) -> Tensor:
+    v = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+    return v[torch.isfinite(v)]
+
+
+def _check(level: float, n_resamples: int) -> None:
+    if not 0.0 < level < 1.0:
+        raise ValueError(f"level must be between 0 and 1 (e.g. 0.95), got {level}")
+    if not isinstance(n_resamples, int) or n_resamples < 1:
+        raise ValueError(f"n_resamples must be a positive int, got {n_resamples!r}")
+
+
+def _interval(values: Tensor, level: float, n_resamples: int, seed: int) -> Interval:
+    n = int(values.numel())
+    if n == 0:
+        return Interval(math.nan, math.nan, math.nan, 0, level)
+    mean = float(values.mean())
+    generator = torch.Generator().manual_seed(seed)
+    index = torch.randint(0, n, (n_resamples, n), generator=generator)
+    means = values[index].mean(dim=1)
+    tail = (1.0 - level) / 2.0
+    low, high = torch.quantile(means, torch.tensor([tail, 1.0 - tail], dtype=torch.float64)).tolist()
+    return Interval(mean, low, high, n, level)
+
+
+def bootstrap_interval(
+    values: Tensor | Sequence[float],
+    *,
+    level: float = DEFAULT_LEVEL,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> Interval:
+    """The mean of ``values`` and its percentile bootstrap interval (NaN values are left out).
+
+    The patients are resampled with replacement ``n_resamples`` times from a generator seeded with
+    ``seed``; the interval runs between the ``(1 - level) / 2`` and ``(1 + level) / 2`` quantiles of the
+    resampled means (linear interpolation). Same values and seed, same interval.
+
+    Example (three patients; the 27 equally likely resamples hold the 3 zero to three times, so their
+    means are 0, 1, 2 or 3 with probabilities 8/27, 12/27, 6/27 and 1/27: the 2.5% quantile is 0 and,
+    since 26/27 < 0.975, the 97.5% quantile is 3):
+        >>> bootstrap_interval([0.0, 0.0, 3.0, float("nan")])
+        Interval(mean=1.0, low=0.0, high=3.0, n=3, level=0.95)
+    """
+    _check(level, n_resamples)
+    return _interval(_finite(values), level, n_resamples, seed)
+
+
+def paired_difference(
+    a: Tensor | Sequence[float],
+    b: Tensor | Sequence[float],
+    *,
+    level: float = DEFAULT_LEVEL,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> Interval:
+    """The mean of ``a - b`` over the patients where both are finite, with its bootstrap interval.
+
+    ``a`` and ``b`` are two methods' values on the same patients, in the same order. An interval that
+    excludes 0 says the methods differ on these patients at ``level`` (a paired percentile bootstrap).
+
+    Example (b is a everywhere but one patient, where it is higher by 0.3):
+        >>> d = paired_difference([0.2, 0.9, 0.4, 0.6], [0.2, 0.9, 0.7, 0.6])
+        >>> round(d.mean, 3), d.high, d.excludes(0.0)
+        (-0.075, 0.0, False)
+    """
+    _check(level, n_resamples)
+    a = torch.as_tensor(a, dtype=torch.float64).reshape(-1)
+    b = torch.as_tensor(b, dtype=torch.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"paired values need one value per patient in both: got {a.numel()} and {b.numel()}")
+    both = torch.isfinite(a) & torch.isfinite(b)
+    return _interval((a - b)[both], level, n_resamples, seed)
+
+
+def binomial_tail(k: int, n: int, p: float) -> float:
+    """``P(X >= k)`` for ``X ~ Binomial(n, p)``, summed exactly.
+
+    Example (11 or 12 successes of 12 fair coin flips: (12 + 1) / 4096):
+        >>> binomial_tail(11, 12, 0.5) == 13 / 4096
+        True
+    """
+    if not 0 <= p <= 1 or n < 0:
+        raise ValueError(f"need n >= 0 and 0 <= p <= 1, got n={n}, p={p}")
+    k = max(int(k), 0)
+    return float(sum(math.comb(n, i) * p**i * (1 - p) ** (n - i) for i in range(k, n + 1)))
+
+
+def above_chance(correct: int, n: int, majority_rate: float, alpha: float = 0.05) -> tuple[bool, float]:
+    """Whether ``correct`` of ``n`` predictions beat always predicting the most frequent class.
+
+    One-sided exact binomial test of ``H0: accuracy = majority_rate``.
+
+    Returns:
+        ``(above, p_value)``: ``above`` when ``p_value < alpha``.
+
+    Example (12 patients, 7 of the majority class: 11 correct is above chance, 10 is not):
+        >>> above_chance(11, 12, 7 / 12)[0], above_chance(10, 12, 7 / 12)[0]
+        (True, False)
+    """
+    if n <= 0:
+        raise ValueError("above_chance needs at least one prediction")
+    p_value = binomial_tail(correct, n, majority_rate)
+    return p_value < alpha, p_value

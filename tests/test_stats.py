@@ -1,0 +1,107 @@
+"""Bootstrap intervals, the paired comparison and the chance test, against hand-computed cases and theory."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from captum_chefer.comparison.stats import (
+    Interval,
+    above_chance,
+    binomial_tail,
+    bootstrap_interval,
+    paired_difference,
+)
+
+
+def test_constant_values_give_a_point_interval():
+    interval = bootstrap_interval([0.25] * 7)
+    assert (interval.mean, interval.low, interval.high, interval.n) == (0.25, 0.25, 0.25, 7)
+    assert bootstrap_interval([2.0]) == Interval(2.0, 2.0, 2.0, 1)
+
+
+def test_two_patients_by_hand():
+    # resampled means: a (1/4), (a + b) / 2 (1/2), b (1/4): both 2.5% tails sit on the data points
+    interval = bootstrap_interval([1.0, 5.0], n_resamples=4000, seed=3)
+    assert (interval.mean, interval.low, interval.high) == (3.0, 1.0, 5.0)
+
+
+def test_three_patients_by_exact_enumeration():
+    # all 27 resamples of (0, 0, 3) are equally likely; the mean is the number of 3s drawn
+    values = torch.tensor([0.0, 0.0, 3.0])
+    means = sorted(float(values[[i, j, k]].mean()) for i in range(3) for j in range(3) for k in range(3))
+    assert [means.count(m) for m in (0.0, 1.0, 2.0, 3.0)] == [8, 12, 6, 1]
+    # P(mean <= 2) = 26/27 = 0.963 < 0.975, so the upper 2.5% quantile is 3; P(mean = 0) = 0.30 > 0.025
+    interval = bootstrap_interval(values)
+    assert (interval.low, interval.high) == (0.0, 3.0)
+    # at level 0.80 the tails are 10%: P(mean = 0) = 0.30 > 0.10 -> low 0; P(mean >= 2) = 7/27 = 0.26 > 0.10 -> high 2
+    narrow = bootstrap_interval(values, level=0.80)
+    assert (narrow.low, narrow.high) == (0.0, 2.0)
+
+
+def test_large_sample_matches_the_normal_interval():
+    values = torch.randn(400, generator=torch.Generator().manual_seed(0), dtype=torch.float64) * 2 + 1
+    interval = bootstrap_interval(values, n_resamples=4000)
+    half = 1.959964 * float(values.std()) / math.sqrt(400)  # normal theory, independent of the bootstrap
+    assert interval.mean == pytest.approx(float(values.mean()))
+    assert interval.low == pytest.approx(interval.mean - half, abs=0.1 * half)
+    assert interval.high == pytest.approx(interval.mean + half, abs=0.1 * half)
+
+
+def test_nan_values_are_left_out_and_no_value_gives_nan():
+    assert bootstrap_interval([1.0, float("nan"), 1.0]).n == 2
+    empty = bootstrap_interval([float("nan")])
+    assert empty.n == 0 and math.isnan(empty.mean) and not empty.excludes(0.0)
+    assert empty.as_dict() == {"mean": None, "low": None, "high": None, "n": 0, "level": 0.95}
+
+
+def test_seeded():
+    values = torch.rand(30, generator=torch.Generator().manual_seed(1))
+    assert bootstrap_interval(values, seed=5) == bootstrap_interval(values, seed=5)
+    assert bootstrap_interval(values, seed=5) != bootstrap_interval(values, seed=6)
+
+
+def test_paired_difference_by_hand():
+    # every patient gains exactly 0.1: the interval is the point 0.1, which excludes 0
+    a = torch.tensor([0.3, 0.5, 0.9, 0.2])
+    d = paired_difference(a + 0.1, a)
+    assert d.n == 4 and d.low == pytest.approx(0.1) and d.high == pytest.approx(0.1) and d.excludes(0.0)
+    # gains of +1 and -1 on two patients each: resampled means -1, -0.5, 0, 0.5, 1 -> the interval holds 0
+    d = paired_difference([1.0, 0.0, 1.0, 0.0], [0.0, 1.0, 0.0, 1.0])
+    assert d.mean == 0.0 and d.low == -1.0 and d.high == 1.0 and not d.excludes(0.0)
+    # a NaN in either leaves that patient out of the pair
+    assert paired_difference([1.0, float("nan"), 3.0], [0.0, 0.0, float("nan")]).n == 1
+
+
+def test_paired_comparison_separates_what_overlapping_intervals_cannot():
+    # large between-patient spread, a small but consistent gain: the marginal intervals overlap, the paired one clears 0
+    base = torch.linspace(0.0, 1.0, 40, dtype=torch.float64)
+    better = base + 0.02
+    a, b = bootstrap_interval(better), bootstrap_interval(base)
+    assert a.low < b.high  # overlapping
+    assert paired_difference(better, base).low == pytest.approx(0.02)
+
+
+def test_binomial_tail_by_hand():
+    assert binomial_tail(0, 5, 0.3) == pytest.approx(1.0)
+    assert binomial_tail(12, 12, 0.5) == pytest.approx(1 / 4096)
+    assert binomial_tail(2, 3, 0.5) == pytest.approx(0.5)  # 3/8 + 1/8
+    assert binomial_tail(4, 3, 0.5) == 0.0
+
+
+def test_above_chance():
+    assert above_chance(6, 12, 0.5) == (False, pytest.approx(binomial_tail(6, 12, 0.5)))
+    assert above_chance(12, 12, 0.5)[0]
+    # 12 of 12 correct when 11 of 12 share a class is not evidence of learning anything
+    assert not above_chance(12, 12, 11 / 12)[0]
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="level"):
+        bootstrap_interval([1.0], level=95)
+    with pytest.raises(ValueError, match="n_resamples"):
+        bootstrap_interval([1.0], n_resamples=0)
+    with pytest.raises(ValueError, match="one value per patient"):
+        paired_difference([1.0, 2.0], [1.0])
