@@ -7,7 +7,7 @@ SPEC := $(shell sha1sum pyproject.toml | cut -c1-12)
 STAMP := $(VENV)/.deps-$(SPEC)
 OUT ?= reports/demo
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench notebooks venv clean
 
 venv: $(STAMP)
 
@@ -28,6 +28,11 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) benchmarks/speed.py
+
+# Execute notebooks at the small size the tests use and save them with their outputs:
+# `make notebooks` runs all of them, `make notebooks NB="notebooks/02_side_by_side.ipynb"` the ones named.
+notebooks: $(STAMP)
+	$(PY) tools/run_notebooks.py $(NB)
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache

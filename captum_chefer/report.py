@@ -200,9 +200,9 @@ class ComparisonReport:
     def html_path(self) -> Optional[Path]:
         return self.files.get("report")
 
-    def table(self, markdown: bool = False, intervals: bool = True) -> str:
+    def table(self, markdown: bool = False, intervals: bool = True, time: bool = True) -> str:
         """The headline table (see :func:`headline_table`)."""
-        return headline_table(self.evaluation, markdown=markdown, intervals=intervals)
+        return headline_table(self.evaluation, markdown=markdown, intervals=intervals, time=time)
 
 
 def run_comparison(
@@ -326,16 +326,22 @@ def _on_device(adapter: Any, device: Optional[torch.device]) -> Iterator[None]:
 # ---------------------------------------------------------------------------------------------- writing
 
 
-def headline_table(evaluation: Evaluation, markdown: bool = False, digits: int = 3, intervals: bool = True) -> str:
+def headline_table(
+    evaluation: Evaluation, markdown: bool = False, digits: int = 3, intervals: bool = True, time: bool = True
+) -> str:
     """The headline metrics, one row per method (``ms / sample`` in milliseconds), with a note below.
 
     Each cell is the mean over the patients, with its 95% bootstrap interval when ``intervals``. The best
     mean of a column (the random baseline excluded) is bold (Markdown) or starred (text) only where the
     paired bootstrap interval of its difference to the runner-up lies above zero. A column's header gives
-    its number of patients when it differs from the total.
+    its number of patients when it differs from the total. ``time=False`` leaves the wall-time column out
+    (the only column that is not seeded).
     """
     rows = evaluation.summary()
-    present = [(k, label) for k, label in HEADLINE if any(k in r and not _isnan(r[k]) for r in rows)]
+    present = [
+        (k, label) for k, label in HEADLINE
+        if any(k in r and not _isnan(r[k]) for r in rows) and (time or k != "seconds_per_sample")
+    ]
     leaders = _leaders(evaluation, [k for k, _ in present])
     total = evaluation.n_samples
     header = ["Method"] + [_header(evaluation, k, label, total) for k, label in present]
@@ -345,7 +351,7 @@ def headline_table(evaluation: Evaluation, markdown: bool = False, digits: int =
         for k, _ in present:
             line.append(_cell(evaluation, r, k, digits, intervals, leaders.get(k) == r["method"], markdown))
         cells.append(line)
-    note = _table_note(evaluation, intervals, "bold" if markdown else "*")
+    note = _table_note(evaluation, intervals, "bold" if markdown else "*", time)
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(present)) + "|"]
         return "\n".join(out + ["| " + " | ".join(c) + " |" for c in cells] + ["", note])
@@ -388,14 +394,14 @@ def _cell(evaluation: Evaluation, row: Mapping[str, Any], metric: str, digits: i
     return text
 
 
-def _table_note(evaluation: Evaluation, intervals: bool, mark: str) -> str:
+def _table_note(evaluation: Evaluation, intervals: bool, mark: str, time: bool = True) -> str:
     note = f"Means over n = {evaluation.n_samples} patients"
     if intervals:
         note += (f"; [low, high]: {evaluation.level:.0%} bootstrap interval over patients ({evaluation.n_resamples} "
                  f"resamples, seed {evaluation.seed})")
     return note + (f". {mark.capitalize() if mark != '*' else 'A star'}: the best mean of a column (Random excluded), "
                    "marked only where the bootstrap interval of its paired difference to the runner-up, on the same "
-                   "patients, lies above zero. Time is one measurement.")
+                   "patients, lies above zero." + (" Time is one measurement." if time else ""))
 
 
 def _isnan(v: Any) -> bool:
