@@ -148,29 +148,3 @@ def test_unknown_command_is_refused(capsys):
         main(["explain"])
     assert "invalid choice" in capsys.readouterr().err
 
-
-def test_readme_compare_examples_run(tmp_path, monkeypatch, capsys):
-    import re
-    from pathlib import Path
-
-    from pyhealth.datasets import get_dataloader
-
-    from captum_chefer.synthetic import default_cohort, train_transformer
-
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = text.index("<!-- section: compare")
-    one_call, own_cohort = re.findall(r"```python\n(.*?)```", text[start : text.index("<!-- end section", start)], flags=re.S)
-    cohort = default_cohort(120, seed=2)
-    dataset = cohort.dataset()
-    model = train_transformer(dataset, epochs=1, progress=False)
-    monkeypatch.chdir(tmp_path)
-    namespace = {"model": model, "test_loader": get_dataloader(dataset.subset(list(range(8))), batch_size=4, shuffle=False)}
-    exec(compile(one_call, "README.md (compare, one call)", "exec"), namespace)
-    assert (tmp_path / "reports" / "mine" / "report.html").exists()
-    assert namespace["report"].evaluation.per_sample["Chefer"]["deletion_aopc"].shape == (8,)
-    assert "Integrated Gradients" in capsys.readouterr().out
-
-    namespace = {}
-    exec(compile(own_cohort, "README.md (compare, own cohort)", "exec"), namespace)
-    made = namespace["cohort"]
-    assert made.num_classes == 4 and len(made.samples) == 2000 and len(namespace["dataset"]) == 2000

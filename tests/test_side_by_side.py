@@ -328,19 +328,3 @@ def test_evaluator_method_in_pyhealths_evaluator(planted, planted_batches, capsy
     assert results["IG"]["comprehensiveness"] == pytest.approx(results["IG"]["comprehensiveness"])  # not NaN
     assert ig[0][ig[1]].mean() > random[0][random[1]].mean() + 0.1
 
-
-def test_readme_side_by_side_example_runs(tmp_path, monkeypatch, capsys):
-    import re
-    from pathlib import Path
-
-    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
-    start = text.index("<!-- section: side-by-side")
-    (block,) = re.findall(r"```python\n(.*?)```", text[start : text.index("<!-- end section", start)], flags=re.S)
-    monkeypatch.chdir(tmp_path)
-    (tmp_path / "reports" / "side-by-side").mkdir(parents=True)
-    exec(compile(block, "README.md (side-by-side)", "exec"), {})
-    out = capsys.readouterr().out
-    for name in ("Chefer", "Integrated Gradients", "Saliency", "NoiseTunnel (Saliency)"):
-        assert re.search(rf"^{re.escape(name)}\s+sensitivity [0-9.]+\s+infidelity [0-9.]+$", out, flags=re.M), name
-        assert "#conditions" in (tmp_path / "reports" / "side-by-side" / f"{name}.html").read_text()
-    assert "LIG" in out and (tmp_path / "reports" / "side-by-side" / "patient0.png").stat().st_size > 0
