@@ -536,7 +536,7 @@ def dense_encoder_decoder_relevance(
     if encoder_layers:
         r_ii = dense_relevance([mask_padding(w, input_mask, input_mask) for w in encoder_layers])
     else:
-        r_ii = torch.eye(inputs, dtype=dtype, device=device).expand(batch, inputs, inputs)
+        r_ii = torch.eye(inputs, dtype=dtype, device=device).expand(batch, inputs, inputs).clone()
     r_qq = torch.eye(queries, dtype=dtype, device=device).expand(batch, queries, queries)
     r_qi = torch.zeros(batch, queries, inputs, dtype=dtype, device=device)
     for self_weighted, cross_weighted in zip(decoder_self_layers, decoder_cross_layers):
