@@ -502,14 +502,15 @@ def _run_chunks(
     try:
         for k in chunks:
             start, stop = k * chunk_size, min((k + 1) * chunk_size, source.n_samples)
-            columns: dict[str, list] = {name: [] for name in COLUMNS}
+            # rows grouped by method, then in sample order: the same whatever the batch size
+            columns: dict[str, dict[str, list]] = {method: {name: [] for name in COLUMNS} for method, _, _ in specs}
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed * 1_000_003 + k)
                 for first in range(start, stop, source.batch_size):
                     last = min(first + source.batch_size, stop)
                     _batch_rows(adapter, source.batch(first, last), specs, first, target_mode, baseline, seconds, columns)
                     bar.update(last - first)
-            rows = _write_part(out, k, start, stop, description, columns)
+            rows = _write_part(out, k, start, stop, description, {c: [v for m in columns.values() for v in m[c]] for c in COLUMNS})
             written.append({"chunk": k, "rows": rows})
     finally:
         bar.close()
@@ -533,9 +534,9 @@ def _batch_rows(
     target_mode: TargetMode,
     baseline: Reference,
     seconds: dict[str, float],
-    columns: dict[str, list],
+    columns: dict[str, dict[str, list]],
 ) -> None:
-    """One batch: every method, as compare_methods runs it; its rows appended to ``columns``."""
+    """One batch: every method, as compare_methods runs it; its rows appended to ``columns[method]``."""
     embeddings, args = adapter.captum_inputs(batch, level="embedding")
     tokens, _ = adapter.captum_inputs(batch, level="token")
     target = adapter.captum_target(batch, mode=target_mode)
@@ -584,10 +585,11 @@ def _batch_rows(
         values = torch.zeros(n_rows, dtype=torch.float32)
         for key, index in index_tensors.items():
             values[torch.tensor(order[key])] = scores[key][tuple(index)].float()
+        into = columns[name]
         for column, items in shared.items():
-            columns[column].extend(items)
-        columns["method"].extend([name] * n_rows)
-        columns["score"].extend(values.tolist())
+            into[column].extend(items)
+        into["method"].extend([name] * n_rows)
+        into["score"].extend(values.tolist())
 
 
 def _explained(target: Any, n_outputs: int, n: int) -> tuple[list[int], Tensor]:
@@ -786,9 +788,13 @@ class CohortSummary:
         tops = {m: self.top(m, k) for m in self.methods}
         labels = {m: [_label(f, c, self._several_features) for f, c in zip(t["feature"], t["code"])] for m, t in tops.items()}
         common = set.intersection(*(set(v) for v in labels.values())) if labels else set()
-        width = max(3.4 * len(self.methods), 6.0)
-        fig = Figure(figsize=(width, 0.32 * k + 1.6), layout="constrained")
-        axes = fig.subplots(1, len(self.methods), squeeze=False)[0]
+        ncols = min(len(self.methods), 3)
+        nrows = -(-len(self.methods) // ncols)
+        fig = Figure(figsize=(max(3.6 * ncols, 6.0), nrows * (0.3 * k + 1.0) + 0.6), layout="constrained")
+        grid = fig.subplots(nrows, ncols, squeeze=False)
+        axes = [ax for row in grid for ax in row]
+        for ax in axes[len(self.methods):]:
+            ax.set_visible(False)
         for ax, method in zip(axes, self.methods):
             values = tops[method]["mean_score"].to_list()
             names = labels[method]
