@@ -722,6 +722,14 @@ def _describe_method(name: str, method: Any, kwargs: Mapping[str, Any]) -> dict[
 
 
 def _peak_rss_mb() -> float:
+    """This process's peak resident memory: Linux's ``VmHWM`` (``ru_maxrss`` would carry the peak of the
+    process that forked this one, e.g. torchrun's agent, across ``exec``), else ``ru_maxrss``."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return peak / 2**20 if sys.platform == "darwin" else peak / 2**10  # bytes on macOS, KiB on Linux
 

@@ -205,6 +205,19 @@ def test_rerun_skips_complete_parts_and_redoes_broken_ones(toy, tmp_path):
     assert not list(tmp_path.glob(".*"))
 
 
+def test_a_loader_gives_its_batch_size_and_the_dataset_order(toy, tmp_path):
+    from pyhealth.datasets import get_dataloader
+
+    adapter, dataset, methods = toy
+    loader = get_dataloader(dataset, batch_size=4, shuffle=True, seed=1)  # its sampler is not used
+    from_loader = attribute_dataset(adapter, loader, methods, tmp_path / "loader", chunk_size=4, progress=False)
+    attribute_dataset(adapter, dataset, methods, tmp_path / "dataset", 4, chunk_size=4, progress=False)
+    assert from_loader.manifest["n_samples"] == 9
+    assert read_cohort(tmp_path / "loader").equals(read_cohort(tmp_path / "dataset"))
+    with pytest.raises(TypeError, match="not a batch; use compare_methods"):
+        attribute_dataset(adapter, next(iter(loader)), methods, tmp_path / "batch")
+
+
 def test_a_run_with_other_settings_is_refused_not_mixed(toy, tmp_path):
     adapter, dataset, methods = toy
     attribute_dataset(adapter, dataset, methods, tmp_path, chunk_size=4, progress=False)
