@@ -13,7 +13,7 @@ from pathlib import Path
 import polars as pl
 import pytest
 import torch
-from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+from captum.attr import IntegratedGradients
 
 from captum_chefer import CheferAttribution, PyHealthAdapter
 from captum_chefer.cli import main
