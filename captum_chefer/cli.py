@@ -11,6 +11,11 @@ output and on the report page rather than refused (the run still checks the whol
 
 Bad arguments, an ``--out`` that cannot be a folder, or a ``--device`` torch cannot use stop the command
 before any training, with one line on stderr and exit code 2.
+
+``cohort`` attributes every sample of a dataset (your model and data from ``--build FILE.py:FUNC``, or
+the synthetic cohort with ``--synthetic N``) with the chosen methods and writes a Parquet dataset and a
+summary to ``--out``; it runs alone or under ``torchrun --nproc_per_node N -m captum_chefer cohort ...``
+(see :func:`cohort_command` and :mod:`captum_chefer.cohort`).
 """
 
 from __future__ import annotations
@@ -23,7 +28,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
-__all__ = ["main", "compare", "build_parser", "SMALL_ENV"]
+__all__ = ["main", "compare", "cohort_command", "build_parser", "SMALL_ENV"]
 
 SMALL_ENV = "CAPTUM_CHEFER_SMALL"
 
@@ -51,6 +56,7 @@ def build_parser() -> argparse.ArgumentParser:
         p.add_argument("--device", default=None, help="train and explain on this torch device, e.g. cuda, cuda:1 (default: cpu)")
         p.add_argument("--small", action="store_true", help=f"tiny sizes for a quick check (also: {SMALL_ENV}=1)")
         p.add_argument("--no-progress", action="store_true", help="no progress bars")
+    _add_cohort_parser(sub)
     return parser
 
 
@@ -129,7 +135,8 @@ def compare(
     import torch
 
     from .adapters import PyHealthAdapter
-    from .report import run_comparison
+    from .cohort import attribute_dataset, summarize
+    from .report import default_methods, run_comparison
     from .synthetic import default_cohort, quiet_pyhealth, train_transformer
 
     started = time.perf_counter()
@@ -165,8 +172,11 @@ def compare(
         "sensitivity / infidelity perturbations": f"{sensitivity_samples} / {infidelity_samples}",
         "torch threads": torch.get_num_threads(),
     }
+    # The cohort section: every method but the random baseline over the explained patients, as `cohort` runs them.
+    cohort_methods = [m for m in default_methods(adapter, ig_steps=ig_steps, nt_samples=nt_samples, seed=seed) if m[0] != "Random"]
+    attribute_dataset(adapter, test, cohort_methods, Path(out) / "cohort", overwrite=True, seed=seed, progress=False)
     report = run_comparison(
-        adapter, batch, ground_truth=lambda b: cohort.ground_truth(adapter, b), out=out,
+        adapter, batch, ground_truth=lambda b: cohort.ground_truth(adapter, b), out=out, cohort=summarize(Path(out) / "cohort"),
         title="Chefer relevance side by side: synthetic cohort with planted ground truth",
         show_patients=show, ig_steps=ig_steps, nt_samples=nt_samples, infidelity_samples=infidelity_samples,
         sensitivity_samples=sensitivity_samples, settings=settings, describe_patient=describe, seed=seed, progress=progress,
@@ -180,6 +190,8 @@ def compare(
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """Entry point of ``python -m captum_chefer`` and the ``captum-chefer`` console script."""
     args = build_parser().parse_args(argv)
+    if args.command == "cohort":
+        return cohort_command(args)
     sizes = _sizes(args)
     if args.threads < 1:
         _fail(f"--threads must be >= 1, got {args.threads}")
@@ -210,6 +222,217 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if check is not None and not check.above_chance:
         print(f"captum-chefer: warning: {check.warning()}", file=sys.stderr)
     return 0
+
+
+# ---------------------------------------------------------------------------------------------- cohort
+
+# --methods names -> the names of captum_chefer.report.default_methods (one definition of each method).
+COHORT_METHODS = {
+    "chefer": "Chefer",
+    "chefer-exclude-self": "Chefer (exclude_self)",
+    "ig": "Integrated Gradients",
+    "saliency": "Saliency",
+    "smoothgrad": "NoiseTunnel (SmoothGrad)",
+    "random": "Random",
+}
+
+
+def _add_cohort_parser(sub: Any) -> None:
+    text = "attribute every sample of a dataset, alone or under torchrun; Parquet out, cohort summary"
+    p = sub.add_parser(
+        "cohort", help=text, description=text + ". Under torchrun each process takes its share of the parts "
+        "(torchrun --nproc_per_node N -m captum_chefer cohort ...); a rerun resumes.",
+    )
+    source = p.add_mutually_exclusive_group(required=True)
+    source.add_argument(
+        "--build", metavar="FILE.py[:FUNC]",
+        help="your model and data: a function (default name: build) in a Python file, or MODULE:FUNC, that takes no "
+        "arguments and returns (model or adapter, dataset) or (adapter, dataset, methods); every process calls it "
+        "and must get the same model and the same dataset in the same order",
+    )
+    source.add_argument(
+        "--synthetic", type=int, metavar="N",
+        help="the embedded synthetic cohort of N patients and a PyHealth Transformer trained on it (seeded, in every process)",
+    )
+    p.add_argument("--out", type=Path, required=True, help="output directory: Parquet parts, _manifest.json, _summary/")
+    p.add_argument(
+        "--methods", help=f"comma-separated, of {', '.join(COHORT_METHODS)} (default: chefer,ig, or the methods build() returns)",
+    )
+    p.add_argument("--batch-size", type=int, default=32, help="samples per attribution batch (default 32)")
+    p.add_argument("--chunk-size", type=int, default=512, help="samples per part file, the unit of sharing and resuming (default 512)")
+    p.add_argument("--ig-steps", type=int, default=50, help="Integrated Gradients steps (default 50)")
+    p.add_argument("--nt-samples", type=int, default=10, help="SmoothGrad samples (default 10)")
+    p.add_argument("--target", choices=("predicted", "label"), default="predicted", help="the explained class (default predicted)")
+    p.add_argument("--baseline", choices=("unk", "zero"), default="unk", help="Integrated Gradients reference (default unk)")
+    p.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto",
+                   help="auto: the GPU of this process (LOCAL_RANK) when CUDA is available, else the CPU")
+    p.add_argument("--epochs", type=int, default=3, help="training epochs of --synthetic (default 3)")
+    p.add_argument("--seed", type=int, default=0, help="seed of --synthetic and of the methods' noise (default 0)")
+    p.add_argument("--threads", type=int, default=1, help="torch CPU threads per process (default 1)")
+    p.add_argument("--top", type=int, default=10, help="codes per method in the summary (default 10)")
+    p.add_argument("--min-samples", type=int, default=1, help="fewest samples a code needs to be ranked (default 1)")
+    p.add_argument("--overwrite", action="store_true", help="replace an earlier run in --out instead of resuming it")
+    p.add_argument("--no-summary", action="store_true", help="write the Parquet dataset only")
+    p.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+
+def cohort_command(args: argparse.Namespace) -> int:
+    """The ``cohort`` command: returns the exit code (2 with a one-line message for bad arguments).
+
+    Every process of a ``torchrun`` job runs this; :func:`captum_chefer.cohort.attribute_dataset` shares
+    the work, and rank 0 writes the manifest and the summary (``_summary/``: ``summary.html``,
+    ``top_codes.png``, ``codes.csv``, ``agreement.csv``).
+    """
+
+    def refuse(message: str) -> int:
+        print(f"captum-chefer cohort: error: {message}", file=sys.stderr)
+        return 2
+
+    out: Path = args.out
+    if out.exists() and not out.is_dir():
+        return refuse(f"--out {out} is an existing file; pass a directory (it is created if missing)")
+    for key in ("batch_size", "chunk_size", "ig_steps", "nt_samples", "epochs", "threads", "top", "min_samples"):
+        if getattr(args, key) < 1:
+            return refuse(f"--{key.replace('_', '-')} must be >= 1, got {getattr(args, key)}")
+    if args.synthetic is not None and args.synthetic < 2:
+        return refuse(f"--synthetic needs at least 2 patients, got {args.synthetic}")
+    names = None
+    if args.methods is not None:
+        names = [n.strip() for n in args.methods.split(",") if n.strip()]
+        unknown = [n for n in names if n not in COHORT_METHODS]
+        if unknown or not names:
+            return refuse(f"--methods {args.methods!r}: unknown {unknown or 'empty'}; choose from {', '.join(COHORT_METHODS)}")
+    device = _cohort_device(args.device)
+    if isinstance(device, str):
+        return refuse(device)
+    build = None
+    if args.build is not None:
+        build = _load_build(args.build)
+        if isinstance(build, str):
+            return refuse(build)
+    rank = int(os.environ.get("RANK", "0"))
+    progress = not args.no_progress
+
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(args.threads)
+    try:
+        from .adapters import adapter_for
+        from .cohort import attribute_dataset, summarize
+        from .report import default_methods
+
+        if build is None:
+            model, dataset, methods = _synthetic_build(args.synthetic, args.epochs, args.seed, progress and rank == 0)
+        else:
+            built = build()
+            parts = _unpack_build(built, args.build)
+            if isinstance(parts, str):
+                return refuse(parts)
+            model, dataset, methods = parts
+        adapter = adapter_for(model)
+        adapter.to(device)
+        if names is None and methods is not None:
+            specs = list(methods)
+        else:
+            by_name = {name: (name, method, kwargs) for name, method, kwargs in default_methods(
+                adapter, ig_steps=args.ig_steps, nt_samples=args.nt_samples, seed=args.seed)}
+            specs = [by_name[COHORT_METHODS[n]] for n in (names or ["chefer", "ig"])]
+        started = time.perf_counter()
+        run = attribute_dataset(
+            adapter, dataset, specs, out, args.batch_size, chunk_size=args.chunk_size, target_mode=args.target,
+            baseline=args.baseline, overwrite=args.overwrite, seed=args.seed, progress=progress,
+        )
+        if rank != 0:
+            return 0
+        info = run.manifest["this_run"]
+        print(
+            f"captum-chefer cohort: {run.manifest['n_samples']} samples, {len(run.parts)} parts "
+            f"({len(info['computed'])} computed, {len(info['skipped'])} already complete) by {run.world_size} "
+            f"process(es) in {time.perf_counter() - started:.1f} s; {run.rows} rows -> {out.resolve()}",
+            flush=True,
+        )
+        if not args.no_summary:
+            summary = summarize(out, top_k=args.top, min_samples=args.min_samples)
+            files = _write_cohort_summary(summary, out / "_summary")
+            print()
+            print(summary.table())
+            print()
+            print(f"summary: {files['html'].resolve()}")
+    finally:
+        torch.set_num_threads(threads)
+    return 0
+
+
+def _load_build(spec: str) -> Any:
+    """The function ``FILE.py[:FUNC]`` or ``MODULE:FUNC`` names, or a message saying why not."""
+    import importlib
+    import importlib.util
+
+    target, _, func = spec.rpartition(":") if ":" in spec else (spec, "", "build")
+    func = func or "build"
+    if target.endswith(".py") or os.sep in target:
+        path = Path(target)
+        if not path.is_file():
+            return f"--build {spec}: no file {path}"
+        module_spec = importlib.util.spec_from_file_location(f"captum_chefer_build_{path.stem}", path)
+        if module_spec is None or module_spec.loader is None:
+            return f"--build {spec}: cannot load {path} as Python"
+        module = importlib.util.module_from_spec(module_spec)
+        sys.modules[module_spec.name] = module
+        module_spec.loader.exec_module(module)
+    else:
+        try:
+            module = importlib.import_module(target)
+        except ModuleNotFoundError as error:
+            return f"--build {spec}: {error}; name a file ending in .py or an importable module"
+    function = getattr(module, func, None)
+    if not callable(function):
+        return f"--build {spec}: {target} defines no function {func!r}"
+    return function
+
+
+def _unpack_build(built: Any, spec: str) -> Any:
+    """``(model, dataset, methods or None)`` from what build() returned, or a message."""
+    if isinstance(built, tuple) and len(built) in (2, 3):
+        return built[0], built[1], (built[2] if len(built) == 3 else None)
+    return (
+        f"--build {spec} returned {type(built).__name__}; it must return (model or adapter, dataset) or "
+        "(adapter, dataset, methods)"
+    )
+
+
+def _synthetic_build(n: int, epochs: int, seed: int, progress: bool) -> tuple[Any, Any, None]:
+    from .synthetic import default_cohort, quiet_pyhealth, train_transformer
+
+    warnings.filterwarnings("ignore", category=UserWarning, module="pyhealth")
+    with quiet_pyhealth():
+        dataset = default_cohort(n, seed=seed).dataset()
+        model = train_transformer(dataset, epochs=epochs, seed=seed, progress=progress)
+    return model, dataset, None
+
+
+def _cohort_device(choice: str) -> Any:
+    import torch
+
+    if choice == "cpu" or (choice == "auto" and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        return "--device cuda but CUDA is not available; use --device cpu or auto"
+    return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")) % torch.cuda.device_count())
+
+
+def _write_cohort_summary(summary: Any, folder: Path) -> dict[str, Path]:
+    from .report import cohort_page
+
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {"codes": folder / "codes.csv", "agreement": folder / "agreement.csv", "figure": folder / "top_codes.png",
+             "html": folder / "summary.html"}
+    summary.codes.write_csv(files["codes"])
+    summary.agreement.write_csv(files["agreement"])
+    summary.figure().savefig(files["figure"], dpi=110)
+    files["html"].write_text(cohort_page(summary), encoding="utf-8")
+    return files
 
 
 if __name__ == "__main__":  # pragma: no cover

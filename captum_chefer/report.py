@@ -48,6 +48,8 @@ __all__ = [
     "ComparisonReport",
     "ModelCheck",
     "check_model",
+    "cohort_page",
+    "cohort_section",
     "curves_figure",
     "default_methods",
     "headline_table",
@@ -227,6 +229,7 @@ def run_comparison(
     seed: int = 0,
     device: Optional[str | torch.device] = None,
     progress: bool = True,
+    cohort: Optional[Any] = None,
 ) -> ComparisonReport:
     """Compare attribution methods on a model and data in one call; optionally write the report.
 
@@ -244,6 +247,7 @@ def run_comparison(
         seed: seeds the random baseline, tie-breaking, the perturbations and the bootstrap intervals.
         device: run on this device (``"cuda"``, ``"cuda:1"``, ``"cpu"``); the model is moved there for the
             run and back afterwards. ``None``: where the model is. Batches follow the model.
+        cohort: a :class:`captum_chefer.cohort.CohortSummary` shown as the report's cohort section.
 
     Returns:
         A :class:`ComparisonReport`. Its ``model_check`` compares the model's accuracy on ``data`` with
@@ -286,7 +290,7 @@ def run_comparison(
             report.files = write_report(
                 out, adapter, evaluation, first, specs, title=title, settings=info, ground_truth=ground_truth,
                 show_patients=show_patients, target_mode=target_mode, describe_patient=describe_patient,
-                model_check=model_check,
+                model_check=model_check, cohort=cohort,
             )
     return report
 
@@ -574,8 +578,13 @@ def write_report(
     target_mode: str = "predicted",
     describe_patient: Optional[Callable[[Mapping[str, Any], int], str]] = None,
     model_check: Optional[ModelCheck] = None,
+    cohort: Optional[Any] = None,
 ) -> dict[str, Path]:
-    """Write ``report.html``, the PNG figures, ``results.csv``, ``curves.csv`` and ``results.json`` to ``out``."""
+    """Write ``report.html``, the PNG figures, ``results.csv``, ``curves.csv`` and ``results.json`` to ``out``.
+
+    With ``cohort`` (a :class:`captum_chefer.cohort.CohortSummary`), the page has a cohort section
+    (:func:`cohort_section`).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
@@ -693,6 +702,7 @@ Transformer: the first code) gets a relevance of at least 1 in every patient, wh
 <img alt="metrics by method" src="data:image/png;base64,{images['metrics']}">
 <h2>Time</h2>
 <img alt="time per patient" src="data:image/png;base64,{images['time']}">
+{cohort_section(cohort) if cohort is not None else ''}
 <h2>Highlighted codes</h2>
 <p class="small">Per patient and method, each code coloured by its score divided by the row's largest |score|
 (Captum's <code>visualize_text</code> colours). {'Codes in [brackets] are the planted ground truth. ' if truth is not None else ''}
@@ -711,3 +721,53 @@ of a visit separately.</li>
     files["report"] = out / "report.html"
     files["report"].write_text(page, encoding="utf-8")
     return files
+
+
+# ---------------------------------------------------------------------------------------------- cohort
+
+
+def cohort_section(summary: Any, *, top: Optional[int] = None) -> str:
+    """A :class:`captum_chefer.cohort.CohortSummary` as an HTML section: each method's top codes side by
+    side (mean score, samples), the agreement between methods, and the figure (embedded)."""
+    k = top or summary.top_k
+    tops = {m: summary.top(m, k) for m in summary.methods}
+    several = summary.codes["feature"].n_unique() > 1
+    header = "<tr><th>Rank</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in summary.methods) + "</tr>"
+    body = []
+    for i in range(k):
+        cells = [f"<td>{i + 1}</td>"]
+        for m in summary.methods:
+            if i < tops[m].height:
+                row = tops[m].row(i, named=True)
+                name = f"{row['feature']}:{row['code']}" if several else row["code"]
+                cells.append(f"<td>{html.escape(name)} <span class='small'>{_num(row['mean_score'])} (n={row['samples']})</span></td>")
+            else:
+                cells.append("<td></td>")
+        body.append("<tr>" + "".join(cells) + "</tr>")
+    agreement = "".join(
+        f"<tr><td>{html.escape(r['method_a'])}</td><td>{html.escape(r['method_b'])}</td><td>{_num(r['spearman'])}</td>"
+        f"<td>{_num(r['top_k_overlap'], 2)}</td><td>{r['codes']}</td></tr>"
+        for r in summary.agreement.iter_rows(named=True)
+    )
+    buffer = io.BytesIO()
+    summary.figure(k).savefig(buffer, format="png", dpi=110)
+    image = base64.b64encode(buffer.getvalue()).decode("ascii")
+    return f"""<h2>Cohort: the codes each method ranks highest</h2>
+<p class="small">{summary.n_samples} samples ({summary.n_patients} patients), {summary.n_rows} rows (one per code, sample and
+method). A code's score in a sample is summed over its occurrences there; its mean score is averaged over the samples that
+have it (n). Agreement: Spearman rank correlation of the per-code mean scores, and the share of top-{summary.top_k} codes two
+methods have in common.</p>
+<table class="results">{header}{''.join(body)}</table>
+{'<h3>Agreement between methods</h3><table class="results"><tr><th>Method A</th><th>Method B</th><th>Spearman</th><th>Top-' + str(summary.top_k) + ' overlap</th><th>Codes</th></tr>' + agreement + '</table>' if agreement else ''}
+<img alt="top codes per method" src="data:image/png;base64,{image}">
+"""
+
+
+def cohort_page(summary: Any, *, title: str = "Cohort attribution summary") -> str:
+    """:func:`cohort_section` as a self-contained HTML page."""
+    return f"""<!DOCTYPE html>
+<html lang="en"><head><meta charset="utf-8"><title>{html.escape(title)}</title><style>{CSS}</style></head>
+<body><h1>{html.escape(title)}</h1>
+{cohort_section(summary)}
+</body></html>
+"""

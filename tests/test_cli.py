@@ -78,7 +78,7 @@ def test_a_chance_level_model_is_flagged(small_run):
 def test_report_is_self_contained(small_run):
     _, out, _, _ = small_run
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 + 2  # three summary figures, one per shown patient
+    assert page.count("data:image/png;base64,") == 3 + 2 + 1  # three summary figures, one per shown patient, the cohort's
     assert "<table class=\"results\">" in page and "Chefer (exclude_self)" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
     assert "[C_" in page or "[P_" in page  # planted ground-truth codes are marked

@@ -11,7 +11,7 @@ from typing import Any
 
 from torch import nn
 
-from .base import Adapter, DecodedToken, MethodRecord
+from .base import Adapter, DecodedToken, MethodRecord, uncompiled
 from .pyhealth import FeatureSpec, PyHealthAdapter
 
 __all__ = ["Adapter", "DecodedToken", "FeatureSpec", "MethodRecord", "PyHealthAdapter", "adapter_for"]
@@ -36,7 +36,7 @@ def adapter_for(model: Any, **kwargs: Any) -> Adapter:
         return model
     if not isinstance(model, nn.Module):
         raise TypeError(f"adapter_for needs a torch model (nn.Module), got {type(model).__name__}")
-    if _is_pyhealth(model):
+    if _is_pyhealth(uncompiled(model)):
         return PyHealthAdapter(model, **kwargs)
     raise TypeError(
         f"no adapter for {type(model).__name__}; supported: PyHealth models (PyHealthAdapter). "

@@ -36,6 +36,7 @@ __all__ = [
     "ZeroBaselineWarning",
     "spread_over_patches",
     "sum_over_patches",
+    "uncompiled",
 ]
 
 
@@ -299,3 +300,18 @@ def sum_over_patches(pixels: Tensor, patch_size: int | tuple[int, int]) -> Tenso
     rows, cols = height // ph, width // pw
     cropped = pixels[:, :, : rows * ph, : cols * pw]
     return cropped.reshape(batch, -1, rows, ph, cols, pw).sum(dim=(1, 3, 5)).reshape(batch, rows * cols)
+
+
+def uncompiled(model: Any) -> Any:
+    """The module a ``torch.compile``'d model wraps (``OptimizedModule._orig_mod``, same parameters), else the model.
+
+    Attention capture needs eager execution, so adapters run the original module.
+
+    Example:
+        >>> from torch import nn
+        >>> net = nn.Linear(2, 2)
+        >>> uncompiled(torch.compile(net)) is net, uncompiled(net) is net
+        (True, True)
+    """
+    original = getattr(model, "_orig_mod", None)
+    return original if isinstance(original, nn.Module) and type(model).__name__ == "OptimizedModule" else model

@@ -28,7 +28,7 @@ from torch import Tensor, nn
 
 from ..attribution import AttentionForward
 from ..capture import AttentionCapture, evaluation_mode
-from .base import Adapter, DecodedToken
+from .base import Adapter, DecodedToken, uncompiled
 
 __all__ = ["FeatureSpec", "PyHealthAdapter"]
 
@@ -63,6 +63,9 @@ class PyHealthAdapter(Adapter):
         pooling: which position the model pools for its prediction: ``"first"`` (``Transformer``) or
             ``"last"`` valid step (``StageAttentionNet``). Needed only for other attention models.
 
+    A ``torch.compile``'d model is accepted: the adapter runs the original module it wraps (the same
+    parameters), so attributions equal the uncompiled model's; attention capture needs eager execution.
+
     The adapter reads the model's modules when it is made; wrap the model again after replacing any of
     its submodules. Training mode and weights may change freely: each call reads them. Calls from several
     threads on one model are safe: each attribution call captures its own attention only, and the model is
@@ -86,8 +89,9 @@ class PyHealthAdapter(Adapter):
 
     def __init__(self, model: nn.Module, *, pooling: Optional[Pooling] = None) -> None:
         super().__init__()
-        from pyhealth.models import BaseModel
+        from pyhealth.models import BaseModel, StageAttentionNet
 
+        model = uncompiled(model)
         if isinstance(model, PyHealthAdapter):
             raise TypeError("model is already a PyHealthAdapter; pass it to the attribution method directly")
         if not isinstance(model, BaseModel):
@@ -107,6 +111,7 @@ class PyHealthAdapter(Adapter):
         # and attribution methods call the model over and over. Wrap again after replacing submodules.
         self._model_modules: tuple[nn.Module, ...] = tuple(model.modules())
         self.pooling: Optional[Pooling] = pooling or self._default_pooling(model)
+        self._stagenet = isinstance(model, StageAttentionNet)
 
     # ------------------------------------------------------------------ model description
 
@@ -512,6 +517,8 @@ class PyHealthAdapter(Adapter):
             step_masks.append(step_mask)
             if feature.temporal:
                 kwargs[feature.key] = self._temporal_feature(feature, value, time, mask)
+            elif self._stagenet:  # plain codes: (value, trailing code mask), as StageAttentionNet reads them
+                kwargs[feature.key] = (value, mask.int())
             else:
                 kwargs[feature.key] = (value, self._transformer_mask(step_mask))
         return kwargs, step_masks
