@@ -159,3 +159,32 @@ def test_feature_dict_of_the_wrong_shape(adapter, seq_batch):
         adapter.to_feature_dict(inputs[:1])
     with pytest.raises(ValueError, match="expected 2 dims"):
         adapter.to_feature_dict((inputs[0][0, :, 0], inputs[1]))
+
+
+@pytest.mark.parametrize("target", [True, False])
+def test_bool_target(adapter, seq_batch, target):
+    inputs, args = adapter.captum_inputs(seq_batch)
+    with pytest.raises(TypeError, match="^target must be an int, a sequence of ints or a tensor, not a bool$"):
+        attribute(adapter, inputs, args, target=target)
+
+
+def test_pooling_that_cannot_be_inferred(seq_dataset, seq_batch):
+    from pyhealth.models import BaseModel
+    from pyhealth.models.transformer import TransformerLayer
+
+    class CustomAttention(BaseModel):
+        """PyHealth attention layers per feature key, in a model that is neither Transformer nor StageAttentionNet."""
+
+        def __init__(self, dataset):
+            super().__init__(dataset=dataset)
+            self.transformer = torch.nn.ModuleDict({k: TransformerLayer(8, heads=1) for k in self.feature_keys})
+
+    model = CustomAttention(seq_dataset)
+    adapter = PyHealthAdapter(model, pooling=None)
+    assert adapter.pooling is None
+    with pytest.raises(ValueError, match="^pass pooling='first' or 'last' to PyHealthAdapter for CustomAttention$"):
+        CheferAttribution(adapter)
+    with pytest.raises(ValueError, match="^pass pooling='first' or 'last' to PyHealthAdapter for CustomAttention$"):
+        adapter.attention_forward(*adapter.captum_inputs(seq_batch, level="token"))
+    assert PyHealthAdapter(model, pooling="first").pooling == "first"
+    CheferAttribution(PyHealthAdapter(model, pooling="last"))  # told the pooling, the model is accepted
