@@ -263,3 +263,21 @@ def test_attention_forward_result_type():
     captured = StackedToy([A1, A2]).attention_forward((_x(),), ())
     assert isinstance(captured, AttentionForward) and captured.stacked is True
     assert AttentionForward(logits=captured.logits, attention={}, pool_index={}).stacked is True
+
+
+def test_only_the_dense_reference_forms_the_dense_product(monkeypatch):
+    """``propagation="row"`` (stacked or not) never multiplies L x L relevance matrices; ``"dense"`` does."""
+    import captum_chefer.attribution as attribution
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the L x L relevance matrix was formed")
+
+    monkeypatch.setattr(attribution, "dense_relevance", refuse)
+    for toy in (StackedToy([A1, A2]), StackedToy([A1, A2], leaves=True, stacked=False)):
+        torch.testing.assert_close(CheferAttribution(toy).attribute(_x()), torch.tensor(CLASS0))
+        torch.testing.assert_close(
+            CheferAttribution(toy).attribute(_x(), use_gradients=False),
+            torch.tensor([[1.9875, 1.175, 0.8375], [1.3625, 0.35625, 2.28125]]),  # tests/test_stacked_toys.py
+        )
+        with pytest.raises(AssertionError, match="was formed"):
+            CheferAttribution(toy).attribute(_x(), propagation="dense")

@@ -138,7 +138,28 @@ def test_error_messages_name_the_shapes():
         propagate_weighted_row(ROW, ATTENTION, torch.ones(1, 2, 2, 3))
     with pytest.raises(ValueError, match=r"^attention must be \[B, H, L, L\] or \[B, H, 1, L\] \(row p alone\); got \(1, 2, 3, 2\)$"):
         propagate_weighted_row(None, torch.ones(1, 2, 3, 2), torch.ones(1, 2, 3, 2), unit_index=torch.tensor([0]))
-    with pytest.raises(ValueError, match=r"^attention of shape \(1, 2, 1, 2\) is not square: only the last layer may"):
+    with pytest.raises(ValueError, match=r"^attention of shape \(1, 2, 1, 2\) is not square: only the last layer may be "
+                       r"given for the pooled row alone$"):
         propagate_weighted_row(ROW, ATTENTION[:, :, :1], GRADIENT[:, :, :1])
     with pytest.raises(ValueError, match=r"^dense_relevance needs at least one layer$"):
         dense_relevance([])
+
+
+def test_the_head_mean_is_folded_into_one_product(monkeypatch):
+    """With the head mean (the default), ``propagate_weighted_row`` never forms ``A_bar`` (its docstring's
+    promise: one product over all heads); the other reductions and the attention alone go through it."""
+    import captum_chefer.relevance as relevance
+
+    formed = []
+
+    def recording(*args, **kwargs):
+        formed.append(kwargs.get("head_reduction", "mean"))
+        return weighted_attention(*args, **kwargs)
+
+    monkeypatch.setattr(relevance, "weighted_attention", recording)
+    assert torch.equal(relevance.propagate_weighted_row(ROW, ATTENTION, GRADIENT), torch.tensor([[3.0, 5.5]]))
+    assert torch.equal(relevance.propagate_weighted_row(ROW, ATTENTION, GRADIENT, clamp=False), torch.tensor([[2.5, 4.5]]))
+    assert formed == []
+    relevance.propagate_weighted_row(ROW, ATTENTION, GRADIENT, head_reduction="max")
+    relevance.propagate_weighted_row(ROW, ATTENTION, None, use_gradient=False)
+    assert formed == ["max", "mean"]
