@@ -7,7 +7,7 @@ SPEC := $(shell sha1sum pyproject.toml | cut -c1-12)
 STAMP := $(VENV)/.deps-$(SPEC)
 OUT ?= reports/demo
 
-.PHONY: demo test bench notebooks venv clean
+.PHONY: demo test bench notebooks mutation venv clean
 
 venv: $(STAMP)
 
@@ -34,5 +34,13 @@ bench: $(STAMP)
 notebooks: $(STAMP)
 	$(PY) tools/run_notebooks.py $(NB)
 
+# Mutation testing of relevance.py and attribution.py (the modules listed in setup.cfg, [mutmut] only_mutate)
+# with the fast tests; writes benchmarks/MUTATION.md. About half an hour on 2 cores; not part of `make test`.
+MUTMUT_VERSION := 3.8.1
+mutation: $(STAMP)
+	@$(PY) -c 'import importlib.metadata as m, sys; sys.exit(m.version("mutmut") != "$(MUTMUT_VERSION)")' 2>/dev/null \
+		|| $(PY) -m pip install --quiet --disable-pip-version-check 'mutmut==$(MUTMUT_VERSION)'
+	$(PY) tools/mutation_report.py
+
 clean:
-	rm -rf $(VENV) reports .pytest_cache
+	rm -rf $(VENV) reports .pytest_cache mutants

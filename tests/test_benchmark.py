@@ -52,6 +52,11 @@ def test_quick_rows_are_finite_and_positive(quick_run):
         assert by_method[method]["memory_mib"] > 0, by_method[method]
     assert by_method["forward"]["ratio_forward"] == pytest.approx(1.0)
     assert by_method["pyhealth"]["ratio_pyhealth"] == pytest.approx(1.0)
+    # every ratio from the run's own raw numbers (time and memory of the reference rows), for every method
+    for r in rows:
+        assert r["ratio_pyhealth"] == pytest.approx(r["seconds"] / by_method["pyhealth"]["seconds"]), r
+        assert r["ratio_forward"] == pytest.approx(r["seconds"] / by_method["forward"]["seconds"]), r
+        assert r["memory_ratio_pyhealth"] == pytest.approx(r["memory_mib"] / by_method["pyhealth"]["memory_mib"]), r
 
 
 def test_quick_chefer_equals_pyhealth_in_that_run(quick_run):

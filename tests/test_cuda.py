@@ -73,3 +73,25 @@ def test_captum_methods_through_the_adapter_on_cuda_match_the_cpu():
             assert gpu.device.type == "cuda", name
             assert cpu.abs().sum() > 0, name
             torch.testing.assert_close(gpu.cpu(), cpu, atol=ATOL, rtol=1e-3, msg=name)
+
+
+def test_int_and_list_targets_on_cuda_match_the_cpu():
+    """An int, list or tuple target becomes class indices on the logits' device (CUDA here)."""
+    dataset = make_dataset("sequence", n=8, n_classes=3, seed=13)
+    model = make_model(dataset, layers=2, heads=2, seed=13)
+    batch = first_batch(dataset, batch_size=6)
+
+    def run(device: str, target) -> tuple[torch.Tensor, ...]:
+        adapter = PyHealthAdapter(model.to(device))
+        inputs, args = adapter.captum_inputs(batch)
+        return CheferAttribution(adapter).attribute(inputs, target=target, additional_forward_args=args)
+
+    targets = [2, [0, 1, 2, 2, 1, 0], (1,) * 6]
+    try:
+        on_gpu = [run("cuda", target) for target in targets]
+    finally:
+        model.to("cpu")
+    for target, gpu in zip(targets, on_gpu):
+        for a, b in zip(gpu, run("cpu", target)):
+            assert a.device.type == "cuda"
+            torch.testing.assert_close(a.cpu(), b, atol=ATOL, rtol=1e-3, msg=repr(target))

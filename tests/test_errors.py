@@ -260,3 +260,37 @@ def test_zero_baseline_warning_fires_once_per_adapter_and_not_with_proper_baseli
     ):
         fresh = PyHealthAdapter(seq_model)
         assert len(zero_baseline_warnings(lambda: run(fresh))) == 1
+
+
+@pytest.mark.parametrize("target", [True, False])
+def test_bool_target(adapter, seq_batch, target):
+    inputs, args = adapter.captum_inputs(seq_batch)
+    with pytest.raises(TypeError, match="^target must be an int, a sequence of ints or a tensor, not a bool$"):
+        attribute(adapter, inputs, args, target=target)
+
+
+def test_pooling_that_cannot_be_inferred(seq_dataset, seq_batch):
+    from pyhealth.models import BaseModel
+    from pyhealth.models.embedding import EmbeddingModel
+    from pyhealth.models.transformer import TransformerLayer
+
+    class CustomAttention(BaseModel):
+        """PyHealth attention layers per feature key, in a model that is neither Transformer nor StageAttentionNet."""
+
+        def __init__(self, dataset):
+            super().__init__(dataset=dataset)
+            self.embedding_model = EmbeddingModel(dataset, embedding_dim=8)
+            self.transformer = torch.nn.ModuleDict({k: TransformerLayer(8, heads=1) for k in self.feature_keys})
+
+        def forward_from_embedding(self, **kwargs):  # what PyHealthAdapter needs to run a model
+            raise NotImplementedError
+
+    model = CustomAttention(seq_dataset)
+    adapter = PyHealthAdapter(model, pooling=None)
+    assert adapter.pooling is None
+    with pytest.raises(ValueError, match="^pass pooling='first' or 'last' to PyHealthAdapter for CustomAttention$"):
+        CheferAttribution(adapter)
+    with pytest.raises(ValueError, match="^pass pooling='first' or 'last' to PyHealthAdapter for CustomAttention$"):
+        adapter.attention_forward(*adapter.captum_inputs(seq_batch, level="token"))
+    assert PyHealthAdapter(model, pooling="first").pooling == "first"
+    CheferAttribution(PyHealthAdapter(model, pooling="last"))  # told the pooling, the model is accepted

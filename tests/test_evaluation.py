@@ -293,3 +293,36 @@ def test_stagenet_removal_moves_times_with_their_codes(stage_dataset):
     has_two = (codes != 0).sum(1) >= 2
     assert has_two.any()
     assert torch.allclose(got[has_two], expected[has_two], atol=1e-6)
+
+
+def test_localization_and_summary_from_the_raw_scores(trained):
+    """Independent expected values: the truth is each sample's first condition alone, so R-precision is 1 when
+    that code scores highest (1/t when t codes tie for the top), and AUROC is the share of other real codes
+    scored below it (ties count half); the summary is each metric's mean over the samples where it is defined."""
+    adapter, batch = trained
+    tokens, args = adapter.captum_inputs(batch, level="token")
+    raw = adapter.to_feature_dict(CheferAttribution(adapter).attribute(tokens, additional_forward_args=args))
+    real = {key: batch[key] != 0 for key in adapter.feature_keys}
+    truth = {key: torch.zeros_like(mask) for key, mask in real.items()}
+    truth["conditions"][:, 0] = real["conditions"][:, 0]
+    evaluation = evaluate_methods(
+        adapter, batch, [CheferAttribution(adapter), ("Random", RandomAttribution(adapter), {})],
+        ground_truth=lambda b: truth, infidelity_samples=0, progress=False,
+    )
+    per = evaluation.per_sample["Chefer"]
+    for i in range(batch["conditions"].shape[0]):
+        first = float(raw["conditions"][i, 0])
+        others = torch.cat([raw[k][i][real[k][i]] for k in adapter.feature_keys])[1:]  # conditions come first
+        top = max(first, float(others.max()))
+        tied = 1 + int((others == top).sum()) if first == top else 0
+        assert float(per["precision_at_k"][i]) == pytest.approx(1 / tied if tied else 0.0), i
+        expected_auroc = float((others < first).float().mean() + 0.5 * (others == first).float().mean())
+        assert float(per["auroc"][i]) == pytest.approx(expected_auroc), i
+    for row in evaluation.summary():
+        for metric, values in evaluation.per_sample[row["method"]].items():
+            defined = [float(v) for v in values if not math.isnan(float(v))]
+            expected = sum(defined) / len(defined) if defined else math.nan
+            assert row[metric] == pytest.approx(expected, nan_ok=True), (row["method"], metric)
+    means = {name: sum(map(float, m["auroc"])) / len(m["auroc"]) for name, m in evaluation.per_sample.items()}
+    assert evaluation.best("auroc", exclude=()) == max(means, key=means.get)
+    assert evaluation.best("auroc") == "Chefer"  # the only method left once Random is excluded

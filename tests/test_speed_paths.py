@@ -16,6 +16,9 @@ OPTIONS = [
     {"head_reduction": "max"},
     {"clamp": False},
     {"layers": 2},
+    {"use_gradients": False},
+    {"layers": 1, "use_gradients": False, "head_reduction": "max"},
+    {"layers": 1, "clamp": False, "exclude_self": True},
 ]
 
 
@@ -46,6 +49,18 @@ def test_fused_equals_dense(three_layer_four_head, options):
         assert a.shape == b.shape
         assert a.abs().sum() > 0  # something was propagated
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_options_cover_every_keyword_of_attribute():
+    """The comparison above is only as good as its option list: each keyword option of ``attribute``
+    (all but ``propagation``, which is what is compared) must appear in it with a non-default value."""
+    import inspect
+
+    parameters = inspect.signature(CheferAttribution.attribute).parameters.values()
+    keywords = {p.name: p.default for p in parameters if p.kind is inspect.Parameter.KEYWORD_ONLY}
+    assert keywords.pop("propagation") == "row"
+    for name, default in keywords.items():
+        assert any(name in o and o[name] != default for o in OPTIONS), f"OPTIONS never sets {name}"
 
 
 def test_fused_path_fills_no_parameter_grad(three_layer_four_head):
