@@ -14,7 +14,7 @@ import torch
 from captum.attr import IntegratedGradients, Saliency
 
 from captum_chefer import CheferAttribution, PyHealthAdapter
-from captum_chefer.side_by_side import ig_baselines
+from captum_chefer import ig_baselines
 from captum_chefer.synthetic import quiet_pyhealth
 from conftest import first_batch
 from test_equivalence import assert_matches, pyhealth_reference
