@@ -33,6 +33,7 @@ layer, so the chunk size bounds the memory), or one plain backward per target wi
 
 from __future__ import annotations
 
+import inspect
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Sequence
@@ -165,6 +166,7 @@ class CheferLLMAttribution(Attribution):
                 "its decoder (one with is_causal=False or is_cross_attention=True)"
             )
         self._embeddings = [m for i, m in enumerate(embeddings) if m is not None and m not in embeddings[:i]]
+        self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @classmethod
     def get_name(cls) -> str:
@@ -323,20 +325,25 @@ class CheferLLMAttribution(Attribution):
 
     # ------------------------------------------------------------------------------------------ forward
 
-    def _forward(self, items: Sequence[_Item]) -> tuple[Tensor, Tensor, Tensor, dict[str, Any]]:
+    def _forward(self, items: Sequence[_Item]) -> tuple[Tensor, int, Tensor, Tensor, dict[str, Any]]:
         """One teacher-forced forward pass over the padded prompts and targets, with attention captured.
 
         Returns:
-            ``(logits [B, T, V], input_mask, query_mask, maps)``; ``maps`` holds ``encoder``, ``self`` and
-            ``cross`` (one entry per decoder layer, ``None`` without cross-attention) attention maps.
+            ``(logits [B, T - first, V], first, input_mask, query_mask, maps)``: logits from sequence position
+            ``first`` on; ``maps`` holds ``encoder``, ``self`` and ``cross`` (one entry per decoder layer,
+            ``None`` without cross-attention) attention maps.
         """
         device = _device(self.model)
         pad = _pad_id(self.model, self.tokenizer)
+        first = 0  # the first sequence position that logits are returned for
         if self.family == "decoder-only":
             sequences = [torch.cat([item.source, item.target]) for item in items]
             ids, query_mask = _right_padded(sequences, pad, device)
             kwargs: dict[str, Any] = {"input_ids": ids, "attention_mask": query_mask.long()}
             input_mask = query_mask
+            if self._keeps_logits:  # no vocabulary-sized logits for the prompt positions that predict nothing
+                first = min(len(item.source) for item in items) - 1
+                kwargs["logits_to_keep"] = ids.shape[1] - first
         else:
             start = _decoder_start(self.model)
             decoder = [torch.cat([item.target.new_tensor([start]), item.target[:-1]]) for item in items]
@@ -371,14 +378,14 @@ class CheferLLMAttribution(Attribution):
             tokens = maps["encoder"][0].shape[-1] if maps["encoder"] else maps["cross"][-1].shape[-1]
             input_mask = torch.ones(len(items), tokens, dtype=torch.bool, device=device)
         _check_shapes(maps, self.family, query_mask.shape[1], input_mask.shape[1], type(self.model).__name__)
-        return output.logits, input_mask, query_mask, maps
+        return output.logits, first, input_mask, query_mask, maps
 
     # ------------------------------------------------------------------------------------------ relevance
 
     def _attribute_items(
         self, items: Sequence[_Item], gradient_target: GradientTarget, chunk_size: Optional[int]
     ) -> list[LLMAttributionResult]:
-        logits, input_mask, query_mask, maps = self._forward(items)
+        logits, first, input_mask, query_mask, maps = self._forward(items)
         device = logits.device
         owners = torch.cat([torch.full((len(item.target),), b, dtype=torch.long) for b, item in enumerate(items)]).to(device)
         steps = torch.cat([torch.arange(len(item.target)) for item in items]).to(device)
@@ -389,12 +396,13 @@ class CheferLLMAttribution(Attribution):
         )
         positions = offsets[owners] + steps  # the logits position that predicts each output token
         tokens = torch.cat([item.target for item in items])
-        chosen = logits[owners, positions].float()  # [N, V]
+        picked = torch.arange(len(tokens), device=device)
+        predicting = logits[owners, positions - first].float()  # [N, V]: the logits that predict each output token
         if gradient_target == "log_prob":
-            chosen = chosen.log_softmax(-1)
-        explained = chosen[torch.arange(len(tokens), device=device), tokens]  # [N]
-        probs = logits.detach()[owners, positions].float().softmax(-1)[torch.arange(len(tokens), device=device), tokens]
-        del logits, chosen
+            predicting = predicting.log_softmax(-1)
+        explained = predicting[picked, tokens]  # [N]
+        probs = predicting.detach().log_softmax(-1)[picked, tokens].exp()
+        del logits, predicting
 
         rows = self._rows(explained, owners, positions, maps, input_mask, query_mask, chunk_size)  # [N, T]
         results = []
