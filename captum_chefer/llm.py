@@ -141,7 +141,7 @@ class CheferLLMAttribution(Attribution):
         super().__init__(model)
         self.model = model
         self.tokenizer = tokenizer
-        self._modules = tuple(model.modules())
+        self._model_modules = tuple(model.modules())
         if self.family == "decoder-only":
             encoder_modules: list[nn.Module] = []
             decoder_modules = find_attention_modules(model)
@@ -277,7 +277,7 @@ class CheferLLMAttribution(Attribution):
             pixels = inp[0] if inp.dim() == 4 and inp.shape[0] == 1 else inp
             if pixels.dim() != 3:
                 raise ValueError(f"pass one image's pixel values [C, H, W] (or [1, C, H, W]); got {tuple(inp.shape)}")
-            source = pixels.to(device)
+            source = pixels.to(device=device, dtype=next(self.model.parameters()).dtype)
             itp_mask, input_tokens = None, []  # the tokens are named after the forward pass
         else:
             if not isinstance(inp, TextTokenInput):
@@ -311,7 +311,7 @@ class CheferLLMAttribution(Attribution):
     def _generate(self, source: Tensor, gen_args: Optional[Mapping[str, Any]]) -> Tensor:
         """Greedy (or ``gen_args``) generation of the target, as Captum's LLM classes do."""
         kwargs = dict(gen_args) if gen_args else dict(DEFAULT_GEN_ARGS)
-        with evaluation_mode(self.model, self._modules), torch.no_grad():
+        with evaluation_mode(self.model, self._model_modules), torch.no_grad():
             if self.family == "image-to-text":
                 output = self.model.generate(pixel_values=source.unsqueeze(0), **kwargs)
             else:
@@ -358,7 +358,7 @@ class CheferLLMAttribution(Attribution):
         streams = {"encoder": self._encoder_modules, "self": self._self_modules, "cross": self._cross_modules}
         streams = {key: modules for key, modules in streams.items() if modules}
         overrides = {module: _leaf_output for module in self._embeddings}
-        with AttentionCapture(streams, overrides=overrides, model=self.model, model_modules=self._modules) as capture:
+        with AttentionCapture(streams, overrides=overrides, model=self.model, model_modules=self._model_modules) as capture:
             output = self.model(**kwargs, use_cache=False)
         maps: dict[str, Any] = {"encoder": [], "self": [], "cross": []}
         for stream, _, probabilities in capture.calls:
@@ -505,8 +505,14 @@ def _family(model: Any) -> ModelFamily:
         )
     if not getattr(model.config, "is_encoder_decoder", False):
         return "decoder-only"
-    if getattr(model, "main_input_name", "input_ids") == "pixel_values":
+    main_input = getattr(model, "main_input_name", "input_ids")
+    if main_input == "pixel_values":
         return "image-to-text"
+    if main_input != "input_ids":
+        raise TypeError(
+            f"{type(model).__name__} reads {main_input!r}; CheferLLMAttribution supports encoder-decoders that read "
+            "text (input_ids) or images (pixel_values)"
+        )
     return "encoder-decoder"
 
 
@@ -544,7 +550,7 @@ def _weighted(attention: Tensor, gradient: Optional[Tensor], owners: Tensor) -> 
         attention = attention.expand_as(gradient)  # a view: one sample shared by every explained token
     else:
         attention = attention[owners]
-    return weighted_attention(attention, gradient)
+    return weighted_attention(attention.float(), gradient.float())  # float32 relevance for half-precision models
 
 
 def _right_padded(sequences: Sequence[Tensor], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -387,6 +387,15 @@ def test_a_model_without_a_language_model_head_is_refused(tokenizer, name):
         CheferLLMAttribution(model, tokenizer)
 
 
+def test_half_precision_models_give_float32_relevance_close_to_float32_models(tokenizer):
+    model = gpt2()
+    inp = TextTokenInput("the patient has fever", tokenizer)
+    full = CheferLLMAttribution(model, tokenizer).attribute(inp, target="and cough")
+    half = CheferLLMAttribution(copy.deepcopy(model).to(torch.bfloat16), tokenizer).attribute(inp, target="and cough")
+    assert half.token_attr.dtype == torch.float32
+    torch.testing.assert_close(half.token_attr, full.token_attr, rtol=0.1, atol=0.05 * float(full.token_attr.abs().max()))
+
+
 def test_other_misuse_is_refused_with_the_fix(tokenizer):
     with pytest.raises(TypeError, match="HuggingFace transformers model"):
         CheferLLMAttribution(nn.Linear(2, 2), tokenizer)
