@@ -3,6 +3,7 @@
 from .adapters import PyHealthAdapter, adapter_for
 from .attribution import CheferAttribution
 from .comparison import compare_methods, ig_baselines
+from .llm import CheferLLMAttribution
 
-__all__ = ["CheferAttribution", "PyHealthAdapter", "adapter_for", "compare_methods", "ig_baselines"]
+__all__ = ["CheferAttribution", "CheferLLMAttribution", "PyHealthAdapter", "adapter_for", "compare_methods", "ig_baselines"]
 __version__ = "0.1.0"
