@@ -254,7 +254,11 @@ def test_require_attention_runs_when_the_method_is_made():
 
 
 def test_what_is_neither_a_model_nor_an_attention_model_is_refused():
-    message = "CheferAttribution needs a PyHealthAdapter, a PyHealth model or an AttentionModel, got function"
+    message = (
+        "CheferAttribution needs an adapter that exposes the model's attention, got function; wrap the model first: "
+        "CheferAttribution(captum_chefer.adapter_for(model)), or PyHealthAdapter(model), HuggingFaceAdapter(model), "
+        "TransformerAdapter(model)"
+    )
     with pytest.raises(TypeError, match=f"^{re.escape(message)}$"):
         CheferAttribution(lambda x: x)
 
