@@ -1,8 +1,11 @@
 """Chefer et al.'s gradient-weighted attention relevance as a Captum attribution, for PyHealth and other transformers."""
 
-from .adapters import PyHealthAdapter, adapter_for
+from .adapters import HuggingFaceAdapter, PyHealthAdapter, TransformerAdapter, adapter_for
 from .attribution import CheferAttribution
 from .comparison import compare_methods, ig_baselines
 
-__all__ = ["CheferAttribution", "PyHealthAdapter", "adapter_for", "compare_methods", "ig_baselines"]
+__all__ = [
+    "CheferAttribution", "HuggingFaceAdapter", "PyHealthAdapter", "TransformerAdapter", "adapter_for", "compare_methods",
+    "ig_baselines",
+]
 __version__ = "0.1.0"

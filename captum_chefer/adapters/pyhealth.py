@@ -448,8 +448,11 @@ class PyHealthAdapter(Adapter):
             )
         return tuple(inputs_and_args[:n_inputs]), tuple(inputs_and_args[n_inputs:])
 
-    def token_masks(self, additional_forward_args: Any) -> tuple[Tensor, ...]:
+    def token_masks(self, additional_forward_args: Any, inputs: Optional[tuple[Tensor, ...]] = None) -> tuple[Tensor, ...]:
         """The code mask of each feature key (``True`` on real codes) from ``additional_forward_args``.
+
+        ``inputs`` (the matching Captum inputs) is read only by adapters whose masks no argument carries
+        (images: every patch is real).
 
         Example:
             >>> from captum_chefer.synthetic import toy_model_and_batch
