@@ -11,8 +11,8 @@ from nbclient import NotebookClient
 NOTEBOOKS = sorted((Path(__file__).resolve().parents[1] / "notebooks").glob("*.ipynb"))
 
 
-def test_the_three_notebooks_are_there():
-    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_side_by_side", "03_ablation"]
+def test_the_notebooks_are_there():
+    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_side_by_side", "03_ablation", "04_images_and_text"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
