@@ -61,6 +61,11 @@ class HuggingFaceAdapter(TransformerAdapter):
             mask marks real, whether padding is on the left or the right) for decoder classifiers. Also
             an int or a callable (see :class:`~captum_chefer.adapters.torch.TransformerAdapter`).
 
+    Every layer is computed in full under Chefer: a ``transformers`` layer computes its queries inside its
+    attention module from the whole sequence, so evaluating the last layer for the pooled row alone would
+    mean rewriting each architecture's layer (the shortcut applies to PyHealth's ``Transformer`` and
+    torchvision's ViT, whose blocks are small and known).
+
     Decoder classifiers: ``transformers`` pools the last token that is not ``pad_token_id`` (and, given
     ``inputs_embeds``, the last position, padding or not); this adapter pools the last token the
     attention mask marks real, at the token and the embedding level alike, so both levels give the
