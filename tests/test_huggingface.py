@@ -312,3 +312,20 @@ def test_models_without_a_head_or_attention_are_refused():
         CheferAttribution(adapter)
     with pytest.raises(TypeError, match="encoding"):
         HuggingFaceAdapter(_bert()).captum_inputs(torch.ones(2, 3, dtype=torch.long))
+
+
+def test_label_targets_and_class_names(tokenizer):
+    model = _bert(id2label={0: "low", 1: "mid", 2: "high"})
+    adapter = HuggingFaceAdapter(model, tokenizer=tokenizer)
+    encoding = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    encoding["labels"] = torch.tensor([2, 0, 1])
+    assert torch.equal(adapter.captum_target(encoding, mode="label"), encoding["labels"])
+    tokens, args = adapter.captum_inputs(encoding, level="token")
+    (scores,) = CheferAttribution(adapter).attribute(tokens, target=encoding["labels"], additional_forward_args=args)
+    records = adapter.visualization_records(encoding, scores, encoding["labels"])
+    assert [r.true_class for r in records] == ["high", "low", "mid"] and records[0].attr_class == "high"
+    encoding["labels"] = torch.tensor([[1, 0, 1], [0, 1, 0], [0, 0, 1]])
+    with pytest.raises(ValueError, match="several classes per sample"):
+        adapter.captum_target(encoding, mode="label")
+    with pytest.raises(ValueError, match="'labels'"):
+        adapter.captum_target({"input_ids": tokens[0]}, mode="label")

@@ -217,7 +217,12 @@ class TransformerAdapter(Adapter):
         if mode == "label":
             if labels is None:
                 raise ValueError("target mode 'label' needs a dict batch with 'labels'; use mode='predicted' or pass target=")
-            return None if self.num_outputs == 1 else torch.as_tensor(labels).view(-1).long().to(self._device())
+            if self.num_outputs == 1:
+                return None
+            labels = torch.as_tensor(labels)
+            if labels.dim() == 2 and labels.shape[1] > 1:
+                raise ValueError("the labels hold several classes per sample (multi-label); pass target=<class index>")
+            return labels.reshape(-1).long().to(self._device())
         inputs, args = self.captum_inputs(batch, level="token")
         with torch.no_grad():
             logits = self(*inputs, *args)
