@@ -329,3 +329,35 @@ def test_label_targets_and_class_names(tokenizer):
         adapter.captum_target(encoding, mode="label")
     with pytest.raises(ValueError, match="'labels'"):
         adapter.captum_target({"input_ids": tokens[0]}, mode="label")
+
+
+def test_options_through_deferred_layers(tokenizer):
+    """The ablations and the dense propagation on SDPA layers (maps formed in the backward pass, a few heads
+    at a time) against the rule on an eager copy's returned attentions."""
+    model = _bert()
+    adapter = HuggingFaceAdapter(model, tokenizer=tokenizer)
+    encoding = tokenizer(TEXTS, return_tensors="pt", padding=True)
+    tokens, args = adapter.captum_inputs(encoding, level="token")
+    target = torch.tensor([1, 2, 0])
+    twin = copy.deepcopy(model)
+    twin.set_attn_implementation("eager")
+    output = twin(**encoding, output_attentions=True)
+    maps = list(output.attentions)
+    grads = torch.autograd.grad(output.logits.gather(1, target.view(-1, 1)).sum(), maps)
+
+    def rule(use_gradients=True, clamp=True, head_reduction="mean", layers=None, exclude_self=False, propagation="row"):
+        length = maps[0].shape[-1]
+        relevance = torch.eye(length).expand(3, length, length)
+        chosen = list(zip(maps, grads))[-layers:] if layers else list(zip(maps, grads))
+        for attention, grad in chosen:
+            weighted = attention.detach() * grad if use_gradients else attention.detach()
+            weighted = weighted.clamp(min=0) if clamp else weighted
+            weighted = weighted.mean(1) if head_reduction == "mean" else weighted.amax(1)
+            relevance = relevance + weighted @ relevance
+        row = relevance[:, 0] - (torch.nn.functional.one_hot(torch.zeros(3, dtype=torch.long), length) if exclude_self else 0)
+        return row * encoding["attention_mask"]
+
+    for options in ({"head_reduction": "max"}, {"use_gradients": False}, {"clamp": False}, {"layers": 2},
+                    {"propagation": "dense"}, {"exclude_self": True}):
+        (scores,) = CheferAttribution(adapter).attribute(tokens, target=target, additional_forward_args=args, **options)
+        torch.testing.assert_close(scores, rule(**options), atol=1e-5, rtol=1e-4, msg=str(options))

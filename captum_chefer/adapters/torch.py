@@ -414,9 +414,9 @@ class TransformerAdapter(Adapter):
             overrides[self._embedding_module()] = partial(_tracked_output, tracked)
         else:  # ids and no known embedding: let the parameters carry the graph
             detach = False
-        capture = AttentionCapture(
+        capture = AttentionCapture(  # deferred: transformers layers keep their maps out of memory until the backward
             {self.feature_keys[0]: self._attention_modules}, overrides=overrides, model=self.model,
-            model_modules=self._model_modules, detach_parameters=detach,
+            model_modules=self._model_modules, detach_parameters=detach, deferred=True,
         )
         with capture:
             logits = self._logits(x, args)
