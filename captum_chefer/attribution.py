@@ -324,6 +324,24 @@ def _propagate_deferred(
     batch, heads, _, length = layer.shape
     index = pool_index[key].long() if top else None
     step = -(-heads // DEFERRED_HEAD_CHUNKS)
+    if reduce["use_gradient"] and reduce["head_reduction"] == "mean":
+        # the default rule, in place: r (1/H) sum_h clamp(A_h dA_h) without forming the head mean
+        total: Optional[Tensor] = None
+        for start in range(0, heads, step):
+            group = slice(start, min(heads, start + step))
+            weighted = layer.probabilities(group, index).mul_(layer.gradient(grad, group, index))  # [B, h, Q', L]
+            if reduce["clamp"]:
+                weighted.clamp_(min=0)
+            if top:
+                part = weighted.sum(dim=1)[:, 0]  # [B, L]
+            else:
+                spread = row.unsqueeze(1).repeat(1, 1, weighted.shape[1])  # [B, 1, h*L]: r once per head
+                part = torch.bmm(spread, weighted.reshape(batch, -1, length)).squeeze(1)
+            total = part if total is None else total.add_(part)
+            del weighted
+        assert total is not None
+        base = pooling_rows(index, length, total.dtype) if top else row
+        return base + total / heads
     reduced: Optional[Tensor] = None
     for start in range(0, heads, step):
         group = slice(start, min(heads, start + step))
