@@ -106,13 +106,7 @@ class _TransformersModelAdapter(HuggingFaceAdapter):
         self._takes_token_types = "token_type_ids" in _parameters(encoder.forward)
 
     def _logits(self, x: Tensor, args: tuple) -> Tensor:
-        if not args:
-            raise ValueError("expected the attention mask as the first additional forward arg; make it with adapter.captum_inputs(batch)")
-        kwargs: dict[str, Any] = {"attention_mask": args[0]}
-        if len(args) > 1:
-            kwargs["token_type_ids"] = args[1]
-        kwargs["inputs_embeds" if x.is_floating_point() else "input_ids"] = x
-        pooled = self._callee(**kwargs).pooler_output
+        pooled = self._callee(**self._text_kwargs(x, args)).pooler_output
         return logits_of(self.model.fc(self.model.dropout(pooled)))
 
 

@@ -267,12 +267,7 @@ class HuggingFaceAdapter(TransformerAdapter):
             if args:
                 raise ValueError(f"image models take no additional forward args, got {len(args)}")
             return logits_of(self.model(pixel_values=x))
-        if not args:
-            raise ValueError("expected the attention mask as the first additional forward arg; make it with adapter.captum_inputs(encoding)")
-        kwargs: dict[str, Any] = {"attention_mask": args[0]}
-        if len(args) > 1:
-            kwargs["token_type_ids"] = args[1]
-        kwargs["inputs_embeds" if x.is_floating_point() else "input_ids"] = x
+        kwargs = self._text_kwargs(x, args)
         if self.kind == "encoder":
             return logits_of(self.model(**kwargs))
         hidden = self._callee(**kwargs, use_cache=False).last_hidden_state
@@ -282,6 +277,19 @@ class HuggingFaceAdapter(TransformerAdapter):
         return self.model.score(hidden[torch.arange(hidden.shape[0], device=hidden.device), last.to(hidden.device)])
 
     # ------------------------------------------------------------------ internals
+
+    @staticmethod
+    def _text_kwargs(x: Tensor, args: tuple) -> dict[str, Any]:
+        """The keywords of a text model: ids or embeddings, the attention mask, the token type ids if any."""
+        if not args:
+            raise ValueError(
+                "expected the attention mask as the first additional forward arg; make it with adapter.captum_inputs(...)"
+            )
+        kwargs: dict[str, Any] = {"attention_mask": args[0]}
+        if len(args) > 1:
+            kwargs["token_type_ids"] = args[1]
+        kwargs["inputs_embeds" if x.is_floating_point() else "input_ids"] = x
+        return kwargs
 
     def _read_batch(self, batch: Any) -> tuple[Tensor, tuple, Any]:
         if isinstance(batch, Tensor):
