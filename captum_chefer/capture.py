@@ -562,7 +562,9 @@ def _plain_softmax_attention(module: nn.Module, attention_mask: Any, kwargs: Map
         return False
     if any(kwargs.get(name) is not None for name in ("softcap", "sinks", "s_aux", "position_bias", "head_mask")):
         return False
-    return attention_mask is None or (isinstance(attention_mask, Tensor) and attention_mask.is_floating_point())
+    if attention_mask is None:  # SDPA would apply the module's causal flag, the eager recomputation would not
+        return not getattr(module, "is_causal", False)
+    return isinstance(attention_mask, Tensor) and attention_mask.is_floating_point()
 
 
 class DeferredHuggingFaceAttention:
