@@ -21,12 +21,25 @@ and reads ``VmHWM`` from ``/proc/self/status`` (``ru_maxrss`` would carry a pare
 ``exec``). On CUDA it is the growth of ``torch.cuda.max_memory_allocated`` over one call, in this
 process (the allocator counts exactly, and CUDA does not survive a fork).
 
+A second grid, ``--families``, runs transformers beyond PyHealth's code models, random weights, batch 4:
+``bert`` (BERT-base size, 512 tokens, ``HuggingFaceAdapter``), ``vit`` (ViT-B/16 at 224x224,
+``HuggingFaceAdapter``), ``gpt2`` (a GPT-2-small-size classifier, 512 tokens), ``pyhealth-vit``
+(``TorchvisionModel("vit_b_16")`` at 224x224 through ``PyHealthAdapter``, with PyHealth's
+``_reference_attribute_vit`` as the ``pyhealth`` method) and ``pyhealth-text`` (a BERT-base-size
+``TransformersModel`` through ``PyHealthAdapter``; its texts tokenized to 512 tokens, although the model's own
+``forward`` truncates at 256). Ours, Saliency and IG take the embeddings (text) or the pixels (images); the
+targets are judged against Saliency and the no-grad forward. Its section of ``RESULTS.md`` is replaced,
+the rest of the file kept.
+
 Usage::
 
     .venv/bin/python benchmarks/speed.py              # the full grid (CPU: tens of minutes)
     .venv/bin/python benchmarks/speed.py --target     # only the configurations the targets read
     .venv/bin/python benchmarks/speed.py --quick      # a tiny grid, a few seconds after the imports
     .venv/bin/python benchmarks/speed.py --device cuda
+    .venv/bin/python benchmarks/speed.py --families transformers           # the transformers grid (CPU: hours)
+    .venv/bin/python benchmarks/speed.py --families bert,vit --ig-steps 10
+    .venv/bin/python benchmarks/speed.py --families transformers --quick   # the same at a tiny size
 """
 
 from __future__ import annotations
@@ -93,6 +106,37 @@ def target_configs(embedding_dim: int) -> tuple[Config, Config]:
 QUICK = Config(16, 2, 2, batch=4, second=8, embedding_dim=16)
 
 
+@dataclass(frozen=True)
+class TransformerConfig:
+    """One configuration of the transformers grid: a family at its size."""
+
+    family: str  # one of FAMILIES
+    length: int  # tokens (text) or the image side in pixels
+    batch: int = 4
+    tiny: bool = False  # a few-layer, narrow model of the same family (for the tests)
+
+    @property
+    def name(self) -> str:
+        unit = "px" if self.family in IMAGE_FAMILIES else "tokens"
+        return f"{self.family} {self.length} {unit} batch={self.batch}" + (" (tiny)" if self.tiny else "")
+
+
+FAMILIES = ("bert", "vit", "gpt2", "pyhealth-vit", "pyhealth-text")
+IMAGE_FAMILIES = ("vit", "pyhealth-vit")
+FAMILY_LABELS = {
+    "bert": "BERT-base (HuggingFaceAdapter)",
+    "vit": "ViT-B/16 (HuggingFaceAdapter)",
+    "gpt2": "GPT-2 small classifier (HuggingFaceAdapter)",
+    "pyhealth-vit": "TorchvisionModel vit_b_16 (PyHealthAdapter)",
+    "pyhealth-text": "TransformersModel BERT-base (PyHealthAdapter)",
+}
+
+
+def transformer_configs(families: list[str], tiny: bool = False) -> list[TransformerConfig]:
+    """BERT and GPT-2 at 512 tokens, the ViTs at 224x224, batch 4 (tiny: 16 tokens, 32x32)."""
+    return [TransformerConfig(f, (32 if f in IMAGE_FAMILIES else 16) if tiny else (224 if f in IMAGE_FAMILIES else 512), tiny=tiny) for f in families]
+
+
 # ---------------------------------------------------------------------------------------------- workload
 
 
@@ -127,8 +171,10 @@ def synthetic_samples(config: Config, seed: int = 0) -> list[dict[str, Any]]:
     return samples
 
 
-def build_workload(config: Config, device: str, seed: int = 0) -> Workload:
+def build_workload(config: Config | TransformerConfig, device: str, seed: int = 0) -> Workload:
     """The model and batch of ``config`` on ``device``."""
+    if isinstance(config, TransformerConfig):
+        return build_transformer_workload(config, device, seed)
     from pyhealth.datasets import create_sample_dataset, get_dataloader
     from pyhealth.models import Transformer
 
@@ -153,13 +199,123 @@ def build_workload(config: Config, device: str, seed: int = 0) -> Workload:
     return Workload(config, model, batch, adapter, inputs, args, adapter.captum_target(batch))
 
 
-def ig_internal_batch(config: Config) -> int:
-    """Expanded samples per IG chunk: about 4096 codes of the first stream, whole steps of the batch."""
+def _padded_lengths(config: TransformerConfig, rng: random.Random) -> list[int]:
+    """The first sample has all ``length`` tokens, the others between half and all of them."""
+    return [config.length if i == 0 else rng.randint(config.length // 2, config.length) for i in range(config.batch)]
+
+
+def build_transformer_workload(config: TransformerConfig, device: str, seed: int = 0) -> Workload:
+    """A random-weight transformer of ``config.family`` and a batch of ``config.batch`` samples on ``device``."""
+    import transformers
+
+    from captum_chefer import HuggingFaceAdapter, PyHealthAdapter
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64) if config.tiny else {}
+    family = config.family
+    if family in ("pyhealth-vit", "pyhealth-text"):
+        model, batch = _pyhealth_transformer(config, rng)
+        model = model.to(device).eval()
+        adapter = PyHealthAdapter(model)
+        if family == "pyhealth-vit":
+            inputs, args = adapter.captum_inputs(batch)
+        else:  # tokenized to config.length tokens (the model's forward would stop at 256)
+            encoding = model.tokenizer(batch["text"], return_tensors="pt", padding=True, truncation=True, max_length=config.length)
+            ids, mask = encoding["input_ids"].to(device), encoding["attention_mask"].to(device)
+            with torch.no_grad():
+                inputs = (adapter.embedding_layers[0](ids).detach(),)
+            args = (mask, encoding["token_type_ids"].to(device))
+        return Workload(config, model, batch, adapter, inputs, args, adapter.captum_target(batch))
+    if family == "vit":
+        vit_config = transformers.ViTConfig(image_size=config.length, num_labels=2, **(dict(tiny, patch_size=8) if config.tiny else {}))
+        model = transformers.ViTForImageClassification(vit_config)
+        batch = {"pixel_values": torch.randn(config.batch, 3, config.length, config.length)}
+    else:
+        if family == "bert":
+            model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=2, **tiny))
+        elif family == "gpt2":
+            size = dict(n_embd=32, n_layer=2, n_head=2) if config.tiny else {}
+            gpt_config = transformers.GPT2Config(num_labels=2, pad_token_id=0, n_positions=max(1024, config.length), **size)
+            model = transformers.GPT2ForSequenceClassification(gpt_config)
+        else:
+            raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
+        vocab = model.config.vocab_size
+        lengths = _padded_lengths(config, rng)
+        mask = (torch.arange(config.length)[None, :] < torch.tensor(lengths)[:, None]).long()
+        ids = torch.randint(5, vocab, (config.batch, config.length)) * mask
+        batch = {"input_ids": ids, "attention_mask": mask}
+    model = model.to(device).eval()
+    batch = {k: v.to(device) for k, v in batch.items()}
+    adapter = HuggingFaceAdapter(model)
+    inputs, args = adapter.captum_inputs(batch)
+    return Workload(config, model, batch, adapter, inputs, args, adapter.captum_target(batch))
+
+
+def _pyhealth_transformer(config: TransformerConfig, rng: random.Random) -> tuple[Any, dict[str, Any]]:
+    """``TorchvisionModel("vit_b_16")`` or a BERT-base ``TransformersModel`` (saved once to a temporary folder)."""
+    import tempfile
+
+    from pyhealth.datasets import create_sample_dataset, get_dataloader
+    from pyhealth.models import TorchvisionModel, TransformersModel
+
+    from captum_chefer.synthetic import quiet_pyhealth
+
+    if config.family == "pyhealth-vit":
+        generator = torch.Generator().manual_seed(rng.randrange(2**31))
+        samples = [
+            {"patient_id": f"p{i}", "image": torch.rand(3, config.length, config.length, generator=generator).tolist(), "label": i % 2}
+            for i in range(config.batch)
+        ]
+        with quiet_pyhealth():
+            dataset = create_sample_dataset(samples=samples, input_schema={"image": "tensor"}, output_schema={"label": "binary"}, dataset_name="bench-vit")
+            model = TorchvisionModel(dataset, "vit_b_16", {"weights": None, "image_size": config.length})
+        if config.tiny:
+            model.model.encoder.layers = model.model.encoder.layers[:2]
+    else:
+        folder = Path(tempfile.gettempdir()) / f"captum-chefer-bench-bert-{'tiny' if config.tiny else 'base'}"
+        _save_text_encoder(folder, config.tiny)
+        lengths = _padded_lengths(config, rng)
+        words = [f"w{i}" for i in range(200)]
+        samples = [
+            {"patient_id": f"p{i}", "text": " ".join(rng.choice(words) for _ in range(n - 2)), "label": i % 2}
+            for i, n in enumerate(lengths)
+        ]
+        with quiet_pyhealth():
+            dataset = create_sample_dataset(samples=samples, input_schema={"text": "text"}, output_schema={"label": "binary"}, dataset_name="bench-text")
+            model = TransformersModel(dataset=dataset, model_name=str(folder))
+    batch = next(iter(get_dataloader(dataset, batch_size=config.batch, shuffle=False)))
+    return model, batch
+
+
+def _save_text_encoder(folder: Path, tiny: bool) -> None:
+    """A random BERT-base (or tiny BERT) and a word-per-token vocabulary, saved for ``AutoModel.from_pretrained``."""
+    if (folder / "config.json").exists():
+        return
+    import transformers
+
+    folder.mkdir(parents=True, exist_ok=True)
+    vocab = folder / "vocab.txt"
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(200)]
+    vocab.write_text("\n".join(words) + "\n")
+    transformers.BertTokenizerFast(vocab=str(vocab)).save_pretrained(folder)
+    size = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64) if tiny else {}
+    torch.manual_seed(0)
+    transformers.BertModel(transformers.BertConfig(vocab_size=len(words), **size)).save_pretrained(folder)
+
+
+def ig_internal_batch(config: Config | TransformerConfig) -> int:
+    """Expanded samples per IG chunk: about 4096 codes of the first stream, whole steps of the batch
+    (transformers grid: one step of the batch at a time)."""
+    if isinstance(config, TransformerConfig):
+        return config.batch
     return config.batch * max(1, min(IG_STEPS, 4096 // config.length))
 
 
 def make_methods(w: Workload) -> dict[str, Callable[[], Any]]:
     """One zero-argument call per method; each returns its attributions (or logits)."""
+    if isinstance(w.config, TransformerConfig):
+        return make_transformer_methods(w)
     from captum.attr import IntegratedGradients, Saliency
     from pyhealth.interpret.methods import CheferRelevance
 
@@ -188,6 +344,46 @@ def make_methods(w: Workload) -> dict[str, Callable[[], Any]]:
         "saliency": lambda: saliency.attribute(w.inputs, **kwargs),
         "ig": lambda: ig.attribute(w.inputs, n_steps=IG_STEPS, internal_batch_size=ig_internal_batch(w.config), **kwargs),
     }
+
+
+def make_transformer_methods(w: Workload) -> dict[str, Callable[[], Any]]:
+    """Forward, ours, Saliency, IG (``IG_STEPS``) and, for the PyHealth ViT, PyHealth's reference."""
+    from captum.attr import IntegratedGradients, Saliency
+
+    from captum_chefer import CheferAttribution
+
+    chefer = CheferAttribution(w.adapter)
+    saliency = Saliency(w.adapter)
+    ig = IntegratedGradients(w.adapter)
+    kwargs = dict(target=w.target, additional_forward_args=w.args)
+
+    def forward() -> Any:
+        with torch.no_grad():
+            return w.adapter(*w.inputs, *w.args)
+
+    calls: dict[str, Callable[[], Any]] = {
+        "forward": forward,
+        "chefer": lambda: chefer.attribute(w.inputs, **kwargs),
+        "saliency": lambda: saliency.attribute(w.inputs, **kwargs),
+        "ig": lambda: ig.attribute(w.inputs, n_steps=IG_STEPS, internal_batch_size=ig_internal_batch(w.config), **kwargs),
+    }
+    if w.config.family == "pyhealth-vit":
+        from pyhealth.interpret.methods.chefer import _reference_attribute_vit
+
+        def pyhealth() -> Any:
+            try:
+                return _reference_attribute_vit(w.model, interpolate=False, **w.batch)
+            finally:
+                w.model.clear_attention_storage()
+                w.model.zero_grad(set_to_none=True)
+
+        calls["pyhealth"] = pyhealth
+    return calls
+
+
+def transformer_methods(config: TransformerConfig) -> tuple[str, ...]:
+    """The methods run for ``config`` (PyHealth's reference only where it exists)."""
+    return tuple(m for m in METHODS if m != "pyhealth" or config.family == "pyhealth-vit")
 
 
 def release_pyhealth_state(model: torch.nn.Module) -> None:
@@ -248,6 +444,8 @@ def time_methods(
 
 def _max_difference(w: Workload, ours: tuple, theirs: dict[str, torch.Tensor]) -> float:
     scores = w.adapter.to_feature_dict(ours)
+    if isinstance(w.config, TransformerConfig):  # the ViT reference: [B, 1, rows, columns] patches
+        return max(float((scores[k].float() - theirs[k].reshape(scores[k].shape).float()).abs().max()) for k in scores)
     return max(float((scores[k].float() - theirs[k].to(scores[k].device).float()).abs().max()) for k in scores)
 
 
@@ -431,6 +629,178 @@ def target_lines(rows: list[Row], embedding_dim: int) -> list[str]:
     return lines
 
 
+# ---------------------------------------------------------------------------------------------- transformers grid
+
+
+SECTION_START = "<!-- section: transformers grid -->"
+SECTION_END = "<!-- end section: transformers grid -->"
+
+
+@dataclass
+class TransformerRow:
+    """One method on one transformer of the transformers grid."""
+
+    config: TransformerConfig
+    method: str
+    seconds: float
+    runs: int
+    ratio_saliency: float
+    ratio_forward: float
+    memory_mib: float
+    memory_ratio_saliency: float
+    max_diff_pyhealth: float = math.nan
+
+
+def method_label(method: str) -> str:
+    return f"Captum IntegratedGradients ({IG_STEPS} steps)" if method == "ig" else {
+        **LABELS, "pyhealth": "PyHealth _reference_attribute_vit"
+    }[method]
+
+
+def run_transformers(
+    configs: list[TransformerConfig], device: str, repeats: int, ig_repeats: int, threads: int, ig_memory: bool, log=print
+) -> list[TransformerRow]:
+    """Memory probes first (each in a process forked before this one runs a tensor op), then the timings."""
+    t0 = time.time()
+    preload()
+    import transformers  # noqa: F401
+
+    log(f"imports: {time.time() - t0:.1f} s")
+    cuda = device.startswith("cuda")
+    memory: dict[tuple[TransformerConfig, str], dict[str, float]] = {}
+    for config in [] if cuda else configs:
+        for method in transformer_methods(config):
+            if method == "ig" and not ig_memory:
+                continue
+            t0 = time.time()
+            memory[config, method] = measure_memory_forked(config, method, device, threads)  # type: ignore[arg-type]
+            log(f"memory {config.name} {method}: {memory[config, method]['rss_mib']:.1f} MiB ({time.time() - t0:.1f} s)")
+    torch.set_num_threads(threads)
+    rows: list[TransformerRow] = []
+    for config in configs:
+        t0 = time.time()
+        w = build_workload(config, device)
+        log(f"built {config.name} in {time.time() - t0:.1f} s")
+        methods = transformer_methods(config)
+        timings, gap = time_methods(w, device, repeats, ig_repeats, methods)
+        if cuda:
+            for method in methods:
+                memory[config, method] = measure_cuda_memory(w, method)
+        del w
+        gc.collect()
+        saliency, forward = timings["saliency"].seconds, timings["forward"].seconds
+        saliency_memory = memory.get((config, "saliency"), {}).get("rss_mib", math.nan)
+        for method in methods:
+            t, m = timings[method], memory.get((config, method))
+            mib = m["rss_mib"] if m else math.nan
+            rows.append(
+                TransformerRow(
+                    config, method, t.seconds, t.runs, t.seconds / saliency, t.seconds / forward, mib,
+                    mib / saliency_memory if saliency_memory else math.nan, gap if method == "chefer" else math.nan,
+                )
+            )
+        log(f"timed {config.name}: " + ", ".join(f"{n} {t.seconds * 1000:.1f} ms" for n, t in timings.items()))
+    return rows
+
+
+def transformer_table(rows: list[TransformerRow]) -> str:
+    """The transformers grid as a markdown table."""
+    lines = [
+        "| model | input | method | median ms | runs | × Saliency | × forward | peak growth MiB | mem × Saliency |",
+        "|---|---|---|---:|---:|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        c = r.config
+        size = f"{c.length}x{c.length} px" if c.family in IMAGE_FAMILIES else f"{c.length} tokens"
+        lines.append(
+            f"| {FAMILY_LABELS[c.family]}{' (tiny)' if c.tiny else ''} | {size}, batch {c.batch} | {method_label(r.method)} | "
+            f"{r.seconds * 1000:.1f} | {r.runs} | {_fmt(r.ratio_saliency)} | {_fmt(r.ratio_forward)} | {_fmt(r.memory_mib, 1)} | "
+            f"{_fmt(r.memory_ratio_saliency)} |"
+        )
+    return "\n".join(lines)
+
+
+def transformer_target_lines(rows: list[TransformerRow]) -> list[str]:
+    """PASS/FAIL per family: ours <= Saliency's time, <= 2x the no-grad forward, memory <= Saliency's."""
+    lines = []
+    for config in dict.fromkeys(r.config for r in rows):
+        ours = next((r for r in rows if r.config == config and r.method == "chefer"), None)
+        if ours is None:
+            continue
+        checks = [
+            ("time ours / Saliency", ours.ratio_saliency, 1.0),
+            ("time ours / no-grad forward", ours.ratio_forward, 2.0),
+            ("peak memory growth ours / Saliency", ours.memory_ratio_saliency, 1.0),
+        ]
+        parts = []
+        for name, value, bound in checks:
+            known = not (isinstance(value, float) and math.isnan(value))
+            parts.append(f"{'PASS' if known and value <= bound else 'FAIL' if known else 'n/a '}  {name} = {_fmt(value)} (target <= {bound})")
+        if not math.isnan(ours.max_diff_pyhealth):
+            parts.append(f"max |ours - PyHealth reference| over patches = {ours.max_diff_pyhealth:.2e} (the reference skips pos_embedding and misorders gradients beyond 2 blocks)")
+        lines.append(f"{config.name}:")
+        lines += [f"  {part}" for part in parts]
+    return lines
+
+
+def write_section(path: Path, text: str) -> None:
+    """Put ``text`` between the transformers-grid markers of ``path``, keeping everything else."""
+    block = f"{SECTION_START}\n{text}\n{SECTION_END}\n"
+    old = path.read_text() if path.exists() else ""
+    if SECTION_START in old and SECTION_END in old:
+        start = old.index(SECTION_START)
+        end = old.index(SECTION_END, start) + len(SECTION_END)
+        new = old[:start] + block.rstrip("\n") + old[end:]
+    else:
+        new = old + ("\n" if old and not old.endswith("\n\n") else "") + block
+    path.write_text(new)
+
+
+def transformers_main(args: argparse.Namespace, families: list[str]) -> int:
+    global IG_STEPS
+    IG_STEPS = args.ig_steps
+    configs = transformer_configs(families, tiny=args.quick)
+    started = time.time()
+    rows = run_transformers(
+        configs, args.device, args.repeats, args.ig_repeats, args.threads, args.ig_memory,
+        log=lambda s: print(s, file=sys.stderr, flush=True),
+    )
+    cuda = args.device.startswith("cuda")
+    if cuda:
+        memory_note = "peak growth = torch.cuda.max_memory_allocated over one call, above what was allocated before it"
+    else:
+        memory_note = (
+            "peak growth = VmHWM - VmRSS of one call in its own process, glibc mmap threshold fixed at 64 KiB"
+            + ("" if args.ig_memory else "; IG memory not measured (--ig-memory)")
+        )
+    text = "\n".join(
+        [
+            f"## Transformers beyond PyHealth's code models ({args.device})",
+            "",
+            "```",
+            " ".join(["benchmarks/speed.py", *sys.argv[1:]]),
+            "```",
+            "",
+            f"machine: {machine_line(args.device, args.threads)}",
+            f"random weights, batch 4; median of {args.repeats} interleaved runs (IG: {args.ig_repeats}, {IG_STEPS} steps, "
+            f"internal batch 4, so IG's time is {IG_STEPS} forward and backward passes); {memory_note}; total run time "
+            f"{time.time() - started:.0f} s",
+            "",
+            transformer_table(rows),
+            "",
+            "```",
+            *transformer_target_lines(rows),
+            "```",
+        ]
+    )
+    print(text)
+    if args.results:
+        write_section(Path(args.results), text)
+    if args.json:
+        args.json.write_text(json.dumps([{**asdict(r), "config": asdict(r.config)} for r in rows], indent=1))
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- main
 
 
@@ -496,11 +866,25 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--embedding-dim", type=int, default=64)
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")), help="markdown output ('' for none)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--families", default=None,
+        help=f"run the transformers grid instead: 'transformers' (all) or a comma list of {', '.join(FAMILIES)}",
+    )
+    parser.add_argument("--ig-steps", type=int, default=IG_STEPS, help="IG steps in the transformers grid (default 50)")
+    parser.add_argument("--ig-memory", action="store_true", help="also measure IG's memory in the transformers grid")
     args = parser.parse_args(argv)
-    if args.repeats < 1 or args.ig_repeats < 1:
-        parser.error("--repeats and --ig-repeats must be positive")
+    if args.repeats < 1 or args.ig_repeats < 1 or args.ig_steps < 1:
+        parser.error("--repeats, --ig-repeats and --ig-steps must be positive")
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
+    if args.families is not None:
+        families = list(FAMILIES) if args.families == "transformers" else [f.strip() for f in args.families.split(",") if f.strip()]
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown or not families:
+            parser.error(f"--families: unknown {unknown}; choose 'transformers' or from {', '.join(FAMILIES)}")
+        if args.target:
+            parser.error("--target applies to the PyHealth grid; the transformers grid is all targets")
+        return transformers_main(args, families)
     if args.quick:
         configs = [QUICK]
     elif args.target:

@@ -1,9 +1,12 @@
 """Chefer et al.'s gradient-weighted attention relevance as a Captum attribution, for PyHealth and other transformers."""
 
-from .adapters import PyHealthAdapter, adapter_for
+from .adapters import HuggingFaceAdapter, PyHealthAdapter, TransformerAdapter, adapter_for
 from .attribution import CheferAttribution
 from .comparison import compare_methods, ig_baselines
 from .llm import CheferLLMAttribution
 
-__all__ = ["CheferAttribution", "CheferLLMAttribution", "PyHealthAdapter", "adapter_for", "compare_methods", "ig_baselines"]
+__all__ = [
+    "CheferAttribution", "CheferLLMAttribution", "HuggingFaceAdapter", "PyHealthAdapter", "TransformerAdapter",
+    "adapter_for", "compare_methods", "ig_baselines",
+]
 __version__ = "0.1.0"

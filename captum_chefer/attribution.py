@@ -20,12 +20,13 @@ from .relevance import (
     HeadReduction,
     dense_relevance,
     pooling_rows,
+    propagate_row,
     propagate_weighted_row,
     read_rows,
     weighted_attention,
 )
 
-__all__ = ["AttentionForward", "AttentionModel", "CheferAttribution", "TargetType"]
+__all__ = ["AttentionForward", "AttentionModel", "CheferAttribution", "DeferredAttention", "TargetType"]
 
 TargetType = Optional[int | Sequence[int] | Tensor]
 Propagation = Literal["row", "dense"]
@@ -38,7 +39,8 @@ class AttentionForward:
     Attributes:
         logits: ``[B, C]`` model outputs, in the autograd graph.
         attention: per attention stream (a feature key), the attention probabilities of each layer,
-            first (closest to the input) to last, each ``[B, H, L, L]`` and in the autograd graph. When
+            first (closest to the input) to last, each ``[B, H, L, L]`` and in the autograd graph, or a
+            :class:`DeferredAttention` that forms them when the backward pass reaches its layer. When
             ``attention_forward`` was called with ``pooled_row_only=True``, the last layer's may be
             ``[B, H, 1, L]``: each sample's row of its pooling position alone.
         pool_index: per stream, ``[B]`` the position whose output the model pools.
@@ -51,10 +53,33 @@ class AttentionForward:
     """
 
     logits: Tensor
-    attention: dict[str, list[Tensor]]
+    attention: dict[str, list[Any]]
     pool_index: dict[str, Tensor]
     stacked: bool = True
     embeddings: dict[str, Tensor] = field(default_factory=dict)
+
+
+@runtime_checkable
+class DeferredAttention(Protocol):
+    """A layer's attention kept out of the autograd graph until its gradient is needed.
+
+    A model that computes attention without materialising the probabilities (SDPA, flash attention) keeps
+    each layer's ``[B, H, L, L]`` map out of memory; the relevance needs the map and its gradient for one
+    layer at a time, as the backward pass reaches it. ``graph_tensor`` is a tensor of the layer in the
+    graph (its output ``A V``); ``gradient`` maps the gradient of ``graph_tensor`` to the gradient of the
+    probabilities; ``probabilities`` forms them. Both take a slice of ``heads`` and, optionally, one query
+    row per sample (``rows``, ``[B]``; the result is then ``[B, H, 1, K]``), so that the relevance forms
+    them a few heads at a time and, for the last layer, the pooled row alone. ``shape`` and ``dtype`` are
+    the probabilities'.
+    """
+
+    shape: torch.Size
+    dtype: torch.dtype
+    graph_tensor: Tensor
+
+    def probabilities(self, heads: Optional[slice] = None, rows: Optional[Tensor] = None) -> Tensor: ...
+
+    def gradient(self, output_gradient: Tensor, heads: Optional[slice] = None, rows: Optional[Tensor] = None) -> Tensor: ...
 
 
 @runtime_checkable
@@ -243,9 +268,12 @@ def _rows_fused(
                     f"(layer {depth} came when {pending[key]} was due): the layers are not a stack; "
                     "return AttentionForward(..., stacked=False)"
                 )
-            attention, streams[key][depth] = streams[key][depth], None
+            layer, streams[key][depth] = streams[key][depth], None
             with torch.no_grad():
-                rows[key] = _propagate(rows[key], attention.detach(), grad, depth, key, streams, pool_index, reduce)
+                if _deferred(layer):
+                    rows[key] = _propagate_deferred(rows[key], layer, grad, depth, key, streams, pool_index, reduce)
+                else:
+                    rows[key] = _propagate(rows[key], layer.detach(), grad, depth, key, streams, pool_index, reduce)
             pending[key] = depth - 1
 
         return hook
@@ -257,12 +285,12 @@ def _rows_fused(
             pending[key] = len(maps) - 1
             if not reduce["use_gradient"]:  # attention alone: no backward pass needed
                 for depth in reversed(range(len(maps))):
-                    rows[key] = _propagate(rows[key], maps[depth].detach(), None, depth, key, streams, pool_index, reduce)
+                    rows[key] = _propagate(rows[key], _probabilities(maps[depth]), None, depth, key, streams, pool_index, reduce)
                 pending[key] = -1
                 continue
             for depth in range(len(maps)):
-                handles.append(maps[depth].register_hook(make_hook(key, depth)))
-            wanted.append(maps[0])  # the lowest layer used: the backward stops there
+                handles.append(_graph_tensor(maps[depth]).register_hook(make_hook(key, depth)))
+            wanted.append(_graph_tensor(maps[0]))  # the lowest layer used: the backward stops there
         if wanted:
             torch.autograd.grad(explained, wanted, allow_unused=True)
     finally:
@@ -284,16 +312,69 @@ def _propagate(
     )
 
 
+DEFERRED_HEAD_CHUNKS = 4  # a deferred layer's maps are formed a quarter of the heads at a time
+
+
+def _propagate_deferred(
+    row: Tensor, layer: Any, grad: Tensor, depth: int, key: str,
+    streams: Mapping[str, Sequence[Any]], pool_index: Mapping[str, Tensor], reduce: dict,
+) -> Tensor:
+    """:func:`_propagate` for a :class:`DeferredAttention`, forming its maps a few heads at a time.
+
+    The head mean of the clamped products is a sum over head groups, the head maximum a maximum over them,
+    so the reduced ``[B, L, L]`` matrix is accumulated group by group and never more than a group's
+    ``[B, h, L, L]`` maps exist at once. The last layer (``e_p`` so far) is formed for the pooled row only.
+    """
+    top = depth == len(streams[key]) - 1
+    batch, heads, _, length = layer.shape
+    index = pool_index[key].long() if top else None
+    step = -(-heads // DEFERRED_HEAD_CHUNKS)
+    if reduce["use_gradient"] and reduce["head_reduction"] == "mean":
+        # the default rule, in place: r (1/H) sum_h clamp(A_h dA_h) without forming the head mean
+        total: Optional[Tensor] = None
+        for start in range(0, heads, step):
+            group = slice(start, min(heads, start + step))
+            weighted = layer.probabilities(group, index).mul_(layer.gradient(grad, group, index))  # [B, h, Q', L]
+            if reduce["clamp"]:
+                weighted.clamp_(min=0)
+            if top:
+                part = weighted.sum(dim=1)[:, 0]  # [B, L]
+            else:
+                spread = row.unsqueeze(1).repeat(1, 1, weighted.shape[1])  # [B, 1, h*L]: r once per head
+                part = torch.bmm(spread, weighted.reshape(batch, -1, length)).squeeze(1)
+            total = part if total is None else total.add_(part)
+            del weighted
+        assert total is not None
+        base = pooling_rows(index, length, total.dtype) if top else row
+        return base + total / heads
+    reduced: Optional[Tensor] = None
+    for start in range(0, heads, step):
+        group = slice(start, min(heads, start + step))
+        attention = layer.probabilities(group, index)
+        gradient = layer.gradient(grad, group, index) if reduce["use_gradient"] else None
+        weighted = weighted_attention(attention, gradient, **reduce)  # [B, Q', L]
+        del attention, gradient
+        if reduce["head_reduction"] == "mean":
+            weighted = weighted * ((group.stop - group.start) / heads)
+            reduced = weighted if reduced is None else reduced.add_(weighted)
+        else:
+            reduced = weighted if reduced is None else torch.maximum(reduced, weighted)
+    assert reduced is not None
+    if top:
+        return pooling_rows(index, length, reduced.dtype) + reduced[:, 0]
+    return propagate_row(row, reduced)
+
+
 def _gradients(explained: Tensor, streams: Mapping[str, list[Tensor]], reduce: dict) -> dict[str, list[Optional[Tensor]]]:
     """The attention gradients of every layer of every stream from one ``autograd.grad`` call."""
     flat = [a for maps in streams.values() for a in maps]
     if reduce["use_gradient"]:
-        grads = torch.autograd.grad(explained, flat, allow_unused=True)
+        grads = torch.autograd.grad(explained, [_graph_tensor(a) for a in flat], allow_unused=True)
     else:
         grads = (None,) * len(flat)
     out, i = {}, 0
     for key, maps in streams.items():
-        out[key] = [None if g is None else g.detach() for g in grads[i : i + len(maps)]]
+        out[key] = [None if g is None else _attention_gradient(a, g).detach() for a, g in zip(maps, grads[i : i + len(maps)])]
         i += len(maps)
     return out
 
@@ -307,7 +388,7 @@ def _rows_collected(
         maps = streams[key]
         row = pooling_rows(pool_index[key], maps[0].shape[-1], maps[0].dtype)
         for depth in reversed(range(len(maps))):
-            row = _propagate(row, maps[depth].detach(), grads[depth], depth, key, streams, pool_index, reduce)
+            row = _propagate(row, _probabilities(maps[depth]), grads[depth], depth, key, streams, pool_index, reduce)
         rows[key] = row
     return rows
 
@@ -318,7 +399,7 @@ def _rows_dense(
     """The reference: all gradients at once, then the dense product, then read the pooling row."""
     rows = {}
     for key, grads in _gradients(explained, streams, reduce).items():
-        weighted = [weighted_attention(a.detach(), g, **reduce) for a, g in zip(streams[key], grads)]
+        weighted = [weighted_attention(_probabilities(a), g, **reduce) for a, g in zip(streams[key], grads)]
         rows[key] = read_rows(dense_relevance(weighted), pool_index[key])
     return rows
 
@@ -347,12 +428,30 @@ def _check_maps(streams: Mapping[str, Sequence[Tensor]], pooled_allowed: bool) -
             last = depth == len(maps) - 1
             square = attention.shape[-2:] == (length, length)
             pooled = last and pooled_allowed and attention.shape[-2:] == (1, length)
-            if attention.dim() not in (3, 4) or not (square or pooled):
+            if len(attention.shape) not in (3, 4) or not (square or pooled):
                 raise ValueError(
                     f"attention of stream {key!r}, layer {depth}, has shape {tuple(attention.shape)}; expected "
                     f"[B, H, {length}, {length}] like the first layer"
                     + (" (or [B, H, 1, L] for the last layer, when asked for the pooled row only)" if pooled_allowed else "")
                 )
+
+
+def _deferred(layer: Any) -> bool:
+    return not isinstance(layer, Tensor) and hasattr(layer, "graph_tensor")
+
+
+def _graph_tensor(layer: Any) -> Tensor:
+    """The tensor of a layer that the backward pass reaches: the probabilities, or a deferred layer's output."""
+    return layer.graph_tensor if _deferred(layer) else layer
+
+
+def _probabilities(layer: Any) -> Tensor:
+    return layer.probabilities() if _deferred(layer) else layer.detach()
+
+
+def _attention_gradient(layer: Any, grad: Optional[Tensor]) -> Optional[Tensor]:
+    """The gradient of the probabilities, from the gradient of :func:`_graph_tensor`."""
+    return layer.gradient(grad) if grad is not None and _deferred(layer) else grad
 
 
 def _select_target(logits: Tensor, target: TargetType) -> Tensor:

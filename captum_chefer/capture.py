@@ -17,7 +17,11 @@ are supported (:func:`attention_kind`):
   probabilities). While a capture is open the module's config names a dispatcher registered by this
   module: the capturing thread runs the model file's own ``eager_attention_forward`` with an eager mask,
   every other thread runs the original implementation (``"sdpa"``, ``"flash_attention_2"``, ...) with its
-  own mask, unchanged.
+  own mask, unchanged. With ``AttentionCapture(deferred=True)`` the capturing thread runs SDPA instead and
+  records a :class:`DeferredHuggingFaceAttention`: the probabilities stay out of the graph (as in the
+  model's own SDPA forward) and are formed, with their gradient ``dA = dO V^T``, only when the backward
+  pass reaches the layer, one layer at a time (the ``[B, H, L, L]`` maps of all layers would otherwise be
+  kept alive for the backward pass: 600 MB for BERT-base at 512 tokens and batch 4).
 
 Concurrency. Everything shared is changed only while some capture needs it and changed back by the last
 one out: each change (an instance ``forward`` that dispatches, a config's attention implementation,
@@ -60,6 +64,7 @@ from torch.overrides import TorchFunctionMode
 __all__ = [
     "AttentionCapture",
     "AttentionKind",
+    "DeferredHuggingFaceAttention",
     "attention_kind",
     "evaluation_mode",
     "find_attention_modules",
@@ -260,6 +265,10 @@ class AttentionCapture:
         detach_parameters: hand this thread's torch operations detached parameters within the block, so
             the graph holds nothing for parameter gradients (the attention gradients need none). Set
             ``False`` to keep parameters in the graph.
+        deferred: record ``transformers`` attention as :class:`DeferredHuggingFaceAttention` (SDPA in the
+            forward pass, probabilities formed in the backward pass) where the module's attention is plain
+            softmax attention (no soft-capping, sinks or position bias); elsewhere the probabilities are
+            recorded as tensors. ``CheferAttribution`` takes either.
 
     Attributes:
         attention: ``{stream: [tensor, ...]}``, filled during the block.
@@ -275,7 +284,9 @@ class AttentionCapture:
         model: Optional[nn.Module] = None,
         model_modules: Optional[Sequence[nn.Module]] = None,
         detach_parameters: bool = True,
+        deferred: bool = False,
     ) -> None:
+        self.deferred = deferred
         self._stream_of: dict[nn.Module, str] = {}
         self._kinds: dict[nn.Module, AttentionKind] = {}
         for stream, modules in streams.items():
@@ -298,8 +309,8 @@ class AttentionCapture:
         self._handlers: dict[nn.Module, Handler] = {}
         self._huggingface_configs: set[int] = set()
         self._stack: Optional[ExitStack] = None
-        self.attention: dict[str, list[Tensor]] = {stream: [] for stream in streams}
-        self.calls: list[tuple[str, nn.Module, Tensor]] = []
+        self.attention: dict[str, list[Any]] = {stream: [] for stream in streams}
+        self.calls: list[tuple[str, nn.Module, Any]] = []
 
     def __enter__(self) -> "AttentionCapture":
         if self._stack is not None:
@@ -337,8 +348,9 @@ class AttentionCapture:
         if stack is not None:
             stack.close()
 
-    def record(self, module: nn.Module, probabilities: Tensor) -> None:
-        """Record one call's attention probabilities ``[B, H, Q, K]`` of ``module``."""
+    def record(self, module: nn.Module, probabilities: Any) -> None:
+        """Record one call's attention probabilities ``[B, H, Q, K]`` of ``module`` (a tensor in the graph, or
+        a :class:`DeferredHuggingFaceAttention`)."""
         stream = self._stream_of[module]
         self.attention[stream].append(probabilities)
         self.calls.append((stream, module, probabilities))
@@ -518,6 +530,12 @@ def _eager_attention(module: nn.Module) -> Callable[..., Any]:
 
 def _huggingface_attention(module: nn.Module, query: Tensor, key: Tensor, value: Tensor, attention_mask: Any, **kwargs: Any) -> Any:
     capture = _capturing(module)
+    if capture is not None and capture.deferred and _plain_softmax_attention(module, attention_mask, kwargs):
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        output, _ = ALL_ATTENTION_FUNCTIONS["sdpa"](module, query, key, value, attention_mask, **kwargs)
+        capture.record(module, DeferredHuggingFaceAttention(module, query, key, value, attention_mask, kwargs, output))
+        return output, None
     if capture is not None:
         output, probabilities = _eager_attention(module)(module, query, key, value, attention_mask, **kwargs)
         capture.record(module, probabilities)
@@ -536,3 +554,106 @@ def _huggingface_mask(*args: Any, config: Any = None, **kwargs: Any) -> Any:
     capturing = any(id(config) in capture._huggingface_configs for capture in _open_captures())
     name = "eager" if capturing else (_huggingface_original.get(id(config)) or "eager")
     return ALL_MASK_ATTENTION_FUNCTIONS[name](*args, config=config, **kwargs)
+
+
+def _plain_softmax_attention(module: nn.Module, attention_mask: Any, kwargs: Mapping[str, Any]) -> bool:
+    """Whether ``softmax(q k^T * scaling + mask) v`` is all the module computes (so SDPA computes it too)."""
+    if module.training or float(kwargs.get("dropout") or 0.0) != 0.0:
+        return False
+    if any(kwargs.get(name) is not None for name in ("softcap", "sinks", "s_aux", "position_bias", "head_mask")):
+        return False
+    if attention_mask is None:  # SDPA would apply the module's causal flag, the eager recomputation would not
+        return not getattr(module, "is_causal", False)
+    return isinstance(attention_mask, Tensor) and attention_mask.is_floating_point()
+
+
+class DeferredHuggingFaceAttention:
+    """One call of a ``transformers`` attention module, run with SDPA, whose probabilities are formed later.
+
+    ``graph_tensor`` is the call's output ``O = A V`` (``[B, Q, H, d]``, as the attention functions return
+    it), in the autograd graph; :meth:`probabilities` forms ``A`` ``[B, H, Q, K]`` with the model file's own
+    ``eager_attention_forward`` (against zero-width values, so no product with the values is computed);
+    :meth:`gradient` turns the gradient of ``O`` into the gradient of ``A``: ``dA = dO V^T`` (values
+    repeated for grouped-query attention), exact because ``A`` enters the output only through ``A V``.
+    The attributes ``shape`` and ``dtype`` are those of ``A``. It holds the call's queries, keys and values
+    (which SDPA keeps for its own backward pass anyway) and its output.
+
+    Example:
+        >>> import torch
+        >>> from transformers import BertConfig, BertModel
+        >>> _ = torch.manual_seed(0)
+        >>> model = BertModel(BertConfig(vocab_size=20, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
+        ...                              intermediate_size=16)).eval()
+        >>> ids = torch.tensor([[2, 5, 7, 3]])
+        >>> modules = {"text": find_attention_modules(model)}
+        >>> with AttentionCapture(modules, model=model, deferred=True, detach_parameters=False) as capture:
+        ...     output = model(input_ids=ids).last_hidden_state
+        >>> (layer,) = capture.attention["text"]
+        >>> type(layer).__name__, tuple(layer.shape)
+        ('DeferredHuggingFaceAttention', (1, 2, 4, 4))
+        >>> (d_output,) = torch.autograd.grad(output[0, 0].sum(), layer.graph_tensor)
+        >>> tuple(layer.gradient(d_output).shape), torch.allclose(layer.probabilities().sum(-1), torch.ones(1, 2, 4))
+        ((1, 2, 4, 4), True)
+    """
+
+    def __init__(self, module: nn.Module, query: Tensor, key: Tensor, value: Tensor, mask: Optional[Tensor],
+                 kwargs: Mapping[str, Any], output: Tensor) -> None:
+        self._module = module
+        self._query, self._key, self._value, self._mask = query, key, value, mask
+        self._kwargs = dict(kwargs)
+        self.graph_tensor = output
+        self.shape = torch.Size((query.shape[0], query.shape[1], query.shape[2], key.shape[2]))
+        self.dtype = query.dtype
+
+    def probabilities(self, heads: Optional[slice] = None, rows: Optional[Tensor] = None) -> Tensor:
+        """``A`` ``[B, H, Q, K]``, outside the graph; of the ``heads`` only, and of one query row per sample
+        (``rows``, ``[B]``: then ``[B, H, 1, K]``) if given."""
+        query, key, mask = self._query.detach(), self._key.detach(), self._mask
+        batch, heads_total = self.shape[0], self.shape[1]
+        groups = heads_total // key.shape[1]
+        if groups > 1:  # grouped-query attention: each key/value head serves `groups` query heads
+            key = key.repeat_interleave(groups, dim=1)
+        if heads is not None:
+            query, key = query[:, heads], key[:, heads]
+            if mask is not None and mask.shape[1] == heads_total:
+                mask = mask[:, heads]
+        if rows is not None:
+            samples = torch.arange(batch, device=query.device)
+            rows = rows.to(query.device)
+            query = query[samples, :, rows].unsqueeze(2)
+            if mask is not None and mask.shape[2] > 1:
+                mask = mask.expand(batch, *mask.shape[1:])[samples, :, rows].unsqueeze(2)
+        with torch.no_grad():
+            empty = self._value[:, :1, :, :0].detach().expand(query.shape[0], key.shape[1], key.shape[2], 0)
+            _, probabilities = _eager_attention(self._module)(
+                _Ungrouped(self._module), query, key, empty, mask, **self._kwargs
+            )
+        return probabilities
+
+    def gradient(self, output_gradient: Tensor, heads: Optional[slice] = None, rows: Optional[Tensor] = None) -> Tensor:
+        """``dA`` ``[B, H, Q, K]`` from the gradient of ``graph_tensor`` (``heads`` and ``rows`` as for
+        :meth:`probabilities`)."""
+        with torch.no_grad():
+            value = self._value.detach()
+            groups = self.shape[1] // value.shape[1]
+            if groups > 1:
+                value = value.repeat_interleave(groups, dim=1)
+            d_output = output_gradient.transpose(1, 2).to(value.dtype)  # [B, H, Q, d]
+            if heads is not None:
+                value, d_output = value[:, heads], d_output[:, heads]
+            if rows is not None:
+                samples = torch.arange(d_output.shape[0], device=d_output.device)
+                d_output = d_output[samples, :, rows.to(d_output.device)].unsqueeze(2)
+            return torch.matmul(d_output, value.transpose(-1, -2))
+
+
+class _Ungrouped:
+    """The attention module as ``eager_attention_forward`` sees it, with keys already repeated per query head."""
+
+    num_key_value_groups = 1
+
+    def __init__(self, module: nn.Module) -> None:
+        self._module = module
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._module, name)

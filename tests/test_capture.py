@@ -279,3 +279,54 @@ def test_huggingface_sdpa_model_is_captured_and_restored():
     assert torch.equal(other["logits"], reference)
     assert capture.attention["text"] == []  # nothing of the other thread's call was recorded
     assert _state(model) == before
+
+
+def _deferred_cases():
+    from transformers import (Gemma2Config, Gemma2ForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
+                              LlamaConfig, LlamaForSequenceClassification)
+
+    torch.manual_seed(3)
+    small = dict(vocab_size=40, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32)
+    yield "bert", _tiny_bert(), True
+    yield "gpt2", GPT2ForSequenceClassification(GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, pad_token_id=0)).eval(), True
+    yield "llama (grouped-query)", LlamaForSequenceClassification(
+        LlamaConfig(hidden_size=16, num_key_value_heads=2, pad_token_id=0, **small)).eval(), True
+    yield "gemma2 (soft-capped: kept as tensors)", Gemma2ForSequenceClassification(
+        Gemma2Config(hidden_size=16, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=20.0, pad_token_id=0, **small)).eval(), False
+
+
+def test_deferred_huggingface_attention_equals_the_eager_capture():
+    """SDPA forward, probabilities and dA = dO V^T formed afterwards: the same maps and gradients as eager."""
+    for name, model, deferrable in _deferred_cases():
+        ids = torch.randint(1, 40, (2, 6))
+        mask = torch.ones(2, 6, dtype=torch.long)
+        mask[1, :2] = 0  # left padding
+        embeds = model.get_input_embeddings()(ids).detach().requires_grad_(True)
+        modules = {"text": find_attention_modules(model)}
+        with AttentionCapture(modules, model=model) as eager:
+            eager_logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+        maps = eager.attention["text"]
+        eager_grads = torch.autograd.grad(eager_logits[:, 0].sum(), maps)
+        with AttentionCapture(modules, model=model, deferred=True) as deferred:
+            logits = model(inputs_embeds=embeds, attention_mask=mask).logits
+        layers = deferred.attention["text"]
+        torch.testing.assert_close(logits, eager_logits, atol=1e-5, rtol=1e-5, msg=name)
+        if not deferrable:
+            assert all(isinstance(layer, torch.Tensor) for layer in layers), name
+            continue
+        assert all(not isinstance(layer, torch.Tensor) for layer in layers), name
+        outputs = torch.autograd.grad(logits[:, 0].sum(), [layer.graph_tensor for layer in layers])
+        rows = torch.tensor([5, 3])
+        for layer, attention, grad, d_output in zip(layers, maps, eager_grads, outputs):
+            assert layer.shape == attention.shape and layer.dtype == attention.dtype, name
+            torch.testing.assert_close(layer.probabilities(), attention.detach(), atol=1e-6, rtol=1e-5, msg=name)
+            torch.testing.assert_close(layer.gradient(d_output), grad, atol=1e-6, rtol=1e-4, msg=name)
+            # a group of heads, and one query row per sample, as the relevance asks for them
+            heads = slice(1, 3)
+            torch.testing.assert_close(layer.probabilities(heads), attention.detach()[:, heads], atol=1e-6, rtol=1e-5, msg=name)
+            torch.testing.assert_close(layer.gradient(d_output, heads), grad[:, heads], atol=1e-6, rtol=1e-4, msg=name)
+            picked = attention.detach()[torch.arange(2), :, rows].unsqueeze(2)
+            torch.testing.assert_close(layer.probabilities(heads, rows), picked[:, heads], atol=1e-6, rtol=1e-5, msg=name)
+            picked_grad = grad[torch.arange(2), :, rows].unsqueeze(2)
+            torch.testing.assert_close(layer.gradient(d_output, heads, rows), picked_grad[:, heads], atol=1e-6, rtol=1e-4, msg=name)
+        assert _state(model)["implementation"][0] == "sdpa"

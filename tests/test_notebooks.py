@@ -21,7 +21,7 @@ NOTEBOOKS = run_notebooks.all_notebooks()
 
 
 def test_the_notebooks_are_there():
-    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_side_by_side", "03_ablation", "05_generation"]
+    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_side_by_side", "03_ablation", "04_images_and_text", "05_generation"]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -12,13 +12,20 @@ from typing import Any
 from torch import nn
 
 from .base import Adapter, DecodedToken, MethodRecord, uncompiled
+from .huggingface import HuggingFaceAdapter
 from .pyhealth import FeatureSpec, PyHealthAdapter
+from .torch import TransformerAdapter
 
-__all__ = ["Adapter", "DecodedToken", "FeatureSpec", "MethodRecord", "PyHealthAdapter", "adapter_for"]
+__all__ = [
+    "Adapter", "DecodedToken", "FeatureSpec", "HuggingFaceAdapter", "MethodRecord", "PyHealthAdapter",
+    "TransformerAdapter", "adapter_for",
+]
 
 
 def adapter_for(model: Any, **kwargs: Any) -> Adapter:
-    """The adapter for ``model``: an adapter is returned as is, a PyHealth model gets a ``PyHealthAdapter``.
+    """The adapter for ``model``: an adapter is returned as is, a PyHealth model gets a ``PyHealthAdapter``, a
+    ``transformers`` model a ``HuggingFaceAdapter`` (it needs a classification head); any other model is
+    refused with a pointer to ``TransformerAdapter``, which needs to be told how the model pools.
 
     Args:
         model: a trained model (or an adapter).
@@ -38,11 +45,19 @@ def adapter_for(model: Any, **kwargs: Any) -> Adapter:
         raise TypeError(f"adapter_for needs a torch model (nn.Module), got {type(model).__name__}")
     if _is_pyhealth(uncompiled(model)):
         return PyHealthAdapter(model, **kwargs)
+    if _is_transformers(model):
+        return HuggingFaceAdapter(model, **kwargs)
     raise TypeError(
-        f"no adapter for {type(model).__name__}; supported: PyHealth models (PyHealthAdapter). "
-        "Gradient methods such as captum.attr.IntegratedGradients work on any forward function."
+        f"no adapter is picked automatically for {type(model).__name__}; automatic: PyHealth models (PyHealthAdapter) "
+        "and transformers classifiers (HuggingFaceAdapter). For any other transformer classifier use "
+        "TransformerAdapter(model, pool='first' | 'last' | position, prefix_tokens=...); gradient methods such as "
+        "captum.attr.IntegratedGradients work on any forward function."
     )
 
 
 def _is_pyhealth(model: nn.Module) -> bool:
     return any(cls.__module__.startswith("pyhealth.") and cls.__name__ == "BaseModel" for cls in type(model).__mro__)
+
+
+def _is_transformers(model: nn.Module) -> bool:
+    return any(cls.__module__ == "transformers.modeling_utils" and cls.__name__ == "PreTrainedModel" for cls in type(model).__mro__)

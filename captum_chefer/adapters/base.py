@@ -3,10 +3,13 @@
 An adapter wraps one model library's classifier as a Captum ``forward_func`` and maps that library's
 batches to Captum's ``(inputs, target, additional_forward_args)`` and back:
 
-1. **Description**: ``feature_keys`` (one input tensor per key, in order), ``num_outputs``,
+1. **Description**: ``feature_keys`` (one input tensor per key, in order), ``num_outputs``, ``pad_ids``,
    ``embedding_layers`` (for ``LayerIntegratedGradients``).
 2. **Batch to Captum and back**: ``captum_inputs(batch, level)``, ``captum_target(batch, mode)``,
-   ``to_feature_dict(attributions)`` (per-token scores shaped like the token ids, for every method).
+   ``to_feature_dict(attributions)`` (per-token scores shaped like the token ids, for every method; per
+   patch for images), ``token_masks(args, inputs)`` (``True`` on real tokens; ``inputs`` is read where no
+   argument carries a mask, as for images), ``baselines(inputs, args, reference)`` (IG references,
+   padding kept), ``remove_tokens(tokens, args, keep, compact=...)`` (for the removal metrics).
 3. **Display**: ``decode(batch)`` (each sample's real tokens as strings, with their index in the feature
    dict), ``visualization_records(batch, attributions, ...)`` (Captum ``VisualizationDataRecord``s).
 4. **Forward**: ``forward(*inputs, *additional_forward_args)`` returns the logits ``[B, C]`` with dropout
@@ -121,7 +124,7 @@ class Adapter(nn.Module):
         decoded = self.decode(batch)
         batch_size = len(decoded)
         inputs, args = self.captum_inputs(batch, level="token")  # type: ignore[attr-defined]
-        for key, mask in zip(self.feature_keys, self.token_masks(args)):  # type: ignore[attr-defined]
+        for key, mask in zip(self.feature_keys, self.token_masks(args, inputs)):  # type: ignore[attr-defined]
             if tuple(scores[key].shape) != tuple(mask.shape):
                 raise ValueError(
                     f"scores for {key!r} have shape {tuple(scores[key].shape)} but the batch's tokens are "

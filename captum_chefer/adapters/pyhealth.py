@@ -15,6 +15,11 @@ the batch when Captum expands it). The adapter maps one to the other and back:
 The adapter also implements :class:`captum_chefer.attribution.AttentionModel`, the interface
 ``CheferAttribution`` needs, for PyHealth's ``Transformer`` and ``StageAttentionNet``, with attention
 captured by :class:`captum_chefer.capture.AttentionCapture` (scoped to the call and the thread).
+
+PyHealth's image and text models, ``TorchvisionModel`` (ViT variants) and ``TransformersModel``, go
+through the same class: it reads their batches and labels and hands the rest to the generic machinery
+(:mod:`captum_chefer.adapters._pyhealth_media`, which also records where PyHealth's own ViT reference
+differs from the model).
 """
 
 from __future__ import annotations
@@ -28,6 +33,7 @@ from torch import Tensor, nn
 
 from ..attribution import AttentionForward
 from ..capture import AttentionCapture, evaluation_mode
+from ._pyhealth_media import media_adapter, media_batch
 from .base import Adapter, DecodedToken, uncompiled
 
 __all__ = ["FeatureSpec", "PyHealthAdapter"]
@@ -51,7 +57,8 @@ class FeatureSpec:
 
 
 class PyHealthAdapter(Adapter):
-    """A PyHealth ``Transformer`` or ``StageAttentionNet`` as a Captum forward function.
+    """A PyHealth ``Transformer``, ``StageAttentionNet``, ``TorchvisionModel`` (ViT) or ``TransformersModel``
+    as a Captum forward function.
 
     ``adapter(*inputs, *additional_forward_args)`` returns the logits ``[B, C]``, so the same adapter
     serves :class:`captum_chefer.CheferAttribution`, ``IntegratedGradients``, ``Saliency``,
@@ -59,7 +66,22 @@ class PyHealthAdapter(Adapter):
 
     Args:
         model: a PyHealth ``BaseModel`` whose features are code sequences (``sequence``,
-            ``nested_sequence`` or ``stagenet`` codes).
+            ``nested_sequence`` or ``stagenet`` codes), or a ``TorchvisionModel`` with a ViT, or a
+            ``TransformersModel``.
+
+    Images (``TorchvisionModel`` ViT): ``captum_inputs(batch)`` gives the images ``[B, C, H, W]`` as the
+    model sees them (one channel repeated to three, as the model does) and no additional args; Chefer
+    follows the class token and drops it; attributions are shaped like the images, each patch's
+    relevance spread evenly over its pixels and channels; ``to_feature_dict`` gives ``[B, N]`` per patch
+    (row-major). IG baselines: ``"zero"`` or ``"blur"``. Other torchvision models (ResNet, DenseNet, Swin)
+    are refused: they have no attention over patch tokens.
+
+    Text (``TransformersModel``): the texts are tokenized with the model's tokenizer and the settings of
+    its ``forward`` (padding, truncation at 256 tokens); ``level="token"`` gives the ids,
+    ``level="embedding"`` the word embeddings (the model adds positions); the attention mask (then the
+    token type ids) travel as additional args; Chefer follows [CLS], which ``pooler_output`` reads;
+    ``to_feature_dict`` gives ``[B, T]`` per word piece. IG baselines: ``"unk"``, ``"mask"``, ``"pad"``,
+    ``"zero"``.
         pooling: which position the model pools for its prediction: ``"first"`` (``Transformer``) or
             ``"last"`` valid step (``StageAttentionNet``). Needed only for other attention models.
 
@@ -101,11 +123,19 @@ class PyHealthAdapter(Adapter):
             )
         if len(model.label_keys) != 1:
             raise ValueError(f"PyHealthAdapter supports models with one label key, got {model.label_keys}")
-        _require_runnable(model)
         self.model = model
         self.feature_keys: list[str] = list(model.feature_keys)
         self.label_key: str = model.label_keys[0]
-        self.features: tuple[FeatureSpec, ...] = tuple(self._describe_feature(key) for key in self.feature_keys)
+        self._media = media_adapter(model)  # the inner adapter of an image or text model, else None
+        if self._media is None:
+            _require_runnable(model)
+        else:
+            self.features: tuple[FeatureSpec, ...] = ()
+            self._attention_modules: dict[str, list[nn.Module]] = {}
+            self._model_modules: tuple[nn.Module, ...] = tuple(model.modules())
+            self.pooling: Optional[Pooling] = "first"
+            return
+        self.features = tuple(self._describe_feature(key) for key in self.feature_keys)
         self._attention_modules = self._find_attention(model)
         # Read once, like the attention modules: walking the module tree costs milliseconds per call,
         # and attribution methods call the model over and over. Wrap again after replacing submodules.
@@ -159,6 +189,8 @@ class PyHealthAdapter(Adapter):
     @property
     def embedding_layers(self) -> list[nn.Module]:
         """The embedding layer of each feature key, in input order (for ``LayerIntegratedGradients``)."""
+        if self._media is not None:
+            return self._media.embedding_layers
         return [self.model.embedding_model.embedding_layers[key] for key in self.feature_keys]
 
     @property
@@ -169,6 +201,8 @@ class PyHealthAdapter(Adapter):
     @property
     def pad_ids(self) -> tuple[int, ...]:
         """The padding id of each feature key, in input order."""
+        if self._media is not None:
+            return self._media.pad_ids
         return tuple(feature.pad_id for feature in self.features)
 
     # ------------------------------------------------------------------ batch <-> Captum
@@ -187,6 +221,8 @@ class PyHealthAdapter(Adapter):
         """
         if level not in ("embedding", "token"):
             raise ValueError(f"level must be 'embedding' or 'token', got {level!r}")
+        if self._media is not None:
+            return self._media.captum_inputs(media_batch(self.model, batch), level)
         ids, times = self._read_batch(batch)
         device = self.model.device
         inputs, args = [], []
@@ -228,7 +264,7 @@ class PyHealthAdapter(Adapter):
                 raise ValueError("a multilabel model has several true classes per sample; pass target=class index")
             return labels.view(-1).long().to(self.model.device)
         if self.num_outputs == 1:
-            self._read_batch(batch)  # still validate the batch
+            self._read_batch(batch) if self._media is None else media_batch(self.model, batch)  # still validate it
             return None
         inputs, args = self.captum_inputs(batch, level="token")
         with torch.no_grad():
@@ -238,8 +274,11 @@ class PyHealthAdapter(Adapter):
         """``{feature_key: per-code scores}`` from attributions shaped like the inputs.
 
         Embedding-level attributions are summed over the embedding dimension, so the result is shaped
-        like the batch's code ids (``[B, L]`` or ``[B, V, C]``) for every method.
+        like the batch's code ids (``[B, L]`` or ``[B, V, C]``) for every method. Images give ``[B, N]`` per
+        patch, texts ``[B, T]`` per word piece.
         """
+        if self._media is not None:
+            return self._media.to_feature_dict(attributions)
         attributions = attributions if isinstance(attributions, tuple) else (attributions,)
         if len(attributions) != len(self.features):
             raise ValueError(
@@ -276,6 +315,8 @@ class PyHealthAdapter(Adapter):
             straight path from a zero embedding the output barely moves until it jumps close to zero,
             which IG's quadrature misses.
         """
+        if self._media is not None:
+            return self._media.baselines(inputs, additional_forward_args, reference)  # type: ignore[arg-type]
         if reference not in ("unk", "zero"):
             raise ValueError(f"reference must be 'unk' or 'zero', got {reference!r}")
         inputs = tuple(inputs) if isinstance(inputs, (tuple, list)) else (inputs,)
@@ -315,7 +356,10 @@ class PyHealthAdapter(Adapter):
 
         With ``compact``, the kept codes of flat streams (the non-empty visits of nested streams, with
         their times) move to the front in their order, so the model pools a real code whenever one is left.
+        Text: removed word pieces are masked out (the same compaction); images: removed patches turn black.
         """
+        if self._media is not None:
+            return self._media.remove_tokens(tokens, additional_forward_args, keep, compact=compact)
         tokens, args = list(tokens), list(additional_forward_args)
         position = 0
         for i, feature in enumerate(self.features):
@@ -350,6 +394,8 @@ class PyHealthAdapter(Adapter):
             >>> [t.text for t in PyHealthAdapter(model).decode(batch)[0]][:2]
             ['C6', 'C0']
         """
+        if self._media is not None:
+            return self._media.decode(media_batch(self.model, batch))
         ids, _ = self._read_batch(batch)
         out: list[list[DecodedToken]] = [[] for _ in range(int(ids[0].shape[0]))]
         for feature, codes in zip(self.features, ids):
@@ -439,6 +485,8 @@ class PyHealthAdapter(Adapter):
         Attribution methods call this many times and compare the outputs, so the model always runs in
         evaluation mode here (its own training flags are restored afterwards).
         """
+        if self._media is not None:
+            return self._media(*inputs_and_args)
         inputs, args = self.split_inputs(inputs_and_args)
         self._warn_if_zero_baseline()
         with evaluation_mode(self.model, self._model_modules):
@@ -446,6 +494,8 @@ class PyHealthAdapter(Adapter):
 
     def split_inputs(self, inputs_and_args: tuple) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """``(*inputs, *additional_forward_args)`` -> ``(inputs, additional_forward_args)``, checking counts."""
+        if self._media is not None:
+            return self._media.split_inputs(inputs_and_args)
         n_inputs = len(self.features)
         n_args = n_inputs + sum(f.temporal for f in self.features)
         if len(inputs_and_args) != n_inputs + n_args:
@@ -456,8 +506,11 @@ class PyHealthAdapter(Adapter):
             )
         return tuple(inputs_and_args[:n_inputs]), tuple(inputs_and_args[n_inputs:])
 
-    def token_masks(self, additional_forward_args: Any) -> tuple[Tensor, ...]:
+    def token_masks(self, additional_forward_args: Any, inputs: Optional[tuple[Tensor, ...]] = None) -> tuple[Tensor, ...]:
         """The code mask of each feature key (``True`` on real codes) from ``additional_forward_args``.
+
+        ``inputs`` (the matching Captum inputs) is read only by adapters whose masks no argument carries
+        (images: every patch is real).
 
         Example:
             >>> from captum_chefer.synthetic import toy_model_and_batch
@@ -467,6 +520,8 @@ class PyHealthAdapter(Adapter):
             >>> torch.equal(adapter.token_masks(args)[0], batch["conditions"] != 0)
             True
         """
+        if self._media is not None:
+            return self._media.token_masks(additional_forward_args, inputs)
         args = additional_forward_args if isinstance(additional_forward_args, tuple) else (additional_forward_args,)
         expected = len(self.features) + sum(f.temporal for f in self.features)
         if len(args) != expected or not all(isinstance(a, Tensor) for a in args):
@@ -543,6 +598,8 @@ class PyHealthAdapter(Adapter):
 
     def require_attention(self) -> None:
         """Raise ``ValueError`` unless the model has attention layers Chefer relevance can propagate."""
+        if self._media is not None:
+            return self._media.require_attention()
         if not self._attention_modules:
             raise ValueError(
                 f"{type(self.model).__name__} has no attention layers for Chefer relevance to propagate; use a "
@@ -558,8 +615,11 @@ class PyHealthAdapter(Adapter):
 
         With ``pooled_row_only`` (what the row propagation asks for), a ``Transformer``'s last block is
         evaluated for the first position alone: the model reads nothing else of it (its ``cls_emb``), so
-        the logits are the same and that block's attention comes back as ``[B, H, 1, L]``.
+        the logits are the same and that block's attention comes back as ``[B, H, 1, L]``; so does a
+        ``TorchvisionModel`` ViT's last encoder block, for the class token.
         """
+        if self._media is not None:
+            return self._media.attention_forward(inputs, additional_forward_args, pooled_row_only=pooled_row_only)
         self.require_attention()
         args = tuple(additional_forward_args)
         self.split_inputs(tuple(inputs) + args)  # validates the counts before touching the model
@@ -583,6 +643,8 @@ class PyHealthAdapter(Adapter):
         self, relevance: Mapping[str, Tensor], inputs: tuple[Tensor, ...], additional_forward_args: tuple
     ) -> tuple[Tensor, ...]:
         """Token relevance ``[B, L_attention]`` per stream -> tensors shaped like ``inputs``."""
+        if self._media is not None:
+            return self._media.relevance_to_inputs(relevance, inputs, additional_forward_args)
         out = []
         arg_iter = iter(additional_forward_args)
         for feature, x in zip(self.features, inputs):
@@ -624,8 +686,9 @@ def _require_runnable(model: nn.Module) -> None:
         raise TypeError(
             f"{type(model).__name__} cannot be explained through PyHealthAdapter: it has no forward_from_embedding(), "
             "which every attribution method runs it through (Chefer, Integrated Gradients, Saliency, ...). Use a "
-            f"PyHealth model that has one ({', '.join(_runnable_models()) or 'Transformer, StageAttentionNet'}), or give "
-            "Captum your own forward function of the embedded inputs."
+            f"PyHealth model that has one ({', '.join(_runnable_models()) or 'Transformer, StageAttentionNet'}), a "
+            "TorchvisionModel with a ViT or a TransformersModel, or give Captum your own forward function of the "
+            "embedded inputs."
         )
 
 

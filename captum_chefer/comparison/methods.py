@@ -355,7 +355,7 @@ def compare_methods(
         embeddings, args = adapter.captum_inputs(batch, level="embedding")
         tokens, _ = adapter.captum_inputs(batch, level="token")
         target = adapter.captum_target(batch, mode=target_mode)
-        masks = adapter.token_masks(args)
+        masks = adapter.token_masks(args, tokens)
         for name, method, kwargs in specs:
             scores[name].append(
                 _attribute_one(adapter, method, kwargs, embeddings, tokens, args, masks, target, baseline, seconds, name)
@@ -566,7 +566,7 @@ class EvaluatorMethod:
         embeddings, args = self.adapter.captum_inputs(batch, level="embedding")
         tokens, _ = self.adapter.captum_inputs(batch, level="token")
         target = self.adapter.captum_target(batch, mode=self.target_mode)
-        masks = self.adapter.token_masks(args)
+        masks = self.adapter.token_masks(args, tokens)
         seconds = {self.name: 0.0}
         scores = _attribute_one(
             self.adapter, self.method, self.kwargs, embeddings, tokens, args, masks, target, self.baseline, seconds,

@@ -319,7 +319,7 @@ def token_infidelity(
     from captum.metrics import infidelity
 
     tokens, args = adapter.captum_inputs(batch, level="token")
-    real = dict(zip(adapter.feature_keys, adapter.token_masks(args)))
+    real = dict(zip(adapter.feature_keys, adapter.token_masks(args, tokens)))
     _check_scores(scores, real)
     attributions = tuple(scores[k].detach().float().to(t.device) for k, t in zip(adapter.feature_keys, tokens))
     removal = TokenRemoval(adapter, fraction, torch.Generator().manual_seed(seed), compact=compact)
@@ -355,7 +355,7 @@ def attribution_sensitivity(
         with warnings.catch_warnings():  # Captum notes that it set requires_grad on the inputs itself
             warnings.filterwarnings("ignore", message=r"Input Tensor \d+ did not already require gradients")
             attributions = method.attribute(inputs, target=target, additional_forward_args=additional_forward_args, **kw)
-        masks = adapter.token_masks(additional_forward_args)
+        masks = adapter.token_masks(additional_forward_args, inputs)
         return tuple(masked_feature_dict(adapter, attributions, masks).values())
 
     return sensitivity_max(

@@ -103,7 +103,7 @@ class TokenRemover:
         self.output: Output = output
         self.compact = compact
         self._tokens, self._args = adapter.captum_inputs(batch, level="token")
-        self.real: dict[str, Tensor] = dict(zip(adapter.feature_keys, adapter.token_masks(self._args)))
+        self.real: dict[str, Tensor] = dict(zip(adapter.feature_keys, adapter.token_masks(self._args, self._tokens)))
         with torch.no_grad():
             self.full = self(self.real)
             self.empty = self({k: torch.zeros_like(v) for k, v in self.real.items()})
