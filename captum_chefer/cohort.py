@@ -44,7 +44,7 @@ import torch
 from torch import Tensor
 
 from .adapters import Adapter
-from .comparison.methods import MethodSpec, _attribute_one, method_specs
+from .comparison.methods import MethodSpec, attribute_batch, method_specs
 
 if TYPE_CHECKING:
     import polars as pl
@@ -581,7 +581,7 @@ def _batch_rows(
     index_tensors = {key: torch.tensor(rows, dtype=torch.long).T for key, rows in where.items()}
 
     for name, method, kwargs in specs:
-        scores = _attribute_one(adapter, method, kwargs, embeddings, tokens, args, masks, target, baseline, seconds, name)
+        scores = attribute_batch(adapter, method, kwargs, embeddings, tokens, args, masks, target, baseline, seconds, name)
         values = torch.zeros(n_rows, dtype=torch.float32)
         for key, index in index_tensors.items():
             values[torch.tensor(order[key])] = scores[key][tuple(index)].float()

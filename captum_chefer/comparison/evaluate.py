@@ -17,7 +17,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .methods import _patient_ids, compare_methods, method_specs
+from .methods import batch_patient_ids, compare_methods, method_specs
 from .metrics import (
     DEFAULT_FRACTIONS,
     DEFAULT_PERCENTAGES,
@@ -483,7 +483,7 @@ def _evaluate_methods(
                 metrics.setdefault("sensitivity", []).append(
                     torch.cat([sens, torch.full((n - sens.shape[0],), math.nan)])
                 )
-        patient_ids.extend(_patient_ids(batch, n))
+        patient_ids.extend(batch_patient_ids(batch, n))
         n_total += n
     if n_total == 0:
         raise ValueError("data holds no samples")

@@ -36,6 +36,8 @@ __all__ = [
     "Comparison",
     "EvaluatorMethod",
     "MethodSpec",
+    "attribute_batch",
+    "batch_patient_ids",
     "compare_methods",
     "ig_baselines",
     "is_ig_like",
@@ -358,14 +360,14 @@ def compare_methods(
         masks = adapter.token_masks(args, tokens)
         for name, method, kwargs in specs:
             scores[name].append(
-                _attribute_one(adapter, method, kwargs, embeddings, tokens, args, masks, target, baseline, seconds, name)
+                attribute_batch(adapter, method, kwargs, embeddings, tokens, args, masks, target, baseline, seconds, name)
             )
         ids_parts.append(dict(zip(adapter.feature_keys, (t.detach().cpu() for t in tokens))))
         mask_parts.append(dict(zip(adapter.feature_keys, (m.detach().cpu() for m in masks))))
         if target is not None:
             target_parts.append(target.detach().cpu())
         size = int(tokens[0].shape[0])
-        patient_ids.extend(_patient_ids(batch, size))
+        patient_ids.extend(batch_patient_ids(batch, size))
         decoded.extend(adapter.decode(batch))
         n += size
     if n == 0:
@@ -381,7 +383,7 @@ def compare_methods(
     )
 
 
-def _patient_ids(batch: Mapping[str, Any], size: int) -> list[Optional[str]]:
+def batch_patient_ids(batch: Mapping[str, Any], size: int) -> list[Optional[str]]:
     """The batch's ``patient_id`` entries as strings, or ``None`` per sample when it has none."""
     ids = batch.get("patient_id")
     if isinstance(ids, (list, tuple)) and len(ids) == size:
@@ -389,7 +391,7 @@ def _patient_ids(batch: Mapping[str, Any], size: int) -> list[Optional[str]]:
     return [None] * size
 
 
-def _attribute_one(
+def attribute_batch(
     adapter: Adapter,
     method: Attribution,
     kwargs: Mapping[str, Any],
@@ -402,7 +404,12 @@ def _attribute_one(
     seconds: dict[str, float],
     name: str,
 ) -> dict[str, Tensor]:
-    """One method on one batch: attributions -> masked feature dict on the CPU; time added to ``seconds``."""
+    """One method on one batch: attributions -> masked feature dict on the CPU; time added to ``seconds[name]``.
+
+    The step ``compare_methods`` and :func:`captum_chefer.cohort.attribute_dataset` share: ``tokens`` go to
+    methods that take code ids (``LayerIntegratedGradients``, Chefer on ids), ``embeddings`` to the others;
+    IG-like methods without ``baselines`` in ``kwargs`` get :func:`ig_baselines` from ``baseline``.
+    """
     token_level = _token_level(method)
     inputs = tokens if token_level else embeddings
     kwargs = dict(kwargs)
@@ -568,7 +575,7 @@ class EvaluatorMethod:
         target = self.adapter.captum_target(batch, mode=self.target_mode)
         masks = self.adapter.token_masks(args, tokens)
         seconds = {self.name: 0.0}
-        scores = _attribute_one(
+        scores = attribute_batch(
             self.adapter, self.method, self.kwargs, embeddings, tokens, args, masks, target, self.baseline, seconds,
             self.name,
         )
