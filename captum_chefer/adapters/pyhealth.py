@@ -623,9 +623,11 @@ class PyHealthAdapter(Adapter):
         self.require_attention()
         args = tuple(additional_forward_args)
         self.split_inputs(tuple(inputs) + args)  # validates the counts before touching the model
+        state_values: dict[str, Tensor] = {}
+        overrides = self._pooled_row_overrides(pooled_row_only)
+        overrides.update(self._state_value_overrides(state_values))
         capture = AttentionCapture(
-            self._attention_modules, overrides=self._pooled_row_overrides(pooled_row_only),
-            model=self.model, model_modules=self._model_modules,
+            self._attention_modules, overrides=overrides, model=self.model, model_modules=self._model_modules,
         )
         with capture:
             kwargs, step_masks = self._model_kwargs(tuple(inputs), args, track=True)
@@ -637,7 +639,13 @@ class PyHealthAdapter(Adapter):
             else:
                 pool_index[feature.key] = (step_mask.long().sum(dim=1) - 1).clamp(min=0)
         embeddings = {feature.key: _tracked_value(kwargs[feature.key], feature) for feature in self.features}
-        return AttentionForward(logits=logits, attention=capture.attention, pool_index=pool_index, embeddings=embeddings)
+        code_masks = {
+            feature.key: mask for feature, mask in zip(self.features, self.token_masks(args)) if feature.token_dims == 3
+        }
+        return AttentionForward(
+            logits=logits, attention=capture.attention, pool_index=pool_index, embeddings=embeddings,
+            code_masks=code_masks, state_values=state_values,
+        )
 
     def relevance_to_inputs(
         self, relevance: Mapping[str, Tensor], inputs: tuple[Tensor, ...], additional_forward_args: tuple
@@ -656,12 +664,23 @@ class PyHealthAdapter(Adapter):
             if row.shape[1] < steps:  # positions the model truncated away get zero
                 row = torch.nn.functional.pad(row, (0, steps - row.shape[1]))
             row = row[:, :steps]
-            codes = row.unsqueeze(-1).expand(mask.shape) if feature.token_dims == 3 else row
-            codes = codes * mask  # padding gets nothing
+            if feature.token_dims == 3 and row.dim() == 2:  # visit relevance: every real code gets it
+                row = row.unsqueeze(-1).expand(mask.shape)
+            codes = row * mask  # padding gets nothing
             if x.is_floating_point():
                 codes = (codes / x.shape[-1]).unsqueeze(-1).expand(x.shape).contiguous().to(x.dtype)
             out.append(codes.detach())
         return tuple(out)
+
+    def _state_value_overrides(self, store: dict[str, Tensor]) -> dict[nn.Module, Callable[..., Any]]:
+        """``StageAttentionNet``: keep each stream's attention value projection (``AttentionForward.state_values``)."""
+        if not self._stagenet:
+            return {}
+        overrides: dict[nn.Module, Callable[..., Any]] = {}
+        for key in self.feature_keys:
+            projection = self.model.stagenet[key].mha.linear_layers[2]
+            overrides[projection] = partial(_keep_output, store, key)
+        return overrides
 
     def _pooled_row_overrides(self, enabled: bool) -> dict[nn.Module, Callable[..., Any]]:
         """Each stream's last ``TransformerBlock`` computes its first position only (for this call's thread)."""
@@ -756,6 +775,13 @@ def _check_embedding_input(feature: FeatureSpec, x: Tensor, codes_shape: tuple[i
 def _tracked_value(value: tuple[Tensor, ...], feature: FeatureSpec) -> Tensor:
     """The embedded codes of a feature as ``forward_from_embedding`` receives them (the tracked leaf)."""
     return value[feature.value_index] if feature.temporal else value[0]
+
+
+def _keep_output(store: dict[str, Tensor], key: str, original: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
+    """Run a module and keep its output under ``key``."""
+    output = original(*args, **kwargs)
+    store[key] = output
+    return output
 
 
 def _first_row_block_forward(
