@@ -31,7 +31,10 @@ from .relevance import (
     weighted_attention,
 )
 
-__all__ = ["AttentionForward", "AttentionModel", "CheferAttribution", "DeferredAttention", "PRESETS", "TargetType"]
+__all__ = [
+    "AttentionForward", "AttentionModel", "CheferAttribution", "DeferredAttention", "FixedScaleLayerNorm", "PRESETS",
+    "TargetType",
+]
 
 TargetType = Optional[int | Sequence[int] | Tensor]
 Propagation = Literal["row", "dense"]
@@ -195,6 +198,8 @@ class CheferAttribution(GradientAttribution):
         self.model: AttentionModel = forward_func
         # An AttentionModel written before pooled_row_only existed is called without it (full maps).
         self._asks_pooled_row = _accepts_keyword(forward_func.attention_forward, "pooled_row_only")
+        # An AttentionModel whose attention_forward takes layernorm holds its own layer norms' scale (cheaper).
+        self._asks_layernorm = _names_keyword(forward_func.attention_forward, "layernorm")
 
     @classmethod
     def get_name(cls) -> str:
@@ -291,8 +296,12 @@ class CheferAttribution(GradientAttribution):
         # Captum's NoiseTunnel and metrics call attribute() under torch.no_grad().
         with torch.enable_grad():
             pooled = propagation == "row" and self._asks_pooled_row
-            with _FixedScaleLayerNorm() if chosen["layernorm"] == "detach" else nullcontext():
-                captured = self.model.attention_forward(inputs_tuple, args, **({"pooled_row_only": True} if pooled else {}))
+            options: dict[str, Any] = {"pooled_row_only": True} if pooled else {}
+            fixed_scale = chosen["layernorm"] == "detach"
+            if fixed_scale and self._asks_layernorm:
+                options["layernorm"] = "detach"
+            with FixedScaleLayerNorm() if fixed_scale and not self._asks_layernorm else nullcontext():
+                captured = self.model.attention_forward(inputs_tuple, args, **options)
             logits = captured.logits
             if chosen["score"] == "log_odds":
                 explained = _select_target(logits, target, log_odds=self._softmax_outputs(logits))
@@ -560,8 +569,20 @@ class _SplitInputs:
         return out
 
 
-class _FixedScaleLayerNorm(TorchFunctionMode):
-    """In this thread, within the block, ``layer_norm`` holds its standard deviation constant for the backward pass."""
+class FixedScaleLayerNorm(TorchFunctionMode):
+    """Within the block, in this thread, every ``layer_norm`` holds its standard deviation constant for the backward pass.
+
+    What ``CheferAttribution(..., layernorm="detach")`` uses for models whose ``attention_forward`` has no
+    ``layernorm`` keyword of its own (an adapter that has one may override only its ``nn.LayerNorm`` layers,
+    which costs less than seeing every torch call).
+
+    Example:
+        >>> x = torch.tensor([[1.0, 2.0, 4.0]], requires_grad=True)
+        >>> with FixedScaleLayerNorm():
+        ...     y = torch.nn.functional.layer_norm(x, (3,))
+        >>> torch.autograd.grad(y.sum(), x)[0].abs().max().item() < 1e-6  # the centring alone
+        True
+    """
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
@@ -675,6 +696,14 @@ def _accepts_keyword(function: Callable[..., Any], name: str) -> bool:
     except (TypeError, ValueError):  # no signature to read: do not pass it
         return False
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _names_keyword(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` has a parameter called ``name`` (``**kwargs`` does not count)."""
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _as_tuple(args: Any) -> tuple:

@@ -253,3 +253,31 @@ def test_bad_choices_name_the_fix():
     for name in ("code_split", "layernorm", "score"):
         with pytest.raises(ValueError, match=f"{name} must be one of"):
             CheferAttribution(adapter).attribute(inputs, None, args, **{name: "nope"})
+
+
+class _PlainModel:
+    """The adapter behind an ``attention_forward`` without a ``layernorm`` keyword."""
+
+    def __init__(self, adapter):
+        self.adapter = adapter
+
+    def __call__(self, *args):
+        return self.adapter(*args)
+
+    def attention_forward(self, inputs, args, *, pooled_row_only=False):
+        return self.adapter.attention_forward(inputs, args, pooled_row_only=pooled_row_only)
+
+    def relevance_to_inputs(self, relevance, inputs, args):
+        return self.adapter.relevance_to_inputs(relevance, inputs, args)
+
+
+@pytest.mark.parametrize("fmt, kind", [("sequence", "transformer"), ("stagenet_nested", "stagenet")])
+def test_layernorm_detach_is_the_same_through_the_adapter_and_through_torch_function(fmt, kind):
+    _, adapter, _, inputs, args = _setup(fmt, kind, seed=6)
+    through_adapter = CheferAttribution(adapter, preset="recommended").attribute(inputs, None, args)
+    through_mode = CheferAttribution(_PlainModel(adapter), preset="recommended").attribute(inputs, None, args)
+    for a, b in zip(through_adapter, through_mode):
+        assert torch.allclose(a, b, atol=1e-6)
+    exact = CheferAttribution(adapter, preset="recommended").attribute(inputs, None, args, layernorm="exact")
+    if kind == "transformer":  # StageAttentionNet's only layer norm is after its attention, and may change nothing
+        assert not all(torch.allclose(a, b) for a, b in zip(through_adapter, exact))

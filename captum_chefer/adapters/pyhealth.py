@@ -24,6 +24,7 @@ differs from the model).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Literal, Mapping, Optional
@@ -31,8 +32,9 @@ from typing import Any, Callable, Literal, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ..attribution import AttentionForward
+from ..attribution import AttentionForward, FixedScaleLayerNorm
 from ..capture import AttentionCapture, evaluation_mode
+from ..relevance import layer_norm_fixed_scale
 from ._pyhealth_media import media_adapter, media_batch
 from .base import Adapter, DecodedToken, uncompiled
 
@@ -609,9 +611,13 @@ class PyHealthAdapter(Adapter):
             raise ValueError(f"pass pooling='first' or 'last' to PyHealthAdapter for {type(self.model).__name__}")
 
     def attention_forward(
-        self, inputs: tuple[Tensor, ...], additional_forward_args: tuple, *, pooled_row_only: bool = False
+        self, inputs: tuple[Tensor, ...], additional_forward_args: tuple, *, pooled_row_only: bool = False,
+        layernorm: str = "exact",
     ) -> AttentionForward:
         """One forward pass in evaluation mode that captures each layer's attention in the graph.
+
+        ``layernorm="detach"``: the model's ``nn.LayerNorm`` layers hold their standard deviation constant
+        for the backward pass (``CheferAttribution``'s ``layernorm`` option; only this call's thread).
 
         With ``pooled_row_only`` (what the row propagation asks for), a ``Transformer``'s last block is
         evaluated for the first position alone: the model reads nothing else of it (its ``cls_emb``), so
@@ -619,13 +625,19 @@ class PyHealthAdapter(Adapter):
         ``TorchvisionModel`` ViT's last encoder block, for the class token.
         """
         if self._media is not None:
-            return self._media.attention_forward(inputs, additional_forward_args, pooled_row_only=pooled_row_only)
+            with FixedScaleLayerNorm() if layernorm == "detach" else nullcontext():
+                return self._media.attention_forward(inputs, additional_forward_args, pooled_row_only=pooled_row_only)
         self.require_attention()
         args = tuple(additional_forward_args)
         self.split_inputs(tuple(inputs) + args)  # validates the counts before touching the model
         state_values: dict[str, Tensor] = {}
         overrides = self._pooled_row_overrides(pooled_row_only)
         overrides.update(self._state_value_overrides(state_values))
+        if layernorm == "detach":
+            norms = [m for m in self._model_modules if type(m) is nn.LayerNorm and m not in overrides]
+            overrides.update({m: partial(_fixed_scale_norm, m) for m in norms})
+        elif layernorm != "exact":
+            raise ValueError(f"layernorm must be 'exact' or 'detach', got {layernorm!r}")
         capture = AttentionCapture(
             self._attention_modules, overrides=overrides, model=self.model, model_modules=self._model_modules,
         )
@@ -775,6 +787,11 @@ def _check_embedding_input(feature: FeatureSpec, x: Tensor, codes_shape: tuple[i
 def _tracked_value(value: tuple[Tensor, ...], feature: FeatureSpec) -> Tensor:
     """The embedded codes of a feature as ``forward_from_embedding`` receives them (the tracked leaf)."""
     return value[feature.value_index] if feature.temporal else value[0]
+
+
+def _fixed_scale_norm(module: nn.LayerNorm, original: Callable[..., Tensor], x: Tensor) -> Tensor:
+    """``module``'s layer norm with its standard deviation a constant of the backward pass."""
+    return layer_norm_fixed_scale(x, module.normalized_shape, module.weight, module.bias, module.eps)
 
 
 def _keep_output(store: dict[str, Tensor], key: str, original: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
