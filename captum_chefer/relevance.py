@@ -345,15 +345,28 @@ def layer_norm_fixed_scale(
         >>> x.grad.abs().max().item() < 1e-6
         True
     """
-    dims = tuple(range(-len(normalized_shape), 0))
-    centred = x - x.mean(dim=dims, keepdim=True)
-    scale = torch.sqrt(centred.pow(2).mean(dim=dims, keepdim=True) + eps).detach()
-    out = centred / scale
-    if weight is not None:
-        out = out * weight
-    if bias is not None:
-        out = out + bias
-    return out
+    return _FixedScaleLayerNorm.apply(x, tuple(normalized_shape), weight, bias, eps)
+
+
+class _FixedScaleLayerNorm(torch.autograd.Function):
+    """``layer_norm`` forward; backward ``dx = (g w - mean(g w)) / std(x)``, the scale a constant.
+
+    (``weight`` and ``bias`` get no gradient: relevance never asks for one.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps):  # type: ignore[override]
+        dims = tuple(range(-len(normalized_shape), 0))
+        variance = torch.var_mean(x, dim=dims, correction=0, keepdim=True)[0]
+        ctx.save_for_backward(torch.rsqrt(variance + eps), weight)
+        ctx.dims = dims
+        return torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        inverse_scale, weight = ctx.saved_tensors
+        weighted = grad if weight is None else grad * weight
+        return (weighted - weighted.mean(dim=ctx.dims, keepdim=True)) * inverse_scale, None, None, None, None
 
 
 def _as_mask(mask: Optional[Tensor], batch: int, length: int, name: str) -> Optional[Tensor]:
