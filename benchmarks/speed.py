@@ -395,7 +395,8 @@ def make_transformer_methods(w: Workload) -> dict[str, Callable[[], Any]]:
 
 def transformer_methods(config: TransformerConfig) -> tuple[str, ...]:
     """The methods run for ``config`` (PyHealth's reference only where it exists)."""
-    return tuple(m for m in METHODS if m != "pyhealth" or config.family == "pyhealth-vit")
+    code_only = ("chefer-split", "chefer-recommended")  # options for PyHealth's code models (nested visits)
+    return tuple(m for m in METHODS if m not in code_only and (m != "pyhealth" or config.family == "pyhealth-vit"))
 
 
 def release_pyhealth_state(model: torch.nn.Module) -> None:
