@@ -559,7 +559,9 @@ Where the recommended setting stays below Integrated Gradients (the verdict tabl
   scales; `layernorm="exact"` gets closer (0.984) at a large cost elsewhere. Rescaling each stream's relevance so
   that its positive part sums to the stream's total positive gradient x embedding (same seeds and models) moved
   `demo` from 0.939 to 0.949 and `demo-multiclass` from 0.973 to 0.977; with the total absolute gradient x
-  embedding, 0.941 and 0.987. Neither beats IG on both two-stream families, so neither was kept.
+  embedding, to 0.941 and 0.987 (IG: 0.923 and 0.986). A single stream's ranking does not change under such a
+  scale, so the other families would not move. It is not an option yet: its margin over IG on `demo-multiclass`
+  (0.001) is far inside the spread over seeds, and it was measured after the grid above.
 * `nested-kof` (0.953 against 0.966): the share taken at the first layer's value projection reached 0.975 here,
   above IG, but lost 0.13 to 0.17 on StageAttentionNet (table above), so it was not kept.
 * `stagenet-interaction` (0.901 against 0.925; per seed 0.88, 0.90, 0.92 against 1.00, 1.00, 0.78): the cause is not
