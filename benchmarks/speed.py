@@ -7,6 +7,9 @@ order, the median of ``--repeats`` calls (after one warm-up call each) of:
 
 * ``forward``: the model's logits through the adapter under ``torch.no_grad()``;
 * ``chefer``: ``CheferAttribution(adapter).attribute`` (ours, the fused row propagation);
+* ``chefer-split``: the same with ``code_split="gradient"`` (it splits nested visits only: run the grid
+  with ``--nested`` to make the second stream nested visits of up to 4 codes, so it has work to do);
+* ``chefer-recommended``: ``CheferAttribution(adapter, preset="recommended")``;
 * ``pyhealth``: PyHealth's own ``CheferRelevance(model).attribute(**batch)``;
 * ``saliency``: Captum ``Saliency(adapter)``;
 * ``ig``: Captum ``IntegratedGradients(adapter)`` with 50 steps (no warm-up call; outside the target
@@ -36,6 +39,7 @@ Usage::
     .venv/bin/python benchmarks/speed.py              # the full grid (CPU: tens of minutes)
     .venv/bin/python benchmarks/speed.py --target     # only the configurations the targets read
     .venv/bin/python benchmarks/speed.py --quick      # a tiny grid, a few seconds after the imports
+    .venv/bin/python benchmarks/speed.py --target --nested --methods forward,pyhealth,chefer,chefer-split,chefer-recommended
     .venv/bin/python benchmarks/speed.py --device cuda
     .venv/bin/python benchmarks/speed.py --families transformers           # the transformers grid (CPU: hours)
     .venv/bin/python benchmarks/speed.py --families bert,vit --ig-steps 10
@@ -56,7 +60,7 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -66,10 +70,12 @@ if str(ROOT) not in sys.path:
 
 import torch  # noqa: E402
 
-METHODS = ("forward", "chefer", "pyhealth", "saliency", "ig")
+METHODS = ("forward", "chefer", "chefer-split", "chefer-recommended", "pyhealth", "saliency", "ig")
 LABELS = {
     "forward": "no-grad forward",
     "chefer": "CheferAttribution (ours)",
+    "chefer-split": 'CheferAttribution, code_split="gradient"',
+    "chefer-recommended": 'CheferAttribution, preset="recommended"',
     "pyhealth": "PyHealth CheferRelevance",
     "saliency": "Captum Saliency",
     "ig": "Captum IntegratedGradients (50 steps)",
@@ -87,10 +93,12 @@ class Config:
     batch: int = 4
     second: int = 256  # codes in the second stream
     embedding_dim: int = 64
+    nested: bool = False  # the second stream as nested visits of up to 4 codes (``second`` codes in all)
 
     @property
     def name(self) -> str:
-        return f"L={self.length}+{self.second} depth={self.depth} heads={self.heads} batch={self.batch} dim={self.embedding_dim}"
+        nested = " nested" if self.nested else ""
+        return f"L={self.length}+{self.second}{nested} depth={self.depth} heads={self.heads} batch={self.batch} dim={self.embedding_dim}"
 
 
 def full_grid(embedding_dim: int) -> list[Config]:
@@ -98,9 +106,9 @@ def full_grid(embedding_dim: int) -> list[Config]:
     return [Config(n, d, h, embedding_dim=embedding_dim) for n in (128, 256, 512, 1024) for d in (2, 6) for h in (1, 4)]
 
 
-def target_configs(embedding_dim: int) -> tuple[Config, Config]:
+def target_configs(embedding_dim: int, nested: bool = False) -> tuple[Config, Config]:
     """The target configuration (1024 codes, 6 layers, 1 head) and its 256-code companion."""
-    return Config(1024, 6, 1, embedding_dim=embedding_dim), Config(256, 6, 1, embedding_dim=embedding_dim)
+    return Config(1024, 6, 1, embedding_dim=embedding_dim, nested=nested), Config(256, 6, 1, embedding_dim=embedding_dim, nested=nested)
 
 
 QUICK = Config(16, 2, 2, batch=4, second=8, embedding_dim=16)
@@ -165,9 +173,10 @@ def synthetic_samples(config: Config, seed: int = 0) -> list[dict[str, Any]]:
     for i in range(config.batch):
         n_first = config.length if i == 0 else rng.randint(max(1, config.length // 2), config.length)
         n_second = config.second if i == 0 else rng.randint(max(1, config.second // 2), config.second)
-        samples.append(
-            {"patient_id": f"p{i}", "visit_id": "v0", "codes": codes(n_first), "second": codes(n_second), "label": i % 2}
-        )
+        second: list = codes(n_second)
+        if config.nested:  # visits of 4 codes, the last one shorter
+            second = [second[j : j + 4] for j in range(0, len(second), 4)]
+        samples.append({"patient_id": f"p{i}", "visit_id": "v0", "codes": codes(n_first), "second": second, "label": i % 2})
     return samples
 
 
@@ -184,7 +193,7 @@ def build_workload(config: Config | TransformerConfig, device: str, seed: int = 
     with quiet_pyhealth():
         dataset = create_sample_dataset(
             samples=synthetic_samples(config, seed),
-            input_schema={"codes": "sequence", "second": "sequence"},
+            input_schema={"codes": "sequence", "second": "nested_sequence" if config.nested else "sequence"},
             output_schema={"label": "binary"},
             dataset_name="benchmark",
         )
@@ -322,6 +331,7 @@ def make_methods(w: Workload) -> dict[str, Callable[[], Any]]:
     from captum_chefer import CheferAttribution
 
     chefer = CheferAttribution(w.adapter)
+    recommended = CheferAttribution(w.adapter, preset="recommended")
     reference = CheferRelevance(w.model)
     saliency = Saliency(w.adapter)
     ig = IntegratedGradients(w.adapter)
@@ -340,6 +350,8 @@ def make_methods(w: Workload) -> dict[str, Callable[[], Any]]:
     return {
         "forward": forward,
         "chefer": lambda: chefer.attribute(w.inputs, **kwargs),
+        "chefer-split": lambda: chefer.attribute(w.inputs, code_split="gradient", **kwargs),
+        "chefer-recommended": lambda: recommended.attribute(w.inputs, **kwargs),
         "pyhealth": pyhealth,
         "saliency": lambda: saliency.attribute(w.inputs, **kwargs),
         "ig": lambda: ig.attribute(w.inputs, n_steps=IG_STEPS, internal_batch_size=ig_internal_batch(w.config), **kwargs),
@@ -383,7 +395,8 @@ def make_transformer_methods(w: Workload) -> dict[str, Callable[[], Any]]:
 
 def transformer_methods(config: TransformerConfig) -> tuple[str, ...]:
     """The methods run for ``config`` (PyHealth's reference only where it exists)."""
-    return tuple(m for m in METHODS if m != "pyhealth" or config.family == "pyhealth-vit")
+    code_only = ("chefer-split", "chefer-recommended")  # options for PyHealth's code models (nested visits)
+    return tuple(m for m in METHODS if m not in code_only and (m != "pyhealth" or config.family == "pyhealth-vit"))
 
 
 def release_pyhealth_state(model: torch.nn.Module) -> None:
@@ -443,10 +456,15 @@ def time_methods(
 
 
 def _max_difference(w: Workload, ours: tuple, theirs: dict[str, torch.Tensor]) -> float:
+    """The largest |ours - PyHealth| on real codes (PyHealth gives a nested visit's padding slots its score too)."""
     scores = w.adapter.to_feature_dict(ours)
     if isinstance(w.config, TransformerConfig):  # the ViT reference: [B, 1, rows, columns] patches
         return max(float((scores[k].float() - theirs[k].reshape(scores[k].shape).float()).abs().max()) for k in scores)
-    return max(float((scores[k].float() - theirs[k].to(scores[k].device).float()).abs().max()) for k in scores)
+    real = dict(zip(w.adapter.feature_keys, w.adapter.token_masks(w.args)))
+    return max(
+        float(((scores[k].float() - theirs[k].to(scores[k].device).float()) * real[k].to(scores[k].device)).abs().max())
+        for k in scores
+    )
 
 
 # ---------------------------------------------------------------------------------------------- memory
@@ -590,7 +608,7 @@ def markdown_table(rows: list[Row]) -> str:
     for r in rows:
         c = r.config
         lines.append(
-            f"| {c.length}+{c.second} | {c.depth} | {c.heads} | {LABELS[r.method]} | {r.seconds * 1000:.1f} | {r.runs} | "
+            f"| {c.length}+{c.second}{' nested' if c.nested else ''} | {c.depth} | {c.heads} | {LABELS[r.method]} | {r.seconds * 1000:.1f} | {r.runs} | "
             f"{_fmt(r.ratio_pyhealth)} | {_fmt(r.ratio_forward)} | {_fmt(r.memory_mib, 1)} | {_fmt(r.memory_ratio_pyhealth)} |"
         )
     return "\n".join(lines)
@@ -600,11 +618,12 @@ def _row(rows: list[Row], config: Config, method: str) -> Optional[Row]:
     return next((r for r in rows if r.config == config and r.method == method), None)
 
 
-def target_lines(rows: list[Row], embedding_dim: int) -> list[str]:
+def target_lines(rows: list[Row], embedding_dim: int, nested: bool = False) -> list[str]:
     """PASS/FAIL per target of the issue, with the measured ratio."""
-    big, small = target_configs(embedding_dim)
+    big, small = target_configs(embedding_dim, nested)
     get = lambda config, method: _row(rows, config, method)  # noqa: E731
     ours, ph, sal, fwd, ig = (get(big, m) for m in ("chefer", "pyhealth", "saliency", "forward", "ig"))
+    split, recommended = get(big, "chefer-split"), get(big, "chefer-recommended")
     ours_small, fwd_small = get(small, "chefer"), get(small, "forward")
     checks: list[tuple[str, Optional[float], str, float]] = []
     if ours and ph:
@@ -616,6 +635,10 @@ def target_lines(rows: list[Row], embedding_dim: int) -> list[str]:
         checks.append(("time ours / no-grad forward", ours.seconds / fwd.seconds, "<=", 2.0))
     if ours and ig:
         checks.append(("time IntegratedGradients / ours", ig.seconds / ours.seconds, ">=", 40.0))
+    if ours and split:
+        checks.append(('time code_split="gradient" / ours', split.seconds / ours.seconds, "<=", 1.1))
+    if ours and recommended:
+        checks.append(('time preset="recommended" / ours', recommended.seconds / ours.seconds, "<=", 1.1))
     if ours and fwd and ours_small and fwd_small:
         growth = (ours.seconds / fwd.seconds) / (ours_small.seconds / fwd_small.seconds)
         checks.append(("(ours / forward at 1024) / (ours / forward at 256)", growth, "<=", 1.2))
@@ -814,17 +837,19 @@ def preload() -> None:
     import captum_chefer  # noqa: F401
 
 
-def run(configs: list[Config], device: str, repeats: int, ig_repeats: int, threads: int, log=print) -> list[Row]:
+def run(
+    configs: list[Config], device: str, repeats: int, ig_repeats: int, threads: int, log=print, methods: tuple[str, ...] = METHODS
+) -> list[Row]:
     """Memory probes first (forked before this process runs any tensor op), then the timings."""
     t0 = time.time()
     preload()
     log(f"imports: {time.time() - t0:.1f} s")
-    targets = set(target_configs(configs[0].embedding_dim))
+    targets = set(target_configs(configs[0].embedding_dim, configs[0].nested))
     cuda = device.startswith("cuda")
     memory: dict[tuple[Config, str], dict[str, float]] = {}
     for config in [] if cuda else configs:
-        for method in METHODS:
-            if method == "ig" and config not in targets and config != QUICK:
+        for method in methods:
+            if method == "ig" and config not in targets and replace(config, nested=False) != QUICK:
                 continue  # IG's memory is not a target; measuring it everywhere doubles the grid's time
             t0 = time.time()
             memory[config, method] = measure_memory_forked(config, method, device, threads)
@@ -833,15 +858,15 @@ def run(configs: list[Config], device: str, repeats: int, ig_repeats: int, threa
     rows: list[Row] = []
     for config in configs:
         w = build_workload(config, device)
-        timings, gap = time_methods(w, device, repeats, repeats if config in targets or config == QUICK else ig_repeats)
+        timings, gap = time_methods(w, device, repeats, repeats if config in targets or replace(config, nested=False) == QUICK else ig_repeats, methods)
         if cuda:
-            for method in METHODS:
+            for method in methods:
                 memory[config, method] = measure_cuda_memory(w, method)
         del w
         gc.collect()
         ph, fwd = timings["pyhealth"].seconds, timings["forward"].seconds
         ph_mem = memory[config, "pyhealth"]["rss_mib"]
-        for method in METHODS:
+        for method in methods:
             t, m = timings[method], memory.get((config, method))
             mib = m["rss_mib"] if m else math.nan
             rows.append(
@@ -864,6 +889,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--ig-repeats", type=int, default=1, help="timed IG calls outside the target configuration")
     parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every method (default 1)")
     parser.add_argument("--embedding-dim", type=int, default=64)
+    parser.add_argument("--nested", action="store_true", help="the second stream as nested visits of up to 4 codes")
+    parser.add_argument("--methods", default=None, help=f"a comma list of {', '.join(METHODS)} (forward and pyhealth always run)")
     parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")), help="markdown output ('' for none)")
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     parser.add_argument(
@@ -885,6 +912,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.target:
             parser.error("--target applies to the PyHealth grid; the transformers grid is all targets")
         return transformers_main(args, families)
+    methods = METHODS
+    if args.methods:
+        chosen = {"forward", "pyhealth", *(m.strip() for m in args.methods.split(",") if m.strip())}
+        if not chosen <= set(METHODS):
+            parser.error(f"--methods: unknown {sorted(chosen - set(METHODS))}; choose from {', '.join(METHODS)}")
+        methods = tuple(m for m in METHODS if m in chosen)
     if args.quick:
         configs = [QUICK]
     elif args.target:
@@ -895,7 +928,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         configs = [big, small] + [c for c in configs if c not in (big, small)]  # targets first
 
     started = time.time()
-    rows = run(configs, args.device, args.repeats, args.ig_repeats, args.threads, log=lambda s: print(s, file=sys.stderr, flush=True))
+    if args.nested:
+        configs = [replace(c, nested=True) for c in configs]
+    rows = run(
+        configs, args.device, args.repeats, args.ig_repeats, args.threads,
+        log=lambda s: print(s, file=sys.stderr, flush=True), methods=methods,
+    )
     rows.sort(key=lambda r: (r.config.length, r.config.depth, r.config.heads, METHODS.index(r.method)))
     cuda = args.device.startswith("cuda")
     machine = machine_line(args.device, args.threads)
@@ -910,13 +948,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     text = "\n".join(
         [
             f"machine: {machine}",
-            f"batch 4, a second stream of 256 codes, embedding dim {configs[0].embedding_dim}; median of {args.repeats} "
+            f"batch 4, a second stream of 256 codes{' (nested visits of up to 4)' if configs[0].nested else ''}, embedding dim {configs[0].embedding_dim}; median of {args.repeats} "
             f"interleaved runs (IG: {args.repeats} at the target configurations, {args.ig_repeats} elsewhere); {memory_note}",
             f"max |ours - PyHealth| over the grid: {max(gaps):.2e}; total run time {time.time() - started:.0f} s",
             "",
             markdown_table(rows),
             "",
-            *target_lines(rows, configs[0].embedding_dim),
+            *target_lines(rows, configs[0].embedding_dim, configs[0].nested),
         ]
     )
     print(text)

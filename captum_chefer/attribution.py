@@ -8,6 +8,7 @@ module imports none of them).
 from __future__ import annotations
 
 import inspect
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Sequence, runtime_checkable
 
@@ -15,21 +16,38 @@ import torch
 from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor
+from torch.overrides import TorchFunctionMode
 
 from .relevance import (
     HeadReduction,
     dense_relevance,
+    layer_norm_fixed_scale,
     pooling_rows,
     propagate_row,
     propagate_weighted_row,
     read_rows,
+    softmax_log_odds,
+    split_over_codes,
     weighted_attention,
 )
 
-__all__ = ["AttentionForward", "AttentionModel", "CheferAttribution", "DeferredAttention", "TargetType"]
+__all__ = [
+    "AttentionForward", "AttentionModel", "CheferAttribution", "DeferredAttention", "FixedScaleLayerNorm", "PRESETS",
+    "TargetType",
+]
 
 TargetType = Optional[int | Sequence[int] | Tensor]
 Propagation = Literal["row", "dense"]
+CodeSplit = Literal["uniform", "gradient"]
+LayerNormMode = Literal["exact", "detach"]
+Score = Literal["logit", "log_odds"]
+Preset = Literal["pyhealth", "recommended"]
+
+#: The keyword settings each ``preset`` stands for (keywords passed to ``attribute`` take precedence).
+PRESETS: dict[str, dict[str, Any]] = {
+    "pyhealth": {"exclude_self": False, "code_split": "uniform", "layernorm": "exact", "score": "logit"},
+    "recommended": {"exclude_self": True, "code_split": "gradient", "layernorm": "detach", "score": "log_odds"},
+}
 
 
 @dataclass
@@ -50,6 +68,12 @@ class AttentionForward:
         embeddings: per stream, the embedded input as the model received it (``[B, L, D]``, or
             ``[B, V, C, D]`` for nested visits), in the graph below the first attention layer; optional
             (gradient-based splits of a position's relevance over its parts read it).
+        code_masks: per stream of nested visits, ``[B, V, C]``, ``True`` on real codes. With
+            ``embeddings`` it lets ``code_split="gradient"`` split each visit's relevance over its codes.
+        state_values: per stream whose attended positions are recurrent states that each carry every
+            visit up to theirs (``StageAttentionNet``'s LSTM states), the first attention layer's value
+            projection ``[B, L, D_v]`` in the graph. ``code_split="gradient"`` then splits the stream's
+            relevance over the codes of all visits by their contribution through that value path.
     """
 
     logits: Tensor
@@ -57,6 +81,8 @@ class AttentionForward:
     pool_index: dict[str, Tensor]
     stacked: bool = True
     embeddings: dict[str, Tensor] = field(default_factory=dict)
+    code_masks: dict[str, Tensor] = field(default_factory=dict)
+    state_values: dict[str, Tensor] = field(default_factory=dict)
 
 
 @runtime_checkable
@@ -92,7 +118,8 @@ class AttentionModel(Protocol):  # pragma: no mutate block (an interface: no cod
     else of that layer), so a model may compute that layer for the pooling position alone and return its
     attention as ``[B, H, 1, L]``; returning the full map is always correct, and an
     ``attention_forward`` without that keyword is called without it. ``relevance_to_inputs``
-    maps each stream's token relevance ``[B, L]`` back to tensors shaped like ``inputs``.
+    maps each stream's token relevance ``[B, L]`` back to tensors shaped like ``inputs``; for a stream
+    of nested visits it may be given ``[B, V, C]`` instead, each code's relevance (``code_split``).
     """
 
     def __call__(self, *args: Any) -> Tensor: ...
@@ -139,15 +166,31 @@ class CheferAttribution(GradientAttribution):
         ...     inputs, target=adapter.captum_target(batch), additional_forward_args=args)
         >>> [tuple(a.shape) for a in attributions] == [tuple(x.shape) for x in inputs]
         True
+
+    ``preset="recommended"`` finds the codes a model relies on better than the PyHealth default (see
+    ``benchmarks/QUALITY.md``); it stands for four keywords of :meth:`attribute`, which still take
+    precedence when passed:
+
+        >>> PRESETS["recommended"]
+        {'exclude_self': True, 'code_split': 'gradient', 'layernorm': 'detach', 'score': 'log_odds'}
+        >>> recommended = CheferAttribution(adapter, preset="recommended").attribute(
+        ...     inputs, target=adapter.captum_target(batch), additional_forward_args=args)
+        >>> explicit = CheferAttribution(adapter).attribute(
+        ...     inputs, target=adapter.captum_target(batch), additional_forward_args=args, **PRESETS["recommended"])
+        >>> all(torch.equal(a, b) for a, b in zip(recommended, explicit))
+        True
     """
 
-    def __init__(self, forward_func: Callable[..., Tensor]) -> None:
+    def __init__(self, forward_func: Callable[..., Tensor], *, preset: Preset = "pyhealth") -> None:
         if not isinstance(forward_func, AttentionModel):
             raise TypeError(
                 f"CheferAttribution needs an adapter that exposes the model's attention, got {type(forward_func).__name__}; "
                 "wrap the model first: CheferAttribution(captum_chefer.adapter_for(model)), or PyHealthAdapter(model), "
                 "HuggingFaceAdapter(model), TransformerAdapter(model)"
             )
+        if preset not in PRESETS:
+            raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}, got {preset!r}")
+        self.preset: Preset = preset
         require_attention = getattr(forward_func, "require_attention", None)
         if require_attention is not None:
             require_attention()  # fail at construction, not at the first call
@@ -155,6 +198,8 @@ class CheferAttribution(GradientAttribution):
         self.model: AttentionModel = forward_func
         # An AttentionModel written before pooled_row_only existed is called without it (full maps).
         self._asks_pooled_row = _accepts_keyword(forward_func.attention_forward, "pooled_row_only")
+        # An AttentionModel whose attention_forward takes layernorm holds its own layer norms' scale (cheaper).
+        self._asks_layernorm = _names_keyword(forward_func.attention_forward, "layernorm")
 
     @classmethod
     def get_name(cls) -> str:
@@ -173,7 +218,10 @@ class CheferAttribution(GradientAttribution):
         target: TargetType = None,
         additional_forward_args: Any = None,
         *,
-        exclude_self: bool = False,
+        exclude_self: Optional[bool] = None,
+        code_split: Optional[CodeSplit] = None,
+        layernorm: Optional[LayerNormMode] = None,
+        score: Optional[Score] = None,
         use_gradients: bool = True,
         clamp: bool = True,
         head_reduction: HeadReduction = "mean",
@@ -191,7 +239,27 @@ class CheferAttribution(GradientAttribution):
             additional_forward_args: the extra forward arguments (masks, times) from
                 ``PyHealthAdapter.captum_inputs``; a tensor or a tuple.
             exclude_self: drop the identity term of the pooling position, which otherwise gives that
-                position a relevance of at least 1 in every sample.
+                position a relevance of at least 1 in every sample. ``None`` (like the next three): the
+                preset's value; the ``"pyhealth"`` preset (the default) has ``False``.
+            code_split: how a visit's relevance reaches its codes, for nested visits (PyHealth's
+                ``[B, V, C]`` features); flat features are never split. ``"uniform"`` (PyHealth's): each
+                real code gets the visit's relevance. ``"gradient"``: the visit's relevance is split over
+                its real codes in proportion to the positive part of gradient x code embedding, their
+                first-order shares of the visit embedding (:func:`~captum_chefer.relevance.split_over_codes`;
+                evenly where no code has a positive share), so a visit's codes sum to its relevance. For
+                ``StageAttentionNet``, whose attended LSTM states each carry every visit up to theirs, the
+                stream's relevance is split over the codes of all visits by their contribution through the
+                attention's value path (one more vector-Jacobian product). The gradients come from the same
+                ``torch.autograd.grad`` call as the attention gradients.
+            layernorm: ``"exact"`` (PyHealth's) or ``"detach"``: in this forward pass every layer norm
+                divides by its standard deviation held constant for the backward pass (the forward values
+                and the prediction are unchanged). LayerNorm's scale invariance otherwise bends the
+                gradient away from a dominant input, which hides it from gradient-weighted attention and
+                from the code split.
+            score: the scalar explained: ``"logit"`` (PyHealth's), the target's logit, or ``"log_odds"``,
+                the target's log-odds ``log p / (1 - p)`` under the model's probabilities: the logit itself
+                for a sigmoid output, ``logit_t - logsumexp_{j != t} logit_j`` for a softmax, so the
+                other classes' evidence counts against the target.
             use_gradients: ``False`` uses the clamped attention alone (an ablation).
             clamp: ``False`` keeps negative gradient-attention products (an ablation).
             head_reduction: ``"mean"`` (the paper) or ``"max"`` over heads.
@@ -203,7 +271,8 @@ class CheferAttribution(GradientAttribution):
             Attributions shaped like ``inputs`` (a tensor for a tensor, a tuple for a tuple). For
             embeddings each position's relevance is spread evenly over the embedding dimension, so
             summing over it gives the relevance back; nested visits give each visit's relevance to
-            every real code of the visit; padding gets zero.
+            every real code of the visit (``code_split="uniform"``) or split it over them
+            (``"gradient"``); padding gets zero.
         """
         is_tuple = isinstance(inputs, tuple)
         inputs_tuple = inputs if is_tuple else (inputs,)
@@ -217,30 +286,56 @@ class CheferAttribution(GradientAttribution):
         if head_reduction not in ("mean", "max"):
             raise ValueError(f"head_reduction must be 'mean' or 'max', got {head_reduction!r}")
         reduce = dict(use_gradient=use_gradients, clamp=clamp, head_reduction=head_reduction)
+        chosen = dict(PRESETS[self.preset])
+        given = {"exclude_self": exclude_self, "code_split": code_split, "layernorm": layernorm, "score": score}
+        chosen.update({key: value for key, value in given.items() if value is not None})
+        _check_choice("code_split", chosen["code_split"], ("uniform", "gradient"))
+        _check_choice("layernorm", chosen["layernorm"], ("exact", "detach"))
+        _check_choice("score", chosen["score"], ("logit", "log_odds"))
 
         # Captum's NoiseTunnel and metrics call attribute() under torch.no_grad().
         with torch.enable_grad():
             pooled = propagation == "row" and self._asks_pooled_row
-            captured = self.model.attention_forward(inputs_tuple, args, **({"pooled_row_only": True} if pooled else {}))
+            options: dict[str, Any] = {"pooled_row_only": True} if pooled else {}
+            fixed_scale = chosen["layernorm"] == "detach"
+            if fixed_scale and self._asks_layernorm:
+                options["layernorm"] = "detach"
+            with FixedScaleLayerNorm() if fixed_scale and not self._asks_layernorm else nullcontext():
+                captured = self.model.attention_forward(inputs_tuple, args, **options)
             logits = captured.logits
-            explained = _select_target(logits, target)
+            if chosen["score"] == "log_odds":
+                explained = _select_target(logits, target, log_odds=self._softmax_outputs(logits))
+            else:
+                explained = _select_target(logits, target)
             _check_depth(captured.attention, layers)
             streams = {key: list(maps[-layers:] if layers else maps) for key, maps in captured.attention.items()}
             _check_maps(streams, pooled_allowed=pooled)
             captured.attention = {}  # the propagation below holds the only references and drops them early
+            split = _SplitInputs(captured) if chosen["code_split"] == "gradient" else _SplitInputs(None)
             if propagation == "row" and captured.stacked:
-                rows = _rows_fused(explained, streams, captured.pool_index, reduce)
+                rows, extra = _rows_fused(explained, streams, captured.pool_index, reduce, split.wanted, split.retain)
             elif propagation == "row":
-                rows = _rows_collected(explained, streams, captured.pool_index, reduce)
+                rows, extra = _rows_collected(explained, streams, captured.pool_index, reduce, split.wanted, split.retain)
             else:
-                rows = _rows_dense(explained, streams, captured.pool_index, reduce)
-        if exclude_self:
-            rows = {
-                key: row - pooling_rows(captured.pool_index[key], row.shape[1], row.dtype)
-                for key, row in rows.items()
-            }
-        out = self.model.relevance_to_inputs(rows, inputs_tuple, args)
+                rows, extra = _rows_dense(explained, streams, captured.pool_index, reduce, split.wanted, split.retain)
+            if chosen["exclude_self"]:
+                rows = {
+                    key: row - pooling_rows(captured.pool_index[key], row.shape[1], row.dtype)
+                    for key, row in rows.items()
+                }
+            relevance = split.codes(rows, extra)
+        out = self.model.relevance_to_inputs(relevance, inputs_tuple, args)
         return out if is_tuple else out[0]
+
+    def _softmax_outputs(self, logits: Tensor) -> bool:
+        """Whether the model's probabilities are a softmax of its logits (else a sigmoid of each)."""
+        if logits.shape[1] == 1:
+            return False
+        probabilities = getattr(self.model, "probabilities", None)
+        if probabilities is None:
+            return True
+        probe = logits.detach()[:1]
+        return bool(torch.allclose(probabilities(probe), probe.softmax(dim=1)))
 
     # Captum's usage logging, which NoiseTunnel relies on (it calls ``attribute.__wrapped__``). Applied
     # by assignment rather than as ``@log_usage()``: mutation testing (``make mutation``) skips decorated
@@ -249,12 +344,14 @@ class CheferAttribution(GradientAttribution):
 
 
 def _rows_fused(
-    explained: Tensor, streams: dict[str, list[Optional[Tensor]]], pool_index: dict[str, Tensor], reduce: dict
-) -> dict[str, Tensor]:
+    explained: Tensor, streams: dict[str, list[Optional[Tensor]]], pool_index: dict[str, Tensor], reduce: dict,
+    extra: Sequence[Tensor] = (), retain: bool = False,
+) -> tuple[dict[str, Tensor], tuple[Optional[Tensor], ...]]:
     """Row recursion inside the backward pass: each layer's hook consumes its gradient on arrival.
 
     ``streams`` hands over the references to the attention maps: each is dropped once its layer is
-    done, so autograd can free it as the backward pass moves down instead of at the end.
+    done, so autograd can free it as the backward pass moves down instead of at the end. The
+    gradients of ``extra`` (e.g. the embeddings) come from the same ``autograd.grad`` call.
     """
     rows: dict[str, Tensor] = {}
     pending: dict[str, int] = {}
@@ -291,13 +388,14 @@ def _rows_fused(
             for depth in range(len(maps)):
                 handles.append(_graph_tensor(maps[depth]).register_hook(make_hook(key, depth)))
             wanted.append(_graph_tensor(maps[0]))  # the lowest layer used: the backward stops there
-        if wanted:
-            torch.autograd.grad(explained, wanted, allow_unused=True)
+        grads: tuple[Optional[Tensor], ...] = ()
+        if wanted or extra:
+            grads = torch.autograd.grad(explained, wanted + list(extra), allow_unused=True, retain_graph=retain)
     finally:
         for handle in handles:
             handle.remove()
     # A stream no gradient reached keeps r = e_p, as in the dense path (A_bar = 0 for every layer).
-    return rows
+    return rows, tuple(grads[len(grads) - len(extra):]) if extra else ()
 
 
 def _propagate(
@@ -365,43 +463,139 @@ def _propagate_deferred(
     return propagate_row(row, reduced)
 
 
-def _gradients(explained: Tensor, streams: Mapping[str, list[Tensor]], reduce: dict) -> dict[str, list[Optional[Tensor]]]:
-    """The attention gradients of every layer of every stream from one ``autograd.grad`` call."""
+def _gradients(
+    explained: Tensor, streams: Mapping[str, list[Tensor]], reduce: dict, extra: Sequence[Tensor] = (), retain: bool = False
+) -> tuple[dict[str, list[Optional[Tensor]]], tuple[Optional[Tensor], ...]]:
+    """The attention gradients of every layer of every stream, and those of ``extra``, from one ``autograd.grad`` call."""
     flat = [a for maps in streams.values() for a in maps]
-    if reduce["use_gradient"]:
-        grads = torch.autograd.grad(explained, [_graph_tensor(a) for a in flat], allow_unused=True)
-    else:
-        grads = (None,) * len(flat)
+    wanted = [_graph_tensor(a) for a in flat] if reduce["use_gradient"] else []
+    grads: tuple[Optional[Tensor], ...] = ()
+    if wanted or extra:
+        grads = torch.autograd.grad(explained, wanted + list(extra), allow_unused=True, retain_graph=retain)
+    attention_grads = grads[: len(wanted)] if reduce["use_gradient"] else (None,) * len(flat)
     out, i = {}, 0
     for key, maps in streams.items():
-        out[key] = [None if g is None else _attention_gradient(a, g).detach() for a, g in zip(maps, grads[i : i + len(maps)])]
+        out[key] = [
+            None if g is None else _attention_gradient(a, g).detach() for a, g in zip(maps, attention_grads[i : i + len(maps)])
+        ]
         i += len(maps)
-    return out
+    return out, tuple(grads[len(wanted):])
 
 
 def _rows_collected(
-    explained: Tensor, streams: dict[str, list[Tensor]], pool_index: dict[str, Tensor], reduce: dict
-) -> dict[str, Tensor]:
+    explained: Tensor, streams: dict[str, list[Tensor]], pool_index: dict[str, Tensor], reduce: dict,
+    extra: Sequence[Tensor] = (), retain: bool = False,
+) -> tuple[dict[str, Tensor], tuple[Optional[Tensor], ...]]:
     """The row recursion from gradients collected first, for attention layers that are not a stack."""
     rows = {}
-    for key, grads in _gradients(explained, streams, reduce).items():
+    gradients, extra_grads = _gradients(explained, streams, reduce, extra, retain)
+    for key, grads in gradients.items():
         maps = streams[key]
         row = pooling_rows(pool_index[key], maps[0].shape[-1], maps[0].dtype)
         for depth in reversed(range(len(maps))):
             row = _propagate(row, _probabilities(maps[depth]), grads[depth], depth, key, streams, pool_index, reduce)
         rows[key] = row
-    return rows
+    return rows, extra_grads
 
 
 def _rows_dense(
-    explained: Tensor, streams: dict[str, list[Tensor]], pool_index: dict[str, Tensor], reduce: dict
-) -> dict[str, Tensor]:
+    explained: Tensor, streams: dict[str, list[Tensor]], pool_index: dict[str, Tensor], reduce: dict,
+    extra: Sequence[Tensor] = (), retain: bool = False,
+) -> tuple[dict[str, Tensor], tuple[Optional[Tensor], ...]]:
     """The reference: all gradients at once, then the dense product, then read the pooling row."""
     rows = {}
-    for key, grads in _gradients(explained, streams, reduce).items():
+    gradients, extra_grads = _gradients(explained, streams, reduce, extra, retain)
+    for key, grads in gradients.items():
         weighted = [weighted_attention(_probabilities(a), g, **reduce) for a, g in zip(streams[key], grads)]
         rows[key] = read_rows(dense_relevance(weighted), pool_index[key])
-    return rows
+    return rows, extra_grads
+
+
+class _SplitInputs:
+    """What ``code_split="gradient"`` needs from the backward pass, and the split itself.
+
+    Per stream of nested visits (``captured.code_masks`` and ``[B, V, C, D]`` embeddings): the gradient
+    at the code embeddings (every code of a visit gets the visit's gradient, as the model sums them);
+    for a stream with ``state_values`` also the gradient at that value projection, which a second
+    vector-Jacobian product, weighted by each state's relevance, takes back to the codes.
+    ``_SplitInputs(None)`` splits nothing.
+    """
+
+    def __init__(self, captured: Optional[AttentionForward]) -> None:
+        self.keys: list[str] = []
+        self.wanted: list[Tensor] = []
+        self.retain = False
+        self._captured = captured
+        if captured is None:
+            return
+        for key, mask in captured.code_masks.items():
+            embedding = captured.embeddings.get(key)
+            if embedding is None or embedding.dim() != 4 or not embedding.requires_grad:
+                continue
+            self.keys.append(key)
+            values = captured.state_values.get(key)
+            self.wanted.append(values if values is not None else embedding)
+            self.retain = self.retain or values is not None
+
+    def codes(self, rows: dict[str, Tensor], grads: Sequence[Optional[Tensor]]) -> dict[str, Tensor]:
+        """``rows`` with each split stream's relevance replaced by ``[B, V, C]`` code relevance."""
+        if not self.keys:
+            return rows
+        captured = self._captured
+        assert captured is not None
+        out = dict(rows)
+        for key, grad in zip(self.keys, grads):
+            embedding, mask = captured.embeddings[key], captured.code_masks[key].to(rows[key].device).bool()
+            row = rows[key]
+            visits = mask.shape[1]
+            if row.shape[1] < visits:  # positions the model truncated away get zero
+                row = torch.nn.functional.pad(row, (0, visits - row.shape[1]))
+            row = row[:, :visits]
+            values = captured.state_values.get(key)
+            if values is None:
+                shares = torch.zeros(mask.shape, dtype=row.dtype, device=row.device) if grad is None else (grad * embedding.detach()).sum(-1)
+                out[key] = split_over_codes(row, shares, mask)
+                continue
+            # StageAttentionNet: sum_t r_t gV_t . V_t taken back to the codes (weights r_t known only now).
+            if grad is None:
+                shares = torch.zeros(mask.shape, dtype=row.dtype, device=row.device)
+            else:
+                weights = rows[key][:, : values.shape[1]].unsqueeze(-1).to(grad.dtype)
+                (back,) = torch.autograd.grad(values, embedding, grad_outputs=grad * weights, allow_unused=True)
+                shares = torch.zeros(mask.shape, dtype=row.dtype, device=row.device) if back is None else (back * embedding.detach()).sum(-1)
+            batch = mask.shape[0]
+            flat = split_over_codes(rows[key].sum(dim=1, keepdim=True), shares.reshape(batch, 1, -1), mask.reshape(batch, 1, -1))
+            out[key] = flat.reshape(mask.shape)
+        return out
+
+
+class FixedScaleLayerNorm(TorchFunctionMode):
+    """Within the block, in this thread, every ``layer_norm`` holds its standard deviation constant for the backward pass.
+
+    What ``CheferAttribution(..., layernorm="detach")`` uses for models whose ``attention_forward`` has no
+    ``layernorm`` keyword of its own (an adapter that has one may override only its ``nn.LayerNorm`` layers,
+    which costs less than seeing every torch call).
+
+    Example:
+        >>> x = torch.tensor([[1.0, 2.0, 4.0]], requires_grad=True)
+        >>> with FixedScaleLayerNorm():
+        ...     y = torch.nn.functional.layer_norm(x, (3,))
+        >>> torch.autograd.grad(y.sum(), x)[0].abs().max().item() < 1e-6  # the centring alone
+        True
+    """
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
+        kwargs = kwargs or {}
+        if func is torch.nn.functional.layer_norm:
+            if "input" in kwargs:
+                args, kwargs = (kwargs.pop("input"), *args), kwargs
+            return layer_norm_fixed_scale(*args, **kwargs)
+        return func(*args, **kwargs)
+
+
+def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
+    if value not in allowed:
+        raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
 
 
 def _check_depth(attention: Mapping[str, Sequence[Tensor]], layers: Optional[int]) -> None:
@@ -454,8 +648,11 @@ def _attention_gradient(layer: Any, grad: Optional[Tensor]) -> Optional[Tensor]:
     return layer.gradient(grad) if grad is not None and _deferred(layer) else grad
 
 
-def _select_target(logits: Tensor, target: TargetType) -> Tensor:
-    """Sum over the batch of each sample's target logit, validating ``target`` as Captum would."""
+def _select_target(logits: Tensor, target: TargetType, log_odds: bool = False) -> Tensor:
+    """Sum over the batch of each sample's target logit, validating ``target`` as Captum would.
+
+    ``log_odds``: the target's softmax log-odds ``logit_t - logsumexp_{j != t} logit_j`` instead.
+    """
     if logits.dim() != 2:
         raise ValueError(f"the model must return logits [B, C]; got shape {tuple(logits.shape)}")
     batch, classes = logits.shape
@@ -488,6 +685,8 @@ def _select_target(logits: Tensor, target: TargetType) -> Tensor:
         raise TypeError(f"target must be an int, a sequence of ints, a tensor or None; got {type(target).__name__}")
     if batch and (index.min() < 0 or index.max() >= classes):
         raise ValueError(f"target out of range: the model has {classes} output(s), indices 0..{classes - 1}")
+    if log_odds:
+        return softmax_log_odds(logits, index).sum()
     return logits.gather(1, index.view(-1, 1)).sum()
 
 
@@ -497,6 +696,14 @@ def _accepts_keyword(function: Callable[..., Any], name: str) -> bool:
     except (TypeError, ValueError):  # no signature to read: do not pass it
         return False
     return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
+
+
+def _names_keyword(function: Callable[..., Any], name: str) -> bool:
+    """Whether ``function`` has a parameter called ``name`` (``**kwargs`` does not count)."""
+    try:
+        return name in inspect.signature(function).parameters
+    except (TypeError, ValueError):
+        return False
 
 
 def _as_tuple(args: Any) -> tuple:

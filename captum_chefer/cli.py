@@ -1,7 +1,7 @@
 """``python -m captum_chefer compare`` (console script ``captum-chefer``).
 
 ``compare`` generates the embedded synthetic cohort (planted ground truth), trains a PyHealth
-``Transformer`` on it, explains held-out patients with Chefer (default and ``exclude_self``),
+``Transformer`` on it, explains held-out patients with Chefer (default, ``exclude_self``, ``preset="recommended"``),
 Integrated Gradients, Saliency, NoiseTunnel and a random baseline, and writes ``report.html``,
 the figures (PNG) and the results (CSV, JSON) to ``--out``. ``demo`` is the same with defaults.
 
@@ -230,6 +230,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 COHORT_METHODS = {
     "chefer": "Chefer",
     "chefer-exclude-self": "Chefer (exclude_self)",
+    "chefer-recommended": "Chefer (recommended)",
     "ig": "Integrated Gradients",
     "saliency": "Saliency",
     "smoothgrad": "NoiseTunnel (SmoothGrad)",

@@ -45,6 +45,9 @@ __all__ = [
     "pooling_rows",
     "dense_relevance",
     "read_rows",
+    "split_over_codes",
+    "softmax_log_odds",
+    "layer_norm_fixed_scale",
     "mask_padding",
     "normalize_relevance",
     "propagate_column",
@@ -252,6 +255,118 @@ def read_rows(relevance: Tensor, pool_index: Tensor) -> Tensor:
 
 
 # --- Encoder-decoder rules (paper, Eq. 6-10) ------------------------------------------------------
+
+
+def split_over_codes(visit_relevance: Tensor, shares: Tensor, mask: Tensor) -> Tensor:
+    """Each visit's relevance split over its real codes in proportion to their positive shares.
+
+    Attention over visits scores a visit as a whole; a visit embedding that is the sum of its code
+    embeddings ``e_vc`` has, to first order, the parts ``g_v . e_vc`` (``g_v`` the gradient of the
+    explained output at the visit). Code ``c`` of visit ``v`` gets
+
+        R_vc = R_v * max(0, s_vc) / sum_c' max(0, s_vc')
+
+    and a visit none of whose real codes has a positive share gives each of its ``n_v`` real codes
+    ``R_v / n_v``. Padding slots get zero, and a visit's codes always sum to its relevance (a visit
+    without any real code gets nothing).
+
+    Args:
+        visit_relevance: ``[B, V]`` relevance of each visit.
+        shares: ``[B, V, C]`` each code's share (e.g. ``g_v . e_vc``); only its positive part counts.
+        mask: ``[B, V, C]`` ``True`` (or 1) on real codes.
+
+    Returns:
+        ``[B, V, C]``.
+
+    Example (one visit of three real codes and a padding slot; relevance 2):
+        >>> import torch
+        >>> r = torch.tensor([[2.0]])
+        >>> mask = torch.tensor([[[True, True, True, False]]])
+        >>> split_over_codes(r, torch.tensor([[[3.0, 1.0, -4.0, 5.0]]]), mask).tolist()
+        [[[1.5, 0.5, 0.0, 0.0]]]
+        >>> split_over_codes(r, torch.tensor([[[-1.0, 0.0, -2.0, 5.0]]]), mask).tolist()  # none positive: even
+        [[[0.6666666865348816, 0.6666666865348816, 0.6666666865348816, 0.0]]]
+    """
+    if shares.shape != mask.shape or tuple(visit_relevance.shape) != tuple(mask.shape[:2]):
+        raise ValueError(
+            f"split_over_codes needs visit_relevance [B, V] and shares, mask [B, V, C] of the same B, V; got "
+            f"{tuple(visit_relevance.shape)}, {tuple(shares.shape)}, {tuple(mask.shape)}"
+        )
+    real = mask.to(visit_relevance.dtype)
+    positive = (shares.to(visit_relevance.dtype) * real).clamp(min=0)
+    total = positive.sum(dim=-1, keepdim=True)
+    even = real / real.sum(dim=-1, keepdim=True).clamp(min=1)
+    fraction = torch.where(total > 0, positive / total.clamp(min=torch.finfo(total.dtype).tiny), even)
+    return visit_relevance.unsqueeze(-1) * fraction
+
+
+def softmax_log_odds(logits: Tensor, index: Tensor) -> Tensor:
+    """Each sample's log-odds of class ``index[b]`` under a softmax: ``log p_t / (1 - p_t)``.
+
+    Equals ``logit_t - logsumexp_{j != t} logit_j``, computed without forming ``p`` (no loss of
+    precision, and no vanishing gradient, for a confident prediction).
+
+    Args:
+        logits: ``[B, C]``, ``C >= 2``.
+        index: ``[B]`` class indices.
+
+    Returns:
+        ``[B]``.
+
+    Example:
+        >>> import math, torch
+        >>> logits = torch.tensor([[2.0, 0.0, 0.0]])
+        >>> p = logits.softmax(dim=1)[0, 0].item()
+        >>> abs(softmax_log_odds(logits, torch.tensor([0])).item() - math.log(p / (1 - p))) < 1e-6
+        True
+    """
+    chosen = logits.gather(1, index.view(-1, 1))
+    others = logits.scatter(1, index.view(-1, 1), float("-inf")).logsumexp(dim=1, keepdim=True)
+    return (chosen - others).squeeze(1)
+
+
+def layer_norm_fixed_scale(
+    x: Tensor, normalized_shape: Sequence[int], weight: Optional[Tensor] = None, bias: Optional[Tensor] = None,
+    eps: float = 1e-5,
+) -> Tensor:
+    """Layer normalisation whose standard deviation is a constant of the backward pass.
+
+    The forward values are those of ``torch.nn.functional.layer_norm``; the gradient treats
+    ``1 / std(x)`` as fixed, so it no longer removes the component along ``x`` that LayerNorm's scale
+    invariance cancels (with it, the gradient at a dominant input is nearly orthogonal to it and its
+    first-order share ``g . x`` nearly zero).
+
+    Example:
+        >>> import torch
+        >>> x = torch.tensor([[1.0, 2.0, 4.0]], requires_grad=True)
+        >>> torch.allclose(layer_norm_fixed_scale(x, (3,)), torch.nn.functional.layer_norm(x, (3,)))
+        True
+        >>> layer_norm_fixed_scale(x, (3,)).sum().backward()  # centring alone: the sum's gradient is 0
+        >>> x.grad.abs().max().item() < 1e-6
+        True
+    """
+    return _FixedScaleLayerNorm.apply(x, tuple(normalized_shape), weight, bias, eps)
+
+
+class _FixedScaleLayerNorm(torch.autograd.Function):
+    """``layer_norm`` forward; backward ``dx = (g w - mean(g w)) / std(x)``, the scale a constant.
+
+    (``weight`` and ``bias`` get no gradient: relevance never asks for one.)
+    """
+
+    @staticmethod
+    def forward(ctx, x, normalized_shape, weight, bias, eps):  # type: ignore[override]
+        dims = tuple(range(-len(normalized_shape), 0))
+        variance = torch.var_mean(x, dim=dims, correction=0, keepdim=True)[0]
+        ctx.save_for_backward(torch.rsqrt(variance + eps), weight)
+        ctx.dims = dims
+        return torch.nn.functional.layer_norm(x, normalized_shape, weight, bias, eps)
+
+    @staticmethod
+    def backward(ctx, grad):  # type: ignore[override]
+        inverse_scale, weight = ctx.saved_tensors
+        weighted = grad if weight is None else grad * weight
+        return (weighted - weighted.mean(dim=ctx.dims, keepdim=True)) * inverse_scale, None, None, None, None
 
 
 def _as_mask(mask: Optional[Tensor], batch: int, length: int, name: str) -> Optional[Tensor]:

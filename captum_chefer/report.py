@@ -98,14 +98,15 @@ METRIC_NOTES = {
 
 
 def default_methods(adapter: Any, *, ig_steps: int = 50, nt_samples: int = 10, nt_stdev: float = 0.1, seed: int = 0) -> list[tuple]:
-    """The compared methods: Chefer (default and ``exclude_self``), Integrated Gradients, Saliency,
-    NoiseTunnel (SmoothGrad over Saliency) and a random baseline, as ``(name, method, kwargs)``.
+    """The compared methods: Chefer (PyHealth's default, ``exclude_self`` and ``preset="recommended"``),
+    Integrated Gradients, Saliency, NoiseTunnel (SmoothGrad over Saliency) and a random baseline, as
+    ``(name, method, kwargs)``.
 
     Example:
         >>> from captum_chefer import PyHealthAdapter
         >>> from captum_chefer.synthetic import toy_model_and_batch
         >>> [name for name, _, _ in default_methods(PyHealthAdapter(toy_model_and_batch()[0]))]
-        ['Chefer', 'Chefer (exclude_self)', 'Integrated Gradients', 'Saliency', 'NoiseTunnel (SmoothGrad)', 'Random']
+        ['Chefer', 'Chefer (exclude_self)', 'Chefer (recommended)', 'Integrated Gradients', 'Saliency', 'NoiseTunnel (SmoothGrad)', 'Random']
     """
     from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
@@ -116,6 +117,7 @@ def default_methods(adapter: Any, *, ig_steps: int = 50, nt_samples: int = 10, n
     return [
         ("Chefer", CheferAttribution(adapter), {}),
         ("Chefer (exclude_self)", CheferAttribution(adapter), {"exclude_self": True}),
+        ("Chefer (recommended)", CheferAttribution(adapter, preset="recommended"), {}),
         ("Integrated Gradients", IntegratedGradients(adapter), {"n_steps": ig_steps}),
         ("Saliency", Saliency(adapter), {}),
         ("NoiseTunnel (SmoothGrad)", NoiseTunnel(Saliency(adapter)), {"nt_type": "smoothgrad", "nt_samples": nt_samples, "stdevs": nt_stdev}),
@@ -694,7 +696,10 @@ record, when the removed codes argued against the class.</li>
 the method: compare methods within one report, never numbers across reports or models.</li>
 <li>Default <b>Chefer</b> starts its propagation from the identity, so the position the model pools (PyHealth's
 Transformer: the first code) gets a relevance of at least 1 in every patient, whatever the code; with
-<code>exclude_self</code> that self term is dropped.</li>
+<code>exclude_self</code> that self term is dropped. <b>Chefer (recommended)</b> is
+<code>CheferAttribution(adapter, preset="recommended")</code>: no self term, each visit's relevance split over its codes
+by their gradient x embedding share, LayerNorm's scale held constant in the backward pass, and the target's log-odds
+explained (benchmarks/QUALITY.md in the package's repository measures it across cohorts).</li>
 </ul>
 <h2>Deletion and insertion curves</h2>
 <img alt="deletion and insertion curves" src="data:image/png;base64,{images['deletion_insertion']}">

@@ -13,7 +13,7 @@ import pytest
 from captum_chefer.cli import main
 
 
-METHODS = ["Chefer", "Chefer (exclude_self)", "Integrated Gradients", "Saliency", "NoiseTunnel (SmoothGrad)", "Random"]
+METHODS = ["Chefer", "Chefer (exclude_self)", "Chefer (recommended)", "Integrated Gradients", "Saliency", "NoiseTunnel (SmoothGrad)", "Random"]
 
 
 @pytest.fixture(scope="module")

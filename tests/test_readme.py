@@ -42,8 +42,6 @@ def test_links_point_at_files():
     for target in re.findall(r"\]\(([^)#]+)\)", text):
         if target.startswith("http"):
             continue
-        if target == "benchmarks/QUALITY.md":  # written from the quality runs across cohorts; may come later
-            continue
         assert (ROOT / target).exists(), target
 
 

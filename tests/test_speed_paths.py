@@ -19,6 +19,9 @@ OPTIONS = [
     {"use_gradients": False},
     {"layers": 1, "use_gradients": False, "head_reduction": "max"},
     {"layers": 1, "clamp": False, "exclude_self": True},
+    {"code_split": "gradient"},
+    {"layernorm": "detach", "score": "log_odds"},
+    {"code_split": "gradient", "exclude_self": True, "layernorm": "detach", "score": "log_odds", "layers": 2},
 ]
 
 

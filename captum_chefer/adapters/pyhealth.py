@@ -24,6 +24,7 @@ differs from the model).
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Literal, Mapping, Optional
@@ -31,8 +32,9 @@ from typing import Any, Callable, Literal, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ..attribution import AttentionForward
+from ..attribution import AttentionForward, FixedScaleLayerNorm
 from ..capture import AttentionCapture, evaluation_mode
+from ..relevance import layer_norm_fixed_scale
 from ._pyhealth_media import media_adapter, media_batch
 from .base import Adapter, DecodedToken, uncompiled
 
@@ -609,9 +611,13 @@ class PyHealthAdapter(Adapter):
             raise ValueError(f"pass pooling='first' or 'last' to PyHealthAdapter for {type(self.model).__name__}")
 
     def attention_forward(
-        self, inputs: tuple[Tensor, ...], additional_forward_args: tuple, *, pooled_row_only: bool = False
+        self, inputs: tuple[Tensor, ...], additional_forward_args: tuple, *, pooled_row_only: bool = False,
+        layernorm: str = "exact",
     ) -> AttentionForward:
         """One forward pass in evaluation mode that captures each layer's attention in the graph.
+
+        ``layernorm="detach"``: the model's ``nn.LayerNorm`` layers hold their standard deviation constant
+        for the backward pass (``CheferAttribution``'s ``layernorm`` option; only this call's thread).
 
         With ``pooled_row_only`` (what the row propagation asks for), a ``Transformer``'s last block is
         evaluated for the first position alone: the model reads nothing else of it (its ``cls_emb``), so
@@ -619,13 +625,21 @@ class PyHealthAdapter(Adapter):
         ``TorchvisionModel`` ViT's last encoder block, for the class token.
         """
         if self._media is not None:
-            return self._media.attention_forward(inputs, additional_forward_args, pooled_row_only=pooled_row_only)
+            with FixedScaleLayerNorm() if layernorm == "detach" else nullcontext():
+                return self._media.attention_forward(inputs, additional_forward_args, pooled_row_only=pooled_row_only)
         self.require_attention()
         args = tuple(additional_forward_args)
         self.split_inputs(tuple(inputs) + args)  # validates the counts before touching the model
+        state_values: dict[str, Tensor] = {}
+        overrides = self._pooled_row_overrides(pooled_row_only)
+        overrides.update(self._state_value_overrides(state_values))
+        if layernorm == "detach":
+            norms = [m for m in self._model_modules if type(m) is nn.LayerNorm and m not in overrides]
+            overrides.update({m: partial(_fixed_scale_norm, m) for m in norms})
+        elif layernorm != "exact":
+            raise ValueError(f"layernorm must be 'exact' or 'detach', got {layernorm!r}")
         capture = AttentionCapture(
-            self._attention_modules, overrides=self._pooled_row_overrides(pooled_row_only),
-            model=self.model, model_modules=self._model_modules,
+            self._attention_modules, overrides=overrides, model=self.model, model_modules=self._model_modules,
         )
         with capture:
             kwargs, step_masks = self._model_kwargs(tuple(inputs), args, track=True)
@@ -637,7 +651,13 @@ class PyHealthAdapter(Adapter):
             else:
                 pool_index[feature.key] = (step_mask.long().sum(dim=1) - 1).clamp(min=0)
         embeddings = {feature.key: _tracked_value(kwargs[feature.key], feature) for feature in self.features}
-        return AttentionForward(logits=logits, attention=capture.attention, pool_index=pool_index, embeddings=embeddings)
+        code_masks = {
+            feature.key: mask for feature, mask in zip(self.features, self.token_masks(args)) if feature.token_dims == 3
+        }
+        return AttentionForward(
+            logits=logits, attention=capture.attention, pool_index=pool_index, embeddings=embeddings,
+            code_masks=code_masks, state_values=state_values,
+        )
 
     def relevance_to_inputs(
         self, relevance: Mapping[str, Tensor], inputs: tuple[Tensor, ...], additional_forward_args: tuple
@@ -656,12 +676,23 @@ class PyHealthAdapter(Adapter):
             if row.shape[1] < steps:  # positions the model truncated away get zero
                 row = torch.nn.functional.pad(row, (0, steps - row.shape[1]))
             row = row[:, :steps]
-            codes = row.unsqueeze(-1).expand(mask.shape) if feature.token_dims == 3 else row
-            codes = codes * mask  # padding gets nothing
+            if feature.token_dims == 3 and row.dim() == 2:  # visit relevance: every real code gets it
+                row = row.unsqueeze(-1).expand(mask.shape)
+            codes = row * mask  # padding gets nothing
             if x.is_floating_point():
                 codes = (codes / x.shape[-1]).unsqueeze(-1).expand(x.shape).contiguous().to(x.dtype)
             out.append(codes.detach())
         return tuple(out)
+
+    def _state_value_overrides(self, store: dict[str, Tensor]) -> dict[nn.Module, Callable[..., Any]]:
+        """``StageAttentionNet``: keep each stream's attention value projection (``AttentionForward.state_values``)."""
+        if not self._stagenet:
+            return {}
+        overrides: dict[nn.Module, Callable[..., Any]] = {}
+        for key in self.feature_keys:
+            projection = self.model.stagenet[key].mha.linear_layers[2]
+            overrides[projection] = partial(_keep_output, store, key)
+        return overrides
 
     def _pooled_row_overrides(self, enabled: bool) -> dict[nn.Module, Callable[..., Any]]:
         """Each stream's last ``TransformerBlock`` computes its first position only (for this call's thread)."""
@@ -756,6 +787,18 @@ def _check_embedding_input(feature: FeatureSpec, x: Tensor, codes_shape: tuple[i
 def _tracked_value(value: tuple[Tensor, ...], feature: FeatureSpec) -> Tensor:
     """The embedded codes of a feature as ``forward_from_embedding`` receives them (the tracked leaf)."""
     return value[feature.value_index] if feature.temporal else value[0]
+
+
+def _fixed_scale_norm(module: nn.LayerNorm, original: Callable[..., Tensor], x: Tensor) -> Tensor:
+    """``module``'s layer norm with its standard deviation a constant of the backward pass."""
+    return layer_norm_fixed_scale(x, module.normalized_shape, module.weight, module.bias, module.eps)
+
+
+def _keep_output(store: dict[str, Tensor], key: str, original: Callable[..., Tensor], *args: Any, **kwargs: Any) -> Tensor:
+    """Run a module and keep its output under ``key``."""
+    output = original(*args, **kwargs)
+    store[key] = output
+    return output
 
 
 def _first_row_block_forward(
