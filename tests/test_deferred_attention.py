@@ -54,7 +54,7 @@ def _rule(maps, grads, pools, *, use_gradients=True, clamp=True, head_reduction=
           propagation="row"):
     """Chefer's rule written out densely: R = I, R += reduce_h(clamp(A_h * dA_h)) R per layer, row ``p`` of R."""
     length = maps[0].shape[-1]
-    relevance = torch.eye(length).expand(len(pools), length, length)
+    relevance = torch.eye(length, dtype=maps[0].dtype).expand(len(pools), length, length)
     chosen = list(zip(maps, grads))[-layers:] if layers else list(zip(maps, grads))
     for attention, grad in chosen:
         weighted = attention * grad if use_gradients else attention
@@ -121,3 +121,18 @@ def test_deferred_layers_of_a_model_that_is_not_a_stack(options):
     tokens, args = adapter.captum_inputs({"input_ids": IDS, "attention_mask": MASK}, level="token")
     (scores,) = CheferAttribution(_NotStacked(adapter)).attribute(tokens, target=TARGET, additional_forward_args=args, **options)
     torch.testing.assert_close(scores, _rule(maps, grads, _pools("gpt2"), **options), atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_a_bfloat16_model_gets_bfloat16_relevance(family):
+    """The pooled row is started in the layers' dtype: bfloat16 in, bfloat16 out, close to the rule on the
+    eager copy's bfloat16 maps (evaluated in float64)."""
+    model = _model(family).to(torch.bfloat16)
+    maps, grads = _eager(model)
+    adapter = HuggingFaceAdapter(model)
+    tokens, args = adapter.captum_inputs({"input_ids": IDS, "attention_mask": MASK}, level="token")
+    for options in ({}, {"head_reduction": "max"}):
+        (scores,) = CheferAttribution(adapter).attribute(tokens, target=TARGET, additional_forward_args=args, **options)
+        assert scores.dtype == torch.bfloat16, options
+        expected = _rule([a.double() for a in maps], [g.double() for g in grads], _pools(family), **options)
+        torch.testing.assert_close(scores.double(), expected.double(), atol=0.05, rtol=0.05, msg=str(options))
