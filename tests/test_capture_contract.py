@@ -446,3 +446,12 @@ def test_calls_not_captured_run_the_models_own_implementation(implementation):
     assert torch.equal(elsewhere, reference)  # another thread: the original implementation and mask, bit for bit
     assert model.config._attn_implementation == implementation
     assert id(model.config) not in capture_module._huggingface_original
+
+
+def test_multihead_attention_stays_on_the_device_of_the_module():
+    """On PyTorch's ``meta`` device nothing may be created on the default device (the causal mask included)."""
+    meta = torch.device("meta")
+    mha = nn.MultiheadAttention(8, 2, batch_first=True, device=meta)
+    x = torch.empty(2, 4, 8, device=meta)
+    outputs = multihead_attention(mha, x, x, x, is_causal=True)
+    assert [out.device for out in outputs] == [meta] * 3

@@ -44,8 +44,11 @@ def test_self_update_refuses_each_mismatch_alone():
     good = {"r_qq": torch.eye(3).expand(2, 3, 3), "r_qi": torch.zeros(2, 3, 4), "weighted": torch.ones(2, 3, 3)}
     bad = [("r_qq", torch.eye(3)), ("r_qi", torch.zeros(3, 4)), ("weighted", torch.ones(2, 3, 4)), ("r_qi", torch.zeros(2, 2, 4)),
            ("r_qi", torch.zeros(1, 3, 4))]
-    for name, value in bad:
-        args = {**good, name: value}
+    cases = [{**good, name: value} for name, value in bad] + [
+        {"r_qq": torch.eye(3), "r_qi": torch.zeros(3, 3, 4), "weighted": torch.ones(3, 3)},  # only R_qq is not 3-D
+        {"r_qq": torch.eye(3).expand(2, 3, 3), "r_qi": torch.zeros(2, 3), "weighted": torch.ones(2, 3, 3)},  # only R_qi
+    ]
+    for args in cases:
         shapes = ", ".join(str(tuple(args[k].shape)) for k in ("r_qq", "r_qi"))
         message = (f"expected R_qq [B, Tq, Tq], R_qi [B, Tq, Ti] and A_bar [B, Tq, Tq]; got {shapes} and "
                    f"{tuple(args['weighted'].shape)}")
@@ -147,3 +150,15 @@ def test_bfloat16_layers_give_bfloat16_relevance(with_encoder):
     torch.testing.assert_close(rows.r_qi.double(), exact.r_qi[torch.arange(2), index], atol=0.05, rtol=0.03)
     torch.testing.assert_close(normalize_relevance(exact.r_qq.bfloat16()).double(), normalize_relevance(exact.r_qq), atol=0.05, rtol=0.03)
     assert normalize_relevance(exact.r_qq.bfloat16()).dtype == torch.bfloat16
+
+
+def test_the_dense_rules_stay_on_the_device_of_their_layers():
+    """On PyTorch's ``meta`` device (shapes without data) nothing may be created on the default device, and
+    masks given on the CPU are moved to the layers."""
+    meta = torch.device("meta")
+    encoder, selfs, crosses = [torch.empty(2, 4, 4, device=meta)], [torch.empty(2, 3, 3, device=meta)], [torch.empty(2, 3, 4, device=meta)]
+    masks = {"input_mask": torch.ones(2, 4, dtype=torch.bool), "query_mask": torch.ones(2, 3, dtype=torch.bool)}
+    outputs = [*dense_encoder_decoder_relevance(encoder, selfs, crosses, **masks), *dense_encoder_decoder_relevance([], selfs, crosses),
+               normalize_relevance(torch.empty(2, 3, 3, device=meta), masks["query_mask"]),
+               mask_padding(crosses[0], masks["query_mask"], masks["input_mask"])]
+    assert [out.device for out in outputs] == [meta] * len(outputs)
