@@ -303,6 +303,19 @@ def test_multihead_attention_without_bias_with_kdim_vdim_and_per_head_weights():
     _compare(mha, q, k, v, attn_mask=torch.randn(2 * 2, 3, 5))
 
 
+def test_multihead_attention_with_nonzero_projection_biases():
+    """torch initialises the projection biases to zero; with other biases each of q, k and v needs its own."""
+    torch.manual_seed(13)
+    for mha, (q, k, v) in ((nn.MultiheadAttention(8, 2, batch_first=True), [torch.randn(2, 4, 8)] * 3),
+                           (nn.MultiheadAttention(8, 2, kdim=6, vdim=4, batch_first=True),
+                            (torch.randn(2, 3, 8), torch.randn(2, 5, 6), torch.randn(2, 5, 4)))):
+        mha.eval()
+        with torch.no_grad():
+            mha.in_proj_bias.normal_()
+            mha.out_proj.bias.normal_()
+        _compare(mha, q, k, v, average_attn_weights=False)
+
+
 def test_multihead_attention_causal_flag_alone_means_the_causal_mask():
     torch.manual_seed(7)
     mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
