@@ -363,6 +363,11 @@ def _qkv(seed: int = 10):
     return [torch.randn(2, 4, 5, 4, generator=generator) for _ in range(3)]
 
 
+def _dispatch(*args, **kwargs):
+    """The dispatcher as transformers calls it, looked up at the call (it is registered when a capture first opens)."""
+    return ALL_ATTENTION_FUNCTIONS[HUGGINGFACE_DISPATCHER](*args, **kwargs)
+
+
 def _padding_mask() -> torch.Tensor:
     mask = torch.zeros(2, 1, 5, 5)
     mask[1, ..., 3:] = torch.finfo(torch.float32).min
@@ -373,7 +378,7 @@ def test_which_calls_are_deferred():
     """SDPA and the probabilities formed later only where plain softmax attention is all the call computes."""
     model = _bert()
     module = model.encoder.layer[0].attention.self
-    dispatcher = ALL_ATTENTION_FUNCTIONS[HUGGINGFACE_DISPATCHER]
+    dispatcher = _dispatch
     q, k, v = _qkv()
     mask = _padding_mask()
     extra = torch.zeros(4)
@@ -468,3 +473,45 @@ def test_multihead_attention_stays_on_the_device_of_the_module():
     x = torch.empty(2, 4, 8, device=meta)
     outputs = multihead_attention(mha, x, x, x, is_causal=True)
     assert [out.device for out in outputs] == [meta] * 3
+
+
+def test_the_dispatcher_passes_the_call_arguments_on_in_every_path():
+    """A scaling other than ``d ** -0.5`` (some models set their own) reaches SDPA in the deferred path, and the
+    model's own implementation in a thread without a capture; ``module`` does too (SDPA reads its causal flag)."""
+    dispatcher = _dispatch
+    q, k, v = _qkv(14)
+    for implementation in ("sdpa", "eager"):
+        model = _bert(implementation)
+        module = model.encoder.layer[0].attention.self
+        probabilities, expected = _softmax_attention(q, k, v, None, 0.3)
+        with AttentionCapture({"s": [module]}, deferred=True) as capture:
+            output, _ = dispatcher(module, q, k, v, None, scaling=0.3)
+            elsewhere, _ = _in_thread(lambda: dispatcher(module, q, k, v, None, scaling=0.3))
+        torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(capture.attention["s"][0].probabilities(), probabilities, atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(elsewhere, expected, atol=1e-5, rtol=1e-5, msg=implementation)  # not causal either
+
+
+def test_deferred_rows_of_a_two_token_sequence():
+    """With two queries the per-query mask must be read at the row asked for."""
+    module = _bert().encoder.layer[0].attention.self
+    q, k, v = (t[:, :, :2] for t in _qkv(15))
+    mask = torch.tensor([[0.0, -1.0], [-2.0, 0.5]]).expand(2, 1, 2, 2).clone()
+    mask[1] = mask[1].flip(-1)
+    with AttentionCapture({"s": [module]}, deferred=True) as capture:
+        ALL_ATTENTION_FUNCTIONS[HUGGINGFACE_DISPATCHER](module, q, k, v, mask, scaling=module.scaling)
+    probabilities, _ = _softmax_attention(q, k, v, mask, module.scaling)
+    rows = torch.tensor([1, 0])
+    expected = probabilities[torch.arange(2), :, rows].unsqueeze(2)
+    torch.testing.assert_close(capture.attention["s"][0].probabilities(None, rows), expected, atol=1e-6, rtol=1e-5)
+
+
+def test_a_transformers_module_listed_before_others_does_not_end_the_setup():
+    model = _bert()
+    mha = nn.MultiheadAttention(8, 2, batch_first=True).eval()
+    modules = find_attention_modules(model)
+    x = torch.randn(1, 3, 8)
+    with AttentionCapture({"text": modules, "other": [mha]}, model=model) as capture:
+        model(input_ids=torch.tensor([[2, 5, 7]]))
+        mha(x, x, x)
+    assert len(capture.attention["text"]) == 2 and len(capture.attention["other"]) == 1

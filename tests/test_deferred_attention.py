@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import dataclasses
 import itertools
+import re
 
 import pytest
 import torch
@@ -136,3 +137,14 @@ def test_a_bfloat16_model_gets_bfloat16_relevance(family):
         assert scores.dtype == torch.bfloat16, options
         expected = _rule([a.double() for a in maps], [g.double() for g in grads], _pools(family), **options)
         torch.testing.assert_close(scores.double(), expected.double(), atol=0.05, rtol=0.05, msg=str(options))
+
+
+def test_too_many_layers_names_every_stream_too_shallow():
+    from tests.test_stacked_toys import A1, A2, X, StackedToy
+
+    toy = StackedToy([A1, A2], streams=("a", "b"))
+    inputs = (torch.tensor([X, X]), torch.tensor([X, X]))
+    with pytest.raises(ValueError, match="^" + re.escape(
+        "layers=3 asks for more attention layers than the model has ('a' has 2, 'b' has 2); pass layers between 1 "
+        "and 2, or None for all of them") + "$"):
+        CheferAttribution(toy).attribute(inputs, layers=3)
