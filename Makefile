@@ -34,8 +34,9 @@ bench: $(STAMP)
 notebooks: $(STAMP)
 	$(PY) tools/run_notebooks.py $(NB)
 
-# Mutation testing of relevance.py and attribution.py (the modules listed in setup.cfg, [mutmut] only_mutate)
-# with the fast tests; writes benchmarks/MUTATION.md. About half an hour on 2 cores; not part of `make test`.
+# Mutation testing of relevance.py, attribution.py and capture.py (the modules listed in setup.cfg, [mutmut]
+# only_mutate) with the fast tests; writes benchmarks/MUTATION.md. About 50 minutes on 2 cores; not part of
+# `make test`.
 MUTMUT_VERSION := 3.8.1
 mutation: $(STAMP)
 	@$(PY) -c 'import importlib.metadata as m, sys; sys.exit(m.version("mutmut") != "$(MUTMUT_VERSION)")' 2>/dev/null \
