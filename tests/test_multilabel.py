@@ -110,3 +110,23 @@ def test_integrated_gradients_is_complete_for_each_samples_class(multilabel):
     torch.testing.assert_close(total, gap[:, 0], atol=1e-4 * float(gap.abs().max()), rtol=0)
     for key, scores in adapter.to_feature_dict(ig).items():
         assert torch.all(scores[batch[key] == 0] == 0)
+
+
+def test_log_odds_of_a_sigmoid_label_is_its_logit(multilabel):
+    """Each label of a multilabel model is its own sigmoid, whose log-odds is the label's logit: score="log_odds"
+    must give exactly the logit's relevance (a softmax over the labels would mix the other labels in)."""
+    model, batch = multilabel
+    adapter = PyHealthAdapter(model)
+    inputs, args = adapter.captum_inputs(batch)
+    target = torch.tensor([0, 1, 2, 3, 0, 1, 2, 3])
+    chefer = CheferAttribution(adapter)
+    log_odds = chefer.attribute(inputs, target=target, additional_forward_args=args, score="log_odds")
+    logit = chefer.attribute(inputs, target=target, additional_forward_args=args, score="logit")
+    for a, b in zip(log_odds, logit):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # and it differs from the softmax log-odds, so the check above can fail
+    from captum_chefer.relevance import softmax_log_odds
+
+    with torch.no_grad():
+        logits = adapter(*inputs, *args)
+    assert not torch.allclose(softmax_log_odds(logits, target), logits.gather(1, target.view(-1, 1)).view(-1))
