@@ -321,18 +321,13 @@ def ig_internal_batch(config: Config | TransformerConfig) -> int:
     return config.batch * max(1, min(IG_STEPS, 4096 // config.length))
 
 
-def make_methods(w: Workload) -> dict[str, Callable[[], Any]]:
-    """One zero-argument call per method; each returns its attributions (or logits)."""
-    if isinstance(w.config, TransformerConfig):
-        return make_transformer_methods(w)
+def common_methods(w: Workload) -> dict[str, Callable[[], Any]]:
+    """The calls both grids time: the no-grad forward, ours, Saliency and IG (``IG_STEPS``)."""
     from captum.attr import IntegratedGradients, Saliency
-    from pyhealth.interpret.methods import CheferRelevance
 
     from captum_chefer import CheferAttribution
 
     chefer = CheferAttribution(w.adapter)
-    recommended = CheferAttribution(w.adapter, preset="recommended")
-    reference = CheferRelevance(w.model)
     saliency = Saliency(w.adapter)
     ig = IntegratedGradients(w.adapter)
     kwargs = dict(target=w.target, additional_forward_args=w.args)
@@ -340,6 +335,28 @@ def make_methods(w: Workload) -> dict[str, Callable[[], Any]]:
     def forward() -> Any:
         with torch.no_grad():
             return w.adapter(*w.inputs, *w.args)
+
+    return {
+        "forward": forward,
+        "chefer": lambda: chefer.attribute(w.inputs, **kwargs),
+        "saliency": lambda: saliency.attribute(w.inputs, **kwargs),
+        "ig": lambda: ig.attribute(w.inputs, n_steps=IG_STEPS, internal_batch_size=ig_internal_batch(w.config), **kwargs),
+    }
+
+
+def make_methods(w: Workload) -> dict[str, Callable[[], Any]]:
+    """One zero-argument call per method; each returns its attributions (or logits)."""
+    if isinstance(w.config, TransformerConfig):
+        return make_transformer_methods(w)
+    from pyhealth.interpret.methods import CheferRelevance
+
+    from captum_chefer import CheferAttribution
+
+    common = common_methods(w)
+    chefer = CheferAttribution(w.adapter)
+    recommended = CheferAttribution(w.adapter, preset="recommended")
+    reference = CheferRelevance(w.model)
+    kwargs = dict(target=w.target, additional_forward_args=w.args)
 
     def pyhealth() -> Any:
         try:
@@ -348,37 +365,19 @@ def make_methods(w: Workload) -> dict[str, Callable[[], Any]]:
             release_pyhealth_state(w.model)
 
     return {
-        "forward": forward,
-        "chefer": lambda: chefer.attribute(w.inputs, **kwargs),
+        "forward": common["forward"],
+        "chefer": common["chefer"],
         "chefer-split": lambda: chefer.attribute(w.inputs, code_split="gradient", **kwargs),
         "chefer-recommended": lambda: recommended.attribute(w.inputs, **kwargs),
         "pyhealth": pyhealth,
-        "saliency": lambda: saliency.attribute(w.inputs, **kwargs),
-        "ig": lambda: ig.attribute(w.inputs, n_steps=IG_STEPS, internal_batch_size=ig_internal_batch(w.config), **kwargs),
+        "saliency": common["saliency"],
+        "ig": common["ig"],
     }
 
 
 def make_transformer_methods(w: Workload) -> dict[str, Callable[[], Any]]:
     """Forward, ours, Saliency, IG (``IG_STEPS``) and, for the PyHealth ViT, PyHealth's reference."""
-    from captum.attr import IntegratedGradients, Saliency
-
-    from captum_chefer import CheferAttribution
-
-    chefer = CheferAttribution(w.adapter)
-    saliency = Saliency(w.adapter)
-    ig = IntegratedGradients(w.adapter)
-    kwargs = dict(target=w.target, additional_forward_args=w.args)
-
-    def forward() -> Any:
-        with torch.no_grad():
-            return w.adapter(*w.inputs, *w.args)
-
-    calls: dict[str, Callable[[], Any]] = {
-        "forward": forward,
-        "chefer": lambda: chefer.attribute(w.inputs, **kwargs),
-        "saliency": lambda: saliency.attribute(w.inputs, **kwargs),
-        "ig": lambda: ig.attribute(w.inputs, n_steps=IG_STEPS, internal_batch_size=ig_internal_batch(w.config), **kwargs),
-    }
+    calls = common_methods(w)
     if w.config.family == "pyhealth-vit":
         from pyhealth.interpret.methods.chefer import _reference_attribute_vit
 
