@@ -313,11 +313,11 @@ class CheferAttribution(GradientAttribution):
             captured.attention = {}  # the propagation below holds the only references and drops them early
             split = _SplitInputs(captured) if chosen["code_split"] == "gradient" else _SplitInputs(None)
             if propagation == "row" and captured.stacked:
-                rows, extra = _rows_fused(explained, streams, captured.pool_index, reduce, split.wanted, split.retain)
+                rows, extra = _rows_fused(explained, streams, captured.pool_index, reduce, split.wanted)
             elif propagation == "row":
-                rows, extra = _rows_collected(explained, streams, captured.pool_index, reduce, split.wanted, split.retain)
+                rows, extra = _rows_collected(explained, streams, captured.pool_index, reduce, split.wanted)
             else:
-                rows, extra = _rows_dense(explained, streams, captured.pool_index, reduce, split.wanted, split.retain)
+                rows, extra = _rows_dense(explained, streams, captured.pool_index, reduce, split.wanted)
             if chosen["exclude_self"]:
                 rows = {
                     key: row - pooling_rows(captured.pool_index[key], row.shape[1], row.dtype)
@@ -334,7 +334,7 @@ class CheferAttribution(GradientAttribution):
         probabilities = getattr(self.model, "probabilities", None)
         if probabilities is None:
             return True
-        probe = logits.detach()[:1]
+        probe = logits.detach()
         return bool(torch.allclose(probabilities(probe), probe.softmax(dim=1)))
 
     # Captum's usage logging, which NoiseTunnel relies on (it calls ``attribute.__wrapped__``). Applied
@@ -345,7 +345,7 @@ class CheferAttribution(GradientAttribution):
 
 def _rows_fused(
     explained: Tensor, streams: dict[str, list[Optional[Tensor]]], pool_index: dict[str, Tensor], reduce: dict,
-    extra: Sequence[Tensor] = (), retain: bool = False,
+    extra: Sequence[Tensor] = (),
 ) -> tuple[dict[str, Tensor], tuple[Optional[Tensor], ...]]:
     """Row recursion inside the backward pass: each layer's hook consumes its gradient on arrival.
 
@@ -390,7 +390,7 @@ def _rows_fused(
             wanted.append(_graph_tensor(maps[0]))  # the lowest layer used: the backward stops there
         grads: tuple[Optional[Tensor], ...] = ()
         if wanted or extra:
-            grads = torch.autograd.grad(explained, wanted + list(extra), allow_unused=True, retain_graph=retain)
+            grads = torch.autograd.grad(explained, wanted + list(extra), allow_unused=True)
     finally:
         for handle in handles:
             handle.remove()
@@ -422,56 +422,49 @@ def _propagate_deferred(
     The head mean of the clamped products is a sum over head groups, the head maximum a maximum over them,
     so the reduced ``[B, L, L]`` matrix is accumulated group by group and never more than a group's
     ``[B, h, L, L]`` maps exist at once. The last layer (``e_p`` so far) is formed for the pooled row only.
+    Only the backward hook of :func:`_rows_fused` calls it, so there is always a gradient.
     """
     top = depth == len(streams[key]) - 1
     batch, heads, _, length = layer.shape
     index = pool_index[key].long() if top else None
     step = -(-heads // DEFERRED_HEAD_CHUNKS)
-    if reduce["use_gradient"] and reduce["head_reduction"] == "mean":
-        # the default rule, in place: r (1/H) sum_h clamp(A_h dA_h) without forming the head mean
-        total: Optional[Tensor] = None
-        for start in range(0, heads, step):
-            group = slice(start, min(heads, start + step))
-            weighted = layer.probabilities(group, index).mul_(layer.gradient(grad, group, index))  # [B, h, Q', L]
-            if reduce["clamp"]:
-                weighted.clamp_(min=0)
-            if top:
-                part = weighted.sum(dim=1)[:, 0]  # [B, L]
-            else:
-                spread = row.unsqueeze(1).repeat(1, 1, weighted.shape[1])  # [B, 1, h*L]: r once per head
-                part = torch.bmm(spread, weighted.reshape(batch, -1, length)).squeeze(1)
-            total = part if total is None else total.add_(part)
-            del weighted
-        assert total is not None
-        base = pooling_rows(index, length, total.dtype) if top else row
-        return base + total / heads
-    reduced: Optional[Tensor] = None
-    for start in range(0, heads, step):
-        group = slice(start, min(heads, start + step))
-        attention = layer.probabilities(group, index)
-        gradient = layer.gradient(grad, group, index) if reduce["use_gradient"] else None
-        weighted = weighted_attention(attention, gradient, **reduce)  # [B, Q', L]
-        del attention, gradient
-        if reduce["head_reduction"] == "mean":
-            weighted = weighted * ((group.stop - group.start) / heads)
-            reduced = weighted if reduced is None else reduced.add_(weighted)
+    groups = [slice(start, min(heads, start + step)) for start in range(0, heads, step)]
+    if reduce["head_reduction"] == "max":
+        reduced: Optional[Tensor] = None
+        for group in groups:
+            weighted = weighted_attention(layer.probabilities(group, index), layer.gradient(grad, group, index), **reduce)
+            reduced = weighted if reduced is None else torch.maximum(reduced, weighted)  # [B, Q', L]
+        assert reduced is not None
+        if top:
+            return pooling_rows(index, length, reduced.dtype) + reduced[:, 0]
+        return propagate_row(row, reduced)
+    # the head mean, in place: r (1/H) sum_h clamp(A_h dA_h) without forming the head mean
+    total: Optional[Tensor] = None
+    for group in groups:
+        weighted = layer.probabilities(group, index).mul_(layer.gradient(grad, group, index))  # [B, h, Q', L]
+        if reduce["clamp"]:
+            weighted.clamp_(min=0)
+        if top:
+            part = weighted.sum(dim=1)[:, 0]  # [B, L]
         else:
-            reduced = weighted if reduced is None else torch.maximum(reduced, weighted)
-    assert reduced is not None
-    if top:
-        return pooling_rows(index, length, reduced.dtype) + reduced[:, 0]
-    return propagate_row(row, reduced)
+            spread = row.unsqueeze(1).repeat(1, 1, weighted.shape[1])  # [B, 1, h*L]: r once per head
+            part = torch.bmm(spread, weighted.reshape(batch, -1, length)).squeeze(1)
+        total = part if total is None else total.add_(part)
+        del weighted
+    assert total is not None
+    base = pooling_rows(index, length, total.dtype) if top else row
+    return base + total / heads
 
 
 def _gradients(
-    explained: Tensor, streams: Mapping[str, list[Tensor]], reduce: dict, extra: Sequence[Tensor] = (), retain: bool = False
+    explained: Tensor, streams: Mapping[str, list[Tensor]], reduce: dict, extra: Sequence[Tensor] = ()
 ) -> tuple[dict[str, list[Optional[Tensor]]], tuple[Optional[Tensor], ...]]:
     """The attention gradients of every layer of every stream, and those of ``extra``, from one ``autograd.grad`` call."""
     flat = [a for maps in streams.values() for a in maps]
     wanted = [_graph_tensor(a) for a in flat] if reduce["use_gradient"] else []
     grads: tuple[Optional[Tensor], ...] = ()
     if wanted or extra:
-        grads = torch.autograd.grad(explained, wanted + list(extra), allow_unused=True, retain_graph=retain)
+        grads = torch.autograd.grad(explained, wanted + list(extra), allow_unused=True)
     attention_grads = grads[: len(wanted)] if reduce["use_gradient"] else (None,) * len(flat)
     out, i = {}, 0
     for key, maps in streams.items():
@@ -484,11 +477,11 @@ def _gradients(
 
 def _rows_collected(
     explained: Tensor, streams: dict[str, list[Tensor]], pool_index: dict[str, Tensor], reduce: dict,
-    extra: Sequence[Tensor] = (), retain: bool = False,
+    extra: Sequence[Tensor] = (),
 ) -> tuple[dict[str, Tensor], tuple[Optional[Tensor], ...]]:
     """The row recursion from gradients collected first, for attention layers that are not a stack."""
     rows = {}
-    gradients, extra_grads = _gradients(explained, streams, reduce, extra, retain)
+    gradients, extra_grads = _gradients(explained, streams, reduce, extra)
     for key, grads in gradients.items():
         maps = streams[key]
         row = pooling_rows(pool_index[key], maps[0].shape[-1], maps[0].dtype)
@@ -500,11 +493,11 @@ def _rows_collected(
 
 def _rows_dense(
     explained: Tensor, streams: dict[str, list[Tensor]], pool_index: dict[str, Tensor], reduce: dict,
-    extra: Sequence[Tensor] = (), retain: bool = False,
+    extra: Sequence[Tensor] = (),
 ) -> tuple[dict[str, Tensor], tuple[Optional[Tensor], ...]]:
     """The reference: all gradients at once, then the dense product, then read the pooling row."""
     rows = {}
-    gradients, extra_grads = _gradients(explained, streams, reduce, extra, retain)
+    gradients, extra_grads = _gradients(explained, streams, reduce, extra)
     for key, grads in gradients.items():
         weighted = [weighted_attention(_probabilities(a), g, **reduce) for a, g in zip(streams[key], grads)]
         rows[key] = read_rows(dense_relevance(weighted), pool_index[key])
@@ -524,21 +517,27 @@ class _SplitInputs:
     def __init__(self, captured: Optional[AttentionForward]) -> None:
         self.keys: list[str] = []
         self.wanted: list[Tensor] = []
-        self.retain = False
         self._captured = captured
         if captured is None:
             return
-        for key, mask in captured.code_masks.items():
+        for key in captured.code_masks:
             embedding = captured.embeddings.get(key)
             if embedding is None or embedding.dim() != 4 or not embedding.requires_grad:
-                continue
+                raise ValueError(
+                    f"code_split='gradient' needs the [B, V, C, D] code embeddings of stream {key!r} in the autograd "
+                    f"graph, and attention_forward returned {_describe(embedding)}; return them in "
+                    "AttentionForward(embeddings=...), or pass code_split='uniform'"
+                )
             self.keys.append(key)
             values = captured.state_values.get(key)
             self.wanted.append(values if values is not None else embedding)
-            self.retain = self.retain or values is not None
 
     def codes(self, rows: dict[str, Tensor], grads: Sequence[Optional[Tensor]]) -> dict[str, Tensor]:
-        """``rows`` with each split stream's relevance replaced by ``[B, V, C]`` code relevance."""
+        """``rows`` with each split stream's relevance replaced by ``[B, V, C]`` code relevance.
+
+        The second vector-Jacobian product (``state_values``) needs no retained graph: the first backward
+        pass stopped at the value projection and never ran the part below it.
+        """
         if not self.keys:
             return rows
         captured = self._captured
@@ -546,26 +545,21 @@ class _SplitInputs:
         out = dict(rows)
         for key, grad in zip(self.keys, grads):
             embedding, mask = captured.embeddings[key], captured.code_masks[key].to(rows[key].device).bool()
-            row = rows[key]
-            visits = mask.shape[1]
-            if row.shape[1] < visits:  # positions the model truncated away get zero
-                row = torch.nn.functional.pad(row, (0, visits - row.shape[1]))
-            row = row[:, :visits]
             values = captured.state_values.get(key)
             if values is None:
-                shares = torch.zeros(mask.shape, dtype=row.dtype, device=row.device) if grad is None else (grad * embedding.detach()).sum(-1)
-                out[key] = split_over_codes(row, shares, mask)
+                row, visits = rows[key], mask.shape[1]
+                if row.shape[1] < visits:  # visits the model truncated away get zero
+                    row = torch.nn.functional.pad(row, (0, visits - row.shape[1]))
+                shares = None if grad is None else (grad * embedding.detach()).sum(-1)
+                out[key] = split_over_codes(row[:, :visits], shares, mask)
                 continue
             # StageAttentionNet: sum_t r_t gV_t . V_t taken back to the codes (weights r_t known only now).
-            if grad is None:
-                shares = torch.zeros(mask.shape, dtype=row.dtype, device=row.device)
-            else:
-                weights = rows[key][:, : values.shape[1]].unsqueeze(-1).to(grad.dtype)
-                (back,) = torch.autograd.grad(values, embedding, grad_outputs=grad * weights, allow_unused=True)
-                shares = torch.zeros(mask.shape, dtype=row.dtype, device=row.device) if back is None else (back * embedding.detach()).sum(-1)
-            batch = mask.shape[0]
-            flat = split_over_codes(rows[key].sum(dim=1, keepdim=True), shares.reshape(batch, 1, -1), mask.reshape(batch, 1, -1))
-            out[key] = flat.reshape(mask.shape)
+            shares = None
+            if grad is not None:
+                (back,) = torch.autograd.grad(values, embedding, grad_outputs=grad * rows[key].unsqueeze(-1).to(grad.dtype))
+                shares = (back * embedding.detach()).sum(-1).reshape(mask.shape[0], 1, -1)
+            flat_mask = mask.reshape(mask.shape[0], 1, -1)
+            out[key] = split_over_codes(rows[key].sum(dim=1, keepdim=True), shares, flat_mask).reshape(mask.shape)
         return out
 
 
@@ -586,9 +580,7 @@ class FixedScaleLayerNorm(TorchFunctionMode):
 
     def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
         kwargs = kwargs or {}
-        if func is torch.nn.functional.layer_norm:
-            if "input" in kwargs:
-                args, kwargs = (kwargs.pop("input"), *args), kwargs
+        if func is torch.nn.functional.layer_norm:  # torch hands over (input, normalized_shape) by position
             return layer_norm_fixed_scale(*args, **kwargs)
         return func(*args, **kwargs)
 
@@ -630,6 +622,12 @@ def _check_maps(streams: Mapping[str, Sequence[Tensor]], pooled_allowed: bool) -
                 )
 
 
+def _describe(embedding: Optional[Tensor]) -> str:
+    if embedding is None:
+        return "none"
+    return f"a tensor of shape {tuple(embedding.shape)}" + ("" if embedding.requires_grad else " outside the graph")
+
+
 def _deferred(layer: Any) -> bool:
     return not isinstance(layer, Tensor) and hasattr(layer, "graph_tensor")
 
@@ -665,9 +663,7 @@ def _select_target(logits: Tensor, target: TargetType, log_odds: bool = False) -
         return logits[:, 0].sum()
     if isinstance(target, bool):
         raise TypeError("target must be an int, a sequence of ints or a tensor, not a bool")
-    if isinstance(target, int):
-        index = torch.full((batch,), target, dtype=torch.long, device=logits.device)
-    elif isinstance(target, (Tensor, list, tuple)):
+    if isinstance(target, (int, Tensor, list, tuple)):
         index = torch.as_tensor(target, device=logits.device)
         if index.is_floating_point() or index.is_complex():
             raise TypeError(f"target must hold integer class indices, got dtype {index.dtype}")

@@ -257,7 +257,7 @@ def read_rows(relevance: Tensor, pool_index: Tensor) -> Tensor:
 # --- Encoder-decoder rules (paper, Eq. 6-10) ------------------------------------------------------
 
 
-def split_over_codes(visit_relevance: Tensor, shares: Tensor, mask: Tensor) -> Tensor:
+def split_over_codes(visit_relevance: Tensor, shares: Optional[Tensor], mask: Tensor) -> Tensor:
     """Each visit's relevance split over its real codes in proportion to their positive shares.
 
     Attention over visits scores a visit as a whole; a visit embedding that is the sum of its code
@@ -273,6 +273,7 @@ def split_over_codes(visit_relevance: Tensor, shares: Tensor, mask: Tensor) -> T
     Args:
         visit_relevance: ``[B, V]`` relevance of each visit.
         shares: ``[B, V, C]`` each code's share (e.g. ``g_v . e_vc``); only its positive part counts.
+            ``None`` (no gradient reached the codes): the even split.
         mask: ``[B, V, C]`` ``True`` (or 1) on real codes.
 
     Returns:
@@ -287,15 +288,17 @@ def split_over_codes(visit_relevance: Tensor, shares: Tensor, mask: Tensor) -> T
         >>> split_over_codes(r, torch.tensor([[[-1.0, 0.0, -2.0, 5.0]]]), mask).tolist()  # none positive: even
         [[[0.6666666865348816, 0.6666666865348816, 0.6666666865348816, 0.0]]]
     """
-    if shares.shape != mask.shape or tuple(visit_relevance.shape) != tuple(mask.shape[:2]):
+    if (shares is not None and shares.shape != mask.shape) or tuple(visit_relevance.shape) != tuple(mask.shape[:2]):
         raise ValueError(
             f"split_over_codes needs visit_relevance [B, V] and shares, mask [B, V, C] of the same B, V; got "
-            f"{tuple(visit_relevance.shape)}, {tuple(shares.shape)}, {tuple(mask.shape)}"
+            f"{tuple(visit_relevance.shape)}, {None if shares is None else tuple(shares.shape)}, {tuple(mask.shape)}"
         )
     real = mask.to(visit_relevance.dtype)
+    even = real / real.sum(dim=-1, keepdim=True).clamp(min=1)
+    if shares is None:
+        return visit_relevance.unsqueeze(-1) * even
     positive = (shares.to(visit_relevance.dtype) * real).clamp(min=0)
     total = positive.sum(dim=-1, keepdim=True)
-    even = real / real.sum(dim=-1, keepdim=True).clamp(min=1)
     fraction = torch.where(total > 0, positive / total.clamp(min=torch.finfo(total.dtype).tiny), even)
     return visit_relevance.unsqueeze(-1) * fraction
 

@@ -13,7 +13,8 @@ import pytest
 import torch
 
 from captum_chefer import CheferAttribution, PyHealthAdapter
-from captum_chefer.attribution import PRESETS, AttentionForward
+from captum_chefer.attribution import PRESETS, AttentionForward, FixedScaleLayerNorm
+from captum_chefer.attribution import _names_keyword
 from captum_chefer.relevance import layer_norm_fixed_scale, softmax_log_odds, split_over_codes
 
 from conftest import first_batch, make_dataset, make_model
@@ -54,6 +55,18 @@ def test_split_keeps_negative_visit_relevance_and_checks_shapes():
         split_over_codes(torch.zeros(1, 2), torch.zeros(1, 3, 2), torch.ones(1, 3, 2, dtype=torch.bool))
 
 
+def test_split_without_shares_is_even_and_in_the_relevance_dtype():
+    # shares None (no gradient reached the codes) or none positive: R_v / n_v, exact in float64
+    relevance = torch.tensor([[1.0, 2.0]], dtype=torch.float64)
+    mask = torch.tensor([[[True, True, True], [True, True, False]]])
+    expected = [[[1 / 3, 1 / 3, 1 / 3], [1.0, 1.0, 0.0]]]
+    assert split_over_codes(relevance, None, mask).tolist() == expected
+    assert split_over_codes(relevance, -torch.ones(1, 2, 3), mask).tolist() == expected
+    assert split_over_codes(relevance, None, mask).dtype == torch.float64
+    with pytest.raises(ValueError, match=r"got \(1, 2\), None, \(1, 3, 3\)"):
+        split_over_codes(relevance, None, torch.ones(1, 3, 3, dtype=torch.bool))
+
+
 def test_softmax_log_odds_by_hand():
     logits = torch.tensor([[1.0, 3.0, 0.0], [0.0, 0.0, 0.0]])
     out = softmax_log_odds(logits, torch.tensor([1, 2]))
@@ -71,6 +84,38 @@ def test_fixed_scale_layer_norm_values_and_jacobian():
     s = math.sqrt(float(x.var(unbiased=False)) + 1e-5)
     expected = torch.diag(weight) @ (torch.eye(4) - torch.full((4, 4), 0.25)) / s
     assert torch.allclose(jacobian, expected, atol=1e-6)
+
+
+def _fixed_scale_jacobian(x, weight, eps):
+    """diag(weight) (I - 11^T / D) / s, with s = sqrt(var(x) + eps) held fixed (computed by hand)."""
+    d = x.shape[-1]
+    s = math.sqrt(float(x.var(unbiased=False)) + eps)
+    return torch.diag(weight) @ (torch.eye(d) - torch.full((d, d), 1 / d)) / s
+
+
+def test_fixed_scale_layer_norm_default_eps_without_weight():
+    x = torch.tensor([[0.0, 1e-3, 2e-3, 4e-3]])  # variance ~2e-6: eps = 1e-5 dominates the scale
+    out = layer_norm_fixed_scale(x, (4,))
+    assert torch.allclose(out, torch.nn.functional.layer_norm(x, (4,), eps=1e-5), atol=1e-6)
+    jacobian = torch.autograd.functional.jacobian(lambda v: layer_norm_fixed_scale(v, (4,)), x)[0, :, 0, :]
+    assert torch.allclose(jacobian, _fixed_scale_jacobian(x[0], torch.ones(4), 1e-5), rtol=1e-4)
+
+
+def test_fixed_scale_mode_passes_the_layer_norms_weight_bias_and_eps():
+    norm = torch.nn.LayerNorm(4, eps=0.5)
+    with torch.no_grad():
+        norm.weight.copy_(torch.tensor([1.0, 2.0, 0.5, -1.0]))
+        norm.bias.copy_(torch.tensor([0.1, 0.0, -0.2, 0.3]))
+    x = torch.tensor([[1.0, 1.5, 0.0, 0.5]])  # variance 0.3: eps = 0.5 matters in both passes
+
+    def fixed(v):
+        with FixedScaleLayerNorm():
+            return norm(v)
+
+    expected_out = (x - x.mean()) / math.sqrt(float(x.var(unbiased=False)) + 0.5) * norm.weight + norm.bias
+    assert torch.allclose(fixed(x), expected_out, atol=1e-6)
+    jacobian = torch.autograd.functional.jacobian(fixed, x)[0, :, 0, :]
+    assert torch.allclose(jacobian, _fixed_scale_jacobian(x[0], norm.weight.detach(), 0.5), atol=1e-6)
 
 
 # ------------------------------------------------------------------------------------ Transformer
@@ -104,6 +149,59 @@ def test_transformer_split_follows_an_independent_gradient():
     expected = torch.where(total > 0, visit.unsqueeze(-1) * shares / total.clamp(min=1e-30),
                            visit.unsqueeze(-1) * mask / mask.sum(-1, keepdim=True).clamp(min=1))
     assert torch.allclose(split["procedures"], expected * mask, atol=1e-6)
+
+
+def _two_nested_streams(seed: int, **model_kwargs):
+    """A Transformer over two nested streams (procedures, then diagnoses) and a flat one."""
+    import random
+
+    from pyhealth.datasets import create_sample_dataset
+
+    from captum_chefer.synthetic import quiet_pyhealth
+    from conftest import make_samples
+
+    rng = random.Random(seed)
+    samples = make_samples("sequence", n=8, seed=seed)
+    for sample in samples:
+        sample["diagnoses"] = [[f"D{rng.randrange(7)}" for _ in range(rng.randint(1, 3))] for _ in range(rng.randint(1, 5))]
+    schema = {"conditions": "sequence", "procedures": "nested_sequence", "diagnoses": "nested_sequence"}
+    with quiet_pyhealth():
+        dataset = create_sample_dataset(samples=samples, input_schema=schema, output_schema={"label": "binary"},
+                                        dataset_name="test-two-nested")
+    model = make_model(dataset, seed=seed, **model_kwargs)
+    adapter = PyHealthAdapter(model)
+    inputs, args = adapter.captum_inputs(first_batch(dataset, batch_size=8))
+    return adapter, inputs, args
+
+
+def test_every_nested_stream_is_split_by_its_own_gradient():
+    adapter, inputs, args = _two_nested_streams(seed=7)
+    split = _codes(adapter, CheferAttribution(adapter).attribute(inputs, None, args, code_split="gradient"))
+    uniform = _codes(adapter, CheferAttribution(adapter).attribute(inputs, None, args))
+    embedded = [x.clone().requires_grad_(True) for x in inputs]
+    grads = torch.autograd.grad(adapter(*embedded, *args)[:, 0].sum(), embedded[1:])
+    masks = adapter.token_masks(args)[1:]
+    for key, x, grad, mask in zip(("procedures", "diagnoses"), inputs[1:], grads, masks):
+        shares = ((grad * x).sum(-1) * mask).clamp(min=0)
+        visit = (uniform[key] * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        total = shares.sum(-1, keepdim=True)
+        fraction = torch.where(total > 0, shares / total.clamp(min=1e-30), mask / mask.sum(-1, keepdim=True).clamp(min=1))
+        assert torch.allclose(split[key], visit.unsqueeze(-1) * fraction * mask, atol=1e-6), key
+        assert not torch.allclose(split[key], uniform[key]), key
+
+
+def test_visits_the_model_truncated_away_get_zero_and_kept_visits_keep_their_sum():
+    adapter, inputs, args = _two_nested_streams(seed=8, max_seq_len=2)
+    masks = dict(zip(adapter.feature_keys, adapter.token_masks(args)))
+    assert masks["diagnoses"][:, 2:].any(), "the fixture must hold visits beyond max_seq_len"
+    split = _codes(adapter, CheferAttribution(adapter).attribute(inputs, None, args, code_split="gradient"))
+    uniform = _codes(adapter, CheferAttribution(adapter).attribute(inputs, None, args))
+    for key in ("procedures", "diagnoses"):
+        mask = masks[key]
+        assert bool((split[key][:, 2:] == 0).all()), key
+        visit = (uniform[key] * mask).sum(-1) / mask.sum(-1).clamp(min=1)
+        assert torch.allclose(split[key].sum(-1)[:, :2], visit[:, :2], atol=1e-6), key
+        assert bool((split[key][~mask] == 0).all()), key
 
 
 @pytest.mark.parametrize("kwargs", [{"code_split": "gradient"}, PRESETS["recommended"]])
@@ -162,6 +260,81 @@ def test_stagenet_split_follows_the_value_path_computed_independently():
     shares = ((back * inputs[0]).sum(-1) * mask).clamp(min=0)
     expected = states.sum(1)[:, None, None] * shares / shares.sum((1, 2), keepdim=True)
     assert torch.allclose(split["codes"], expected, atol=1e-6)
+
+
+class _Rewired:
+    """The adapter with its ``AttentionForward`` changed by ``change`` (a test double for other models)."""
+
+    def __init__(self, adapter, change):
+        self.adapter, self.change = adapter, change
+
+    def __call__(self, *args):
+        return self.adapter(*args)
+
+    def attention_forward(self, inputs, args, *, pooled_row_only=False):
+        return self.change(self.adapter.attention_forward(inputs, args, pooled_row_only=pooled_row_only))
+
+    def relevance_to_inputs(self, relevance, inputs, args):
+        return self.adapter.relevance_to_inputs(relevance, inputs, args)
+
+
+def _unstacked(out):
+    out.stacked = False  # gradients collected first, then the row recursion
+    return out
+
+
+@pytest.mark.parametrize("propagation", ["dense", "unstacked"])
+def test_stagenet_split_is_the_same_on_every_propagation_path(propagation):
+    _, adapter, _, inputs, args = _setup("stagenet_nested", "stagenet", seed=5)
+    fused = CheferAttribution(adapter).attribute(inputs, None, args, code_split="gradient")
+    if propagation == "dense":
+        other = CheferAttribution(adapter).attribute(inputs, None, args, code_split="gradient", propagation="dense")
+    else:
+        other = CheferAttribution(_Rewired(adapter, _unstacked)).attribute(inputs, None, args, code_split="gradient")
+    for a, b in zip(fused, other):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def _embedding_off_the_path(out):
+    for key in out.code_masks:  # a 4-d leaf the logits do not depend on: no gradient reaches it
+        out.embeddings[key] = out.embeddings[key].detach().clone().requires_grad_(True)
+        if key in out.state_values:
+            out.state_values[key] = out.state_values[key].detach().clone().requires_grad_(True)
+    return out
+
+
+@pytest.mark.parametrize("fmt, kind", [("sequence", "transformer"), ("stagenet_nested", "stagenet")])
+def test_codes_no_gradient_reaches_split_evenly(fmt, kind):
+    _, adapter, _, inputs, args = _setup(fmt, kind, seed=2)
+    key = "procedures" if kind == "transformer" else "codes"
+    mask = dict(zip(adapter.feature_keys, adapter.token_masks(args)))[key]
+    uniform = _codes(adapter, CheferAttribution(adapter).attribute(inputs, None, args))[key]
+    split = _codes(adapter, CheferAttribution(_Rewired(adapter, _embedding_off_the_path)).attribute(
+        inputs, None, args, code_split="gradient"))[key]
+    visit = (uniform * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # the visit's (state's) relevance
+    if kind == "transformer":  # each visit's relevance over its real codes
+        expected = visit.unsqueeze(-1) / mask.sum(-1, keepdim=True).clamp(min=1)
+    else:  # the stream's relevance over all its real codes
+        expected = (visit.sum(1) / mask.sum((1, 2)))[:, None, None]
+    assert torch.allclose(split, expected * mask, atol=1e-6)
+
+
+@pytest.mark.parametrize("embedding, message", [
+    (None, "returned none"),
+    (torch.zeros(6, 4, 16, requires_grad=True), r"shape \(6, 4, 16\);"),
+    (torch.zeros(6, 4, 3, 16), r"shape \(6, 4, 3, 16\) outside the graph"),
+])
+def test_split_without_code_embeddings_names_the_fix(embedding, message):
+    _, adapter, _, inputs, args = _setup("sequence", "transformer")
+
+    def change(out):
+        out.embeddings["procedures"] = embedding
+        return out
+
+    chefer = CheferAttribution(_Rewired(adapter, change))
+    with pytest.raises(ValueError, match=f"stream 'procedures'.*{message}.*code_split='uniform'"):
+        chefer.attribute(inputs, None, args, code_split="gradient")
+    chefer.attribute(inputs, None, args)  # the uniform split needs no embeddings
 
 
 # ------------------------------------------------------------------------------------ layernorm, score, preset
@@ -250,9 +423,70 @@ def test_bad_choices_name_the_fix():
     _, adapter, _, inputs, args = _setup("sequence", "transformer")
     with pytest.raises(ValueError, match="preset must be one of 'pyhealth', 'recommended'"):
         CheferAttribution(adapter, preset="best")
-    for name in ("code_split", "layernorm", "score"):
-        with pytest.raises(ValueError, match=f"{name} must be one of"):
+    allowed = {"code_split": "'uniform', 'gradient'", "layernorm": "'exact', 'detach'", "score": "'logit', 'log_odds'"}
+    for name, values in allowed.items():
+        with pytest.raises(ValueError, match=f"{name} must be one of {values}, got 'nope'"):
             CheferAttribution(adapter).attribute(inputs, None, args, **{name: "nope"})
+
+
+class _Outputs:
+    """A stand-in for ``CheferAttribution`` in ``_softmax_outputs``: only ``.model`` is read."""
+
+    def __init__(self, probabilities=None):
+        self.model = type("Model", (), {})()
+        if probabilities is not None:
+            self.model.probabilities = probabilities
+
+
+@pytest.mark.parametrize("classes, probabilities, softmax", [
+    (1, torch.sigmoid, False),  # one logit: a sigmoid, whatever the model says
+    (1, None, False),
+    (2, lambda z: z.softmax(dim=1), True),  # two classes under a softmax: log-odds l_t - l_other
+    (3, lambda z: z.softmax(dim=1), True),
+    (3, torch.sigmoid, False),  # multilabel: each label's own sigmoid
+    (3, None, True),  # a model that does not say: softmax, Captum's usual classifier
+])
+def test_softmax_outputs_reads_the_models_probabilities(classes, probabilities, softmax):
+    logits = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]])[:, :classes]
+    assert CheferAttribution._softmax_outputs(_Outputs(probabilities), logits) is softmax
+
+
+def test_log_odds_of_two_softmax_classes_is_the_logit_difference():
+    _, adapter, _, inputs, args = _setup("sequence", "transformer", seed=4, n_classes=3)
+
+    class TwoClasses(_Rewired):
+        def probabilities(self, logits):
+            return logits.softmax(dim=1)
+
+    def first_two(out):
+        out.logits = out.logits[:, :2]
+        return out
+
+    def difference(out):  # log p_1 / p_0 under a two-class softmax: l_1 - l_0
+        out.logits = (out.logits[:, 1] - out.logits[:, 0]).unsqueeze(1)
+        return out
+
+    ours = CheferAttribution(TwoClasses(adapter, first_two)).attribute(inputs, 1, args, score="log_odds")
+    reference = CheferAttribution(_Rewired(adapter, difference)).attribute(inputs, None, args)
+    for a, b in zip(ours, reference):
+        assert torch.allclose(a, b, atol=1e-6)
+
+
+def test_an_attention_forward_with_a_layernorm_keyword_is_asked_for_it():
+    _, adapter, _, inputs, args = _setup("sequence", "transformer")
+    seen = []
+
+    class Asking(_PlainModel):
+        def attention_forward(self, inputs, args, *, pooled_row_only=False, layernorm="exact"):
+            seen.append(layernorm)
+            return self.adapter.attention_forward(inputs, args, pooled_row_only=pooled_row_only, layernorm=layernorm)
+
+    CheferAttribution(Asking(adapter)).attribute(inputs, None, args, layernorm="detach")
+    CheferAttribution(_PlainModel(adapter)).attribute(inputs, None, args, layernorm="detach")  # no keyword: not passed
+    assert seen == ["detach"]
+    assert _names_keyword(Asking.attention_forward, "layernorm")
+    assert not _names_keyword(lambda *a, **k: None, "layernorm")  # **kwargs does not count
+    assert not _names_keyword(max, "layernorm")  # no signature to read
 
 
 class _PlainModel:
