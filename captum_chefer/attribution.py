@@ -388,14 +388,12 @@ def _rows_fused(
             for depth in range(len(maps)):
                 handles.append(_graph_tensor(maps[depth]).register_hook(make_hook(key, depth)))
             wanted.append(_graph_tensor(maps[0]))  # the lowest layer used: the backward stops there
-        grads: tuple[Optional[Tensor], ...] = ()
-        if wanted or extra:
-            grads = torch.autograd.grad(explained, wanted + list(extra), allow_unused=True)
+        grads = torch.autograd.grad(explained, wanted + list(extra), allow_unused=True) if wanted or extra else ()
     finally:
         for handle in handles:
             handle.remove()
     # A stream no gradient reached keeps r = e_p, as in the dense path (A_bar = 0 for every layer).
-    return rows, tuple(grads[len(grads) - len(extra):]) if extra else ()
+    return rows, tuple(grads[len(wanted):])
 
 
 def _propagate(
@@ -547,16 +545,17 @@ class _SplitInputs:
             embedding, mask = captured.embeddings[key], captured.code_masks[key].to(rows[key].device).bool()
             values = captured.state_values.get(key)
             if values is None:
-                row, visits = rows[key], mask.shape[1]
+                visits = mask.shape[1]
+                row = rows[key][:, :visits]
                 if row.shape[1] < visits:  # visits the model truncated away get zero
                     row = torch.nn.functional.pad(row, (0, visits - row.shape[1]))
                 shares = None if grad is None else (grad * embedding.detach()).sum(-1)
-                out[key] = split_over_codes(row[:, :visits], shares, mask)
+                out[key] = split_over_codes(row, shares, mask)
                 continue
             # StageAttentionNet: sum_t r_t gV_t . V_t taken back to the codes (weights r_t known only now).
             shares = None
             if grad is not None:
-                (back,) = torch.autograd.grad(values, embedding, grad_outputs=grad * rows[key].unsqueeze(-1).to(grad.dtype))
+                (back,) = torch.autograd.grad(values, embedding, grad_outputs=grad * rows[key].unsqueeze(-1))
                 shares = (back * embedding.detach()).sum(-1).reshape(mask.shape[0], 1, -1)
             flat_mask = mask.reshape(mask.shape[0], 1, -1)
             out[key] = split_over_codes(rows[key].sum(dim=1, keepdim=True), shares, flat_mask).reshape(mask.shape)

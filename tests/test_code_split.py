@@ -51,8 +51,11 @@ def test_split_of_hand_computed_visits():
 def test_split_keeps_negative_visit_relevance_and_checks_shapes():
     out = split_over_codes(torch.tensor([[-3.0]]), torch.tensor([[[1.0, 2.0]]]), torch.tensor([[[True, True]]]))
     assert out.tolist() == [[[-1.0, -2.0]]]
-    with pytest.raises(ValueError, match=r"\[B, V\]"):
+    with pytest.raises(ValueError, match=r"\[B, V\].*got \(1, 2\), \(1, 3, 2\), \(1, 3, 2\)"):
         split_over_codes(torch.zeros(1, 2), torch.zeros(1, 3, 2), torch.ones(1, 3, 2, dtype=torch.bool))
+    # the split comes in the relevance's dtype, whatever the shares'
+    split = split_over_codes(torch.tensor([[1.0]]), torch.tensor([[[1.0, 2.0]]], dtype=torch.float64), torch.ones(1, 1, 2) > 0)
+    assert split.dtype == torch.float32
 
 
 def test_split_without_shares_is_even_and_in_the_relevance_dtype():
@@ -332,7 +335,8 @@ def test_split_without_code_embeddings_names_the_fix(embedding, message):
         return out
 
     chefer = CheferAttribution(_Rewired(adapter, change))
-    with pytest.raises(ValueError, match=f"stream 'procedures'.*{message}.*code_split='uniform'"):
+    fix = r"return them in AttentionForward\(embeddings=\.\.\.\), or pass code_split='uniform'"
+    with pytest.raises(ValueError, match=f"stream 'procedures'.*{message}.*{fix}"):
         chefer.attribute(inputs, None, args, code_split="gradient")
     chefer.attribute(inputs, None, args)  # the uniform split needs no embeddings
 

@@ -10,7 +10,7 @@ import pytest
 import torch
 from captum.attr import IntegratedGradients, LayerIntegratedGradients, Saliency
 
-from captum_chefer import CheferAttribution, PyHealthAdapter
+from captum_chefer import CheferAttribution, HuggingFaceAdapter, PyHealthAdapter
 from conftest import first_batch, make_dataset, make_model
 from test_equivalence import assert_matches, pyhealth_reference, with_explicit_masks
 
@@ -95,3 +95,57 @@ def test_int_and_list_targets_on_cuda_match_the_cpu():
         for a, b in zip(gpu, run("cpu", target)):
             assert a.device.type == "cuda"
             torch.testing.assert_close(a.cpu(), b, atol=ATOL, rtol=1e-3, msg=repr(target))
+
+
+@pytest.mark.parametrize("fmt, kind", [("sequence", "transformer"), ("stagenet_nested", "stagenet")])
+def test_recommended_preset_on_cuda_matches_the_cpu(fmt, kind):
+    """The code split, the fixed-scale layer norm and the log-odds score on a GPU (batch masks kept on the CPU)."""
+    dataset = make_dataset(fmt, n=8, n_classes=3, seed=14)
+    model = make_model(dataset, kind, layers=2, heads=2, seed=14)
+    batch = first_batch(dataset, batch_size=6)
+
+    def run(device: str, args_device: str) -> tuple[torch.Tensor, ...]:
+        adapter = PyHealthAdapter(model.to(device))
+        inputs, args = adapter.captum_inputs(batch)
+        args = tuple(a.to(args_device) for a in args)
+        return CheferAttribution(adapter, preset="recommended").attribute(
+            inputs, target=adapter.captum_target(batch), additional_forward_args=args
+        )
+
+    try:
+        on_gpu = run("cuda", "cuda")
+        masks_on_cpu = run("cuda", "cpu")
+    finally:
+        model.to("cpu")
+    for gpu, mixed, cpu in zip(on_gpu, masks_on_cpu, run("cpu", "cpu")):
+        assert gpu.device.type == "cuda"
+        torch.testing.assert_close(gpu.cpu(), cpu, atol=ATOL, rtol=1e-3)
+        torch.testing.assert_close(mixed.cpu(), cpu, atol=ATOL, rtol=1e-3)
+
+
+@pytest.mark.parametrize("preset", ["pyhealth", "recommended"])
+@pytest.mark.parametrize("family", ["bert", "gpt2"])
+def test_huggingface_deferred_attention_on_cuda_matches_the_cpu(family, preset):
+    """SDPA kept, each layer's maps formed in the backward pass: on a GPU as on the CPU."""
+    from test_huggingface import _bert, _gpt2
+
+    model = _bert() if family == "bert" else _gpt2()
+    assert model.config._attn_implementation == "sdpa"
+    torch.manual_seed(4)
+    real = torch.arange(6) < torch.tensor([6, 3, 4])[:, None]
+    encoding = {"input_ids": torch.where(real, torch.randint(4, 15, (3, 6)), 0), "attention_mask": real.long()}
+    target = torch.tensor([2, 0, 1])
+
+    def run(device: str) -> torch.Tensor:
+        adapter = HuggingFaceAdapter(model.to(device))
+        tokens, args = adapter.captum_inputs({k: v.to(device) for k, v in encoding.items()}, level="token")
+        return CheferAttribution(adapter, preset=preset).attribute(tokens, target=target, additional_forward_args=args)[0]
+
+    try:
+        on_gpu = run("cuda")
+    finally:
+        model.to("cpu")
+    on_cpu = run("cpu")
+    assert on_gpu.device.type == "cuda"
+    assert on_cpu.abs().sum() > 0
+    torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=ATOL, rtol=1e-3)

@@ -329,6 +329,9 @@ def main(argv: Optional[list[str]] = None) -> int:
           f"{len(unexplained)} not killed without an explanation")
     for m in unexplained:
         print(f"  UNEXPLAINED {m.name}: {' -> '.join(m.change)}")
+    stale = [n for n in notes if (n.equivalent or n.killed_after) and not n.matches]
+    for n in stale:  # the code it explains changed: the note is to be deleted or rewritten
+        print(f"  STALE NOTE (matches no mutant) {n.function}: {n.before.strip()!r} -> {n.after.strip()!r}")
     return 1 if unexplained or score < args.min_score else 0
 
 
