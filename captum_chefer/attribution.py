@@ -408,7 +408,9 @@ def _propagate(
     )
 
 
-DEFERRED_HEAD_CHUNKS = 4  # a deferred layer's maps are formed a quarter of the heads at a time
+# On the CPU a deferred layer's maps are formed a quarter of the heads at a time (its peak memory); on an
+# accelerator all at once, where the kernel launches of more groups cost more time than the maps take memory.
+DEFERRED_HEAD_CHUNKS = 4
 
 
 def _propagate_deferred(
@@ -419,13 +421,13 @@ def _propagate_deferred(
 
     The head mean of the clamped products is a sum over head groups, the head maximum a maximum over them,
     so the reduced ``[B, L, L]`` matrix is accumulated group by group and never more than a group's
-    ``[B, h, L, L]`` maps exist at once. The last layer (``e_p`` so far) is formed for the pooled row only.
+    ``[B, h, L, L]`` maps exist at once (on the CPU; an accelerator forms all heads in one group). The last layer (``e_p`` so far) is formed for the pooled row only.
     Only the backward hook of :func:`_rows_fused` calls it, so there is always a gradient.
     """
     top = depth == len(streams[key]) - 1
     batch, heads, _, length = layer.shape
     index = pool_index[key].long() if top else None
-    step = -(-heads // DEFERRED_HEAD_CHUNKS)
+    step = -(-heads // DEFERRED_HEAD_CHUNKS) if grad.device.type == "cpu" else heads
     groups = [slice(start, min(heads, start + step)) for start in range(0, heads, step)]
     if reduce["head_reduction"] == "max":
         reduced: Optional[Tensor] = None

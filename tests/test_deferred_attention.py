@@ -113,6 +113,23 @@ def test_every_option_on_deferred_layers_equals_the_rule_on_the_eager_maps(famil
     assert model.config._attn_implementation == "sdpa"
 
 
+@pytest.mark.parametrize("options", [{}, {"head_reduction": "max"}])
+def test_on_the_cpu_a_layers_maps_are_formed_a_group_of_heads_at_a_time(monkeypatch, options):
+    """The memory bound: never more than ceil(5 / 4) = 2 heads' maps at once (an accelerator takes all five)."""
+    seen = []
+    original = DeferredHuggingFaceAttention.probabilities
+
+    def spy(self, heads=None, rows=None):
+        seen.append(heads)
+        return original(self, heads, rows)
+
+    monkeypatch.setattr(DeferredHuggingFaceAttention, "probabilities", spy)
+    adapter = HuggingFaceAdapter(_model("bert"))
+    tokens, args = adapter.captum_inputs({"input_ids": IDS, "attention_mask": MASK}, level="token")
+    CheferAttribution(adapter).attribute(tokens, target=TARGET, additional_forward_args=args, **options)
+    assert seen == [slice(0, 2), slice(2, 4), slice(4, 5)] * 3  # three layers
+
+
 @pytest.mark.parametrize("options", [{}, {"use_gradients": False}, {"clamp": False, "head_reduction": "max"}, {"layers": 2}])
 def test_deferred_layers_of_a_model_that_is_not_a_stack(options):
     """stacked=False: every gradient first, then the row recursion, on maps formed from the deferred layers."""
