@@ -209,11 +209,12 @@ def test_vit_concurrent_calls_equal_sequential(two_block_vit, images):
     """Four threads mix Chefer and Saliency on one shared model; each gets exactly its sequential result."""
     adapter = PyHealthAdapter(two_block_vit)
     batch = batch_of(images)
-    inputs, _ = adapter.captum_inputs(batch)
     jobs = [("chefer", 0), ("saliency", 1), ("chefer", 2), ("saliency", 0)] * 2
 
     def run(job):
         name, target = job
+        # inputs of its own per call: Saliency sets and resets requires_grad on the tensors it is given
+        inputs = tuple(x.clone() for x in adapter.captum_inputs(batch)[0])
         method = CheferAttribution(adapter) if name == "chefer" else Saliency(adapter)
         return method.attribute(inputs, target=target)[0]
 
