@@ -421,8 +421,8 @@ def _propagate_deferred(
 
     The head mean of the clamped products is a sum over head groups, the head maximum a maximum over them,
     so the reduced ``[B, L, L]`` matrix is accumulated group by group and never more than a group's
-    ``[B, h, L, L]`` maps exist at once (on the CPU; an accelerator forms all heads in one group). The last layer (``e_p`` so far) is formed for the pooled row only.
-    Only the backward hook of :func:`_rows_fused` calls it, so there is always a gradient.
+    ``[B, h, L, L]`` maps exist at once (on the CPU; an accelerator forms all heads in one group). The last
+    layer (``e_p`` so far) is formed for the pooled row only. Only the backward hook of :func:`_rows_fused` calls it, so there is always a gradient.
     """
     top = depth == len(streams[key]) - 1
     batch, heads, _, length = layer.shape

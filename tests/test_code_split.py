@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from captum_chefer import CheferAttribution, PyHealthAdapter
-from captum_chefer.attribution import PRESETS, AttentionForward, FixedScaleLayerNorm
+from captum_chefer.attribution import PRESETS, FixedScaleLayerNorm
 from captum_chefer.attribution import _names_keyword
 from captum_chefer.relevance import layer_norm_fixed_scale, softmax_log_odds, split_over_codes
 
@@ -266,9 +266,10 @@ def test_stagenet_split_follows_the_value_path_computed_independently():
 
 
 class _Rewired:
-    """The adapter with its ``AttentionForward`` changed by ``change`` (a test double for other models)."""
+    """The adapter with its ``AttentionForward`` changed by ``change`` (a test double for other models); its
+    ``attention_forward`` has no ``layernorm`` keyword, so ``layernorm="detach"`` reaches it as a torch-function mode."""
 
-    def __init__(self, adapter, change):
+    def __init__(self, adapter, change=lambda out: out):
         self.adapter, self.change = adapter, change
 
     def __call__(self, *args):
@@ -368,34 +369,22 @@ def test_layernorm_detach_keeps_logits_changes_relevance_and_leaves_the_model():
     assert torch.equal(adapter(*inputs, *args), before)
 
 
-class _LogOddsModel:
-    """An adapter whose logits are replaced by each class's softmax log-odds, computed term by term."""
-
-    def __init__(self, adapter):
-        self.adapter = adapter
-
-    def __call__(self, *args):
-        return self.adapter(*args)
-
-    def attention_forward(self, inputs, args, *, pooled_row_only=False):
-        out = self.adapter.attention_forward(inputs, args, pooled_row_only=pooled_row_only)
-        logits = out.logits
-        columns = []
-        for j in range(logits.shape[1]):
-            others = torch.cat([logits[:, :j], logits[:, j + 1 :]], dim=1)
-            columns.append(logits[:, j] - torch.log(torch.exp(others).sum(dim=1)))
-        return AttentionForward(torch.stack(columns, dim=1), out.attention, out.pool_index, out.stacked,
-                                out.embeddings, out.code_masks, out.state_values)
-
-    def relevance_to_inputs(self, relevance, inputs, args):
-        return self.adapter.relevance_to_inputs(relevance, inputs, args)
+def _log_odds_logits(out):
+    """Each class's logit replaced by its softmax log-odds, computed term by term."""
+    logits = out.logits
+    columns = []
+    for j in range(logits.shape[1]):
+        others = torch.cat([logits[:, :j], logits[:, j + 1 :]], dim=1)
+        columns.append(logits[:, j] - torch.log(torch.exp(others).sum(dim=1)))
+    out.logits = torch.stack(columns, dim=1)
+    return out
 
 
 def test_log_odds_score_of_a_multiclass_model():
     _, adapter, _, inputs, args = _setup("sequence", "transformer", seed=2, n_classes=3)
     target = torch.tensor([0, 1, 2, 0, 1, 2])
     ours = CheferAttribution(adapter).attribute(inputs, target, args, score="log_odds", code_split="gradient")
-    reference = CheferAttribution(_LogOddsModel(adapter)).attribute(inputs, target, args, code_split="gradient")
+    reference = CheferAttribution(_Rewired(adapter, _log_odds_logits)).attribute(inputs, target, args, code_split="gradient")
     for a, b in zip(ours, reference):
         assert torch.allclose(a, b, atol=1e-5)
     logit = CheferAttribution(adapter).attribute(inputs, target, args, code_split="gradient")
@@ -480,40 +469,24 @@ def test_an_attention_forward_with_a_layernorm_keyword_is_asked_for_it():
     _, adapter, _, inputs, args = _setup("sequence", "transformer")
     seen = []
 
-    class Asking(_PlainModel):
+    class Asking(_Rewired):
         def attention_forward(self, inputs, args, *, pooled_row_only=False, layernorm="exact"):
             seen.append(layernorm)
             return self.adapter.attention_forward(inputs, args, pooled_row_only=pooled_row_only, layernorm=layernorm)
 
     CheferAttribution(Asking(adapter)).attribute(inputs, None, args, layernorm="detach")
-    CheferAttribution(_PlainModel(adapter)).attribute(inputs, None, args, layernorm="detach")  # no keyword: not passed
+    CheferAttribution(_Rewired(adapter)).attribute(inputs, None, args, layernorm="detach")  # no keyword: not passed
     assert seen == ["detach"]
     assert _names_keyword(Asking.attention_forward, "layernorm")
     assert not _names_keyword(lambda *a, **k: None, "layernorm")  # **kwargs does not count
     assert not _names_keyword(max, "layernorm")  # no signature to read
 
 
-class _PlainModel:
-    """The adapter behind an ``attention_forward`` without a ``layernorm`` keyword."""
-
-    def __init__(self, adapter):
-        self.adapter = adapter
-
-    def __call__(self, *args):
-        return self.adapter(*args)
-
-    def attention_forward(self, inputs, args, *, pooled_row_only=False):
-        return self.adapter.attention_forward(inputs, args, pooled_row_only=pooled_row_only)
-
-    def relevance_to_inputs(self, relevance, inputs, args):
-        return self.adapter.relevance_to_inputs(relevance, inputs, args)
-
-
 @pytest.mark.parametrize("fmt, kind", [("sequence", "transformer"), ("stagenet_nested", "stagenet")])
 def test_layernorm_detach_is_the_same_through_the_adapter_and_through_torch_function(fmt, kind):
     _, adapter, _, inputs, args = _setup(fmt, kind, seed=6)
     through_adapter = CheferAttribution(adapter, preset="recommended").attribute(inputs, None, args)
-    through_mode = CheferAttribution(_PlainModel(adapter), preset="recommended").attribute(inputs, None, args)
+    through_mode = CheferAttribution(_Rewired(adapter), preset="recommended").attribute(inputs, None, args)
     for a, b in zip(through_adapter, through_mode):
         assert torch.allclose(a, b, atol=1e-6)
     exact = CheferAttribution(adapter, preset="recommended").attribute(inputs, None, args, layernorm="exact")
