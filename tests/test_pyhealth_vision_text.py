@@ -327,3 +327,10 @@ def test_text_model_methods_records_and_removal(text_model):
     keep["text"][:, :2] = True
     (kept,), kept_args = adapter.remove_tokens(tokens, args, keep)
     assert torch.equal(kept_args[0][:, :2], args[0][:, :2]) and not kept_args[0][:, 2:].any()
+
+
+def test_an_unknown_layernorm_mode_is_refused_for_images_too(two_block_vit, images):
+    adapter = PyHealthAdapter(two_block_vit)
+    inputs, args = adapter.captum_inputs(batch_of(images))
+    with pytest.raises(ValueError, match="layernorm must be 'exact' or 'detach', got 'fixed'"):
+        adapter.attention_forward(inputs, args, layernorm="fixed")

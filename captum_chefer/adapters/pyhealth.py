@@ -624,6 +624,8 @@ class PyHealthAdapter(Adapter):
         the logits are the same and that block's attention comes back as ``[B, H, 1, L]``; so does a
         ``TorchvisionModel`` ViT's last encoder block, for the class token.
         """
+        if layernorm not in ("exact", "detach"):
+            raise ValueError(f"layernorm must be 'exact' or 'detach', got {layernorm!r}")
         if self._media is not None:
             with FixedScaleLayerNorm() if layernorm == "detach" else nullcontext():
                 return self._media.attention_forward(inputs, additional_forward_args, pooled_row_only=pooled_row_only)
@@ -636,8 +638,6 @@ class PyHealthAdapter(Adapter):
         if layernorm == "detach":
             norms = [m for m in self._model_modules if type(m) is nn.LayerNorm and m not in overrides]
             overrides.update({m: partial(_fixed_scale_norm, m) for m in norms})
-        elif layernorm != "exact":
-            raise ValueError(f"layernorm must be 'exact' or 'detach', got {layernorm!r}")
         capture = AttentionCapture(
             self._attention_modules, overrides=overrides, model=self.model, model_modules=self._model_modules,
         )
