@@ -105,3 +105,30 @@ def test_bad_arguments():
         bootstrap_interval([1.0], n_resamples=0)
     with pytest.raises(ValueError, match="one value per patient"):
         paired_difference([1.0, 2.0], [1.0])
+
+
+def test_wilson_interval_by_hand():
+    from captum_chefer.comparison.stats import wilson_interval
+
+    z = 1.959963984540054  # the 97.5% standard normal quantile
+    for n in (1, 8, 40):  # n of n: the lower end is n / (n + z^2) (the formula at p = 1), the upper end 1
+        interval = wilson_interval(n, n)
+        assert interval.mean == 1.0 and interval.high == 1.0 and interval.n == n
+        assert abs(interval.low - n / (n + z * z)) < 1e-12
+        assert interval.low < 1.0  # not zero-width, unlike a bootstrap of eight ones
+        empty = wilson_interval(0, n)
+        assert empty.low == 0.0 and abs(empty.high - z * z / (n + z * z)) < 1e-12
+    half = wilson_interval(5, 10)  # symmetric about 1/2: 1/2 -/+ z sqrt(1/40 + z^2/400) / (1 + z^2/10)
+    width = z * math.sqrt(0.025 + z * z / 400) / (1 + z * z / 10)
+    assert abs(half.low - (0.5 - width)) < 1e-12 and abs(half.high - (0.5 + width)) < 1e-12
+    narrow = wilson_interval(40, 80, level=0.5)
+    assert half.low < narrow.low < 0.5 < narrow.high < half.high
+    assert math.isnan(wilson_interval(0, 0).mean)
+
+
+@pytest.mark.parametrize("args", [(9, 8), (-1, 8), (1.0, 8), (1, -1)])
+def test_wilson_interval_refuses_impossible_counts(args):
+    from captum_chefer.comparison.stats import wilson_interval
+
+    with pytest.raises(ValueError, match="0 <= successes <= n"):
+        wilson_interval(*args)
