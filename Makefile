@@ -1,5 +1,6 @@
-# Quick start: `make demo` and `make test`. Both create .venv on first use with a Python >= 3.12
-# found by tools/find-python, and reinstall only when pyproject.toml (the dependency spec) changes.
+# Quick start: `make demo` and `make test`. Both create .venv on first use with a Python 3.12 or 3.13
+# found by tools/find-python (PYTHON=... picks one), and reinstall only when pyproject.toml (the dependency
+# spec) changes.
 SHELL := /bin/bash
 VENV ?= .venv
 PY := $(VENV)/bin/python
@@ -13,10 +14,10 @@ venv: $(STAMP)
 
 $(STAMP):
 	@set -euo pipefail; \
-	if [ -x $(PY) ] && ! $(PY) -c 'import sys; sys.exit(sys.version_info < (3, 12))'; then \
-		echo "$(VENV) has an old Python; recreating it"; rm -rf $(VENV); fi; \
+	if [ -x $(PY) ] && ! $(PY) -c 'import sys; sys.exit(not (3, 12) <= sys.version_info[:2] < (3, 14))'; then \
+		echo "$(VENV) has a Python outside 3.12-3.13; recreating it"; rm -rf $(VENV); fi; \
 	if [ ! -x $(PY) ]; then py=$$(tools/find-python); echo "creating $(VENV) with $$py"; "$$py" -m venv $(VENV); fi; \
-	echo "installing dependencies into $(VENV) (first run: a few minutes)"; \
+	echo "installing dependencies into $(VENV) (first run: a few minutes; about 7 GB, most of it torch's CUDA libraries)"; \
 	$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'; \
 	rm -f $(VENV)/.deps-*; touch $@
 
