@@ -2,11 +2,11 @@
 
 from .adapters import HuggingFaceAdapter, PyHealthAdapter, TransformerAdapter, adapter_for
 from .attribution import CheferAttribution
-from .comparison import compare_methods, ig_baselines
+from .comparison import ChanceLevelWarning, compare_methods, ig_baselines
 from .llm import CheferLLMAttribution
 
 __all__ = [
-    "CheferAttribution", "CheferLLMAttribution", "HuggingFaceAdapter", "PyHealthAdapter", "TransformerAdapter",
-    "adapter_for", "compare_methods", "ig_baselines",
+    "ChanceLevelWarning", "CheferAttribution", "CheferLLMAttribution", "HuggingFaceAdapter", "PyHealthAdapter",
+    "TransformerAdapter", "adapter_for", "compare_methods", "ig_baselines",
 ]
 __version__ = "0.1.0"

@@ -1,13 +1,15 @@
 """``python -m captum_chefer compare`` (console script ``captum-chefer``).
 
 ``compare`` generates the embedded synthetic cohort (planted ground truth), trains a PyHealth
-``Transformer`` on it, explains held-out patients with Chefer (default, ``exclude_self``, ``preset="recommended"``),
-Integrated Gradients, Saliency, NoiseTunnel and a random baseline, and writes ``report.html``,
-the figures (PNG) and the results (CSV, JSON) to ``--out``. ``demo`` is the same with defaults.
+``Transformer`` on it, explains held-out patients with Chefer (``preset="recommended"``, and PyHealth's
+setting with and without its self term), Integrated Gradients, Saliency, NoiseTunnel and a random
+baseline (:func:`captum_chefer.report.default_methods`), and writes ``report.html``, the figures (PNG)
+and the results (CSV, JSON) to ``--out``. ``demo`` is the same with defaults.
 
 Set ``CAPTUM_CHEFER_SMALL=1`` (or pass ``--small``) for a tiny, fast run (tests). Its model is too small
-to learn the task; like any model not better than chance on the explained patients, it is flagged in the
-output and on the report page rather than refused (the run still checks the whole pipeline).
+to learn the task; like any model not better than chance on the explained patients, it is flagged
+(``captum-chefer: warning: ...`` on stderr, and on the report page) rather than refused (the run still
+checks the whole pipeline). ``cohort`` flags such a model the same way.
 
 Bad arguments, an ``--out`` that cannot be a folder, or a ``--device`` torch cannot use stop the command
 before any training, with one line on stderr and exit code 2.
@@ -131,7 +133,30 @@ def compare(
     device: Optional[str] = None,
     progress: bool = True,
 ) -> Any:
-    """The ``compare`` command as a function: returns the :class:`captum_chefer.report.ComparisonReport`."""
+    """The ``compare`` command as a function: returns the :class:`captum_chefer.report.ComparisonReport`.
+
+    Warns (once) with a :class:`~captum_chefer.comparison.chance.ChanceLevelWarning` when the model is not
+    better than chance on the explained patients; :func:`main` prints it as a line on stderr.
+    """
+    from .comparison import ChanceLevelWarning, warn_if_chance_level
+
+    started = time.perf_counter()
+    warnings.filterwarnings("ignore", category=UserWarning, module="pyhealth")
+    with warnings.catch_warnings():
+        # the cohort run, its summary and the comparison each check the model: said once below
+        warnings.simplefilter("ignore", ChanceLevelWarning)
+        report = _compare(out, patients=patients, epochs=epochs, explain=explain, ig_steps=ig_steps, nt_samples=nt_samples,
+                          show=show, sensitivity_samples=sensitivity_samples, infidelity_samples=infidelity_samples,
+                          task=task, seed=seed, device=device, progress=progress, started=started)
+    warn_if_chance_level(report.model_check, stacklevel=2)
+    return report
+
+
+def _compare(
+    out: Path, *, patients: int, epochs: int, explain: int, ig_steps: int, nt_samples: int, show: int,
+    sensitivity_samples: int, infidelity_samples: int, task: str, seed: int, device: Optional[str], progress: bool,
+    started: float,
+) -> Any:
     import torch
 
     from .adapters import PyHealthAdapter
@@ -139,8 +164,6 @@ def compare(
     from .report import default_methods, run_comparison
     from .synthetic import default_cohort, quiet_pyhealth, train_transformer
 
-    started = time.perf_counter()
-    warnings.filterwarnings("ignore", category=UserWarning, module="pyhealth")
     with quiet_pyhealth():
         from pyhealth.datasets import get_dataloader
 
@@ -205,8 +228,12 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     started = time.perf_counter()
     print(f"captum_chefer {args.command}: cohort {sizes['patients']} patients, {sizes['epochs']} epochs, "
           f"{sizes['explain']} explained, IG {sizes['ig_steps']} steps -> {args.out}", flush=True)
+    from .comparison import ChanceLevelWarning
+
     try:
-        report = compare(args.out, task=args.task, seed=args.seed, device=args.device, progress=not args.no_progress, **sizes)
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ChanceLevelWarning)  # printed below, in this command's words
+            report = compare(args.out, task=args.task, seed=args.seed, device=args.device, progress=not args.no_progress, **sizes)
     finally:
         torch.set_num_threads(threads)  # main() may run inside another program (tests, notebooks)
     print()
@@ -228,14 +255,27 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 # --methods names -> the names of captum_chefer.report.default_methods (one definition of each method).
 COHORT_METHODS = {
-    "chefer": "Chefer",
-    "chefer-exclude-self": "Chefer (exclude_self)",
-    "chefer-recommended": "Chefer (recommended)",
+    "chefer": "Chefer (recommended)",
+    "chefer-pyhealth": "Chefer (PyHealth)",
+    "chefer-pyhealth-exclude-self": "Chefer (PyHealth, exclude_self)",
     "ig": "Integrated Gradients",
     "saliency": "Saliency",
     "smoothgrad": "NoiseTunnel (SmoothGrad)",
     "random": "Random",
 }
+COHORT_DEFAULT = ("chefer", "ig")
+
+# Names of the previous release, accepted until the next one with a note on stderr: {old: (new, note)}.
+RENAMED_METHODS = {
+    "chefer-recommended": ("chefer", "--methods chefer-recommended is now called chefer (the default)"),
+    "chefer-exclude-self": (
+        "chefer-pyhealth-exclude-self", "--methods chefer-exclude-self is now called chefer-pyhealth-exclude-self"
+    ),
+}
+CHEFER_NOTE = (
+    "--methods chefer now runs the recommended setting (CheferAttribution(adapter, preset=\"recommended\")); "
+    "chefer-pyhealth runs PyHealth's CheferRelevance setting, which chefer ran before this release"
+)
 
 
 def _add_cohort_parser(sub: Any) -> None:
@@ -257,7 +297,9 @@ def _add_cohort_parser(sub: Any) -> None:
     )
     p.add_argument("--out", type=Path, required=True, help="output directory: Parquet parts, _manifest.json, _summary/")
     p.add_argument(
-        "--methods", help=f"comma-separated, of {', '.join(COHORT_METHODS)} (default: chefer,ig, or the methods build() returns)",
+        "--methods", help=f"comma-separated, of {', '.join(COHORT_METHODS)} (default: {','.join(COHORT_DEFAULT)}, or the "
+        "methods build() returns); chefer is CheferAttribution(adapter, preset='recommended'), chefer-pyhealth is "
+        "PyHealth's CheferRelevance setting",
     )
     p.add_argument("--batch-size", type=int, default=32, help="samples per attribution batch (default 32)")
     p.add_argument("--chunk-size", type=int, default=512, help="samples per part file, the unit of sharing and resuming (default 512)")
@@ -298,11 +340,16 @@ def cohort_command(args: argparse.Namespace) -> int:
     if args.synthetic is not None and args.synthetic < 2:
         return refuse(f"--synthetic needs at least 2 patients, got {args.synthetic}")
     names = None
+    notes = []
     if args.methods is not None:
         names = [n.strip() for n in args.methods.split(",") if n.strip()]
-        unknown = [n for n in names if n not in COHORT_METHODS]
+        unknown = [n for n in names if n not in COHORT_METHODS and n not in RENAMED_METHODS]
         if unknown or not names:
             return refuse(f"--methods {args.methods!r}: unknown {unknown or 'empty'}; choose from {', '.join(COHORT_METHODS)}")
+        notes = [RENAMED_METHODS[n][1] + "; the old name is accepted until the next release" for n in names if n in RENAMED_METHODS]
+        if "chefer" in names:
+            notes.append(CHEFER_NOTE)
+        names = list(dict.fromkeys(RENAMED_METHODS[n][0] if n in RENAMED_METHODS else n for n in names))
     device = _cohort_device(args.device)
     if isinstance(device, str):
         return refuse(device)
@@ -313,8 +360,13 @@ def cohort_command(args: argparse.Namespace) -> int:
             return refuse(build)
     rank = int(os.environ.get("RANK", "0"))
     progress = not args.no_progress
+    if rank == 0:
+        for note in notes:
+            print(f"captum-chefer cohort: note: {note}", file=sys.stderr)
 
     import torch
+
+    from .comparison import ChanceLevelWarning
 
     threads = torch.get_num_threads()
     torch.set_num_threads(args.threads)
@@ -338,12 +390,14 @@ def cohort_command(args: argparse.Namespace) -> int:
         else:
             by_name = {name: (name, method, kwargs) for name, method, kwargs in default_methods(
                 adapter, ig_steps=args.ig_steps, nt_samples=args.nt_samples, seed=args.seed)}
-            specs = [by_name[COHORT_METHODS[n]] for n in (names or ["chefer", "ig"])]
+            specs = [by_name[COHORT_METHODS[n]] for n in (names or COHORT_DEFAULT)]
         started = time.perf_counter()
-        run = attribute_dataset(
-            adapter, dataset, specs, out, args.batch_size, chunk_size=args.chunk_size, target_mode=args.target,
-            baseline=args.baseline, overwrite=args.overwrite, seed=args.seed, progress=progress,
-        )
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", ChanceLevelWarning)  # said once below, in this command's words
+            run = attribute_dataset(
+                adapter, dataset, specs, out, args.batch_size, chunk_size=args.chunk_size, target_mode=args.target,
+                baseline=args.baseline, overwrite=args.overwrite, seed=args.seed, progress=progress,
+            )
         if rank != 0:
             return 0
         info = run.manifest["this_run"]
@@ -354,12 +408,17 @@ def cohort_command(args: argparse.Namespace) -> int:
             flush=True,
         )
         if not args.no_summary:
-            summary = summarize(out, top_k=args.top, min_samples=args.min_samples)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore", ChanceLevelWarning)
+                summary = summarize(out, top_k=args.top, min_samples=args.min_samples)
             files = _write_cohort_summary(summary, out / "_summary")
             print()
             print(summary.table())
             print()
             print(f"summary: {files['html'].resolve()}")
+        check = run.model_check
+        if check is not None and not check.above_chance:
+            print(f"captum-chefer cohort: warning: {check.warning()}", file=sys.stderr)
     finally:
         torch.set_num_threads(threads)
     return 0
@@ -425,13 +484,14 @@ def _cohort_device(choice: str) -> Any:
 
 def _write_cohort_summary(summary: Any, folder: Path) -> dict[str, Path]:
     from .report import cohort_page
+    from .visualization import method_colors
 
     folder.mkdir(parents=True, exist_ok=True)
     files = {"codes": folder / "codes.csv", "agreement": folder / "agreement.csv", "figure": folder / "top_codes.png",
              "html": folder / "summary.html"}
     summary.codes.write_csv(files["codes"])
     summary.agreement.write_csv(files["agreement"])
-    summary.figure().savefig(files["figure"], dpi=110)
+    summary.figure(colors=method_colors(summary.methods)).savefig(files["figure"], dpi=110)
     files["html"].write_text(cohort_page(summary), encoding="utf-8")
     return files
 

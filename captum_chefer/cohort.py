@@ -6,6 +6,10 @@
   when the model is on a GPU) each process takes its own share of the parts.
 * :func:`summarize` reads that dataset with polars and ranks, per method, the codes by their mean score
   over the samples that have them, with the agreement between methods (:class:`CohortSummary`).
+* Both check the model against always predicting the most frequent class, on the samples' labels
+  (:class:`~captum_chefer.comparison.chance.ModelCheck`, in the manifest), and warn
+  (:class:`~captum_chefer.comparison.chance.ChanceLevelWarning`) when it is no better: its explanations
+  would explain a model that has not learned the task.
 
 How the work is cut: the samples, in the dataset's order, fall into fixed chunks of ``chunk_size``
 (chunk ``k`` holds samples ``k * chunk_size`` up to the next chunk). Chunk ``k`` becomes the part file
@@ -44,6 +48,7 @@ import torch
 from torch import Tensor
 
 from .adapters import Adapter
+from .comparison.chance import ModelCheck, batch_predictions, warn_if_chance_level
 from .comparison.methods import MethodSpec, attribute_batch, method_specs
 
 if TYPE_CHECKING:
@@ -128,6 +133,12 @@ class CohortRun:
     def rows(self) -> int:
         return int(self.manifest["rows"])
 
+    @property
+    def model_check(self) -> Optional[ModelCheck]:
+        """The model's accuracy on the samples against the most frequent class; ``None`` without labels
+        (multilabel models, datasets without the label, adapters of other libraries)."""
+        return _model_check(self.manifest)
+
 
 def attribute_dataset(
     adapter: Adapter,
@@ -175,7 +186,12 @@ def attribute_dataset(
         progress: a progress bar (rank 0, over its own samples).
 
     Returns:
-        A :class:`CohortRun`: the directory, the manifest, what this process computed.
+        A :class:`CohortRun`: the directory, the manifest, what this process computed, and the model's
+        accuracy on the samples against always predicting the most frequent class (``model_check``).
+
+    Warns:
+        ChanceLevelWarning: (rank 0) the model is not better than always predicting the most frequent
+            class on the samples' labels.
 
     Raises:
         NotADirectoryError: ``out`` is an existing file (checked before any work).
@@ -188,17 +204,26 @@ def attribute_dataset(
         >>> from captum_chefer.synthetic import toy_model_and_batch
         >>> model, _ = toy_model_and_batch()
         >>> adapter = PyHealthAdapter(model)
+        >>> import warnings
+        >>> from captum_chefer.comparison import ChanceLevelWarning
+        >>> methods = [("Chefer (recommended)", CheferAttribution(adapter, preset="recommended")),
+        ...            ("IG", IntegratedGradients(adapter), {"n_steps": 8})]
         >>> out = tempfile.mkdtemp()
-        >>> run = attribute_dataset(adapter, model.dataset, [CheferAttribution(adapter),
-        ...     ("IG", IntegratedGradients(adapter), {"n_steps": 8})], out, batch_size=2, progress=False)
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always", ChanceLevelWarning)
+        ...     run = attribute_dataset(adapter, model.dataset, methods, out, batch_size=2, progress=False)
+        ...     again = attribute_dataset(adapter, model.dataset, methods, out, batch_size=2, progress=False)
         >>> run.manifest["complete"], run.manifest["n_samples"], len(run.parts)
         (True, 4, 1)
         >>> table = read_cohort(out)
         >>> table.columns == list(COLUMNS), sorted(set(table["method"]))
-        (True, ['Chefer', 'IG'])
-        >>> attribute_dataset(adapter, model.dataset, [CheferAttribution(adapter), ("IG", IntegratedGradients(adapter),
-        ...     {"n_steps": 8})], out, batch_size=2, progress=False).skipped  # a rerun resumes: nothing to do
+        (True, ['Chefer (recommended)', 'IG'])
+        >>> again.skipped  # a rerun resumes: nothing to do
         [0]
+        >>> run.model_check.correct, run.model_check.n  # the toy model is untrained: no better than chance
+        (1, 4)
+        >>> [w.category.__name__ for w in caught if issubclass(w.category, ChanceLevelWarning)]
+        ['ChanceLevelWarning', 'ChanceLevelWarning']
     """
     started = time.perf_counter()
     out = Path(out)
@@ -249,7 +274,10 @@ def attribute_dataset(
         )
     finally:
         group.leave()
-    return CohortRun(out, manifest, group.rank, group.world_size, list(mine))
+    run = CohortRun(out, manifest, group.rank, group.world_size, list(mine))
+    if group.rank == 0:
+        warn_if_chance_level(run.model_check, stacklevel=2)
+    return run
 
 
 def read_cohort(out: str | os.PathLike) -> "pl.DataFrame":
@@ -504,13 +532,16 @@ def _run_chunks(
             start, stop = k * chunk_size, min((k + 1) * chunk_size, source.n_samples)
             # rows grouped by method, then in sample order: the same whatever the batch size
             columns: dict[str, dict[str, list]] = {method: {name: [] for name in COLUMNS} for method, _, _ in specs}
+            labels: Optional[dict[str, Any]] = {"n": 0, "correct": 0, "counts": {}}
             with torch.random.fork_rng(devices=devices):
                 torch.manual_seed(seed * 1_000_003 + k)
                 for first in range(start, stop, source.batch_size):
                     last = min(first + source.batch_size, stop)
-                    _batch_rows(adapter, source.batch(first, last), specs, first, target_mode, baseline, seconds, columns)
+                    counted = _batch_rows(adapter, source.batch(first, last), specs, first, target_mode, baseline, seconds, columns)
+                    labels = _add_counts(labels, counted)
                     bar.update(last - first)
-            rows = _write_part(out, k, start, stop, description, {c: [v for m in columns.values() for v in m[c]] for c in COLUMNS})
+            rows = _write_part(out, k, start, stop, description, {c: [v for m in columns.values() for v in m[c]] for c in COLUMNS},
+                               labels)
             written.append({"chunk": k, "rows": rows})
     finally:
         bar.close()
@@ -535,8 +566,10 @@ def _batch_rows(
     baseline: Reference,
     seconds: dict[str, float],
     columns: dict[str, dict[str, list]],
-) -> None:
-    """One batch: every method, as compare_methods runs it; its rows appended to ``columns[method]``."""
+) -> Optional[tuple[Tensor, Tensor]]:
+    """One batch: every method, as compare_methods runs it; its rows appended to ``columns[method]``.
+
+    Returns the batch's true and predicted classes (``None`` without labels), for the model check."""
     embeddings, args = adapter.captum_inputs(batch, level="embedding")
     tokens, _ = adapter.captum_inputs(batch, level="token")
     target = adapter.captum_target(batch, mode=target_mode)
@@ -544,6 +577,7 @@ def _batch_rows(
     with torch.no_grad():
         logits = adapter(*tokens, *args).detach().float().cpu()
     n = int(logits.shape[0])
+    predictions = batch_predictions(adapter, batch, logits)
     explained, column = _explained(target, int(logits.shape[1]), n)
     probability = adapter.probabilities(logits).gather(1, column.view(-1, 1))[:, 0].tolist()
     patient_ids = _patient_ids(batch, n, first_sample)
@@ -590,6 +624,25 @@ def _batch_rows(
             into[column].extend(items)
         into["method"].extend([name] * n_rows)
         into["score"].extend(values.tolist())
+    return predictions
+
+
+def _add_counts(counts: Optional[dict[str, Any]], predictions: Optional[tuple[Tensor, Tensor]]) -> Optional[dict[str, Any]]:
+    """A chunk's label counts (``n``, ``correct``, ``counts`` per true class) with one batch's added;
+    ``None`` once a batch has no labels."""
+    if counts is None or predictions is None:
+        return None
+    labels, predicted = predictions
+    per_class = dict(counts["counts"])
+    for label, count in zip(*torch.unique(labels, return_counts=True)):
+        per_class[str(int(label))] = per_class.get(str(int(label)), 0) + int(count)
+    return {"n": counts["n"] + int(labels.numel()), "correct": counts["correct"] + int((labels == predicted).sum()),
+            "counts": per_class}
+
+
+def _model_check(manifest: Mapping[str, Any]) -> Optional[ModelCheck]:
+    data = manifest.get("model_check")
+    return None if data is None else ModelCheck.from_dict(data)
 
 
 def _explained(target: Any, n_outputs: int, n: int) -> tuple[list[int], Tensor]:
@@ -614,12 +667,17 @@ def _patient_ids(batch: Any, n: int, first_sample: int) -> list[str]:
     return [str(first_sample + i) for i in range(n)]
 
 
-def _write_part(out: Path, chunk: int, start: int, stop: int, description: Mapping[str, Any], columns: dict[str, list]) -> int:
-    """One chunk's rows as ``part-<chunk>.parquet``: a temporary file, flushed, then renamed into place."""
+def _write_part(
+    out: Path, chunk: int, start: int, stop: int, description: Mapping[str, Any], columns: dict[str, list],
+    labels: Optional[Mapping[str, Any]] = None,
+) -> int:
+    """One chunk's rows as ``part-<chunk>.parquet``: a temporary file, flushed, then renamed into place.
+
+    The footer records the run, the chunk and its label counts (for the model check of the manifest)."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    meta = {"run": dict(description), "chunk": chunk, "start": start, "stop": stop}
+    meta = {"run": dict(description), "chunk": chunk, "start": start, "stop": stop, "labels": labels}
     schema = _schema().with_metadata({_META_KEY: json.dumps(meta).encode()})
     table = pa.Table.from_pydict(columns, schema=schema)
     final = out / PART.format(chunk)
@@ -647,7 +705,7 @@ def _write_manifest(
     """Rank 0, after every process has finished: check every part, write ``_manifest.json`` atomically."""
     import pyarrow.parquet as pq
 
-    parts, problems = [], []
+    parts, problems, labels = [], [], []
     for k in range(n_chunks):
         path = out / PART.format(k)
         try:
@@ -660,6 +718,7 @@ def _write_manifest(
             problems.append(f"{path.name}: written by another run")
             continue
         parts.append({"file": path.name, "chunk": k, "start": meta["start"], "stop": meta["stop"], "rows": metadata.num_rows})
+        labels.append(meta.get("labels"))
     if problems:
         raise RuntimeError(
             f"after the run, rank 0 finds {len(problems)} of {n_chunks} parts missing or wrong in {out} "
@@ -671,6 +730,7 @@ def _write_manifest(
         "columns": COLUMNS,
         "parts": parts,
         "rows": sum(p["rows"] for p in parts),
+        "model_check": _check_of_parts(labels),
         "this_run": {
             "world_size": group.world_size,
             "backend": group.backend,
@@ -687,6 +747,18 @@ def _write_manifest(
     temporary.write_text(json.dumps(manifest, indent=2))
     os.replace(temporary, out / MANIFEST)
     return manifest
+
+
+def _check_of_parts(labels: Sequence[Optional[Mapping[str, Any]]]) -> Optional[dict[str, Any]]:
+    """The model check over every part's label counts (``None`` when a part has none)."""
+    if not labels or any(part is None or not part["n"] for part in labels):
+        return None
+    counts: dict[str, int] = {}
+    for part in labels:
+        for label, count in part["counts"].items():  # type: ignore[union-attr]
+            counts[label] = counts.get(label, 0) + int(count)
+    n, correct = sum(int(p["n"]) for p in labels), sum(int(p["correct"]) for p in labels)  # type: ignore[index]
+    return ModelCheck.from_counts(correct, n, counts, unit="samples").as_dict()
 
 
 def _read_manifest(out: Path) -> dict[str, Any]:
@@ -751,6 +823,8 @@ class CohortSummary:
         methods: the methods, in the run's order.
         n_samples, n_patients, n_rows: the size of the cohort and of the dataset.
         top_k: the ``k`` of the overlap and the default of :meth:`top` and :meth:`figure`.
+        model_check: the model's accuracy on the samples against always predicting the most frequent
+            class (``None`` without labels); :meth:`table` and the report say when it is no better.
     """
 
     codes: "pl.DataFrame"
@@ -760,6 +834,7 @@ class CohortSummary:
     n_patients: int
     n_rows: int
     top_k: int
+    model_check: Optional[ModelCheck] = None
 
     def top(self, method: str, k: Optional[int] = None) -> "pl.DataFrame":
         """The ``k`` highest-ranked codes of ``method``."""
@@ -785,10 +860,13 @@ class CohortSummary:
     def _several_features(self) -> bool:
         return self.codes["feature"].n_unique() > 1
 
-    def figure(self, k: Optional[int] = None) -> "Figure":
+    def figure(self, k: Optional[int] = None, colors: Optional[Mapping[str, str]] = None) -> "Figure":
         """A bar chart per method, side by side, of its top ``k`` codes by mean score (highest on top).
 
-        Codes in every method's top ``k`` are drawn in one colour, the others in grey.
+        Without ``colors``, codes in every method's top ``k`` are drawn in blue, the others in grey. With
+        ``colors`` (``{method: colour}``, e.g. :func:`captum_chefer.visualization.method_colors` of
+        :attr:`methods`, as the report and the ``cohort`` command pass), each method's bars take its colour,
+        solid for codes in every method's top ``k`` and pale for the others.
         """
         from matplotlib.figure import Figure
 
@@ -806,7 +884,12 @@ class CohortSummary:
         for ax, method in zip(axes, self.methods):
             values = tops[method]["mean_score"].to_list()
             names = labels[method]
-            colours = ["tab:blue" if name in common else "tab:gray" for name in names]
+            if colors is None:
+                colours: list[Any] = ["tab:blue" if name in common else "tab:gray" for name in names]
+            else:
+                from matplotlib.colors import to_rgba
+
+                colours = [to_rgba(colors.get(method, "tab:blue"), 1.0 if name in common else 0.35) for name in names]
             ax.barh(range(len(values)), values, color=colours)
             ax.set_yticks(range(len(values)), names, fontsize=8)
             ax.invert_yaxis()
@@ -814,17 +897,20 @@ class CohortSummary:
             ax.set_title(method, fontsize=10)
             ax.set_xlabel("mean score", fontsize=8)
             ax.tick_params(axis="x", labelsize=7)
+        shared = f"blue: in every method's top {k}" if colors is None else f"solid: in every method's top {k}, pale: not"
         fig.suptitle(
             f"Top {k} codes per method, mean score over the samples that have them\n"
-            f"({self.n_samples} samples, {self.n_patients} patients; blue: in every method's top {k})",
+            f"({self.n_samples} samples, {self.n_patients} patients; {shared})",
             fontsize=10,
         )
         return fig
 
     def table(self, k: Optional[int] = None) -> str:
-        """:meth:`side_by_side` and the agreement as plain text."""
+        """:meth:`side_by_side` and the agreement as plain text, below a line on the model (its accuracy
+        against the most frequent class, or the warning of a model no better than chance)."""
         side = self.side_by_side(k)
-        lines = [_text_table(side.columns, side.rows())]
+        lines = [self.model_line(), ""] if self.model_check is not None else []
+        lines.append(_text_table(side.columns, side.rows()))
         if self.agreement.height:
             rows = [
                 (r["method_a"], r["method_b"], f"{r['spearman']:.3f}", f"{r['top_k_overlap']:.2f}", r["codes"])
@@ -832,6 +918,15 @@ class CohortSummary:
             ]
             lines += ["", _text_table(["method A", "method B", "Spearman", f"top-{self.top_k} overlap", "codes"], rows)]
         return "\n".join(lines)
+
+
+    def model_line(self) -> str:
+        """``"model: <accuracy against chance>"``, or ``"warning: <why the model is no better than chance>"``;
+        empty without a model check."""
+        check = self.model_check
+        if check is None:
+            return ""
+        return f"warning: {check.warning()}" if not check.above_chance else f"model: {check.describe()}"
 
 
 def summarize(out: str | os.PathLike, *, top_k: int = 10, min_samples: int = 1) -> CohortSummary:
@@ -846,6 +941,10 @@ def summarize(out: str | os.PathLike, *, top_k: int = 10, min_samples: int = 1) 
         top_k: the ``k`` of the top-``k`` overlap, and the default length of the top lists.
         min_samples: the fewest samples a ranked code must appear in.
 
+    Warns:
+        ChanceLevelWarning: the run's model is not better than always predicting the most frequent class
+            on the samples' labels (the manifest's ``model_check``).
+
     Example:
         >>> import tempfile
         >>> from captum.attr import Saliency
@@ -853,9 +952,14 @@ def summarize(out: str | os.PathLike, *, top_k: int = 10, min_samples: int = 1) 
         >>> from captum_chefer.synthetic import toy_model_and_batch
         >>> model, _ = toy_model_and_batch(batch_size=8)
         >>> adapter = PyHealthAdapter(model)
+        >>> import warnings
+        >>> from captum_chefer.comparison import ChanceLevelWarning
         >>> out = tempfile.mkdtemp()
-        >>> _ = attribute_dataset(adapter, model.dataset, [CheferAttribution(adapter), Saliency(adapter)], out, progress=False)
-        >>> summary = summarize(out, top_k=3)
+        >>> with warnings.catch_warnings():
+        ...     warnings.simplefilter("ignore", ChanceLevelWarning)  # the toy model is untrained
+        ...     _ = attribute_dataset(adapter, model.dataset, [CheferAttribution(adapter), Saliency(adapter)], out,
+        ...                           progress=False)
+        ...     summary = summarize(out, top_k=3)
         >>> summary.methods, summary.n_samples
         (['Chefer', 'Saliency'], 8)
         >>> summary.top("Chefer").columns
@@ -892,7 +996,7 @@ def summarize(out: str | os.PathLike, *, top_k: int = 10, min_samples: int = 1) 
         pl.col("patients").cast(pl.Int64),
     )
     totals = rows.select(pl.len().alias("rows"), pl.col("patient_id").n_unique().alias("patients")).collect().row(0)
-    return CohortSummary(
+    summary = CohortSummary(
         codes=codes,
         agreement=_agreement(codes, methods, top_k),
         methods=methods,
@@ -900,7 +1004,10 @@ def summarize(out: str | os.PathLike, *, top_k: int = 10, min_samples: int = 1) 
         n_patients=int(totals[1]),
         n_rows=int(totals[0]),
         top_k=top_k,
+        model_check=_model_check(manifest),
     )
+    warn_if_chance_level(summary.model_check, stacklevel=2)
+    return summary
 
 
 def _agreement(codes: "pl.DataFrame", methods: Sequence[str], k: int) -> "pl.DataFrame":

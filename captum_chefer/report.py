@@ -36,15 +36,22 @@ from .adapters import adapter_for
 from .comparison import (
     DEFAULT_FRACTIONS,
     DEFAULT_PERCENTAGES,
+    ChanceLevelWarning,
     Evaluation,
+    ModelCheck,
     RandomAttribution,
-    above_chance,
+    check_model,
     compare_methods,
     evaluate_methods,
+    warn_if_chance_level,
 )
-from .visualization import plot_methods
+from .visualization import method_colors, plot_methods
 
 __all__ = [
+    "CHEFER_PYHEALTH",
+    "CHEFER_PYHEALTH_EXCLUDE_SELF",
+    "CHEFER_RECOMMENDED",
+    "ChanceLevelWarning",
     "ComparisonReport",
     "ModelCheck",
     "check_model",
@@ -53,7 +60,9 @@ __all__ = [
     "curves_figure",
     "default_methods",
     "headline_table",
+    "metrics_figure",
     "run_comparison",
+    "time_figure",
     "write_report",
 ]
 
@@ -97,16 +106,27 @@ METRIC_NOTES = {
 }
 
 
+#: The names of the Chefer settings in :func:`default_methods`, the report and the ``cohort`` command.
+CHEFER_RECOMMENDED = "Chefer (recommended)"
+CHEFER_PYHEALTH = "Chefer (PyHealth)"
+CHEFER_PYHEALTH_EXCLUDE_SELF = "Chefer (PyHealth, exclude_self)"
+
+
 def default_methods(adapter: Any, *, ig_steps: int = 50, nt_samples: int = 10, nt_stdev: float = 0.1, seed: int = 0) -> list[tuple]:
-    """The compared methods: Chefer (PyHealth's default, ``exclude_self`` and ``preset="recommended"``),
-    Integrated Gradients, Saliency, NoiseTunnel (SmoothGrad over Saliency) and a random baseline, as
-    ``(name, method, kwargs)``.
+    """The compared methods, as ``(name, method, kwargs)``: Chefer in the recommended setting first, then
+    PyHealth's setting with and without its self term, Integrated Gradients, Saliency, NoiseTunnel
+    (SmoothGrad over Saliency) and a random baseline.
+
+    * ``"Chefer (recommended)"``: ``CheferAttribution(adapter, preset="recommended")``, the setting to use;
+    * ``"Chefer (PyHealth)"``: ``CheferAttribution(adapter)``, the published rule as PyHealth's
+      ``CheferRelevance`` computes it (compatibility);
+    * ``"Chefer (PyHealth, exclude_self)"``: the same without the pooled position's self term.
 
     Example:
         >>> from captum_chefer import PyHealthAdapter
         >>> from captum_chefer.synthetic import toy_model_and_batch
         >>> [name for name, _, _ in default_methods(PyHealthAdapter(toy_model_and_batch()[0]))]
-        ['Chefer', 'Chefer (exclude_self)', 'Chefer (recommended)', 'Integrated Gradients', 'Saliency', 'NoiseTunnel (SmoothGrad)', 'Random']
+        ['Chefer (recommended)', 'Chefer (PyHealth)', 'Chefer (PyHealth, exclude_self)', 'Integrated Gradients', 'Saliency', 'NoiseTunnel (SmoothGrad)', 'Random']
     """
     from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
 
@@ -115,80 +135,14 @@ def default_methods(adapter: Any, *, ig_steps: int = 50, nt_samples: int = 10, n
     if ig_steps < 1 or nt_samples < 1:
         raise ValueError(f"ig_steps and nt_samples must be >= 1, got {ig_steps}, {nt_samples}")
     return [
-        ("Chefer", CheferAttribution(adapter), {}),
-        ("Chefer (exclude_self)", CheferAttribution(adapter), {"exclude_self": True}),
-        ("Chefer (recommended)", CheferAttribution(adapter, preset="recommended"), {}),
+        (CHEFER_RECOMMENDED, CheferAttribution(adapter, preset="recommended"), {}),
+        (CHEFER_PYHEALTH, CheferAttribution(adapter), {}),
+        (CHEFER_PYHEALTH_EXCLUDE_SELF, CheferAttribution(adapter), {"exclude_self": True}),
         ("Integrated Gradients", IntegratedGradients(adapter), {"n_steps": ig_steps}),
         ("Saliency", Saliency(adapter), {}),
         ("NoiseTunnel (SmoothGrad)", NoiseTunnel(Saliency(adapter)), {"nt_type": "smoothgrad", "nt_samples": nt_samples, "stdevs": nt_stdev}),
         ("Random", RandomAttribution(adapter, seed=seed), {}),
     ]
-
-
-@dataclass(frozen=True)
-class ModelCheck:
-    """The model's accuracy on the explained patients, against always predicting the most frequent class.
-
-    Attributes:
-        n: patients with a label; correct: those predicted right; majority_rate: the share of the most
-        frequent true class; p_value: one-sided exact binomial test of ``accuracy > majority_rate``;
-        above_chance: ``p_value < 0.05``.
-    """
-
-    n: int
-    correct: int
-    majority_rate: float
-    p_value: float
-    above_chance: bool
-
-    @property
-    def accuracy(self) -> float:
-        return self.correct / self.n
-
-    def describe(self) -> str:
-        """One sentence with the numbers."""
-        return (
-            f"accuracy {self.accuracy:.3f} ({self.correct} of {self.n} explained patients); always predicting the most "
-            f"frequent class scores {self.majority_rate:.3f} (one-sided binomial p = {self.p_value:.3g})"
-        )
-
-    def warning(self) -> str:
-        """The warning a chance-level model gets (empty when the model is above chance)."""
-        if self.above_chance:
-            return ""
-        return (
-            f"The model is not better than chance on the explained patients: {self.describe()}. Its explanations "
-            "explain a model that has not learned the task, so the metrics say little about the methods; train it "
-            "further (more epochs or patients) and compare again."
-        )
-
-
-def check_model(adapter: Any, data: Mapping[str, Any] | Iterable[Mapping[str, Any]]) -> Optional[ModelCheck]:
-    """Accuracy of the model on ``data`` against the most frequent class; ``None`` without labels.
-
-    Binary and multiclass models with the label in the batch (``adapter.label_key``); multilabel models
-    and batches without labels give ``None``.
-    """
-    label_key = getattr(adapter, "label_key", None)
-    mode = getattr(getattr(adapter, "model", None), "mode", None)
-    if label_key is None or mode not in ("binary", "multiclass"):
-        return None
-    predicted, labels = [], []
-    for batch in [data] if isinstance(data, Mapping) else data:
-        if label_key not in batch:
-            return None
-        tokens, args = adapter.captum_inputs(batch, level="token")
-        with torch.no_grad():
-            logits = adapter(*tokens, *args).detach().float().cpu()
-        predicted.append((logits[:, 0] >= 0).long() if logits.shape[1] == 1 else logits.argmax(1))
-        labels.append(torch.as_tensor(batch[label_key]).detach().cpu().reshape(-1).long())
-    if not labels:
-        return None
-    y, p = torch.cat(labels), torch.cat(predicted)
-    n, correct = int(y.numel()), int((p == y).sum())
-    majority = float(torch.bincount(y).max()) / n
-    above, p_value = above_chance(correct, n, majority)
-    return ModelCheck(n, correct, majority, p_value, above)
 
 
 @dataclass
@@ -253,20 +207,31 @@ def run_comparison(
 
     Returns:
         A :class:`ComparisonReport`. Its ``model_check`` compares the model's accuracy on ``data`` with
-        always predicting the most frequent class; a model not above chance gets a warning on the page.
+        always predicting the most frequent class.
 
-    Example (two methods on the untrained toy model, to stay fast; leave ``methods`` out for all six):
+    Warns:
+        ChanceLevelWarning: the model is not better than always predicting the most frequent class on
+            ``data`` (one-sided binomial test at 5%); the report's page says it too.
+
+    Example (two methods on the toy model, to stay fast; leave ``methods`` out for all of
+    :func:`default_methods`):
         >>> import tempfile
         >>> from captum.attr import Saliency
         >>> from captum_chefer import CheferAttribution, PyHealthAdapter
         >>> from captum_chefer.synthetic import toy_model_and_batch
         >>> model, batch = toy_model_and_batch()
         >>> adapter = PyHealthAdapter(model)
-        >>> result = run_comparison(adapter, batch, out=tempfile.mkdtemp(), show_patients=1,
-        ...                         methods=[("Chefer", CheferAttribution(adapter), {}), ("Saliency", Saliency(adapter), {})],
-        ...                         sensitivity_samples=0, infidelity_samples=2, progress=False)
+        >>> methods = [("Chefer (recommended)", CheferAttribution(adapter, preset="recommended"), {}),
+        ...            ("Saliency", Saliency(adapter), {})]
+        >>> import warnings
+        >>> with warnings.catch_warnings(record=True) as caught:
+        ...     warnings.simplefilter("always", ChanceLevelWarning)
+        ...     result = run_comparison(adapter, batch, out=tempfile.mkdtemp(), show_patients=1, methods=methods,
+        ...                             sensitivity_samples=0, infidelity_samples=2, progress=False)
         >>> result.html_path.name, result.evaluation.methods
-        ('report.html', ['Chefer', 'Saliency'])
+        ('report.html', ['Chefer (recommended)', 'Saliency'])
+        >>> [str(w.message)[:56] for w in caught if w.category is ChanceLevelWarning]  # the toy model is untrained
+        ['The model is not better than chance on the explained pat']
     """
     adapter = adapter_for(model)
     target_device = _device(device)
@@ -287,6 +252,7 @@ def run_comparison(
         info.setdefault("device", str(next(adapter.parameters(), torch.empty(0)).device))
         info["evaluation seconds"] = round(time.perf_counter() - start, 1)
         report = ComparisonReport(evaluation, settings=info, model_check=model_check)
+        warn_if_chance_level(model_check, stacklevel=2)
         if out is not None:
             first = data if isinstance(data, Mapping) else next(iter(data))
             report.files = write_report(
@@ -337,7 +303,9 @@ def headline_table(
 ) -> str:
     """The headline metrics, one row per method (``ms / sample`` in milliseconds), with a note below.
 
-    Each cell is the mean over the patients, with its 95% bootstrap interval when ``intervals``. The best
+    Each cell is the mean over the patients, with its 95% interval when ``intervals``
+    (``Evaluation.interval``: Wilson's where every patient's value is 0 or 1, else the bootstrap's; a
+    bootstrap interval of values that are all equal has no width and is marked ``†``). The best
     mean of a column (the random baseline excluded) is bold (Markdown) or starred (text) only where the
     paired bootstrap interval of its difference to the runner-up lies above zero. A column's header gives
     its number of patients when it differs from the total. ``time=False`` leaves the wall-time column out
@@ -357,7 +325,7 @@ def headline_table(
         for k, _ in present:
             line.append(_cell(evaluation, r, k, digits, intervals, leaders.get(k) == r["method"], markdown))
         cells.append(line)
-    note = _table_note(evaluation, intervals, "bold" if markdown else "*", time)
+    note = _table_note(evaluation, intervals, "bold" if markdown else "*", time, [k for k, _ in present])
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(present)) + "|"]
         return "\n".join(out + ["| " + " | ".join(c) + " |" for c in cells] + ["", note])
@@ -393,18 +361,39 @@ def _cell(evaluation: Evaluation, row: Mapping[str, Any], metric: str, digits: i
     text = _num(value, digits)
     if best:
         text = f"**{text}**" if markdown else f"{text}*"
-    if intervals and metric in evaluation.per_sample.get(row["method"], {}):
-        interval = evaluation.interval(row["method"], metric)
-        if interval.n:
-            text += f" [{_num(interval.low, digits)}, {_num(interval.high, digits)}]"
+    if intervals:
+        text += _interval_text(evaluation, row["method"], metric, digits, " ")
     return text
 
 
-def _table_note(evaluation: Evaluation, intervals: bool, mark: str, time: bool = True) -> str:
+def _interval_text(evaluation: Evaluation, method: str, metric: str, digits: int = 3, space: str = " ") -> str:
+    """``space + "[low, high]"`` (``†`` after a zero-width bootstrap interval), or ``""`` without an interval."""
+    if metric == "seconds_per_sample" or metric not in evaluation.per_sample.get(method, {}):
+        return ""
+    interval = evaluation.interval(method, metric)
+    if not interval.n:
+        return ""
+    return f"{space}[{_num(interval.low, digits)}, {_num(interval.high, digits)}]" + ("†" if interval.degenerate else "")
+
+
+def _any_degenerate(evaluation: Evaluation, metrics: Sequence[str]) -> bool:
+    return any(
+        evaluation.interval(m, k).degenerate for m in evaluation.methods for k in metrics
+        if k != "seconds_per_sample" and k in evaluation.per_sample[m]
+    )
+
+
+def _table_note(
+    evaluation: Evaluation, intervals: bool, mark: str, time: bool = True, metrics: Sequence[str] = ()
+) -> str:
     note = f"Means over n = {evaluation.n_samples} patients"
     if intervals:
-        note += (f"; [low, high]: {evaluation.level:.0%} bootstrap interval over patients ({evaluation.n_resamples} "
-                 f"resamples, seed {evaluation.seed})")
+        note += (f"; [low, high]: {evaluation.level:.0%} interval over patients, Wilson's score interval where every "
+                 f"patient's value is 0 or 1 (a share of patients), else the percentile bootstrap "
+                 f"({evaluation.n_resamples} resamples, seed {evaluation.seed})")
+        if _any_degenerate(evaluation, metrics):
+            note += ("; †: every patient has the same value, so the bootstrap has no spread to resample and the "
+                     "interval's zero width is no certainty")
     return note + (f". {mark.capitalize() if mark != '*' else 'A star'}: the best mean of a column (Random excluded), "
                    "marked only where the bootstrap interval of its paired difference to the runner-up, on the same "
                    "patients, lies above zero." + (" Time is one measurement." if time else ""))
@@ -430,16 +419,20 @@ def _png(fig: Any, path: Path) -> str:
 
 
 def curves_figure(evaluation: Evaluation) -> Any:
-    """The mean deletion and insertion curves of every method, as a matplotlib ``Figure``."""
+    """The mean deletion and insertion curves of every method, as a matplotlib ``Figure``.
+
+    Each method has its colour of :func:`captum_chefer.visualization.method_colors` (Random: grey, dashed).
+    """
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(10, 3.8), layout="constrained")
     axes = fig.subplots(1, 2)
     x = list(evaluation.fractions)
+    colors = method_colors(evaluation.curves)
     for name, curves in evaluation.curves.items():
-        style = {"linestyle": "--", "color": "grey"} if name == "Random" else {}
+        style = {"linestyle": "--"} if name == "Random" else {}
         for ax, kind in zip(axes, ("deletion", "insertion")):
-            ax.plot(x, curves[kind].nanmean(0).tolist(), marker="o", markersize=3, label=name, **style)
+            ax.plot(x, curves[kind].nanmean(0).tolist(), marker="o", markersize=3, label=name, color=colors[name], **style)
     axes[0].set(title="Deletion: top codes removed\n(a lower curve is better: higher Deletion AOPC ↑)",
                 xlabel="fraction of codes removed", ylabel="target probability")
     axes[1].set(title="Insertion: only the top codes kept\n(a higher curve is better: higher Insertion AOPC ↑)",
@@ -448,35 +441,50 @@ def curves_figure(evaluation: Evaluation) -> Any:
     return fig
 
 
-def _metrics_figure(evaluation: Evaluation) -> Any:
+def metrics_figure(evaluation: Evaluation) -> Any:
+    """The per-patient metrics of the headline table as grouped bars, one colour per method
+    (:func:`captum_chefer.visualization.method_colors`), each bar with its 95% interval
+    (``Evaluation.interval``, the interval the table prints) as an error bar."""
     from matplotlib.figure import Figure
 
     rows = evaluation.summary()
     metrics = [(k, label) for k, label in HEADLINE[:6] if any(not _isnan(r.get(k, math.nan)) for r in rows)]
+    colors = method_colors(r["method"] for r in rows)
     fig = Figure(figsize=(10, 4.0), layout="constrained")
     ax = fig.subplots()
     width = 0.8 / max(len(rows), 1)
     for i, r in enumerate(rows):
         values = [r.get(k, math.nan) for k, _ in metrics]
-        ax.bar([j + i * width for j in range(len(metrics))], values, width, label=r["method"])
+        low, high = [], []
+        for (k, _), v in zip(metrics, values):
+            interval = evaluation.interval(r["method"], k) if k in evaluation.per_sample.get(r["method"], {}) else None
+            ok = interval is not None and interval.n > 0 and not _isnan(v)
+            low.append(max(v - interval.low, 0.0) if ok else 0.0)
+            high.append(max(interval.high - v, 0.0) if ok else 0.0)
+        ax.bar([j + i * width for j in range(len(metrics))], values, width, label=r["method"], color=colors[r["method"]],
+               yerr=[low, high], error_kw={"elinewidth": 0.9, "capsize": 2, "ecolor": "#333333"})
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(metrics))], [label for _, label in metrics])
-    ax.set_title("Faithfulness and localization (means over the explained patients)")
+    ax.set_title(f"Faithfulness and localization: means over the explained patients, error bars: {evaluation.level:.0%} intervals")
     ax.axhline(0, color="black", linewidth=0.6)
-    ax.legend(fontsize=8, ncols=len(rows), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
+    ax.legend(fontsize=8, ncols=min(len(rows), 4), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     return fig
 
 
-def _time_figure(evaluation: Evaluation) -> Any:
+def time_figure(evaluation: Evaluation) -> Any:
+    """Wall time per explained patient, one bar per method in its colour. Each method's time is one
+    measurement (its ``attribute`` calls over the run), so the bars have no interval."""
     from matplotlib.figure import Figure
 
     names = list(evaluation.seconds_per_sample)
     values = [evaluation.seconds_per_sample[n] * 1000 for n in names]
+    colors = method_colors(names)
     fig = Figure(figsize=(10, 2.8), layout="constrained")
     ax = fig.subplots()
-    ax.barh(names, values)
+    ax.barh(names, values, color=[colors[n] for n in names])
     ax.set_xscale("log")
     ax.invert_yaxis()
-    ax.set(title="Wall time per explained patient", xlabel="milliseconds (log scale)")
+    ax.set(title="Wall time per explained patient (one measurement per method: no interval)",
+           xlabel="milliseconds (log scale)")
     for y, v in enumerate(values):
         ax.text(v, y, f" {v:.2f} ms", va="center", fontsize=8)
     return fig
@@ -501,8 +509,7 @@ def _select(batch: Mapping[str, Any], indices: Sequence[int], n: int) -> dict[st
 def _patient_rows(
     adapter: Any, batch: Mapping[str, Any], scores: Mapping[str, Mapping[str, Tensor]], truth: Optional[Mapping[str, Tensor]], index: int
 ) -> tuple[str, str]:
-    """One patient, one row per method: Captum's word-importance cells (true codes in brackets)."""
-    from captum.attr import visualization as captum_viz
+    """One patient, one row per method: Captum's word-importance cells (true codes outlined, in brackets)."""
 
     n = int(next(iter(adapter.captum_inputs(batch, level="token")[0])).shape[0])
     one = _select(batch, [index], n)
@@ -520,13 +527,11 @@ def _patient_rows(
         sub = {k: v[index : index + 1] for k, v in per_key.items()}
         record = adapter.visualization_records(one, sub)[0]
         words = [str(w) for w in record.raw_input_ids]
-        if marks is not None and len(marks) == len(words):
-            words = [f"[{w}]" if m else w for w, m in zip(words, marks)]
-        words = [html.escape(captum_viz.format_special_tokens(w)) for w in words]
+        row_marks = marks if marks is not None and len(marks) == len(words) else [False] * len(words)
         importances = torch.as_tensor(record.word_attributions, dtype=torch.float).reshape(-1).tolist()
         rows.append(
             f"<tr><td class='method'>{html.escape(name)}</td><td>{record.attr_score:.3f}</td>"
-            + captum_viz.format_word_importances(words, importances)
+            + _word_cells(words, importances, row_marks)
             + "</tr>"
         )
     head = ""
@@ -536,6 +541,21 @@ def _patient_rows(
             f"({record.pred_prob:.2f}), explained class <b>{html.escape(str(record.attr_class))}</b>"
         )
     return head, "<table class='codes'><tr><th>Method</th><th>Sum of scores</th><th>Codes (colour: score / max |score| of the row)</th></tr>" + "".join(rows) + "</table>"
+
+
+def _word_cells(words: Sequence[str], importances: Sequence[float], marks: Sequence[bool]) -> str:
+    """One table cell of codes in Captum's ``visualize_text`` colours; marked codes outlined, bold, in brackets."""
+    from captum.attr import visualization as captum_viz
+
+    out = []
+    for word, importance, marked in zip(words, importances, marks):
+        text = html.escape(captum_viz.format_special_tokens(word))
+        style = f"background-color: {captum_viz._get_color(importance)}; opacity:1.0; line-height:1.75"
+        if marked:
+            out.append(f"<mark class='planted' style='{style}'><font color='black'> [{text}] </font></mark>")
+        else:
+            out.append(f"<mark style='{style}'><font color='black'> {text} </font></mark>")
+    return "<td>" + "".join(out) + "</td>"
 
 
 def _pick_patients(batch: Mapping[str, Any], truth: Optional[Mapping[str, Tensor]], n_batch: int, k: int) -> list[int]:
@@ -563,6 +583,7 @@ td.method{white-space:nowrap;font-weight:600} img{max-width:100%;border:1px soli
 .small{color:#555;font-size:0.88em} dl.settings{display:grid;grid-template-columns:max-content auto;gap:2px 14px} dl.settings dt{font-weight:600}
 span.ci{color:#666;font-size:0.85em;white-space:nowrap} dl.metrics{font-size:0.9em} dl.metrics dt{font-weight:600;margin-top:4px}
 dl.metrics dd{margin-left:18px} div.warning{border:2px solid #c33;background:#fdecea;padding:10px 14px;margin:12px 0}
+mark.planted{outline:2px solid #000;outline-offset:-1px;font-weight:bold}
 """
 
 
@@ -591,7 +612,7 @@ def write_report(
     out.mkdir(parents=True, exist_ok=True)
     files: dict[str, Path] = {}
     images: dict[str, str] = {}
-    for name, make in (("deletion_insertion", curves_figure), ("metrics", _metrics_figure), ("time", _time_figure)):
+    for name, make in (("deletion_insertion", curves_figure), ("metrics", metrics_figure), ("time", time_figure)):
         files[name] = out / f"{name}.png"
         images[name] = _png(make(evaluation), files[name])
 
@@ -608,7 +629,8 @@ def write_report(
             head, table = _patient_rows(adapter, sub, comparison.scores, sub_truth, j)
             files[f"patient_{i}"] = out / f"patient_{i}.png"
             pid = batch.get("patient_id", [None] * n_batch)[i] if isinstance(batch.get("patient_id"), list) else None
-            fig = plot_methods(adapter, sub, comparison.scores, sample=j, title=f"Patient {pid or i}: scores per method")
+            fig = plot_methods(adapter, sub, comparison.scores, sample=j, title=f"Patient {pid or i}: scores per method",
+                               planted=sub_truth)
             image = _png(fig, files[f"patient_{i}"])
             extra = html.escape(describe_patient(batch, i)) if describe_patient is not None else ""
             patients_html.append(
@@ -629,11 +651,7 @@ def write_report(
     payload = evaluation.to_dict()
     payload["settings"] = {k: (v if isinstance(v, (int, float, str, bool)) or v is None else str(v)) for k, v in info.items()}
     if model_check is not None:
-        payload["model_check"] = {
-            "n": model_check.n, "correct": model_check.correct, "accuracy": model_check.accuracy,
-            "majority_rate": model_check.majority_rate, "p_value": model_check.p_value,
-            "above_chance": model_check.above_chance, "warning": model_check.warning() or None,
-        }
+        payload["model_check"] = model_check.as_dict()
     files["json"] = out / "results.json"
     files["json"].write_text(json.dumps(payload, indent=2))
 
@@ -651,10 +669,9 @@ def write_report(
         for k, _ in present:
             v = r.get(k, math.nan)
             text = _num(v * 1000 if k == "seconds_per_sample" else v)
-            if k != "seconds_per_sample" and k in evaluation.per_sample.get(r["method"], {}):
-                interval = evaluation.interval(r["method"], k)
-                if interval.n:
-                    text += f"<br><span class='ci'>[{_num(interval.low)}, {_num(interval.high)}]</span>"
+            interval = _interval_text(evaluation, r["method"], k, space="")
+            if interval:
+                text += f"<br><span class='ci'>{html.escape(interval)}</span>"
             cells.append(f"<td class='{'best' if leaders.get(k) == r['method'] else ''}'>{text}</td>")
         body.append("<tr>" + "".join(cells) + "</tr>")
     percentages = " / ".join(f"{p:.0%}" for p in evaluation.percentages)
@@ -665,6 +682,13 @@ def write_report(
     banner = ""
     if model_check is not None and not model_check.above_chance:
         banner = f"<div class='warning'><b>Warning.</b> {html.escape(model_check.warning())}</div>"
+    planted_legend = ""
+    if truth is not None:
+        planted_legend = (
+            "<br><mark class='planted' style='background-color: hsl(0, 75%, 100%)'><font color='black'> [code] </font>"
+            "</mark> a planted code (the cohort's ground truth): outlined, bold and in brackets in the tables; outlined, "
+            "bold and starred (<b>*code</b>) in the figures."
+        )
     settings_html = "".join(f"<dt>{html.escape(str(k))}</dt><dd>{html.escape(str(v))}</dd>" for k, v in info.items())
     legend = "".join(
         f"<span style='display:inline-block;width:12px;height:12px;border:1px solid #999;background:{c}'></span> {t} &nbsp; "
@@ -680,7 +704,7 @@ def write_report(
 <h2>Settings</h2><dl class="settings">{settings_html}</dl>
 <h2>Results</h2>
 <table class="results">{header}{''.join(body)}</table>
-<p class="small">{html.escape(_table_note(evaluation, True, "bold"))}</p>
+<p class="small">{html.escape(_table_note(evaluation, True, "bold", True, [k for k, _ in present]))}</p>
 <h3>How to read the table</h3>
 <dl class="metrics">{notes}</dl>
 <ul class="small">
@@ -694,12 +718,14 @@ patient the top codes are those that push towards 1. A multiclass model explains
 record, when the removed codes argued against the class.</li>
 <li><b>Infidelity</b> is in squared logits, so its size depends on the model (how large its logits are), not only on
 the method: compare methods within one report, never numbers across reports or models.</li>
-<li>Default <b>Chefer</b> starts its propagation from the identity, so the position the model pools (PyHealth's
-Transformer: the first code) gets a relevance of at least 1 in every patient, whatever the code; with
-<code>exclude_self</code> that self term is dropped. <b>Chefer (recommended)</b> is
-<code>CheferAttribution(adapter, preset="recommended")</code>: no self term, each visit's relevance split over its codes
-by their gradient x embedding share, LayerNorm's scale held constant in the backward pass, and the target's log-odds
-explained (benchmarks/QUALITY.md in the package's repository measures it across cohorts).</li>
+<li><b>Chefer (recommended)</b> is <code>CheferAttribution(adapter, preset="recommended")</code>, the setting to use:
+no self term, each visit's relevance split over its codes by their gradient x embedding share, LayerNorm's scale held
+constant in the backward pass, and the target's log-odds explained (benchmarks/QUALITY.md in the package's repository
+measures it across cohorts). <b>Chefer (PyHealth)</b> is <code>CheferAttribution(adapter)</code>, the published rule as
+PyHealth's <code>CheferRelevance</code> computes it (compatibility): it starts its propagation from the identity, so the
+position the model pools (PyHealth's Transformer: the first code) gets a relevance of at least 1 in every patient,
+whatever the code, and every code of a visit gets the visit's score; <b>Chefer (PyHealth, exclude_self)</b> drops that
+self term.</li>
 </ul>
 <h2>Deletion and insertion curves</h2>
 <img alt="deletion and insertion curves" src="data:image/png;base64,{images['deletion_insertion']}">
@@ -710,15 +736,16 @@ explained (benchmarks/QUALITY.md in the package's repository measures it across 
 {cohort_section(cohort) if cohort is not None else ''}
 <h2>Highlighted codes</h2>
 <p class="small">Per patient and method, each code coloured by its score divided by the row's largest |score|
-(Captum's <code>visualize_text</code> colours). {'Codes in [brackets] are the planted ground truth. ' if truth is not None else ''}
-<code>v2:P007</code> is code P007 of visit 2. Legend: {legend}</p>
+(Captum's <code>visualize_text</code> colours). <code>v2:P007</code> is code P007 of visit 2. Legend: {legend}
+{planted_legend}</p>
 <ul class="small">
-<li>The <b>sum of scores</b> is in each method's own units (Chefer: relevance, at least 1 on the pooled code by default;
+<li>The <b>sum of scores</b> is in each method's own units (Chefer: relevance, at least 1 on the pooled code in PyHealth's setting;
 Integrated Gradients: logits, summing to the change from the baseline; Saliency: gradient sizes), so it cannot be compared
 across methods. Compare the colours within a row.</li>
-<li>Every code of a visit has the <b>same Chefer colour</b>: PyHealth's Transformer sums the code embeddings of a visit into one
-position, its attention runs over visits, and Chefer's relevance is a visit's relevance. Gradient methods score each code
-of a visit separately.</li>
+<li>In <b>Chefer (PyHealth)</b> every code of a visit has the same colour: PyHealth's Transformer sums the code embeddings
+of a visit into one position, its attention runs over visits, and Chefer's relevance is a visit's relevance. The
+recommended setting splits it over the visit's codes by their gradient x embedding share; gradient methods score each
+code of a visit separately.</li>
 </ul>
 {''.join(patients_html) or '<p>No patients shown.</p>'}
 </body></html>
@@ -732,9 +759,16 @@ of a visit separately.</li>
 
 
 def cohort_section(summary: Any, *, top: Optional[int] = None) -> str:
-    """A :class:`captum_chefer.cohort.CohortSummary` as an HTML section: each method's top codes side by
-    side (mean score, samples), the agreement between methods, and the figure (embedded)."""
+    """A :class:`captum_chefer.cohort.CohortSummary` as an HTML section: the model against chance (a
+    warning box when it is no better), each method's top codes side by side (mean score, samples), the
+    agreement between methods, and the figure (embedded, in the methods' colours)."""
     k = top or summary.top_k
+    check = getattr(summary, "model_check", None)
+    model = ""
+    if check is not None and not check.above_chance:
+        model = f"<div class='warning'><b>Warning.</b> {html.escape(check.warning())}</div>"
+    elif check is not None:
+        model = f"<p class='small'>Model on these samples: {html.escape(check.describe())}.</p>"
     tops = {m: summary.top(m, k) for m in summary.methods}
     several = summary.codes["feature"].n_unique() > 1
     header = "<tr><th>Rank</th>" + "".join(f"<th>{html.escape(m)}</th>" for m in summary.methods) + "</tr>"
@@ -755,9 +789,10 @@ def cohort_section(summary: Any, *, top: Optional[int] = None) -> str:
         for r in summary.agreement.iter_rows(named=True)
     )
     buffer = io.BytesIO()
-    summary.figure(k).savefig(buffer, format="png", dpi=110)
+    summary.figure(k, colors=method_colors(summary.methods)).savefig(buffer, format="png", dpi=110)
     image = base64.b64encode(buffer.getvalue()).decode("ascii")
     return f"""<h2>Cohort: the codes each method ranks highest</h2>
+{model}
 <p class="small">{summary.n_samples} samples ({summary.n_patients} patients), {summary.n_rows} rows (one per code, sample and
 method). A code's score in a sample is summed over its occurrences there; its mean score is averaged over the samples that
 have it (n). Agreement: Spearman rank correlation of the per-code mean scores, and the share of top-{summary.top_k} codes two

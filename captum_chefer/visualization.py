@@ -9,7 +9,9 @@ library: it reads records, scores and ``adapter.decode(batch)``.
 * :func:`render_methods_html` / :func:`write_methods_html`: several methods' records on one page, one
   table per patient with a row per method (:func:`records_by_method` makes the records of a comparison).
 * :func:`plot_methods`: a matplotlib figure, methods by codes, one heat map per feature stream, for
-  one patient.
+  one patient (planted or known codes outlined).
+* :func:`method_colors` / :data:`METHOD_COLORS`: one colour per method, the same in every figure of the
+  report and in the notebooks.
 * :func:`captum_matplotlib_compat` / :func:`visualize_timeseries_attr`: the one place that works
   around Captum 0.9 calling ``matplotlib.cm.get_cmap``, which matplotlib 3.9 removed.
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 
 import contextlib
 import html
+import zlib
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Iterable, Iterator, Mapping, Optional, Sequence
 
@@ -31,7 +34,10 @@ if TYPE_CHECKING:
     from matplotlib.figure import Figure
 
 __all__ = [
+    "METHOD_COLORS",
     "captum_matplotlib_compat",
+    "method_color",
+    "method_colors",
     "plot_methods",
     "records_by_method",
     "render_html",
@@ -40,6 +46,102 @@ __all__ = [
     "write_html",
     "write_methods_html",
 ]
+
+
+# ---------------------------------------------------------------------------------------------- colours
+
+#: The colour of each method the package names (``report.default_methods``, ``compare_methods``'s default
+#: names of Captum's methods), as matplotlib colour strings. The random baseline is grey everywhere.
+METHOD_COLORS: dict[str, str] = {
+    "Chefer (recommended)": "#d62728",  # red
+    "Chefer (PyHealth)": "#ff7f0e",  # orange
+    "Chefer (PyHealth, exclude_self)": "#8c564b",  # brown
+    "Integrated Gradients": "#1f77b4",  # blue
+    "Saliency": "#2ca02c",  # green
+    "NoiseTunnel (SmoothGrad)": "#17becf",  # cyan
+    "Input X Gradient": "#9467bd",  # purple
+    "Layer Integrated Gradients": "#bcbd22",  # olive
+    "Random": "#7f7f7f",  # grey
+}
+
+# Other spellings of the same methods (compared lower-case): CheferAttribution's own name is the published
+# rule, which PyHealth's setting reproduces.
+_ALIASES = {
+    "chefer": "Chefer (PyHealth)",
+    "chefer (exclude_self)": "Chefer (PyHealth, exclude_self)",
+    "chefer (pyhealth)": "Chefer (PyHealth)",
+    "chefer recommended": "Chefer (recommended)",
+    "ig": "Integrated Gradients",
+    "lig": "Layer Integrated Gradients",
+    "smoothgrad": "NoiseTunnel (SmoothGrad)",
+    "noisetunnel": "NoiseTunnel (SmoothGrad)",
+    "input x gradient": "Input X Gradient",
+    "random": "Random",
+}
+_KNOWN = {name.lower(): name for name in METHOD_COLORS}
+
+# Colours for methods the package does not name: none of them is one of METHOD_COLORS.
+_OTHER_COLORS = (
+    "#393b79", "#e377c2", "#637939", "#8c6d31", "#843c39", "#7b4173", "#3182bd", "#e6550d", "#31a354", "#756bb1",
+    "#636363", "#9c9ede", "#cedb9c", "#e7cb94", "#e7969c", "#de9ed6",
+)
+
+
+def _known(name: str) -> Optional[str]:
+    key = str(name).strip().lower()
+    return _KNOWN.get(key) or _ALIASES.get(key)
+
+
+def method_color(name: str) -> str:
+    """The colour of one method: :data:`METHOD_COLORS` for the methods the package names (and their short
+    names: ``"Chefer"`` is PyHealth's setting, ``"IG"``, ``"SmoothGrad"``), grey for anything called
+    Random, otherwise a colour picked from the name's CRC-32, the same in every run and on every machine.
+
+    Example:
+        >>> method_color("Chefer (recommended)"), method_color("IG"), method_color("Random")
+        ('#d62728', '#1f77b4', '#7f7f7f')
+        >>> method_color("My method") == method_color("My method") and method_color("My method") not in METHOD_COLORS.values()
+        True
+    """
+    known = _known(name)
+    if known is not None:
+        return METHOD_COLORS[known]
+    if str(name).strip().lower().startswith("random"):
+        return METHOD_COLORS["Random"]
+    return _OTHER_COLORS[zlib.crc32(str(name).encode("utf-8")) % len(_OTHER_COLORS)]
+
+
+def method_colors(names: Iterable[str]) -> dict[str, str]:
+    """``{name: colour}`` for the methods of one figure, in order: use it for every figure, so that a
+    method keeps its colour across the report's curves, bars and time chart and across notebooks.
+
+    Each name gets :func:`method_color`; where two methods the package does not name would share a
+    colour, the later one (in sorted order of names, so the order of ``names`` does not matter) takes the
+    next free colour. The colours are matplotlib colour strings: pass them as ``color=``.
+
+    Example (in a notebook: ``colors = method_colors(evaluation.methods)``, then
+    ``ax.plot(x, y, color=colors[name])``):
+        >>> colors = method_colors(["Chefer (recommended)", "Chefer (PyHealth)", "Integrated Gradients", "Random"])
+        >>> colors["Chefer (recommended)"], colors["Chefer (PyHealth)"], colors["Random"]
+        ('#d62728', '#ff7f0e', '#7f7f7f')
+        >>> many = method_colors([f"variant {i}" for i in range(8)])
+        >>> len(set(many.values()))
+        8
+        >>> method_colors(reversed(list(many))) == many  # the same colours whatever the order
+        True
+    """
+    names = list(dict.fromkeys(str(n) for n in names))
+    colors = {name: method_color(name) for name in names}
+    unknown = sorted(n for n in names if _known(n) is None and not n.strip().lower().startswith("random"))
+    taken: set[str] = set()
+    for name in unknown:
+        color = colors[name]
+        if color in taken and len(taken) < len(_OTHER_COLORS):
+            start = _OTHER_COLORS.index(color)
+            color = next(c for i in range(len(_OTHER_COLORS)) if (c := _OTHER_COLORS[(start + i) % len(_OTHER_COLORS)]) not in taken)
+        colors[name] = color
+        taken.add(color)
+    return {name: colors[name] for name in names}
 
 
 # ---------------------------------------------------------------------------------------------- HTML
@@ -233,6 +335,8 @@ def plot_methods(
     cmap: str = "RdBu_r",
     title: Optional[str] = None,
     figsize: Optional[tuple[float, float]] = None,
+    planted: Optional[Mapping[str, Tensor]] = None,
+    planted_label: str = "planted code (ground truth)",
 ) -> "Figure":
     """Methods by codes heat maps for one patient, one panel per feature stream.
 
@@ -247,6 +351,11 @@ def plot_methods(
         cmap: a diverging matplotlib colormap name.
         title: the figure title (default: ``"Patient <sample>"``).
         figsize: the figure size in inches.
+        planted: ``{feature_key: bool mask shaped like the batch's codes}`` (what a ``ground_truth``
+            function returns, e.g. ``cohort.ground_truth(adapter, batch)`` of the synthetic cohort): the
+            codes marked True get a black outline over every method's row and a bold label with a ``*``,
+            and the figure a legend line ``planted_label`` (which says so when the sample has none).
+        planted_label: the legend line of the outlined codes.
 
     Returns:
         A ``matplotlib.figure.Figure`` (not registered with pyplot; a notebook displays it as the
@@ -262,8 +371,13 @@ def plot_methods(
         >>> fig = plot_methods(adapter, batch, result, sample=0)
         >>> [ax.get_title() for ax in fig.axes if ax.get_title()]
         ['conditions', 'procedures']
+        >>> marked = {key: batch[key] == batch[key][0].reshape(-1)[0] for key in adapter.feature_keys}  # any mask
+        >>> fig = plot_methods(adapter, batch, result, sample=0, planted=marked)
+        >>> fig.legends[0].get_texts()[0].get_text()
+        'outlined *code: planted code (ground truth)'
     """
     from matplotlib.figure import Figure
+    from matplotlib.patches import Rectangle
 
     per_method = getattr(scores, "scores", scores)
     if not isinstance(per_method, Mapping) or not per_method:
@@ -273,10 +387,19 @@ def plot_methods(
         raise IndexError(f"sample {sample} is out of range for {len(decoded)} samples")
     tokens = decoded[sample]
     methods = list(per_method)
-    rows, labels = {}, {}
+    rows, labels, marks = {}, {}, {}
     for key in adapter.feature_keys:
         mine = [t for t in tokens if t.feature == key]
         labels[key] = [t.text for t in mine]
+        marks[key] = [False] * len(mine)
+        if planted is not None:
+            if key not in planted:
+                raise KeyError(
+                    f"planted has no mask for feature {key!r}; it has {sorted(planted)}, and needs one bool mask "
+                    f"per feature of the adapter ({list(adapter.feature_keys)}), shaped like the batch's codes"
+                )
+            mask = torch.as_tensor(planted[key])[sample].detach().cpu()
+            marks[key] = [bool(mask[t.index]) for t in mine]
         matrix = torch.zeros(len(methods), len(mine))
         for m, name in enumerate(methods):
             row = torch.as_tensor(per_method[name][key][sample]).detach().float().cpu()
@@ -299,7 +422,19 @@ def plot_methods(
         ax.set_title(key)
         ax.set_xticks(range(len(labels[key])), labels[key], rotation=60, ha="right", fontsize=8)
         ax.set_yticks(range(len(methods)), methods if ax is axes[0] else [""] * len(methods))
+        if any(marks[key]):
+            ax.set_xticks(range(len(labels[key])), [f"*{t}" if m else t for t, m in zip(labels[key], marks[key])],
+                          rotation=60, ha="right", fontsize=8)
+            for column, (marked, tick) in enumerate(zip(marks[key], ax.get_xticklabels())):
+                if marked:
+                    tick.set_fontweight("bold")
+                    ax.add_patch(Rectangle((column - 0.5, -0.5), 1.0, len(methods), fill=False, edgecolor="black",
+                                           linewidth=2.2, clip_on=False))
     fig.colorbar(image, ax=list(axes), shrink=0.8, label="score / max |score|" if normalize else "score")
+    if planted is not None:
+        label = f"outlined *code: {planted_label}" + ("" if any(any(m) for m in marks.values()) else "; none in this sample")
+        fig.legend(handles=[Rectangle((0, 0), 1, 1, fill=False, edgecolor="black", linewidth=2.2, label=label)],
+                   loc="outside lower left", fontsize=8, frameon=False)
     fig.suptitle(title if title is not None else f"Patient {sample}")
     return fig
 

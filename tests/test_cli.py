@@ -6,6 +6,7 @@ import csv
 import json
 import subprocess
 import sys
+import warnings
 from importlib.metadata import entry_points
 
 import pytest
@@ -13,7 +14,8 @@ import pytest
 from captum_chefer.cli import main
 
 
-METHODS = ["Chefer", "Chefer (exclude_self)", "Chefer (recommended)", "Integrated Gradients", "Saliency", "NoiseTunnel (SmoothGrad)", "Random"]
+METHODS = ["Chefer (recommended)", "Chefer (PyHealth)", "Chefer (PyHealth, exclude_self)", "Integrated Gradients", "Saliency",
+           "NoiseTunnel (SmoothGrad)", "Random"]
 
 
 @pytest.fixture(scope="module")
@@ -46,7 +48,7 @@ def test_compare_writes_report_figures_csv_json(small_run):
 
     data = json.loads((out / "results.json").read_text())
     assert [r["method"] for r in data["summary"]] == METHODS
-    assert set(data["mean_curves"]["Chefer"]) == {"deletion", "insertion"}
+    assert set(data["mean_curves"]["Chefer (recommended)"]) == {"deletion", "insertion"}
     assert data["settings"]["explained patients"] == 12
     assert data["statistics"]["n_patients"] == 12 and "paired difference" in data["statistics"]["best"]
     assert data["summary"][0]["deletion_aopc_n"] == 12
@@ -56,7 +58,7 @@ def test_compare_writes_report_figures_csv_json(small_run):
     assert loaded.methods == METHODS and len(loaded.patient_ids) == 12
     assert loaded.summary()[0]["deletion_aopc"] == pytest.approx(float(rows[0]["deletion_aopc"]))
     # the printed table carries the same numbers as the CSV, and says how many patients and what a star means
-    chefer_line = next(line for line in stdout.splitlines() if line.startswith("Chefer "))
+    chefer_line = next(line for line in stdout.splitlines() if line.startswith("Chefer (recommended) "))
     assert f"{float(rows[0]['deletion_aopc']):.3f}" in chefer_line
     assert "n = 12 patients" in stdout and "paired difference to the runner-up" in stdout
 
@@ -68,20 +70,52 @@ def test_a_chance_level_model_is_flagged(small_run):
     assert check["n"] == 12 and check["correct"] == 5 and not check["above_chance"]
     # 6 of the 12 are positive: P(X >= 5) for X ~ Binomial(12, 1/2) is 1 - (1 + 12 + 66 + 220 + 495) / 4096
     assert check["majority_rate"] == 0.5 and check["p_value"] == pytest.approx(3302 / 4096)
-    assert "model: accuracy 0.417 (5 of 12" in stdout
-    (warning,) = [line for line in stderr.splitlines() if line.startswith("captum-chefer: warning:")]
-    assert "not better than chance" in warning and "train it further" in warning
+    # 5 of 12 and Wilson's interval (hand-computed in tests/test_report.py)
+    assert "model: accuracy 0.417 (5 of 12 explained patients, 95% interval [0.193, 0.680])" in stdout
+    assert check["accuracy_low"] == pytest.approx(0.19326, abs=1e-5) and check["accuracy_high"] == pytest.approx(0.68049, abs=1e-5)
+    # said once, as the command's own line: not also as a Python warning from each step of the run
+    (warning,) = [line for line in stderr.splitlines() if "not better than chance" in line]
+    assert warning.startswith(
+        "captum-chefer: warning: The model is not better than chance on the explained patients: accuracy 0.417 (5 of 12 "
+    )
+    assert "train it further" in warning and "ChanceLevelWarning" not in stderr
     page = (out / "report.html").read_text()
     assert "<div class='warning'>" in page and "not better than chance" in page
+
+
+def test_compare_as_a_function_warns_in_python(monkeypatch, tmp_path):
+    import captum_chefer.cli as cli
+    from captum_chefer import ChanceLevelWarning
+    from captum_chefer.comparison import ModelCheck
+
+    class Report:
+        model_check = ModelCheck.from_counts(5, 12, {0: 6, 1: 6})
+
+    def steps(*args, **kwargs):  # the run's own steps would warn too: compare() says it once
+        warnings.warn(ChanceLevelWarning("from a step"))
+        return Report()
+
+    monkeypatch.setattr(cli, "_compare", steps)
+    with pytest.warns(ChanceLevelWarning) as caught:
+        cli.compare(tmp_path, patients=10, epochs=1, explain=2, ig_steps=1, nt_samples=1, show=0, sensitivity_samples=0,
+                    infidelity_samples=0)
+    assert [str(w.message) for w in caught] == [Report.model_check.warning()]
 
 
 def test_report_is_self_contained(small_run):
     _, out, _, _ = small_run
     page = (out / "report.html").read_text()
     assert page.count("data:image/png;base64,") == 3 + 2 + 1  # three summary figures, one per shown patient, the cohort's
-    assert "<table class=\"results\">" in page and "Chefer (exclude_self)" in page
+    assert "<table class=\"results\">" in page and "Chefer (PyHealth, exclude_self)" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
-    assert "[C_" in page or "[P_" in page  # planted ground-truth codes are marked
+    # planted ground-truth codes are outlined and bracketed, with a legend line
+    assert "<mark class='planted'" in page and ("[C_" in page or "[P_" in page)
+    assert "a planted code (the cohort's ground truth)" in page
+    assert "Chefer (recommended)</b> is <code>CheferAttribution(adapter, preset=\"recommended\")</code>" in page
+    assert "<b>Chefer (PyHealth)</b> is <code>CheferAttribution(adapter)</code>" in page
+    # the cohort section checks the model on its samples too
+    cohort = page[page.index("<h2>Cohort"):]
+    assert "not better than chance on the samples" in cohort[:2000]
 
 
 def test_module_help_and_console_script():

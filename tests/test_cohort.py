@@ -22,8 +22,12 @@ from captum_chefer.comparison import compare_methods
 
 from conftest import make_samples
 
-# PyHealth's disk-backed datasets ask for a newer litdata on every open
-pytestmark = pytest.mark.filterwarnings("ignore:A newer version of litdata:UserWarning")
+# PyHealth's disk-backed datasets ask for a newer litdata on every open; the test models are untrained, so
+# most runs here warn that the model is no better than chance (the tests that check that use pytest.warns)
+pytestmark = [
+    pytest.mark.filterwarnings("ignore:A newer version of litdata:UserWarning"),
+    pytest.mark.filterwarnings("ignore::captum_chefer.comparison.chance.ChanceLevelWarning"),
+]
 
 ROOT = Path(__file__).resolve().parents[1]
 BUILD = ROOT / "tests" / "cohort_build.py"
@@ -66,7 +70,7 @@ def built(disk_dataset):
     adapter = PyHealthAdapter(model)
     from captum_chefer.report import default_methods
 
-    wanted = {"Chefer", "Integrated Gradients", "NoiseTunnel (SmoothGrad)"}
+    wanted = {"Chefer (recommended)", "Integrated Gradients", "NoiseTunnel (SmoothGrad)"}  # --methods chefer,ig,smoothgrad
     specs = [s for s in default_methods(adapter, ig_steps=4, nt_samples=2) if s[0] in wanted]
     return adapter, dataset, specs
 
@@ -102,7 +106,7 @@ def test_single_process_run_covers_every_real_code_once_per_method(single, disk_
     assert run.manifest["complete"] and run.manifest["n_samples"] == N and len(run.parts) == 5
     assert run.rows == table.height
     expected = _expected_codes(samples)
-    for method in ("Chefer", "Integrated Gradients", "NoiseTunnel (SmoothGrad)"):
+    for method in ("Chefer (recommended)", "Integrated Gradients", "NoiseTunnel (SmoothGrad)"):
         rows = table.filter(pl.col("method") == method)
         keys = list(rows.select("sample", "feature", "visit", "position", "code").iter_rows())
         assert len(keys) == len(set(keys)) == len(expected)
@@ -155,9 +159,10 @@ def test_torchrun_two_processes_equal_one_and_resume_with_one(disk_dataset, buil
     assert manifest["this_run"]["backend"] == "gloo" and [r["rank"] for r in per_rank] == [0, 1]
     assert sorted(per_rank[0]["chunks"] + per_rank[1]["chunks"]) == [0, 1, 2, 3, 4]  # each part by one process
     assert not set(per_rank[0]["chunks"]) & set(per_rank[1]["chunks"])
-    _, reference = single
+    single_run, reference = single
     two = read_cohort(out).sort(KEY)
     assert two.equals(reference)  # bit for bit, SmoothGrad's noise included
+    assert manifest["model_check"] == single_run.manifest["model_check"]  # label counts summed over the processes
 
     (out / "part-000001.parquet").unlink()
     cut = out / "part-000003.parquet"
@@ -171,6 +176,28 @@ def test_torchrun_two_processes_equal_one_and_resume_with_one(disk_dataset, buil
     assert {k: (out / f"part-00000{k}.parquet").stat().st_mtime_ns for k in (0, 2, 4)} == untouched
     assert not list(out.glob(".*.tmp"))
     assert read_cohort(out).sort(KEY).equals(reference)
+    assert run.manifest["model_check"] == single_run.manifest["model_check"]  # skipped parts keep their counts
+
+
+def test_the_manifest_checks_the_model_against_chance(built, single, disk_dataset):
+    """The model check of the run, against PyHealth's own forward and the raw samples' labels."""
+    from pyhealth.datasets import get_dataloader
+
+    from captum_chefer.comparison import ModelCheck
+
+    adapter, dataset, _ = built
+    run, _ = single
+    _, samples = disk_dataset
+    with torch.no_grad():
+        batch = next(iter(get_dataloader(dataset, batch_size=N, shuffle=False)))
+        predicted = (adapter.model(**batch)["y_prob"][:, 0] >= 0.5).long().tolist()
+    labels = [int(s["label"]) for s in samples]
+    correct = sum(p == y for p, y in zip(predicted, labels))
+    majority = max(labels.count(0), labels.count(1)) / N
+    check = run.model_check
+    assert (check.n, check.correct, check.majority_rate, check.unit) == (N, correct, majority, "samples")
+    assert check == ModelCheck.from_counts(correct, N, {0: labels.count(0), 1: labels.count(1)}, unit="samples")
+    assert run.manifest["model_check"]["warning"] == (check.warning() or None)
 
 
 @pytest.fixture
@@ -273,22 +300,79 @@ def test_cli_refuses_an_existing_file_as_out_in_one_line(tmp_path, capsys):
 
 def test_cli_synthetic_cohort_writes_parts_summary_and_resumes(tmp_path, capsys):
     out = tmp_path / "cohort"
-    argv = ["cohort", "--synthetic", "40", "--epochs", "1", "--out", str(out), "--methods", "chefer,ig", "--ig-steps", "4",
+    argv = ["cohort", "--synthetic", "40", "--epochs", "1", "--out", str(out), "--ig-steps", "4",
             "--chunk-size", "16", "--top", "5", "--no-progress"]
     assert main(argv) == 0
-    stdout = capsys.readouterr().out
+    captured = capsys.readouterr()
+    stdout = captured.out
     assert "40 samples, 3 parts (3 computed, 0 already complete) by 1 process(es)" in stdout
-    assert "Chefer" in stdout and "Spearman" in stdout
+    # the default methods: the recommended Chefer setting and Integrated Gradients
+    assert set(read_cohort(out)["method"]) == {"Chefer (recommended)", "Integrated Gradients"}
+    assert "Chefer (recommended)" in stdout and "Spearman" in stdout
     for name in ("summary.html", "top_codes.png", "codes.csv", "agreement.csv"):
         assert (out / "_summary" / name).stat().st_size > 0
     page = (out / "_summary" / "summary.html").read_text()
     assert page.count("data:image/png;base64,") == 1 and "<script" not in page
+    # one epoch on 40 patients: 29 of 40 right where always guessing the majority gets 24 of 40 (seeded), p = 0.07
+    check = json.loads((out / MANIFEST).read_text())["model_check"]
+    assert (check["n"], check["correct"], check["majority_rate"], check["above_chance"]) == (40, 29, 0.6, False)
+    # P(X >= 29) for X ~ Binomial(40, 0.6), summed here by hand
+    from math import comb
+
+    assert check["p_value"] == pytest.approx(sum(comb(40, i) * 0.6**i * 0.4 ** (40 - i) for i in range(29, 41)), rel=1e-9)
+    warning = ("The model is not better than chance on the samples: accuracy 0.725 (29 of 40 samples, 95% interval "
+               "[0.572, 0.839]); always predicting the most frequent class scores 0.600 (one-sided binomial p = 0.0709)")
+    assert stdout.splitlines()[2].startswith(f"warning: {warning}")  # the summary table's first line
+    (line,) = [line for line in captured.err.splitlines() if "not better than chance" in line]
+    assert line.startswith(f"captum-chefer cohort: warning: {warning}") and "ChanceLevelWarning" not in captured.err
+    assert "<div class='warning'>" in page and warning in page
     assert main(argv) == 0
     assert "(0 computed, 3 already complete)" in capsys.readouterr().out
     # out reads as one Parquet dataset: the manifest and the summary are skipped by their leading '_'
     import pyarrow.dataset as ds
 
     assert ds.dataset(out, format="parquet").count_rows() == json.loads((out / MANIFEST).read_text())["rows"]
+
+
+def test_cli_method_names_say_which_chefer_and_old_names_still_work(tmp_path, capsys):
+    from captum_chefer.cli import COHORT_METHODS
+
+    assert COHORT_METHODS["chefer"] == "Chefer (recommended)" and COHORT_METHODS["chefer-pyhealth"] == "Chefer (PyHealth)"
+    out = tmp_path / "cohort"
+    argv = ["cohort", "--synthetic", "12", "--epochs", "1", "--out", str(out), "--no-summary", "--no-progress",
+            "--methods", "chefer-recommended,chefer-exclude-self,chefer-pyhealth"]
+    assert main(argv) == 0
+    notes = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert notes == [
+        "captum-chefer cohort: note: --methods chefer-recommended is now called chefer (the default); the old name is "
+        "accepted until the next release",
+        "captum-chefer cohort: note: --methods chefer-exclude-self is now called chefer-pyhealth-exclude-self; the old "
+        "name is accepted until the next release",
+    ]
+    methods = json.loads((out / MANIFEST).read_text())["methods"]
+    assert [m["name"] for m in methods] == ["Chefer (recommended)", "Chefer (PyHealth, exclude_self)", "Chefer (PyHealth)"]
+    # the recommended preset, PyHealth's setting with exclude_self, and PyHealth's setting: the options tell them apart
+    assert methods[0]["options"] == "{'preset': 'recommended'}" and methods[0]["kwargs"] == "{}"
+    assert methods[1]["options"] == methods[2]["options"] == "{'preset': 'pyhealth'}"
+    assert methods[1]["kwargs"] == "{'exclude_self': True}" and methods[2]["kwargs"] == "{}"
+    assert main(["cohort", "--synthetic", "12", "--epochs", "1", "--out", str(tmp_path / "again"), "--no-summary",
+                 "--no-progress", "--methods", "chefer,ig"]) == 0
+    (note,) = [line for line in capsys.readouterr().err.splitlines() if "note:" in line]
+    assert "--methods chefer now runs the recommended setting" in note and "chefer-pyhealth runs PyHealth's" in note
+
+
+def test_attribute_dataset_and_summarize_warn_on_a_chance_level_model(toy, tmp_path):
+    from captum_chefer import ChanceLevelWarning
+
+    adapter, dataset, methods = toy
+    with pytest.warns(ChanceLevelWarning) as caught:
+        run = attribute_dataset(adapter, dataset, methods, tmp_path, chunk_size=4, progress=False)
+    (warning,) = [w for w in caught if w.category is ChanceLevelWarning]
+    assert warning.filename == __file__ and str(warning.message) == run.model_check.warning()
+    assert str(warning.message).startswith("The model is not better than chance on the samples: accuracy ")
+    with pytest.warns(ChanceLevelWarning, match="not better than chance on the samples"):
+        summary = summarize(tmp_path)
+    assert summary.model_check == run.model_check and summary.table().startswith("warning: The model is not better")
 
 
 # ---------------------------------------------------------------------------------------------- summarize
@@ -331,6 +415,21 @@ def test_summarize_hand_computed(tmp_path):
     assert agreement["top_k_overlap"] == 0.5 and agreement["k"] == 2 and agreement["codes"] == 3
     assert (summary.n_samples, summary.n_patients, summary.n_rows) == (3, 2, 14)
     assert summarize(tmp_path / "run", min_samples=3).codes.height == 0
+    assert summary.model_check is None and summary.table().startswith("rank")  # a manifest without a model check
+
+
+def test_summarize_reads_the_model_check(tmp_path):
+    from captum_chefer.comparison import ModelCheck
+
+    rows = [(s, f"p{s}", "dx", "A", None, 0, "M", 1.0, 1, 0.5) for s in range(3)]
+    _write_run(tmp_path / "run", rows, ["M"], 3)
+    manifest = json.loads((tmp_path / "run" / MANIFEST).read_text())
+    good = ModelCheck.from_counts(30, 30, {0: 15, 1: 15}, unit="samples")
+    manifest["model_check"] = good.as_dict()
+    (tmp_path / "run" / MANIFEST).write_text(json.dumps(manifest))
+    summary = summarize(tmp_path / "run")
+    assert summary.model_check == good and summary.table().splitlines()[0] == f"model: {good.describe()}"
+    assert good.describe().startswith("accuracy 1.000 (30 of 30 samples, 95% interval [0.886, 1.000])")  # 30 / (30 + z^2)
 
 
 def test_summarize_spearman_with_ties_matches_scipy(single, tmp_path):

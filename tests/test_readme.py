@@ -96,6 +96,7 @@ def test_demo_table_is_there(section):
     assert table and "[" in table[0], "the demo table carries intervals"
 
 
+@pytest.mark.filterwarnings("ignore::captum_chefer.comparison.chance.ChanceLevelWarning")  # one epoch on 60 patients
 def test_cohort_example_runs(tmp_path, monkeypatch, capsys):
     from captum_chefer.cohort import read_cohort
     from captum_chefer.synthetic import default_cohort, train_transformer
@@ -109,6 +110,8 @@ def test_cohort_example_runs(tmp_path, monkeypatch, capsys):
     run, summary = namespace["run"], namespace["summary"]
     assert run.manifest["complete"] and run.manifest["n_samples"] == 60
     rows = read_cohort(tmp_path / "reports" / "cohort_api")
-    assert set(rows["method"]) == {"Chefer", "IG"} and rows.height == run.rows
-    assert summary.methods == ["Chefer", "IG"]
-    assert "Spearman" in capsys.readouterr().out
+    assert set(rows["method"]) == {"Chefer (recommended)", "IG"} and rows.height == run.rows
+    assert summary.methods == ["Chefer (recommended)", "IG"]
+    assert "{'preset': 'recommended'}" in run.manifest["methods"][0]["options"]  # the recommended setting runs
+    out = capsys.readouterr().out
+    assert "Spearman" in out and out.startswith(("model: accuracy", "warning: The model is not better than chance"))

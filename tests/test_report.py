@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -102,9 +103,97 @@ def test_model_check_against_the_majority_class(planted_model):
 
 def test_model_check_sentence():
     check = ModelCheck(n=12, correct=5, majority_rate=0.5, p_value=0.806, above_chance=False)
-    assert check.describe().startswith("accuracy 0.417 (5 of 12 explained patients)")
+    # 5 of 12: Wilson's interval by hand, z = 1.959964: (5/12 + z^2/24 -/+ z sqrt(35/1728 + z^2/576)) / (1 + z^2/12)
+    assert check.describe().startswith("accuracy 0.417 (5 of 12 explained patients, 95% interval [0.193, 0.680])")
+    assert "most frequent class scores 0.500" in check.describe()
+    assert ModelCheck.from_dict(check.as_dict()) == check
+    assert check.as_dict()["warning"].startswith("The model is not better than chance on the explained patients")
 
 
+def test_model_check_from_counts_by_hand():
+    # 7 of 12 are class 2: always predicting it scores 7/12; 11 right is above chance, 10 is not (exact binomial)
+    above = ModelCheck.from_counts(11, 12, {0: 2, 1: 3, 2: 7})
+    assert above.majority_rate == 7 / 12 and above.above_chance and above.warning() == ""
+    # P(X >= 11) for X ~ Binomial(12, 7/12): 12 (7/12)^11 (5/12) + (7/12)^12
+    assert above.p_value == pytest.approx(12 * (7 / 12) ** 11 * (5 / 12) + (7 / 12) ** 12, rel=1e-12)
+    assert not ModelCheck.from_counts(10, 12, {0: 2, 1: 3, 2: 7}).above_chance
+    same = ModelCheck.from_predictions(torch.tensor([2] * 7 + [1] * 3 + [0] * 2), torch.tensor([2] * 7 + [1] * 3 + [1, 0]))
+    assert same == above
+    with pytest.raises(ValueError, match="summing to n"):
+        ModelCheck.from_counts(3, 12, {0: 5, 1: 5})
+
+
+def test_run_comparison_warns_on_a_chance_level_model_only(planted_model):
+    from captum.attr import Saliency
+    from pyhealth.datasets import get_dataloader
+
+    from captum_chefer import ChanceLevelWarning, CheferAttribution, PyHealthAdapter
+    from captum_chefer.report import run_comparison
+
+    adapter = PyHealthAdapter(planted_model)
+    batch = next(iter(get_dataloader(planted_model.dataset, batch_size=16, shuffle=False)))
+    methods = [("Chefer (recommended)", CheferAttribution(adapter, preset="recommended"), {}), ("Saliency", Saliency(adapter), {})]
+    options = dict(methods=methods, infidelity_samples=0, sensitivity_samples=0, progress=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", ChanceLevelWarning)
+        assert run_comparison(adapter, batch, **options).model_check.above_chance  # 16 of 16 right: no warning
+    flipped = {**batch, "label": 1 - batch["label"]}  # the same model, now right on none of them
+    with pytest.warns(ChanceLevelWarning) as caught:
+        report = run_comparison(adapter, flipped, **options)
+    (warning,) = [w for w in caught if w.category is ChanceLevelWarning]
+    assert issubclass(ChanceLevelWarning, UserWarning) and warning.filename == __file__  # points at the caller
+    assert str(warning.message) == report.model_check.warning()
+    assert str(warning.message).startswith(
+        "The model is not better than chance on the explained patients: accuracy 0.000 (0 of 16 explained patients, "
+        "95% interval [0.000, 0.194])"
+    )  # 0 of 16: the upper end is z^2 / (16 + z^2) = 0.194
+    assert "train it further" in str(warning.message)
+
+
+def test_zero_width_intervals_are_honest_in_the_table():
+    # P@k 1 on all 8 patients: Wilson's [8 / (8 + z^2), 1]; AUROC 0.5 everywhere: a bootstrap of nothing, marked
+    per = {"A": {"precision_at_k": torch.ones(8), "auroc": torch.full((8,), 0.5)},
+           "B": {"precision_at_k": torch.tensor([1.0, 0, 1, 1, 0, 1, 1, 1]), "auroc": torch.linspace(0.4, 0.8, 8)}}
+    evaluation = Evaluation(per, {}, (0.0, 1.0), (), {"A": 0.001, "B": 0.002})
+    rows = {line.split()[0]: line for line in headline_table(evaluation).splitlines()[1:3]}
+    assert "1.000 [0.676, 1.000]" in rows["A"] and "0.500 [0.500, 0.500]†" in rows["A"]
+    assert "0.750 [0.409, 0.929]" in rows["B"] and "†" not in rows["B"]  # 6 of 8, by the formula
+    table = headline_table(evaluation)
+    assert "Wilson's score interval where every patient's value is 0 or 1" in table
+    assert "†: every patient has the same value" in table
+    assert "†" not in headline_table(Evaluation({"B": per["B"]}, {}, (), (), {"B": 0.002}))
+
+
+def test_bar_charts_carry_the_table_intervals_and_every_figure_one_colour_per_method():
+    from matplotlib.colors import to_rgba
+
+    from captum_chefer.report import metrics_figure, time_figure
+    from captum_chefer.visualization import METHOD_COLORS
+
+    per = {"Chefer (recommended)": {"precision_at_k": torch.ones(8), "auroc": torch.linspace(0.6, 0.95, 8)},
+           "Integrated Gradients": {"precision_at_k": torch.tensor([1.0, 0, 1, 1, 0, 1, 1, 1]), "auroc": torch.linspace(0.5, 0.9, 8)},
+           "Random": {"precision_at_k": torch.tensor([0.0, 1, 0, 0, 0, 0, 0, 1]), "auroc": torch.linspace(0.3, 0.7, 8)}}
+    curves = {name: {"deletion": torch.rand(8, 2), "insertion": torch.rand(8, 2)} for name in per}
+    evaluation = Evaluation(per, curves, (0.0, 1.0), (), {name: 0.001 * (i + 1) for i, name in enumerate(per)})
+    ax = metrics_figure(evaluation).axes[0]
+    bars = [c for c in ax.containers if type(c).__name__ == "BarContainer"]
+    assert [b.get_label() for b in bars] == list(per)
+    for bar in bars:
+        name = bar.get_label()
+        assert all(p.get_facecolor() == to_rgba(METHOD_COLORS[name]) for p in bar.patches)
+        segments = bar.errorbar.lines[2][0].get_segments()  # one vertical error bar per metric
+        for (metric, _), segment in zip((("precision_at_k", 0), ("auroc", 1)), segments):
+            interval = evaluation.interval(name, metric)
+            assert segment[0][1] == pytest.approx(interval.low) and segment[1][1] == pytest.approx(interval.high)
+    assert bars[0].errorbar.lines[2][0].get_segments()[0][0][1] == pytest.approx(8 / (8 + 1.959964**2), abs=1e-6)
+    for line in curves_figure(evaluation).axes[0].get_lines():
+        assert to_rgba(line.get_color()) == to_rgba(METHOD_COLORS[line.get_label()])
+    time_ax = time_figure(evaluation).axes[0]
+    assert [to_rgba(p.get_facecolor()) for p in time_ax.patches] == [to_rgba(METHOD_COLORS[n]) for n in per]
+    assert "no interval" in time_ax.get_title()
+
+
+@pytest.mark.filterwarnings("ignore::captum_chefer.comparison.chance.ChanceLevelWarning")  # the untrained toy model
 def test_run_comparison_device_option(tmp_path):
     from captum.attr import Saliency
 

@@ -35,6 +35,7 @@ def screenshot(page, png, tmp_path, width=1200, height=1600):
     assert result.returncode == 0 and png.exists(), result.stderr[-2000:]
 
 
+@pytest.mark.filterwarnings("ignore::captum_chefer.comparison.chance.ChanceLevelWarning")  # the untrained toy model
 def test_report_renders_in_chromium(tmp_path):
     import numpy as np
     from PIL import Image

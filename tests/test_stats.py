@@ -54,7 +54,7 @@ def test_nan_values_are_left_out_and_no_value_gives_nan():
     assert bootstrap_interval([1.0, float("nan"), 1.0]).n == 2
     empty = bootstrap_interval([float("nan")])
     assert empty.n == 0 and math.isnan(empty.mean) and not empty.excludes(0.0)
-    assert empty.as_dict() == {"mean": None, "low": None, "high": None, "n": 0, "level": 0.95}
+    assert empty.as_dict() == {"mean": None, "low": None, "high": None, "n": 0, "level": 0.95, "kind": "bootstrap"}
 
 
 def test_seeded():
@@ -132,3 +132,44 @@ def test_wilson_interval_refuses_impossible_counts(args):
 
     with pytest.raises(ValueError, match="0 <= successes <= n"):
         wilson_interval(*args)
+
+
+Z = 1.959963984540054  # the 97.5% standard normal quantile
+
+
+def _wilson_by_hand(k: int, n: int) -> tuple[float, float]:
+    """Wilson's score interval written out from the formula, for the checks below."""
+    p = k / n
+    centre, spread = p + Z * Z / (2 * n), Z * math.sqrt(p * (1 - p) / n + Z * Z / (4 * n * n))
+    return (centre - spread) / (1 + Z * Z / n), (centre + spread) / (1 + Z * Z / n)
+
+
+def test_mean_interval_of_0_1_values_is_wilson_on_the_count():
+    from captum_chefer.comparison.stats import mean_interval
+
+    # P@k = 1 for all 8 patients: a bootstrap collapses to [1, 1]; the count 8 of 8 gives [8 / (8 + z^2), 1]
+    assert bootstrap_interval([1.0] * 8).degenerate
+    eight = mean_interval(torch.ones(8))
+    assert (eight.kind, eight.mean, eight.n, eight.high) == ("wilson", 1.0, 8, 1.0) and not eight.degenerate
+    assert abs(eight.low - 8 / (8 + Z * Z)) < 1e-12 and abs(eight.low - 0.6756) < 1e-4
+    nothing = mean_interval([0.0] * 5)
+    assert nothing.low == 0.0 and abs(nothing.high - Z * Z / (5 + Z * Z)) < 1e-12
+    # 6 of 8, NaN (a patient without the metric) left out: (0.409, 0.929) by the formula
+    mixed = mean_interval([1, 1, 0, 1, float("nan"), 1, 0, 1, 1])
+    low, high = _wilson_by_hand(6, 8)
+    assert (mixed.kind, mixed.mean, mixed.n) == ("wilson", 0.75, 8)
+    assert abs(mixed.low - low) < 1e-12 and abs(mixed.high - high) < 1e-12
+    assert (round(low, 3), round(high, 3)) == (0.409, 0.929)
+    assert mean_interval([1.0] * 8, level=0.5).low > eight.low  # the level is passed on
+
+
+def test_mean_interval_of_other_values_is_the_bootstrap_and_flags_a_zero_width():
+    from captum_chefer.comparison.stats import mean_interval
+
+    values = [0.0, 0.5, 1.0, 1.0, 0.5]
+    assert mean_interval(values, seed=4) == bootstrap_interval(values, seed=4)
+    assert mean_interval(values).kind == "bootstrap" and not mean_interval(values).degenerate
+    same = mean_interval([0.5] * 8)  # every patient 0.5: nothing to resample
+    assert (same.kind, same.low, same.high, same.n) == ("bootstrap", 0.5, 0.5, 8) and same.degenerate
+    assert mean_interval([0.3]).degenerate and not mean_interval([float("nan")]).degenerate
+    assert mean_interval([float("nan")]).n == 0

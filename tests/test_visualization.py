@@ -207,3 +207,58 @@ def test_several_methods_page_refuses_what_it_cannot_align(planted, chefer_recor
         render_methods_html({"a": records, "b": records[:2]})
     with pytest.raises(ValueError, match="sample_names has 1 names"):
         render_methods_html({"a": records}, sample_names=["x"])
+
+
+def test_plot_methods_outlines_the_planted_codes(planted):
+    from matplotlib.patches import Rectangle
+
+    adapter, batch = planted
+    samples = {s["patient_id"]: s for s in make_planted_samples()}
+    sample = next(i for i, pid in enumerate(batch["patient_id"]) if "C0" in samples[pid]["conditions"])
+    position = samples[batch["patient_id"][sample]]["conditions"].index("C0")  # from the raw sample, not the adapter
+    truth = {"conditions": torch.zeros_like(batch["conditions"], dtype=torch.bool),
+             "procedures": torch.zeros_like(batch["procedures"], dtype=torch.bool)}
+    truth["conditions"][sample, position] = True
+    result = compare_methods(adapter, batch, [CheferAttribution(adapter), Saliency(adapter)], progress=False)
+    fig = plot_methods(adapter, batch, result, sample=sample, planted=truth)
+    conditions, procedures = [ax for ax in fig.axes if ax.get_title()]
+    boxes = [p for p in conditions.patches if isinstance(p, Rectangle)]
+    assert len(boxes) == 1 and boxes[0].get_x() == position - 0.5 and boxes[0].get_height() == 2  # both methods' rows
+    labels = conditions.get_xticklabels()
+    assert labels[position].get_text() == "*C0" and labels[position].get_fontweight() == "bold"
+    assert all(not t.get_text().startswith("*") for j, t in enumerate(labels) if j != position)
+    assert not procedures.patches
+    assert [t.get_text() for t in fig.legends[0].get_texts()] == ["outlined *code: planted code (ground truth)"]
+    # the heat maps themselves are unchanged by the marks
+    plain = plot_methods(adapter, batch, result, sample=sample)
+    np.testing.assert_array_equal(plain.axes[0].get_images()[0].get_array(), conditions.get_images()[0].get_array())
+    assert not plain.legends
+    other = next(i for i, pid in enumerate(batch["patient_id"]) if "C0" not in samples[pid]["conditions"])
+    none = plot_methods(adapter, batch, result, sample=other, planted=truth)
+    assert none.legends[0].get_texts()[0].get_text().endswith("; none in this sample")
+    with pytest.raises(KeyError, match="planted has no mask for feature 'procedures'; it has \\['conditions'\\]"):
+        plot_methods(adapter, batch, result, sample=sample, planted={"conditions": truth["conditions"]})
+
+
+def test_method_colors_are_fixed_for_known_methods_and_stable_for_others():
+    from matplotlib.colors import to_rgba
+
+    from captum_chefer.report import default_methods
+    from captum_chefer.synthetic import toy_model_and_batch
+    from captum_chefer.visualization import METHOD_COLORS, method_color, method_colors
+
+    names = [name for name, _, _ in default_methods(PyHealthAdapter(toy_model_and_batch()[0]))]
+    colors = method_colors(names)
+    assert all(name in METHOD_COLORS for name in names)  # every method of the report has its fixed colour
+    assert len(set(colors.values())) == len(names) and colors["Random"] == "#7f7f7f"
+    assert all(to_rgba(c) for c in colors.values())  # matplotlib colours
+    # short names share the colour of the method they name; order and company do not change a colour
+    assert method_color("IG") == colors["Integrated Gradients"] and method_color("SmoothGrad") == colors["NoiseTunnel (SmoothGrad)"]
+    assert method_color("Chefer") == colors["Chefer (PyHealth)"] and method_color("random (seed 3)") == "#7f7f7f"
+    assert method_colors(reversed(names)) == colors and method_colors(["Saliency"])["Saliency"] == colors["Saliency"]
+    # unknown names: the same colour in every call, none of the known colours, distinct within a figure
+    others = [f"ablation {i}" for i in range(10)]
+    picked = method_colors(others)
+    assert picked == method_colors(list(reversed(others))) and len(set(picked.values())) == 10
+    assert not set(picked.values()) & set(METHOD_COLORS.values())
+    assert method_color("ablation 3") == method_color("ablation 3")

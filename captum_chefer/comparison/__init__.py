@@ -7,11 +7,14 @@
 * :mod:`~captum_chefer.comparison.metrics`: removal curves, comprehensiveness, sufficiency, localization,
   Captum's infidelity and sensitivity, a random baseline.
 * :mod:`~captum_chefer.comparison.evaluate`: :func:`evaluate_methods`, all of it in one call.
-* :mod:`~captum_chefer.comparison.stats`: bootstrap intervals over patients, the paired comparison of two
-  methods, the binomial test of a model against chance.
+* :mod:`~captum_chefer.comparison.stats`: intervals over patients (bootstrap, Wilson), the paired
+  comparison of two methods, the binomial test of a model against chance.
+* :mod:`~captum_chefer.comparison.chance`: the explained model against always predicting the most frequent
+  class (:func:`check_model`, :class:`ModelCheck`, :class:`ChanceLevelWarning`).
 * :mod:`~captum_chefer.comparison.tables`: rows to CSV, JSON or Parquet and back (``save`` / ``load``).
 """
 
+from .chance import ChanceLevelWarning, ModelCheck, batch_predictions, check_model, warn_if_chance_level
 from .evaluate import Evaluation, GroundTruth, Leader, evaluate_methods
 from .methods import (
     Comparison,
@@ -39,9 +42,10 @@ from .metrics import (
     token_infidelity,
 )
 from .removal import Output, Remover, TokenRemoval, TokenRemover, explained_output, token_removal_perturbation
-from .stats import Interval, above_chance, bootstrap_interval, paired_difference
+from .stats import Interval, above_chance, bootstrap_interval, mean_interval, paired_difference, wilson_interval
 
 __all__ = [
+    "ChanceLevelWarning",
     "Comparison",
     "DEFAULT_FRACTIONS",
     "DEFAULT_PERCENTAGES",
@@ -51,6 +55,7 @@ __all__ = [
     "Interval",
     "Leader",
     "MethodSpec",
+    "ModelCheck",
     "Output",
     "RandomAttribution",
     "RemovalCurves",
@@ -59,7 +64,9 @@ __all__ = [
     "TokenRemover",
     "above_chance",
     "attribution_sensitivity",
+    "batch_predictions",
     "bootstrap_interval",
+    "check_model",
     "compare_methods",
     "comprehensiveness",
     "evaluate_methods",
@@ -68,6 +75,7 @@ __all__ = [
     "is_ig_like",
     "localization_auroc",
     "masked_feature_dict",
+    "mean_interval",
     "method_name",
     "method_specs",
     "paired_difference",
@@ -77,4 +85,6 @@ __all__ = [
     "sufficiency",
     "token_infidelity",
     "token_removal_perturbation",
+    "warn_if_chance_level",
+    "wilson_interval",
 ]

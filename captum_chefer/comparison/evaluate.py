@@ -30,7 +30,7 @@ from .metrics import (
     token_infidelity,
 )
 from .removal import Output, TokenRemover
-from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Interval, bootstrap_interval, paired_difference
+from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Interval, mean_interval, paired_difference
 from .tables import read_rows, table_format, write_rows
 
 __all__ = ["Evaluation", "GroundTruth", "Leader", "evaluate_methods"]
@@ -124,12 +124,13 @@ class Evaluation:
         return rows
 
     def interval(self, method: str, metric: str) -> Interval:
-        """The mean of ``metric`` for ``method`` over the patients and its bootstrap interval."""
+        """The mean of ``metric`` for ``method`` over the patients and its interval
+        (:func:`~captum_chefer.comparison.stats.mean_interval`: Wilson's for 0/1 values, else the bootstrap)."""
         if method not in self.per_sample:
             raise KeyError(f"unknown method {method!r}; known: {self.methods}")
         if metric not in self.per_sample[method]:
             raise KeyError(f"{method!r} has no per-patient values for {metric!r}; known: {sorted(self.per_sample[method])}")
-        return bootstrap_interval(self.per_sample[method][metric], level=self.level, n_resamples=self.n_resamples, seed=self.seed)
+        return mean_interval(self.per_sample[method][metric], level=self.level, n_resamples=self.n_resamples, seed=self.seed)
 
     def leader(self, metric: str, exclude: Sequence[str] = ("Random",)) -> Leader:
         """The best method on ``metric``, its runner-up, and whether the paired difference clears zero.
@@ -217,7 +218,8 @@ class Evaluation:
             }
         return {
             "n_patients": self.n_samples,
-            "interval": f"{self.level:.0%} percentile bootstrap of the mean over patients ({self.n_resamples} resamples, seed {self.seed})",
+            "interval": f"{self.level:.0%} interval of the mean over patients: Wilson score interval where every value is 0 "
+                        f"or 1, else percentile bootstrap ({self.n_resamples} resamples, seed {self.seed})",
             "best": "the best mean (Random excluded) is marked only where the bootstrap interval of its paired "
                     "difference to the runner-up, over the same patients, lies above zero",
             "leaders": leaders,

@@ -11,6 +11,8 @@ explained patients carries sampling error. Here:
 * :func:`wilson_interval`: a proportion ``k / n`` (for example "the planted word ranks first in 7 of 8
   samples") and its Wilson score interval, which, unlike the bootstrap, is not zero-width at ``0 / n`` or
   ``n / n``: eight successes in eight tries do not show a rate of exactly 100%.
+* :func:`mean_interval`: the interval the comparison reports for a mean over patients: Wilson's when
+  every patient's value is 0 or 1 (the mean is then a count of successes), the bootstrap's otherwise.
 * :func:`binomial_tail` and :func:`above_chance`: is a model's accuracy above always predicting the most
   frequent class (one-sided exact binomial test)?
 
@@ -39,6 +41,7 @@ __all__ = [
     "above_chance",
     "binomial_tail",
     "bootstrap_interval",
+    "mean_interval",
     "paired_difference",
     "wilson_interval",
 ]
@@ -49,9 +52,10 @@ DEFAULT_RESAMPLES = 2000
 
 @dataclass(frozen=True)
 class Interval:
-    """A mean over ``n`` patients and its bootstrap interval ``[low, high]`` at ``level``.
+    """A mean over ``n`` patients and its interval ``[low, high]`` at ``level``.
 
-    ``n == 0`` (no finite value): every field is NaN.
+    ``kind`` says how it was found: ``"bootstrap"`` (:func:`bootstrap_interval`, :func:`paired_difference`)
+    or ``"wilson"`` (:func:`wilson_interval`, a proportion). ``n == 0`` (no finite value): every field is NaN.
     """
 
     mean: float
@@ -59,15 +63,28 @@ class Interval:
     high: float
     n: int
     level: float = DEFAULT_LEVEL
+    kind: str = "bootstrap"
 
     def excludes(self, value: float = 0.0) -> bool:
         """Whether ``value`` lies outside the interval (False when there is no interval)."""
         return self.n > 0 and (self.low > value or self.high < value)
 
-    def as_dict(self) -> dict[str, float | int | None]:
+    @property
+    def degenerate(self) -> bool:
+        """A zero-width interval from values that are all equal (or a single value): the bootstrap had no
+        spread to resample, so the width says nothing about the uncertainty of the mean.
+
+        Example:
+            >>> bootstrap_interval([0.5] * 8).degenerate, bootstrap_interval([0.5, 0.7]).degenerate
+            (True, False)
+        """
+        return self.n > 0 and self.low == self.high
+
+    def as_dict(self) -> dict[str, float | int | str | None]:
         """JSON-ready: NaN becomes ``None``."""
         clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v  # noqa: E731
-        return {"mean": clean(self.mean), "low": clean(self.low), "high": clean(self.high), "n": self.n, "level": self.level}
+        return {"mean": clean(self.mean), "low": clean(self.low), "high": clean(self.high), "n": self.n, "level": self.level,
+                "kind": self.kind}
 
 
 def _finite(values: Tensor | Sequence[float]) -> Tensor:
@@ -112,7 +129,7 @@ def bootstrap_interval(
     means are 0, 1, 2 or 3 with probabilities 8/27, 12/27, 6/27 and 1/27: the 2.5% quantile is 0 and,
     since 26/27 < 0.975, the 97.5% quantile is 3):
         >>> bootstrap_interval([0.0, 0.0, 3.0, float("nan")])
-        Interval(mean=1.0, low=0.0, high=3.0, n=3, level=0.95)
+        Interval(mean=1.0, low=0.0, high=3.0, n=3, level=0.95, kind='bootstrap')
     """
     _check(level, n_resamples)
     return _interval(_finite(values), level, n_resamples, seed)
@@ -165,7 +182,7 @@ def wilson_interval(successes: int, n: int, *, level: float = DEFAULT_LEVEL) -> 
     if not (isinstance(successes, int) and isinstance(n, int)) or n < 0 or not 0 <= successes <= n:
         raise ValueError(f"need integers 0 <= successes <= n, got successes={successes!r}, n={n!r}")
     if n == 0:
-        return Interval(math.nan, math.nan, math.nan, 0, level)
+        return Interval(math.nan, math.nan, math.nan, 0, level, "wilson")
     z = float(torch.special.ndtri(torch.tensor((1.0 + level) / 2.0, dtype=torch.float64)))
     p = successes / n
     centre = p + z * z / (2 * n)
@@ -173,7 +190,41 @@ def wilson_interval(successes: int, n: int, *, level: float = DEFAULT_LEVEL) -> 
     scale = 1 + z * z / n
     low = 0.0 if successes == 0 else (centre - spread) / scale
     high = 1.0 if successes == n else (centre + spread) / scale
-    return Interval(p, low, high, n, level)
+    return Interval(p, low, high, n, level, "wilson")
+
+
+def mean_interval(
+    values: Tensor | Sequence[float],
+    *,
+    level: float = DEFAULT_LEVEL,
+    n_resamples: int = DEFAULT_RESAMPLES,
+    seed: int = 0,
+) -> Interval:
+    """The mean of ``values`` over the patients (NaN left out) and the interval the comparison reports for it.
+
+    * Every value 0 or 1 (a metric that succeeds or fails per patient, e.g. P@k with one planted code,
+      or a perfect AUROC everywhere): the mean is the share ``k / n`` of successes, and its interval is
+      :func:`wilson_interval` ``(k, n)``. A percentile bootstrap would give ``[1, 1]`` at 8 of 8, as if 8
+      patients proved a rate of exactly 100%; Wilson's gives ``[0.676, 1]``.
+    * Otherwise: :func:`bootstrap_interval`. It still collapses to a point where every value is equal
+      (e.g. 0.5 for all patients) or there is one value; :attr:`Interval.degenerate` is then true, and
+      the report marks such a cell rather than print a zero width as if it were a certainty.
+
+    Example (hand-computed: 8 of 8 successes, then 6 of 8; a mean of non-binary values is bootstrapped):
+        >>> interval = mean_interval([1.0] * 8)
+        >>> interval.kind, interval.mean, round(interval.low, 4), interval.high
+        ('wilson', 1.0, 0.6756, 1.0)
+        >>> interval = mean_interval([1, 1, 0, 1, 1, 0, 1, 1, float("nan")])
+        >>> interval.kind, interval.mean, interval.n, [round(v, 4) for v in (interval.low, interval.high)]
+        ('wilson', 0.75, 8, [0.4093, 0.9285])
+        >>> mean_interval([0.0, 0.0, 3.0]) == bootstrap_interval([0.0, 0.0, 3.0])
+        True
+    """
+    _check(level, n_resamples)
+    finite = _finite(values)
+    if finite.numel() and bool(((finite == 0) | (finite == 1)).all()):
+        return wilson_interval(int(finite.sum()), int(finite.numel()), level=level)
+    return _interval(finite, level, n_resamples, seed)
 
 
 def binomial_tail(k: int, n: int, p: float) -> float:
