@@ -36,7 +36,7 @@ from torch import Tensor, nn
 
 from ..attribution import AttentionForward
 from ..capture import AttentionCapture, evaluation_mode, find_attention_modules
-from .base import Adapter, DecodedToken, spread_over_patches, sum_over_patches
+from .base import Adapter, DecodedToken, LookupDict, check_devices, spread_over_patches, sum_over_patches
 
 __all__ = ["Pool", "TransformerAdapter", "blurred_images", "logits_of"]
 
@@ -195,8 +195,10 @@ class TransformerAdapter(Adapter):
                     "this adapter was given embedding= (a model that takes token ids), but the batch holds "
                     f"{tuple(x.shape)} floats; pass the token ids"
                 )
+            self._check_inputs(x, model_args, samples_with_tokens=True)
             return (x,), model_args
         args = model_args + ((x,) if self._carries_ids else ())
+        self._check_inputs(x, args, samples_with_tokens=True)
         if level == "token":
             return (x,), args
         if self.embedding is None:
@@ -243,7 +245,7 @@ class TransformerAdapter(Adapter):
             scores = sum_over_patches(a, self._patch_size())
         else:
             raise ValueError(f"attributions have shape {tuple(a.shape)}; expected [B, L], [B, L, D] or [B, C, H, W]")
-        return {self.feature_keys[0]: scores.detach()}
+        return LookupDict({self.feature_keys[0]: scores.detach()}, kind="feature")
 
     def token_masks(self, additional_forward_args: Any, inputs: Optional[tuple[Tensor, ...]] = None) -> tuple[Tensor, ...]:
         """``(mask,)``: ``True`` on real tokens ``[B, L]`` (every patch of an image ``[B, N]``).
@@ -358,8 +360,11 @@ class TransformerAdapter(Adapter):
     def forward(self, *inputs_and_args: Tensor) -> Tensor:
         """Logits ``[B, C]`` from ``(*inputs, *additional_forward_args)``, with dropout off."""
         inputs, args = self.split_inputs(inputs_and_args)
+        self._check_inputs(inputs[0], args)
         with evaluation_mode(self.model, self._model_modules):
-            return self._logits(inputs[0], args)
+            logits = self._logits(inputs[0], args)
+        self._check_captum_target(logits)
+        return logits
 
     def split_inputs(self, inputs_and_args: tuple) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """``(*inputs, *additional_forward_args)`` -> ``(inputs, additional_forward_args)``."""
@@ -404,6 +409,7 @@ class TransformerAdapter(Adapter):
         self.require_attention()
         (x,) = _as_tuple(inputs)
         args = _as_tuple(additional_forward_args)
+        self._check_inputs(x, args)
         tracked: dict[str, Tensor] = {}
         overrides = self._pooled_row_overrides(pooled_row_only)
         detach = True
@@ -474,11 +480,79 @@ class TransformerAdapter(Adapter):
     def _embedding_module(self) -> Optional[nn.Module]:
         return self.embedding
 
+    def _check_inputs(self, x: Tensor, args: tuple, *, samples_with_tokens: bool = False) -> None:
+        """Refuse, before the model runs, what would give a wrong or unreadable result.
+
+        An empty batch or sequence; an input or per-sample argument (:meth:`_per_sample_args`) on another
+        device than the model or with another batch size; NaN or infinite input values; token ids beyond
+        the embedding. With ``samples_with_tokens`` (a batch being read), also a sample without a real
+        token: the model's output for it would read padding only (removal metrics do make such samples
+        on purpose, so calls of the model do not check this).
+        """
+        name = self.feature_keys[0]
+        if not isinstance(x, Tensor):
+            raise TypeError(f"the input must be a tensor (ids, embeddings or images), got {type(x).__name__}")
+        kind = self._kind(x)
+        if x.shape[0] == 0 or (kind != "images" and x.shape[1] == 0):
+            raise ValueError(
+                f"the input {name!r} has shape {tuple(x.shape)}: no {'samples' if x.shape[0] == 0 else 'tokens'}; "
+                "pass at least one sample with at least one token"
+            )
+        per_sample = self._per_sample_args(args)
+        check_devices([(f"input {name!r}", x), *per_sample], self._device())
+        sizes = {f"input {name!r}": int(x.shape[0])}
+        sizes.update({arg: int(a.shape[0]) for arg, a in per_sample if a.dim() > 0})
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{arg} {size}" for arg, size in sizes.items())
+            raise ValueError(
+                f"inputs and additional_forward_args have different batch sizes ({listed}); make them with one "
+                "adapter.captum_inputs(batch) call and slice all of them together"
+            )
+        if x.is_floating_point():
+            finite = torch.isfinite(x)
+            if not bool(finite.all()):
+                raise ValueError(
+                    f"the input {name!r} holds {int((~finite).sum())} NaN or infinite value(s); attributions of it "
+                    "would be NaN. Check what made the inputs (a baseline or noise with NaN/inf), and pass the inputs "
+                    "from adapter.captum_inputs(batch)"
+                )
+        else:
+            size = getattr(self._embedding_module(), "num_embeddings", None)
+            low, high = int(x.min()), int(x.max())
+            if size is not None and (low < 0 or high >= size):
+                raise ValueError(
+                    f"the input {name!r} holds token id {high if high >= size else low}, outside the model's "
+                    f"vocabulary of {size} tokens (ids 0..{size - 1}); tokenize with the model's own tokenizer"
+                )
+        if samples_with_tokens and kind != "images":
+            empty = (~self._token_mask(x, args).any(dim=1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(
+                    f"sample(s) {empty[:10]} of the batch have no real token (all padding): the model's output for "
+                    "them reads padding only, and there is nothing to attribute; drop them from the batch"
+                )
+
+    def _per_sample_args(self, args: tuple) -> list[tuple[str, Tensor]]:
+        """The additional forward args known to hold one row per sample: the mask argument, the carried ids."""
+        out = []
+        if self.mask_arg is not None and self.mask_arg < len(args) and isinstance(args[self.mask_arg], Tensor):
+            out.append((f"the mask (additional forward arg {self.mask_arg})", args[self.mask_arg]))
+        if self._carries_ids and args and isinstance(args[-1], Tensor) and not args[-1].is_floating_point():
+            out.append(("the token ids (last additional forward arg)", args[-1]))
+        return out
+
     def _read_batch(self, batch: Any) -> tuple[Tensor, tuple, Any]:
         labels = None
         if isinstance(batch, Mapping):
             if "input" not in batch:
                 raise KeyError(f"a dict batch needs the model input under 'input'; it has {sorted(batch)}")
+            unknown = sorted(k for k in batch if k not in ("input", "args", "labels"))
+            if unknown:
+                raise KeyError(
+                    f"the batch has keys {unknown} that TransformerAdapter does not read, so the model would run "
+                    "without them; a dict batch holds 'input', 'args' (the model's other arguments, in order) and "
+                    "'labels' only"
+                )
             x, model_args, labels = batch["input"], tuple(batch.get("args", ())), batch.get("labels")
         elif isinstance(batch, (tuple, list)):
             if not batch:
