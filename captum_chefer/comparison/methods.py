@@ -30,6 +30,7 @@ from captum.attr import Attribution, LayerIntegratedGradients, NoiseTunnel
 from torch import Tensor
 
 from ..adapters import Adapter, DecodedToken
+from ..adapters.base import LookupDict
 from .tables import read_rows, write_rows
 
 __all__ = [
@@ -228,9 +229,9 @@ class Comparison:
             width = max(int(r["position"]) for r in mine) + 1
             shapes[key] = (n, max(int(r["visit"]) for r in mine) + 1, width) if nested else (n, width)
         methods = list(dict.fromkeys(str(r["method"]) for r in rows))
-        scores = {m: {k: torch.zeros(shape) for k, shape in shapes.items()} for m in methods}
-        ids = {k: torch.zeros(shape, dtype=torch.long) for k, shape in shapes.items()}
-        masks = {k: torch.zeros(shape, dtype=torch.bool) for k, shape in shapes.items()}
+        scores = LookupDict({m: LookupDict({k: torch.zeros(shape) for k, shape in shapes.items()}, kind="feature") for m in methods}, kind="method")
+        ids = LookupDict({k: torch.zeros(shape, dtype=torch.long) for k, shape in shapes.items()}, kind="feature")
+        masks = LookupDict({k: torch.zeros(shape, dtype=torch.bool) for k, shape in shapes.items()}, kind="feature")
         patient_ids: list[Optional[str]] = [None] * n
         targets: list[Optional[int]] = [None] * n
         seconds: dict[str, float] = {}
@@ -373,7 +374,7 @@ def compare_methods(
     if n == 0:
         raise ValueError("data holds no samples")
     return Comparison(
-        scores={name: _cat_padded(parts) for name, parts in scores.items()},
+        scores=LookupDict({name: _cat_padded(parts) for name, parts in scores.items()}, kind="method"),
         seconds_per_sample={name: s / n for name, s in seconds.items()},
         ids=_cat_padded(ids_parts),
         masks=_cat_padded(mask_parts),
@@ -438,7 +439,7 @@ def masked_feature_dict(
         if tuple(s.shape) != tuple(mask.shape):
             raise ValueError(f"scores for {key!r} have shape {tuple(s.shape)}, the codes {tuple(mask.shape)}")
         out[key] = (s * mask.to(s.device)).detach().cpu()
-    return out
+    return LookupDict(out, kind="feature")
 
 
 def method_specs(adapter: Adapter, methods: Sequence[MethodSpec]) -> list[tuple[str, Attribution, dict]]:
@@ -502,7 +503,7 @@ def _require_adapter(adapter: Any, caller: str) -> None:
 def _cat_padded(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Concatenate per-batch dicts along the batch, zero-padding code dims to the largest."""
     if not parts:
-        return {}
+        return LookupDict(kind="feature")
     out = {}
     for key in parts[0]:
         tensors = [p[key] for p in parts]
@@ -514,7 +515,7 @@ def _cat_padded(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
                 pad += [0, shape[d - 1] - t.shape[d]]
             padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
         out[key] = torch.cat(padded)
-    return out
+    return LookupDict(out, kind="feature")
 
 
 def _fmt(value: Any, digits: int) -> str:
