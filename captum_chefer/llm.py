@@ -304,6 +304,12 @@ class CheferLLMAttribution(Attribution):
                     f"{type(self.model).__name__} reads text: pass captum.attr.TextTokenInput(prompt, tokenizer), "
                     f"not {type(inp).__name__}"
                 )
+            if not _same_vocabulary(getattr(inp, "tokenizer", self.tokenizer), self.tokenizer):
+                raise ValueError(
+                    "the prompt was tokenized by another tokenizer than the one CheferLLMAttribution was given (their "
+                    "vocabularies differ), so the model would read other tokens than the prompt shows; make the "
+                    "TextTokenInput with the same tokenizer"
+                )
             source = inp.inp_tensor[0].to(device)
             if source.numel() == 0:
                 raise ValueError(
@@ -723,6 +729,13 @@ def _continuation_ids(tokenizer: Any, prompt: Tensor, target: str) -> list[int]:
         "tokenizer does not cut the text where the prompt ends. End the prompt at a word boundary without trailing "
         "whitespace (the target gets its leading space), or pass the target as token ids"
     )
+
+
+def _same_vocabulary(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map tokens to the same ids (``True`` when it cannot be told)."""
+    if a is b or not callable(getattr(a, "get_vocab", None)) or not callable(getattr(b, "get_vocab", None)):
+        return True
+    return a.get_vocab() == b.get_vocab()
 
 
 def _unknown_words(tokenizer: Any, text: str, unk: int) -> list[str]:

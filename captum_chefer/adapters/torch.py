@@ -28,6 +28,7 @@ relevance is mapped back to the input tokens or patches.
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
@@ -137,6 +138,7 @@ class TransformerAdapter(Adapter):
         self.mask_arg = mask_arg
         self.vocabulary = vocabulary
         self._num_outputs = num_outputs
+        self._mask_warned = False
         if patch_size is None and isinstance(getattr(model, "patch_size", None), int):
             patch_size = int(model.patch_size)
         self.patch_size = patch_size
@@ -199,6 +201,7 @@ class TransformerAdapter(Adapter):
             return (x,), model_args
         args = model_args + ((x,) if self._carries_ids else ())
         self._check_inputs(x, args, samples_with_tokens=True)
+        self._warn_if_mask_unused(x, model_args)
         if level == "token":
             return (x,), args
         if self.embedding is None:
@@ -531,6 +534,29 @@ class TransformerAdapter(Adapter):
                     f"sample(s) {empty[:10]} of the batch have no real token (all padding): the model's output for "
                     "them reads padding only, and there is nothing to attribute; drop them from the batch"
                 )
+
+    def _warn_if_mask_unused(self, x: Tensor, model_args: tuple) -> None:
+        """Warn (once per adapter) when a model argument looks like a padding mask the adapter was not told of.
+
+        Without ``mask_arg`` or ``pad_id`` every token counts as real: padding would get scores, count as
+        codes in the removal metrics, and ``pool="last"`` would pool the padded last position.
+        """
+        if self.mask_arg is not None or self.pad_id is not None or self._mask_warned:
+            return
+        for k, a in enumerate(model_args):
+            if not isinstance(a, Tensor) or tuple(a.shape) != tuple(x.shape[:2]):
+                continue
+            zero_one = a.dtype == torch.bool or bool(((a == 0) | (a == 1)).all())
+            if zero_one and bool(a.bool().any()) and not bool(a.bool().all()):
+                self._mask_warned = True
+                warnings.warn(
+                    f"model argument {k} is shaped like the tokens {tuple(x.shape[:2])} and holds 0/1 values, as a padding "
+                    f"mask does, but TransformerAdapter was told of no padding, so every token counts as real (scores and "
+                    f"removal on padding, pool='last' at a padded position). If it is a mask that is non-zero on real "
+                    f"tokens, pass mask_arg={k}; if padding is a token id, pass pad_id=",
+                    stacklevel=3,
+                )
+                return
 
     def _per_sample_args(self, args: tuple) -> list[tuple[str, Tensor]]:
         """The additional forward args known to hold one row per sample: the mask argument, the carried ids."""
