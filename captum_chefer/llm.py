@@ -264,6 +264,8 @@ class CheferLLMAttribution(Attribution):
         """
         if isinstance(inps, (TextTokenInput, Tensor)):
             raise TypeError("attribute_batch takes a list of prompts; use attribute for one prompt")
+        if isinstance(targets, str):
+            raise TypeError("targets must hold one target per prompt (a list), not one string; for one prompt use attribute")
         if targets is not None and len(targets) != len(inps):
             raise ValueError(f"give one target per prompt: {len(inps)} prompts, {len(targets)} targets")
         if gradient_target not in ("logit", "log_prob"):

@@ -164,6 +164,8 @@ def test_llm_prompts_and_targets_the_model_cannot_read_are_refused():
     no_bos = word_tokenizer(["the", "patient"], bos=False)
     with pytest.raises(ValueError, match="the prompt has no tokens"):
         CheferLLMAttribution(gpt2_for(no_bos), no_bos).attribute(TextTokenInput("", no_bos), target="the")
+    with pytest.raises(TypeError, match="one target per prompt \\(a list\\), not one string"):
+        chefer.attribute_batch([prompt, prompt], "ab")  # would have explained 'a' after one and 'b' after the other
     other = word_tokenizer("fever cough the patient".split())
     with pytest.raises(ValueError, match="tokenized by another tokenizer.*same tokenizer"):
         chefer.attribute(TextTokenInput("the patient", other), target="reports")
@@ -337,9 +339,10 @@ def test_inputs_on_another_device_than_the_model_are_refused(adapter, seq_batch)
         with pytest.raises(ValueError, match=message):
             method.attribute(elsewhere, additional_forward_args=args)
     hf = HuggingFaceAdapter(bert())
-    tokens, hf_args = hf.captum_inputs({"input_ids": IDS, "attention_mask": MASK}, level="token")
-    with pytest.raises(ValueError, match=r"the attention_mask is on meta but the model is on cpu"):
-        CheferAttribution(hf).attribute(tokens, target=0, additional_forward_args=(hf_args[0].to("meta"),))
+    embeddings, hf_args = hf.captum_inputs({"input_ids": IDS, "attention_mask": MASK})
+    for method in (CheferAttribution(hf), IntegratedGradients(hf)):
+        with pytest.raises(ValueError, match=r"^input 'input_ids' is on meta but the model is on cpu"):
+            method.attribute(embeddings[0].to("meta"), target=0, additional_forward_args=hf_args)
 
 
 def test_a_huggingface_model_in_training_mode_is_explained_without_dropout():

@@ -288,9 +288,9 @@ class HuggingFaceAdapter(TransformerAdapter):
             raise ValueError(
                 "expected the attention mask as the first additional forward arg; make it with adapter.captum_inputs(...)"
             )
-        kwargs: dict[str, Any] = {"attention_mask": args[0]}
+        kwargs: dict[str, Any] = {"attention_mask": args[0].to(x.device)}  # a mask kept on the CPU is moved
         if len(args) > 1:
-            kwargs["token_type_ids"] = args[1]
+            kwargs["token_type_ids"] = args[1].to(x.device)
         kwargs["inputs_embeds" if x.is_floating_point() else "input_ids"] = x
         return kwargs
 

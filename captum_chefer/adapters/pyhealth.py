@@ -548,8 +548,8 @@ class PyHealthAdapter(Adapter):
         kwargs: dict[str, tuple[Tensor, ...]] = {}
         step_masks = []
         _check_batch_sizes(self.features, inputs, args)
-        named = [(f"input {f.key!r}", x) for f, x in zip(self.features, inputs)]
-        check_devices(named + [(f"additional forward arg {i}", a) for i, a in enumerate(args)], self.model.device)
+        # the inputs must be where the model is; masks and times are moved to them below
+        check_devices([(f"input {f.key!r}", x) for f, x in zip(self.features, inputs)], self.model.device)
         arg_iter = iter(args)
         for feature, x in zip(self.features, inputs):
             mask = next(arg_iter)

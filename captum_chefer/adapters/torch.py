@@ -486,8 +486,8 @@ class TransformerAdapter(Adapter):
     def _check_inputs(self, x: Tensor, args: tuple, *, samples_with_tokens: bool = False) -> None:
         """Refuse, before the model runs, what would give a wrong or unreadable result.
 
-        An empty batch or sequence; an input or per-sample argument (:meth:`_per_sample_args`) on another
-        device than the model or with another batch size; NaN or infinite input values; token ids beyond
+        An empty batch or sequence; an input on another device than the model; a per-sample argument
+        (:meth:`_per_sample_args`) with another batch size; NaN or infinite input values; token ids beyond
         the embedding. With ``samples_with_tokens`` (a batch being read), also a sample without a real
         token: the model's output for it would read padding only (removal metrics do make such samples
         on purpose, so calls of the model do not check this).
@@ -501,8 +501,8 @@ class TransformerAdapter(Adapter):
                 f"the input {name!r} has shape {tuple(x.shape)}: no {'samples' if x.shape[0] == 0 else 'tokens'}; "
                 "pass at least one sample with at least one token"
             )
+        check_devices([(f"input {name!r}", x)], self._device())  # arguments are moved where they are used
         per_sample = self._per_sample_args(args)
-        check_devices([(f"input {name!r}", x), *per_sample], self._device())
         sizes = {f"input {name!r}": int(x.shape[0])}
         sizes.update({arg: int(a.shape[0]) for arg, a in per_sample if a.dim() > 0})
         if len(set(sizes.values())) > 1:
