@@ -104,6 +104,40 @@ def test_a_mask_argument_the_adapter_was_not_told_of_warns():
         assert told.token_masks((mask,), (ids,))[0].tolist() == [[True, True, True], [True, True, False]]
 
 
+def test_padding_ids_the_adapter_was_not_told_of_warn():
+    class Padded(nn.Module):  # reads its padding from the ids, as the README's TransformerEncoder example does
+        def __init__(self):
+            super().__init__()
+            self.embed = nn.Embedding(10, 4, padding_idx=0)
+            self.head = nn.Linear(4, 2)
+
+        def forward(self, ids):
+            return self.head(self.embed(ids).sum(1))
+
+    model = Padded()
+    with pytest.warns(UserWarning, match="the token ids hold 0, the padding_idx of the model's embedding.*pass pad_id=0"):
+        TransformerAdapter(model, embedding=model.embed).captum_inputs(torch.tensor([[1, 2, 3], [4, 5, 0]]))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        told = TransformerAdapter(model, embedding=model.embed, pad_id=0)
+        tokens, args = told.captum_inputs(torch.tensor([[1, 2, 3], [4, 5, 0]]), level="token")
+        assert told.token_masks(args, tokens)[0].tolist() == [[True, True, True], [True, True, False]]
+
+
+def test_one_image_without_a_batch_dimension_is_refused():
+    import torchvision
+
+    vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8,
+                                               mlp_dim=16, num_classes=2).eval()
+    with pytest.raises(ValueError, match=r"image model \(patch_size=8\).*got \(3, 16, 16\). For one image add the batch dimension"):
+        TransformerAdapter(vit, prefix_tokens=1).captum_inputs(torch.rand(3, 16, 16))  # read as 3 sequences of embeddings
+    torch.manual_seed(0)
+    hf = HuggingFaceAdapter(transformers.ViTForImageClassification(transformers.ViTConfig(
+        image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)).eval())
+    with pytest.raises(ValueError, match=r"pixel_values must be a tensor \[B, C, H, W\].*pixels\[None\]"):
+        hf.captum_inputs(torch.rand(3, 16, 16))
+
+
 # ---------------------------------------------------------------------------------------------- generated text
 
 

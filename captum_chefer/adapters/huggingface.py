@@ -298,7 +298,7 @@ class HuggingFaceAdapter(TransformerAdapter):
         if isinstance(batch, Tensor):
             if self.kind != "image":
                 raise TypeError("pass the tokenizer's encoding (input_ids and attention_mask), not a bare tensor")
-            return batch, (), None
+            batch = {"pixel_values": batch}  # checked as the image processor's output is
         if not isinstance(batch, Mapping):
             raise TypeError(f"batch must be a tokenizer's BatchEncoding or a dict (or pixel_values), got {type(batch).__name__}")
         self._refuse_unknown_keys(batch)
@@ -308,7 +308,10 @@ class HuggingFaceAdapter(TransformerAdapter):
                 raise KeyError(f"an image batch needs 'pixel_values'; it has {sorted(batch)}")
             pixels = batch["pixel_values"]
             if not isinstance(pixels, Tensor) or pixels.dim() != 4:
-                raise ValueError(f"pixel_values must be a tensor [B, C, H, W], got {getattr(pixels, 'shape', type(pixels).__name__)}")
+                raise ValueError(
+                    f"pixel_values must be a tensor [B, C, H, W], got {getattr(pixels, 'shape', type(pixels).__name__)}"
+                    + ("; for one image add the batch dimension: pixels[None]" if isinstance(pixels, Tensor) and pixels.dim() == 3 else "")
+                )
             return pixels, (), labels
         if "input_ids" not in batch:
             raise KeyError(f"a text batch needs 'input_ids' (a tokenizer's output); it has {sorted(batch)}")

@@ -201,7 +201,7 @@ class TransformerAdapter(Adapter):
             return (x,), model_args
         args = model_args + ((x,) if self._carries_ids else ())
         self._check_inputs(x, args, samples_with_tokens=True)
-        self._warn_if_mask_unused(x, model_args)
+        self._warn_if_padding_unknown(x, model_args)
         if level == "token":
             return (x,), args
         if self.embedding is None:
@@ -535,13 +535,24 @@ class TransformerAdapter(Adapter):
                     "them reads padding only, and there is nothing to attribute; drop them from the batch"
                 )
 
-    def _warn_if_mask_unused(self, x: Tensor, model_args: tuple) -> None:
-        """Warn (once per adapter) when a model argument looks like a padding mask the adapter was not told of.
+    def _warn_if_padding_unknown(self, x: Tensor, model_args: tuple) -> None:
+        """Warn (once per adapter) when the batch shows padding the adapter was not told of: ids equal to the
+        embedding's ``padding_idx``, or a model argument that looks like a padding mask.
 
         Without ``mask_arg`` or ``pad_id`` every token counts as real: padding would get scores, count as
         codes in the removal metrics, and ``pool="last"`` would pool the padded last position.
         """
         if self.mask_arg is not None or self.pad_id is not None or self._mask_warned:
+            return
+        padding_idx = getattr(self._embedding_module(), "padding_idx", None)
+        if padding_idx is not None and bool((x == padding_idx).any()):
+            self._mask_warned = True
+            warnings.warn(
+                f"the token ids hold {padding_idx}, the padding_idx of the model's embedding, but TransformerAdapter was "
+                "told of no padding, so every token counts as real (scores and removal on padding, pool='last' at a "
+                f"padded position); pass pad_id={padding_idx} if it marks padding",
+                stacklevel=3,
+            )
             return
         for k, a in enumerate(model_args):
             if not isinstance(a, Tensor) or tuple(a.shape) != tuple(x.shape[:2]):
@@ -597,6 +608,11 @@ class TransformerAdapter(Adapter):
                 raise ValueError(f"token ids must be an integer tensor [B, L], got {x.dtype} {tuple(x.shape)}")
             return "ids"
         if x.dim() == 3:
+            if self.patch_size is not None and self.embedding is None:
+                raise ValueError(
+                    f"this adapter explains an image model (patch_size={self.patch_size}), whose input is images "
+                    f"[B, C, H, W]; got {tuple(x.shape)}. For one image add the batch dimension: image[None]"
+                )
             return "embeddings"
         if x.dim() == 4:
             return "images"
