@@ -769,7 +769,8 @@ def _warn_unknown_words(tokenizer: Any, text: str, ids: Sequence[int]) -> None:
 
 def _warn_unknown_prompt(tokenizer: Any, ids: Tensor, skipped: Any) -> None:
     unk = getattr(tokenizer, "unk_token_id", None)
-    if unk is None or (skipped and unk in skipped):
+    others = {getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "sep", "cls", "mask")}
+    if unk is None or unk in others or (skipped and unk in skipped):  # GPT-2's unknown token is also its bos/eos
         return
     positions = (ids == unk).nonzero().flatten().tolist()
     if positions:

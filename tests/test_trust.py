@@ -7,6 +7,7 @@ misshapen targets, empty batches in ``captum_inputs``, ...) are not repeated.
 
 from __future__ import annotations
 
+import copy
 import warnings
 
 import pytest
@@ -187,6 +188,18 @@ def test_out_of_vocabulary_words_warn():
     with warnings.catch_warnings():
         warnings.simplefilter("error", OutOfVocabularyWarning)
         chefer.attribute(prompt, target="and a dry cough")
+
+
+def test_a_gpt2_style_unknown_token_that_is_also_bos_does_not_warn(byte_bpe):
+    """GPT-2's unknown token is its <|endoftext|> (bos and eos too): a prompt that starts with it knows every word."""
+    assert byte_bpe.unk_token_id is None or byte_bpe.unk_token_id == byte_bpe.bos_token_id
+    like_gpt2 = copy.deepcopy(byte_bpe)
+    like_gpt2.unk_token = "<|endoftext|>"
+    chefer = CheferLLMAttribution(gpt2_for(like_gpt2), like_gpt2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", OutOfVocabularyWarning)
+        result = chefer.attribute(TextTokenInput("<|endoftext|>the patient has a fever", like_gpt2), target="and a dry cough")
+    assert result.input_tokens[0] == "<|endoftext|>"
 
 
 def test_llm_prompts_and_targets_the_model_cannot_read_are_refused():
