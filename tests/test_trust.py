@@ -231,6 +231,9 @@ def test_wrong_feature_and_method_names_say_which_exist(adapter, seq_batch):
         comparison.scores["saliency"]
     with pytest.raises(KeyError, match=r"no feature 'diagnoses'"):
         comparison.scores["Saliency"]["diagnoses"]
+    evaluation = evaluate_methods(adapter, seq_batch, [Saliency(adapter)], infidelity_samples=0, progress=False)
+    with pytest.raises(KeyError, match=r"no metric 'AOPC' here; use one of \['deletion_aopc', 'insertion_aopc'"):
+        evaluation.per_sample["Saliency"]["AOPC"]
     assert dict(scores) == {k: scores[k] for k in ("conditions", "procedures")}  # otherwise a plain dict
 
 

@@ -95,6 +95,11 @@ class Evaluation:
         "seconds_per_sample": False,
     }
 
+    def __post_init__(self) -> None:
+        # a wrong method or metric name says which exist (LookupDict) instead of a bare KeyError
+        self.per_sample = LookupDict({k: LookupDict(v, kind="metric") for k, v in self.per_sample.items()}, kind="method")
+        self.curves = LookupDict({k: LookupDict(v, kind="curve") for k, v in self.curves.items()}, kind="method")
+
     @property
     def methods(self) -> list[str]:
         return list(self.per_sample)
@@ -489,10 +494,7 @@ def _evaluate_methods(
     if n_total == 0:
         raise ValueError("data holds no samples")
     return Evaluation(
-        per_sample=LookupDict(
-            {name: LookupDict({m: torch.cat(v) for m, v in metrics.items()}, kind="metric") for name, metrics in per_sample.items()},
-            kind="method",
-        ),
+        per_sample={name: {m: torch.cat(v) for m, v in metrics.items()} for name, metrics in per_sample.items()},
         curves={name: {kind: _cat_rows(v) for kind, v in c.items()} for name, c in curves.items()},
         fractions=fractions,
         percentages=percentages,

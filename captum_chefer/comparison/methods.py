@@ -120,6 +120,12 @@ class Comparison:
     patient_ids: list[Optional[str]] = field(default_factory=list)
     decoded: list[list[DecodedToken]] = field(default_factory=list)
 
+    def __post_init__(self) -> None:
+        # a wrong method or feature name says which exist (LookupDict) instead of a bare KeyError
+        self.scores = LookupDict({k: LookupDict(v, kind="feature") for k, v in self.scores.items()}, kind="method")
+        self.ids = LookupDict(self.ids, kind="feature")
+        self.masks = LookupDict(self.masks, kind="feature")
+
     @property
     def methods(self) -> list[str]:
         return list(self.scores)
@@ -229,9 +235,9 @@ class Comparison:
             width = max(int(r["position"]) for r in mine) + 1
             shapes[key] = (n, max(int(r["visit"]) for r in mine) + 1, width) if nested else (n, width)
         methods = list(dict.fromkeys(str(r["method"]) for r in rows))
-        scores = LookupDict({m: LookupDict({k: torch.zeros(shape) for k, shape in shapes.items()}, kind="feature") for m in methods}, kind="method")
-        ids = LookupDict({k: torch.zeros(shape, dtype=torch.long) for k, shape in shapes.items()}, kind="feature")
-        masks = LookupDict({k: torch.zeros(shape, dtype=torch.bool) for k, shape in shapes.items()}, kind="feature")
+        scores = {m: {k: torch.zeros(shape) for k, shape in shapes.items()} for m in methods}
+        ids = {k: torch.zeros(shape, dtype=torch.long) for k, shape in shapes.items()}
+        masks = {k: torch.zeros(shape, dtype=torch.bool) for k, shape in shapes.items()}
         patient_ids: list[Optional[str]] = [None] * n
         targets: list[Optional[int]] = [None] * n
         seconds: dict[str, float] = {}
@@ -374,7 +380,7 @@ def compare_methods(
     if n == 0:
         raise ValueError("data holds no samples")
     return Comparison(
-        scores=LookupDict({name: _cat_padded(parts) for name, parts in scores.items()}, kind="method"),
+        scores={name: _cat_padded(parts) for name, parts in scores.items()},
         seconds_per_sample={name: s / n for name, s in seconds.items()},
         ids=_cat_padded(ids_parts),
         masks=_cat_padded(mask_parts),
