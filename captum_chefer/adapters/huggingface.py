@@ -35,10 +35,10 @@ from .torch import Pool, TransformerAdapter, blurred_images, logits_of
 __all__ = ["HuggingFaceAdapter"]
 
 Kind = Literal["encoder", "decoder", "image"]
+Reference = Literal["unk", "pad", "mask", "zero", "blur"]
 
 # What a tokenizer may return beside the model's inputs; nothing a classifier's forward reads.
 _TOKENIZER_EXTRAS = ("special_tokens_mask", "offset_mapping", "length", "overflow_to_sample_mapping")
-Reference = Literal["unk", "pad", "mask", "zero", "blur"]
 
 # Heads that read more than one position: following the class token alone would explain half the head.
 _MULTI_POSITION_HEADS = {

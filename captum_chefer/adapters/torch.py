@@ -519,10 +519,9 @@ class TransformerAdapter(Adapter):
                     "would be NaN. Check what made the inputs (a baseline or noise with NaN/inf), and pass the inputs "
                     "from adapter.captum_inputs(batch)"
                 )
-        else:
-            size = getattr(self._embedding_module(), "num_embeddings", None)
+        elif (size := getattr(self._embedding_module(), "num_embeddings", None)) is not None:
             low, high = int(x.min()), int(x.max())
-            if size is not None and (low < 0 or high >= size):
+            if low < 0 or high >= size:
                 raise ValueError(
                     f"the input {name!r} holds token id {high if high >= size else low}, outside the model's "
                     f"vocabulary of {size} tokens (ids 0..{size - 1}); tokenize with the model's own tokenizer"
