@@ -650,23 +650,26 @@ def _attention_gradient(layer: Any, grad: Optional[Tensor]) -> Optional[Tensor]:
 def _select_target(logits: Tensor, target: TargetType, log_odds: bool = False) -> Tensor:
     """Sum over the batch of each sample's target logit, validating ``target`` as Captum would.
 
-    ``log_odds``: the target's softmax log-odds ``logit_t - logsumexp_{j != t} logit_j`` instead.
+    ``log_odds``: the target's softmax log-odds ``logit_t - logsumexp_{j != t} logit_j`` instead. An empty
+    batch, a class outside the logits and a NaN or infinite score are refused with the fix.
     """
     if logits.dim() != 2:
         raise ValueError(f"the model must return logits [B, C]; got shape {tuple(logits.shape)}")
     batch, classes = logits.shape
+    if batch == 0:
+        raise ValueError("the batch holds no samples (batch size 0); pass inputs with at least one sample")
     if target is None:
         if classes != 1:
             raise ValueError(
                 f"target is required: the model has {classes} outputs. Pass an int, a list or tensor of "
                 f"{batch} class indices, or adapter.captum_target(batch)."
             )
-        return logits[:, 0].sum()
-    if isinstance(target, bool):
+        index = torch.zeros(batch, dtype=torch.long, device=logits.device)
+    elif isinstance(target, bool):
         raise TypeError("target must be an int, a sequence of ints or a tensor, not a bool")
-    if isinstance(target, (int, Tensor, list, tuple)):
+    elif isinstance(target, (int, Tensor, list, tuple)):
         index = torch.as_tensor(target, device=logits.device)
-        if index.is_floating_point() or index.is_complex():
+        if index.is_floating_point() or index.is_complex() or index.dtype == torch.bool:
             raise TypeError(f"target must hold integer class indices, got dtype {index.dtype}")
         if index.dim() == 0:
             index = index.expand(batch)
@@ -678,13 +681,60 @@ def _select_target(logits: Tensor, target: TargetType, log_odds: bool = False) -
                 f"{tuple(index.shape)}. Multi-dimensional (tuple) targets are not supported."
             )
         index = index.long()
+        check_target_range(index, classes)
     else:
         raise TypeError(f"target must be an int, a sequence of ints, a tensor or None; got {type(target).__name__}")
-    if batch and (index.min() < 0 or index.max() >= classes):
-        raise ValueError(f"target out of range: the model has {classes} output(s), indices 0..{classes - 1}")
     if log_odds:
-        return softmax_log_odds(logits, index).sum()
-    return logits.gather(1, index.view(-1, 1)).sum()
+        scores = softmax_log_odds(logits, index)
+    else:
+        scores = logits.gather(1, index.view(-1, 1))[:, 0]
+    finite = torch.isfinite(scores.detach())
+    if not bool(finite.all()):
+        bad = (~finite).nonzero().flatten().tolist()
+        raise ValueError(
+            f"the explained output is NaN or infinite for sample(s) {bad[:10]}{' ...' if len(bad) > 10 else ''}; its "
+            "relevance would be NaN too. Check those samples' inputs and the model's weights (a model trained into "
+            "NaN, an overflow in half precision)"
+        )
+    return scores.sum()
+
+
+def check_target_range(target: Any, classes: int) -> None:
+    """Refuse a target (int, ints, integer tensor) that names an output the model does not have.
+
+    Captum's methods index the logits with the target; a class beyond them fails deep inside torch (on a
+    GPU as a device-side assert), and a negative one silently counts from the end. A single-logit (binary)
+    model has only output 0, the positive class's score, whatever class the user has in mind.
+
+    Example:
+        >>> check_target_range(torch.tensor([0, 2]), 3)
+        >>> check_target_range(1, 1)
+        Traceback (most recent call last):
+        ...
+        ValueError: target 1 is out of range for a model with a single logit (binary): that logit is the positive class's score, explained with target=None (or 0)
+    """
+    if isinstance(target, bool):
+        raise TypeError("target must be an int, a sequence of ints or a tensor, not a bool")
+    if isinstance(target, int):
+        values = torch.tensor([target])
+    elif isinstance(target, Tensor):
+        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
+            return  # not class indices; the caller's own check says so
+        values = target.detach().reshape(-1)
+    elif isinstance(target, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in target):
+        values = torch.tensor(target, dtype=torch.long).reshape(-1)
+    else:
+        return  # tuples (multi-dimensional targets) and lists of them: Captum's own indexing rules
+    if values.numel() == 0 or not bool(((values < 0) | (values >= classes)).any()):
+        return
+    bad = sorted({int(v) for v in values[(values < 0) | (values >= classes)].cpu()})
+    shown = bad[0] if len(bad) == 1 else bad[:10]
+    if classes == 1:
+        raise ValueError(
+            f"target {shown} is out of range for a model with a single logit (binary): that logit is the positive "
+            "class's score, explained with target=None (or 0)"
+        )
+    raise ValueError(f"target {shown} is out of range: the model has {classes} outputs, so targets are class indices 0..{classes - 1}")
 
 
 def _accepts_keyword(function: Callable[..., Any], name: str) -> bool:

@@ -34,10 +34,13 @@ layer, so the chunk size bounds the memory), or one plain backward per target wi
 from __future__ import annotations
 
 import inspect
+import os
+import unicodedata
 import warnings
 from dataclasses import dataclass
 from typing import Any, Literal, Mapping, Optional, Sequence
 
+import captum
 import torch
 from captum.attr import Attribution, LLMAttributionResult, TextTokenInput
 from captum.log import log_usage
@@ -47,7 +50,10 @@ from .adapters.base import spread_over_patches
 from .capture import AttentionCapture, evaluation_mode, find_attention_modules
 from .relevance import encoder_decoder_rows, mask_padding, pooling_rows, propagate_row, weighted_attention
 
-__all__ = ["CheferLLMAttribution", "GradientTarget", "LLMImageAttributionResult", "ModelFamily", "word_tokenizer"]
+__all__ = [
+    "CheferLLMAttribution", "GradientTarget", "LLMImageAttributionResult", "ModelFamily", "OutOfVocabularyWarning",
+    "word_tokenizer",
+]
 
 GradientTarget = Literal["logit", "log_prob"]
 ModelFamily = Literal["decoder-only", "encoder-decoder", "image-to-text"]
@@ -55,6 +61,13 @@ Target = Optional[str | Tensor | Sequence[int]]
 
 # Captum's defaults for generating a target (captum.attr._core.llm_attr.DEFAULT_GEN_ARGS).
 DEFAULT_GEN_ARGS: dict[str, Any] = {"max_new_tokens": 25, "do_sample": False, "temperature": None, "top_p": None}
+
+
+class OutOfVocabularyWarning(UserWarning):
+    """Words of a prompt or target that the tokenizer does not know became its unknown token.
+
+    The explanation is then of the unknown token, not of those words.
+    """
 
 
 class LLMImageAttributionResult(LLMAttributionResult):
@@ -191,8 +204,14 @@ class CheferLLMAttribution(Attribution):
             inp: the prompt: Captum's ``TextTokenInput`` for a text model (its ``skip_tokens`` drop columns
                 from the result, the model still reads them), or the pixel values ``[C, H, W]`` (or
                 ``[1, C, H, W]``) an image processor made, for an image-to-text model.
-            target: the output to explain: a string (tokenized without special tokens, as Captum does),
-                token ids (a 1-D tensor or a list), or ``None`` to generate it with ``model.generate``.
+            target: the output to explain: a string, token ids (a 1-D tensor or a list), or ``None`` to
+                generate it with ``model.generate``. A string is tokenized without special tokens as the text
+                that follows the prompt: for a decoder-only model, prompt and target are tokenized together
+                and the target's tokens are those after the prompt's (GPT-2's ``"Ġand"`` rather than
+                ``"and"``), joined by a space unless either side has one at the join, the target starts with
+                punctuation or both sides are in a script written without spaces; a target that would not
+                start on a token boundary is refused. Words the tokenizer does not know warn
+                (:class:`OutOfVocabularyWarning`).
             gen_args: keyword arguments of ``model.generate`` when ``target`` is ``None``; Captum's defaults
                 (greedy, 25 new tokens) when ``None``. Not allowed with a target.
             gradient_target: ``"logit"`` (the paper: the target token's logit) or ``"log_prob"`` (its
@@ -245,6 +264,8 @@ class CheferLLMAttribution(Attribution):
         """
         if isinstance(inps, (TextTokenInput, Tensor)):
             raise TypeError("attribute_batch takes a list of prompts; use attribute for one prompt")
+        if isinstance(targets, str):
+            raise TypeError("targets must hold one target per prompt (a list), not one string; for one prompt use attribute")
         if targets is not None and len(targets) != len(inps):
             raise ValueError(f"give one target per prompt: {len(inps)} prompts, {len(targets)} targets")
         if gradient_target not in ("logit", "log_prob"):
@@ -285,20 +306,42 @@ class CheferLLMAttribution(Attribution):
                     f"{type(self.model).__name__} reads text: pass captum.attr.TextTokenInput(prompt, tokenizer), "
                     f"not {type(inp).__name__}"
                 )
+            if not _same_vocabulary(getattr(inp, "tokenizer", self.tokenizer), self.tokenizer):
+                raise ValueError(
+                    "the prompt was tokenized by another tokenizer than the one CheferLLMAttribution was given (their "
+                    "vocabularies differ), so the model would read other tokens than the prompt shows; make the "
+                    "TextTokenInput with the same tokenizer"
+                )
             source = inp.inp_tensor[0].to(device)
+            if source.numel() == 0:
+                raise ValueError(
+                    "the prompt has no tokens (an empty text, and the tokenizer adds no special token); give a prompt "
+                    "of at least one token"
+                )
+            _check_vocabulary("prompt", source, _vocabulary_size(self.model.get_input_embeddings()))
+            _warn_unknown_prompt(self.tokenizer, source, inp.skip_tokens)
             itp_mask = None if inp.itp_mask is None else inp.itp_mask[0].bool().to(device)
             input_tokens = list(inp.values)
         if target is None:
             ids = self._generate(source, gen_args)
         else:
-            ids = self._encode_target(target)
+            ids = self._encode_target(target, source if self.family == "decoder-only" else None)
         if ids.numel() == 0:
             raise ValueError("the target is empty: give at least one output token (or generate with max_new_tokens >= 1)")
+        _check_vocabulary("target", ids, _vocabulary_size(self.model.get_output_embeddings()))
         return _Item(source, ids.to(device), itp_mask, input_tokens, inp if isinstance(inp, TextTokenInput) else None)
 
-    def _encode_target(self, target: Target) -> Tensor:
+    def _encode_target(self, target: Target, prompt: Optional[Tensor] = None) -> Tensor:
+        """The target's token ids.
+
+        A string that follows a decoder-only ``prompt`` (its ids) is tokenized with it, as the model reads
+        the two (:func:`_continuation_ids`); one without a prompt (the decoder of an encoder-decoder starts
+        afresh) on its own, without special tokens. Unknown words warn.
+        """
         if isinstance(target, str):
-            return torch.tensor(self.tokenizer.encode(target, add_special_tokens=False), dtype=torch.long)
+            ids = _continuation_ids(self.tokenizer, prompt, target) if prompt is not None else _encode(self.tokenizer, target)
+            _warn_unknown_words(self.tokenizer, target, ids)
+            return torch.tensor(ids, dtype=torch.long)
         if isinstance(target, Tensor) or (isinstance(target, Sequence) and all(isinstance(t, int) for t in target)):
             ids = torch.as_tensor(target)
             if ids.dim() == 2 and ids.shape[0] == 1:
@@ -615,6 +658,153 @@ def _pretty_tokens(ids: Tensor, tokenizer: Any) -> list[str]:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
         return list(_convert_ids_to_pretty_tokens(ids, tokenizer))
+
+
+def _encode(tokenizer: Any, text: str) -> list[int]:
+    """``text``'s token ids, without special tokens."""
+    return [int(i) for i in tokenizer.encode(text, add_special_tokens=False)]
+
+
+def _decode(tokenizer: Any, ids: Sequence[int]) -> str:
+    """The text of ``ids`` without special tokens, spaces as the tokens have them."""
+    try:
+        return str(tokenizer.decode(list(ids), skip_special_tokens=True, clean_up_tokenization_spaces=False))
+    except TypeError:  # a tokenizer without those options
+        return str(tokenizer.decode(list(ids)))
+
+
+def _joiner(prompt: str, target: str) -> str:
+    """What goes between a prompt and the text that follows it: a space between words, else nothing.
+
+    Nothing when either side already has whitespace at the join, when the target starts with punctuation
+    that attaches to the word before it (``,``, ``.``, ``)``, ``-`` ...), or when both sides are in a script
+    written without spaces (Chinese, Japanese, Thai ...).
+
+    Example:
+        >>> [_joiner("a fever", t) for t in ("and a cough", " and", ", and", "?")]
+        [' ', '', '', '']
+        >>> _joiner("a fever ", "and"), _joiner("", "and"), _joiner("患者发烧", "和咳嗽")
+        ('', '', '')
+    """
+    if not prompt or not target or prompt[-1].isspace() or target[0].isspace():
+        return ""
+    category = unicodedata.category(target[0])
+    if category.startswith("P") and category not in ("Ps", "Pi"):
+        return ""
+    if _unspaced(prompt[-1]) and _unspaced(target[0]):
+        return ""
+    return " "
+
+
+def _unspaced(char: str) -> bool:
+    """A character of a script that does not put spaces between words."""
+    if unicodedata.east_asian_width(char) in ("W", "F"):
+        return not unicodedata.name(char, "").startswith("HANGUL")  # Korean puts spaces between words
+    return unicodedata.name(char, "").startswith(("THAI", "LAO", "KHMER", "MYANMAR", "TIBETAN"))
+
+
+def _continuation_ids(tokenizer: Any, prompt: Tensor, target: str) -> list[int]:
+    """The ids of ``target`` as the tokenizer cuts it where it follows the ``prompt`` ids.
+
+    The prompt's text (decoded) and the target are tokenized together and the tokens after the prompt's
+    are the target's: a GPT-2 tokenizer then gives ``"Ġand"`` (with the space a word after another takes)
+    where ``"and"`` on its own would be ``"a"``, ``"nd"``. If the prompt's own tokens are not a prefix of
+    the joint tokens (the target's first characters merge with the prompt's last token), no cut gives the
+    target's tokens after these prompt tokens, and the target is refused.
+
+    Example:
+        >>> tokenizer = word_tokenizer(["the", "patient", "has", "fever", "and", "cough"])
+        >>> prompt = torch.tensor(tokenizer.encode("the patient has fever"))  # <s> first
+        >>> tokenizer.convert_ids_to_tokens(_continuation_ids(tokenizer, prompt, "and cough"))
+        ['and', 'cough']
+    """
+    text = _decode(tokenizer, prompt.tolist())
+    joined = text + _joiner(text, target) + target
+    head, full = _encode(tokenizer, text), _encode(tokenizer, joined)
+    if full[: len(head)] == head:
+        return full[len(head) :]
+    same = next(k for k, (a, b) in enumerate(zip(head, full)) if a != b) if any(a != b for a, b in zip(head, full)) else len(full)
+    names = lambda ids: list(tokenizer.convert_ids_to_tokens(ids))  # noqa: E731
+    raise ValueError(
+        f"the target {target!r} does not start on a token boundary after the prompt: the prompt ends in tokens "
+        f"{names(head[same:])}, but prompt and target together tokenize as {names(full[same : same + 3])} there: the "
+        "tokenizer does not cut the text where the prompt ends. End the prompt at a word boundary without trailing "
+        "whitespace (the target gets its leading space), or pass the target as token ids"
+    )
+
+
+def _same_vocabulary(a: Any, b: Any) -> bool:
+    """Whether two tokenizers map tokens to the same ids (``True`` when it cannot be told)."""
+    if a is b or not callable(getattr(a, "get_vocab", None)) or not callable(getattr(b, "get_vocab", None)):
+        return True
+    return a.get_vocab() == b.get_vocab()
+
+
+def _unknown_words(tokenizer: Any, text: str, unk: int) -> list[str]:
+    """The words of ``text`` that the tokenizer turns into its unknown token ``unk`` (in order, once each)."""
+    spans: list[str] = []
+    try:
+        encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
+        spans = [text[a:b] for i, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"]) if i == unk]
+    except (TypeError, ValueError, KeyError, NotImplementedError):  # no offsets (a slow tokenizer): word by word
+        spans = [word for word in text.split() if unk in _encode(tokenizer, word)]
+    literal = getattr(tokenizer, "unk_token", None)
+    return [w for w in dict.fromkeys(spans) if w.strip() and w != literal]
+
+
+def _warn_unknown_words(tokenizer: Any, text: str, ids: Sequence[int]) -> None:
+    unk = getattr(tokenizer, "unk_token_id", None)
+    if unk is None or unk not in ids:
+        return
+    words = _unknown_words(tokenizer, text, unk)
+    if words:
+        warnings.warn(
+            f"the target's words {words} are not in the tokenizer's vocabulary and become its unknown token "
+            f"{tokenizer.unk_token!r}: the explanation is of that token, not of those words; use words the tokenizer "
+            "knows, a tokenizer whose vocabulary has them, or pass token ids",
+            OutOfVocabularyWarning,
+            skip_file_prefixes=_OWN_FILES,
+        )
+
+
+def _warn_unknown_prompt(tokenizer: Any, ids: Tensor, skipped: Any) -> None:
+    unk = getattr(tokenizer, "unk_token_id", None)
+    others = {getattr(tokenizer, f"{name}_token_id", None) for name in ("bos", "eos", "pad", "sep", "cls", "mask")}
+    if unk is None or unk in others or (skipped and unk in skipped):  # GPT-2's unknown token is also its bos/eos
+        return
+    positions = (ids == unk).nonzero().flatten().tolist()
+    if positions:
+        warnings.warn(
+            f"the prompt holds {len(positions)} word(s) the tokenizer does not know, read as its unknown token "
+            f"{tokenizer.unk_token!r} (token position(s) {positions[:10]}): their relevance is the unknown token's; "
+            "use words the tokenizer knows, or a tokenizer whose vocabulary has them",
+            OutOfVocabularyWarning,
+            skip_file_prefixes=_OWN_FILES,
+        )
+
+
+# Warnings point at the caller's line, not at this package or Captum's wrappers around ``attribute``.
+_OWN_FILES = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(captum.__file__)))
+
+
+def _vocabulary_size(embedding: Any) -> Optional[int]:
+    """The number of token ids an embedding or language-model head takes or scores (``None``: unknown)."""
+    for name in ("num_embeddings", "out_features"):
+        size = getattr(embedding, name, None)
+        if isinstance(size, int):
+            return size
+    return None
+
+
+def _check_vocabulary(what: str, ids: Tensor, size: Optional[int]) -> None:
+    if size is None or ids.numel() == 0:
+        return
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= size:
+        raise ValueError(
+            f"the {what} holds token id {high if high >= size else low}, outside the model's vocabulary of {size} "
+            f"tokens (ids 0..{size - 1}); use the model's own tokenizer"
+        )
 
 
 def word_tokenizer(words: Sequence[str], *, bos: bool = True, eos: bool = False) -> Any:

@@ -45,6 +45,7 @@ from .comparison import (
     evaluate_methods,
     warn_if_chance_level,
 )
+from .comparison.evaluate import check_ground_truth
 from .visualization import method_colors, plot_methods
 
 __all__ = [
@@ -617,8 +618,10 @@ def write_report(
         images[name] = _png(make(evaluation), files[name])
 
     # Patients shown code by code: scores of the first batch (recomputed: cheap next to the evaluation).
-    n_batch = int(adapter.captum_inputs(batch, level="token")[0][0].shape[0])
-    truth = ground_truth(batch) if ground_truth is not None else None
+    tokens, token_args = adapter.captum_inputs(batch, level="token")
+    n_batch = int(tokens[0].shape[0])
+    real = dict(zip(adapter.feature_keys, adapter.token_masks(token_args, tokens)))
+    truth = check_ground_truth(ground_truth(batch), real) if ground_truth is not None else None
     shown = _pick_patients(batch, truth, n_batch, show_patients)
     patients_html = []
     if shown:

@@ -78,9 +78,10 @@ def test_inside_no_grad():
         ([0.5, 1.0], TypeError, "target must hold integer class indices, got dtype torch.float32"),
         ("1", TypeError, "target must be an int, a sequence of ints, a tensor or None; got str"),
         (1.0, TypeError, "target must be an int, a sequence of ints, a tensor or None; got float"),
-        (2, ValueError, "target out of range: the model has 2 output(s), indices 0..1"),
-        (-1, ValueError, "target out of range: the model has 2 output(s), indices 0..1"),
-        ([0, 2], ValueError, "target out of range: the model has 2 output(s), indices 0..1"),
+        (2, ValueError, "target 2 is out of range: the model has 2 outputs, so targets are class indices 0..1"),
+        (-1, ValueError, "target -1 is out of range: the model has 2 outputs, so targets are class indices 0..1"),
+        ([0, 2], ValueError, "target 2 is out of range: the model has 2 outputs, so targets are class indices 0..1"),
+        ([3, -1], ValueError, "target [-1, 3] is out of range: the model has 2 outputs, so targets are class indices 0..1"),
         ([0, 1, 0], ValueError, "target must be one index for the batch or one per sample (2); got shape (3,). "
          "Multi-dimensional (tuple) targets are not supported."),
         (torch.tensor([[0, 1]]), ValueError, "target must be one index for the batch or one per sample (2); got shape "
@@ -98,7 +99,8 @@ def test_bad_targets_are_named(target, error, message):
 def test_one_output_needs_no_target_and_accepts_class_zero():
     method = CheferAttribution(StackedToy([A1, A2]))
     torch.testing.assert_close(method.attribute(_x(), target=0), method.attribute(_x()))
-    with pytest.raises(ValueError, match=re.escape("the model has 1 output(s), indices 0..0")):
+    with pytest.raises(ValueError, match=re.escape("target 1 is out of range for a model with a single logit (binary): "
+                                                  "that logit is the positive class's score, explained with target=None (or 0)")):
         method.attribute(_x(), target=1)
 
 

@@ -149,3 +149,59 @@ def test_huggingface_deferred_attention_on_cuda_matches_the_cpu(family, preset):
     assert on_gpu.device.type == "cuda"
     assert on_cpu.abs().sum() > 0
     torch.testing.assert_close(on_gpu.cpu(), on_cpu, atol=ATOL, rtol=1e-3)
+
+
+def test_inputs_elsewhere_are_refused_and_batches_elsewhere_are_moved():
+    """Inputs on the CPU for a model on CUDA: refused with the fix. A batch on CUDA for a model on the CPU:
+    ``captum_inputs`` moves it, and the result is the CPU batch's."""
+    dataset = make_dataset("sequence", n=8, n_classes=3, seed=15)
+    model = make_model(dataset, layers=2, heads=2, seed=15)
+    batch = first_batch(dataset, batch_size=6)
+    adapter = PyHealthAdapter(model)
+    inputs, args = adapter.captum_inputs(batch)
+    target = adapter.captum_target(batch)
+    on_cpu = CheferAttribution(adapter).attribute(inputs, target=target, additional_forward_args=args)
+    cuda_batch = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+    moved, moved_args = adapter.captum_inputs(cuda_batch)
+    assert all(t.device.type == "cpu" for t in moved + moved_args)
+    for a, b in zip(CheferAttribution(adapter).attribute(moved, target=target, additional_forward_args=moved_args), on_cpu):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    try:
+        adapter = PyHealthAdapter(model.to("cuda"))
+        for method in (CheferAttribution(adapter), Saliency(adapter)):
+            with pytest.raises(ValueError, match=r"input 'conditions', input 'procedures' are on cpu but the model is on cuda"):
+                method.attribute(inputs, target=target.to("cuda"), additional_forward_args=args)
+    finally:
+        model.to("cpu")
+
+
+def test_huggingface_mask_on_the_cpu_is_moved_and_inputs_on_the_cpu_are_refused():
+    from test_huggingface import _bert
+
+    model = _bert().to("cuda")
+    encoding = {"input_ids": torch.tensor([[2, 7, 9, 3], [2, 8, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    adapter = HuggingFaceAdapter(model)
+    tokens, args = adapter.captum_inputs(encoding, level="token")
+    target = torch.tensor([2, 0], device="cuda")
+    together = CheferAttribution(adapter).attribute(tokens, target=target, additional_forward_args=args)
+    mask_on_cpu = CheferAttribution(adapter).attribute(tokens, target=target, additional_forward_args=(args[0].cpu(),))
+    torch.testing.assert_close(mask_on_cpu, together, rtol=1e-5, atol=1e-6)  # GPU backward kernels may sum in any order
+    with pytest.raises(ValueError, match=r"input 'input_ids' is on cpu but the model is on cuda"):
+        Saliency(adapter).attribute(adapter.captum_inputs(encoding)[0][0].cpu(), target=target, additional_forward_args=args)
+
+
+def test_binary_target_1_on_cuda_is_refused_before_captum_indexes_the_logits():
+    """A CUDA tensor target of ones on a single logit would be a device-side assert inside Captum's gather,
+    which leaves the CUDA context unusable; the adapter refuses it first."""
+    dataset = make_dataset("sequence", n=8, seed=16)
+    model = make_model(dataset, layers=2, heads=2, seed=16).to("cuda")
+    try:
+        adapter = PyHealthAdapter(model)
+        inputs, args = adapter.captum_inputs(first_batch(dataset, batch_size=6))
+        for method in (Saliency(adapter), IntegratedGradients(adapter)):
+            with pytest.raises(ValueError, match=r"single logit \(binary\).*target=None \(or 0\)"):
+                method.attribute(inputs, target=torch.ones(6, dtype=torch.long, device="cuda"), additional_forward_args=args)
+        assert Saliency(adapter).attribute(inputs, additional_forward_args=args)[0].device.type == "cuda"  # still usable
+        torch.cuda.synchronize()
+    finally:
+        model.to("cpu")

@@ -23,6 +23,7 @@ between patch relevance and pixels for vision transformers.
 
 from __future__ import annotations
 
+import inspect
 import sys
 import warnings
 from dataclasses import dataclass
@@ -32,11 +33,15 @@ import torch
 from captum.attr import visualization as captum_viz
 from torch import Tensor, nn
 
+from ..attribution import check_target_range
+
 __all__ = [
     "Adapter",
     "DecodedToken",
+    "LookupDict",
     "MethodRecord",
     "ZeroBaselineWarning",
+    "check_devices",
     "spread_over_patches",
     "sum_over_patches",
     "uncompiled",
@@ -49,6 +54,33 @@ class ZeroBaselineWarning(UserWarning):
     Shown once per adapter. Filter it with ``warnings.filterwarnings("ignore", category=ZeroBaselineWarning)``
     once you have checked the convergence delta yourself.
     """
+
+
+class LookupDict(dict):
+    """A ``dict`` whose missing keys raise a ``KeyError`` that names the keys it has.
+
+    What :meth:`Adapter.to_feature_dict` and the comparison's results return, so that a wrong feature or
+    method name says what to use instead of a bare ``KeyError``.
+
+    Example:
+        >>> scores = LookupDict({"conditions": 1, "procedures": 2}, kind="feature")
+        >>> scores["diagnoses"]
+        Traceback (most recent call last):
+        ...
+        KeyError: "no feature 'diagnoses' here; use one of ['conditions', 'procedures']"
+        >>> scores.get("diagnoses") is None, scores["conditions"]
+        (True, 1)
+    """
+
+    def __init__(self, *args: Any, kind: str = "key", **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.kind = kind
+
+    def __missing__(self, key: Any) -> Any:
+        raise KeyError(f"no {self.kind} {key!r} here; use one of {list(self)}")
+
+    def __reduce__(self) -> Any:  # pickled (multiprocessing, torch.save) with its kind
+        return (type(self), (dict(self),), {"kind": self.kind})
 
 
 @dataclass(frozen=True)
@@ -110,7 +142,9 @@ class Adapter(nn.Module):
             attributions: shaped like the Captum inputs (a tensor or tuple, any input level), or a feature
                 dict ``{feature_key: scores}`` such as ``Comparison.scores[method]``.
             target: the class that was explained (an int, a per-sample sequence or tensor); ``None``: the
-                single logit's positive class for binary models, else the predicted class.
+                single logit's positive class for binary models, else the predicted class. A single-logit
+                model's attributions explain its one logit, the positive class's score, so its records name
+                that class whether the target given is ``None``, ``0`` (Captum's index of the logit) or ``1``.
             method: the method's name, carried by the records and shown with the attribution label.
             delta: optional per-sample convergence deltas (e.g. from Integrated Gradients).
 
@@ -140,7 +174,7 @@ class Adapter(nn.Module):
         else:
             predicted = probabilities.argmax(1)
             predicted_probability = probabilities.gather(1, predicted.view(-1, 1))[:, 0]
-        explained = _explained_classes(target, batch_size, predicted, single)
+        explained = _explained_classes(target, batch_size, predicted, logits.shape[1])
         names = self.class_names()
         true = self.true_classes(batch) or ["n/a"] * batch_size
         deltas = None if delta is None else torch.as_tensor(delta).detach().cpu().reshape(-1)
@@ -205,6 +239,16 @@ class Adapter(nn.Module):
             stacklevel=2,
         )
 
+    def _check_captum_target(self, logits: Tensor) -> None:
+        """Refuse the target of the Captum method calling this adapter when the logits have no such output.
+
+        Adapters call this at the end of ``forward``, once the logits' width is known; without a Captum
+        method on the stack it does nothing.
+        """
+        found = _captum_target_on_stack(self)
+        if found is not None and found[0] is not None and logits.dim() == 2:
+            check_target_range(found[0], int(logits.shape[1]))
+
     def _scores_dict(self, attributions: Any) -> dict[str, Tensor]:
         if isinstance(attributions, Mapping):
             missing = [k for k in self.feature_keys if k not in attributions]
@@ -252,20 +296,91 @@ def _is_zero(baseline: Any) -> bool:
     return isinstance(baseline, (int, float)) and baseline == 0
 
 
-def _explained_classes(target: Any, batch_size: int, predicted: Tensor, single: bool) -> list[int]:
+def _explained_classes(target: Any, batch_size: int, predicted: Tensor, classes: int) -> list[int]:
+    """The class each record names: ``target`` checked against the model's ``classes`` outputs."""
+    single = classes == 1
     if target is None:
         return [1] * batch_size if single else predicted.tolist()
     if isinstance(target, bool):
         raise TypeError("target must be an int, a sequence of ints or a tensor, not a bool")
     if isinstance(target, int):
-        return [target] * batch_size
-    index = torch.as_tensor(target).reshape(-1)
-    if index.numel() == 1:
-        return [int(index)] * batch_size
-    if index.numel() != batch_size:
-        raise ValueError(f"target must be one class or one per sample ({batch_size}), got {index.numel()} values")
-    return [int(t) for t in index]
+        values = [target] * batch_size
+    else:
+        index = torch.as_tensor(target).reshape(-1)
+        if index.is_floating_point() or index.dtype == torch.bool:
+            raise TypeError(f"target must hold integer class indices, got dtype {index.dtype}")
+        if index.numel() == 1:
+            values = [int(index)] * batch_size
+        elif index.numel() != batch_size:
+            raise ValueError(f"target must be one class or one per sample ({batch_size}), got {index.numel()} values")
+        else:
+            values = [int(t) for t in index]
+    allowed = (0, 1) if single else range(classes)
+    bad = sorted({v for v in values if v not in allowed})
+    if bad and single:
+        raise ValueError(
+            f"target {bad[0]} is not a class of a model with a single logit (binary); its attributions explain that "
+            "logit, the positive class's score: pass target=None, 0 or 1"
+        )
+    if bad:
+        raise ValueError(
+            f"target {bad[0] if len(bad) == 1 else bad} is out of range: the model has {classes} classes (0..{classes - 1}); "
+            "pass the target the attributions were computed for"
+        )
+    return [1] * batch_size if single else values
 
+
+def _captum_target_on_stack(adapter: Any, depth: int = 8) -> Optional[tuple[Any]]:
+    """``(target,)`` of the Captum ``_run_forward`` that is calling ``adapter`` right now, else ``None``.
+
+    Captum calls the forward function and then indexes its output with the target; the adapter reads the
+    target first (a few frames up: ``_run_forward`` -> ``Module.__call__`` -> ``forward``) so that a class
+    the model does not have is refused with the fix instead of an ``IndexError`` (or a device-side assert).
+    """
+    global _RUN_FORWARD_CODE
+    if _RUN_FORWARD_CODE is None:
+        from captum._utils.common import _run_forward
+
+        _RUN_FORWARD_CODE = inspect.unwrap(_run_forward).__code__
+    frame = sys._getframe(2)
+    for _ in range(depth):
+        if frame is None:
+            return None
+        if frame.f_code is _RUN_FORWARD_CODE:
+            local = frame.f_locals
+            return (local.get("target"),) if local.get("forward_func") is adapter else None
+        frame = frame.f_back
+    return None
+
+
+_RUN_FORWARD_CODE: Any = None
+
+
+def check_devices(tensors: Sequence[tuple[str, Any]], device: torch.device) -> None:
+    """Refuse tensors that are not on the model's ``device`` (named in the message, with the fix).
+
+    Example:
+        >>> check_devices([("input 'x'", torch.zeros(1))], torch.device("cpu"))
+        >>> check_devices([("input 'x'", torch.zeros(1, device="meta"))], torch.device("cpu"))
+        Traceback (most recent call last):
+        ...
+        ValueError: input 'x' is on meta but the model is on cpu; make the inputs with adapter.captum_inputs(batch), which puts them on the model's device, or move them with .to('cpu')
+    """
+    wrong = [(name, t.device) for name, t in tensors if isinstance(t, Tensor) and not _same_device(t.device, device)]
+    if not wrong:
+        return
+    places = sorted({str(d) for _, d in wrong})
+    names = ", ".join(name for name, _ in wrong)
+    raise ValueError(
+        f"{names} {'is' if len(wrong) == 1 else 'are'} on {' and '.join(places)} but the model is on {device}; make the "
+        f"inputs with adapter.captum_inputs(batch), which puts them on the model's device, or move them with "
+        f".to({str(device)!r})"
+    )
+
+
+def _same_device(a: torch.device, b: torch.device) -> bool:
+    """``cuda`` and ``cuda:0`` name the same device when one of them gives no index."""
+    return a.type == b.type and (a.index is None or b.index is None or a.index == b.index)
 
 
 def spread_over_patches(relevance: Tensor, image_shape: Sequence[int], patch_size: int | tuple[int, int]) -> Tensor:

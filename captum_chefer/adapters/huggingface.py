@@ -37,6 +37,9 @@ __all__ = ["HuggingFaceAdapter"]
 Kind = Literal["encoder", "decoder", "image"]
 Reference = Literal["unk", "pad", "mask", "zero", "blur"]
 
+# What a tokenizer may return beside the model's inputs; nothing a classifier's forward reads.
+_TOKENIZER_EXTRAS = ("special_tokens_mask", "offset_mapping", "length", "overflow_to_sample_mapping")
+
 # Heads that read more than one position: following the class token alone would explain half the head.
 _MULTI_POSITION_HEADS = {
     "DeiTForImageClassificationWithTeacher": "averages a [CLS] head and a distillation-token head",
@@ -285,9 +288,9 @@ class HuggingFaceAdapter(TransformerAdapter):
             raise ValueError(
                 "expected the attention mask as the first additional forward arg; make it with adapter.captum_inputs(...)"
             )
-        kwargs: dict[str, Any] = {"attention_mask": args[0]}
+        kwargs: dict[str, Any] = {"attention_mask": args[0].to(x.device)}  # a mask kept on the CPU is moved
         if len(args) > 1:
-            kwargs["token_type_ids"] = args[1]
+            kwargs["token_type_ids"] = args[1].to(x.device)
         kwargs["inputs_embeds" if x.is_floating_point() else "input_ids"] = x
         return kwargs
 
@@ -295,16 +298,20 @@ class HuggingFaceAdapter(TransformerAdapter):
         if isinstance(batch, Tensor):
             if self.kind != "image":
                 raise TypeError("pass the tokenizer's encoding (input_ids and attention_mask), not a bare tensor")
-            return batch, (), None
+            batch = {"pixel_values": batch}  # checked as the image processor's output is
         if not isinstance(batch, Mapping):
             raise TypeError(f"batch must be a tokenizer's BatchEncoding or a dict (or pixel_values), got {type(batch).__name__}")
+        self._refuse_unknown_keys(batch)
         labels = batch.get("labels")
         if self.kind == "image":
             if "pixel_values" not in batch:
                 raise KeyError(f"an image batch needs 'pixel_values'; it has {sorted(batch)}")
             pixels = batch["pixel_values"]
             if not isinstance(pixels, Tensor) or pixels.dim() != 4:
-                raise ValueError(f"pixel_values must be a tensor [B, C, H, W], got {getattr(pixels, 'shape', type(pixels).__name__)}")
+                raise ValueError(
+                    f"pixel_values must be a tensor [B, C, H, W], got {getattr(pixels, 'shape', type(pixels).__name__)}"
+                    + ("; for one image add the batch dimension: pixels[None]" if isinstance(pixels, Tensor) and pixels.dim() == 3 else "")
+                )
             return pixels, (), labels
         if "input_ids" not in batch:
             raise KeyError(f"a text batch needs 'input_ids' (a tokenizer's output); it has {sorted(batch)}")
@@ -321,9 +328,48 @@ class HuggingFaceAdapter(TransformerAdapter):
             args += (torch.as_tensor(token_types).to(ids.device),)
         return ids, args, labels
 
+    def _refuse_unknown_keys(self, batch: Mapping[str, Any]) -> None:
+        """An encoding key this adapter would not pass on (``mask`` for ``attention_mask``, ``position_ids``)
+        is refused: the model would silently run without it."""
+        if self.kind == "image":
+            read = ["pixel_values", "labels"]
+        else:
+            read = ["input_ids", "attention_mask", *(["token_type_ids"] if self._takes_token_types else []), "labels"]
+        ignored = () if self.kind == "image" else ("token_type_ids", *_TOKENIZER_EXTRAS)
+        unknown = [k for k in batch if k not in read and k not in ignored]
+        if not unknown:
+            return
+        hints = [f"{k!r} -> {_likely_key(str(k))!r}" for k in unknown if _likely_key(str(k)) in read and _likely_key(str(k)) not in batch]
+        raise KeyError(
+            f"the batch has keys {unknown} that HuggingFaceAdapter does not pass to {type(self.model).__name__}, which "
+            f"would run without them; it reads {read}. Rename or drop them"
+            + (f" ({', '.join(hints)})" if hints else "")
+        )
+
+    def _per_sample_args(self, args: tuple) -> list[tuple[str, Tensor]]:
+        """Every additional forward arg of a text model holds one row per sample (attention mask, token types)."""
+        names = ("the attention_mask", "the token_type_ids")
+        return [(names[i] if i < len(names) else f"additional forward arg {i}", a) for i, a in enumerate(args) if isinstance(a, Tensor)]
+
     def _prefix(self, length: int, count: int) -> int:
         """Text: none. Images: the positions before the patches ([CLS], a distillation token, registers)."""
         return max(0, length - count) if self.kind == "image" else 0
+
+
+def _likely_key(key: str) -> Optional[str]:
+    """The encoding key an unknown key probably stands for (``mask`` -> ``attention_mask``), if any."""
+    key = key.lower()
+    if "mask" in key:
+        return "attention_mask"
+    if "type" in key or "segment" in key:
+        return "token_type_ids"
+    if "label" in key or "target" in key:
+        return "labels"
+    if key in ("ids", "input", "inputs", "tokens", "token_ids"):
+        return "input_ids"
+    if "pixel" in key or "image" in key:
+        return "pixel_values"
+    return None
 
 
 def _text_config_value(config: Any, name: str) -> Any:

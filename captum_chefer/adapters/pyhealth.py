@@ -36,7 +36,7 @@ from ..attribution import AttentionForward, FixedScaleLayerNorm
 from ..capture import AttentionCapture, evaluation_mode
 from ..relevance import layer_norm_fixed_scale
 from ._pyhealth_media import media_adapter, media_batch
-from .base import Adapter, DecodedToken, uncompiled
+from .base import Adapter, DecodedToken, LookupDict, check_devices, uncompiled
 
 __all__ = ["FeatureSpec", "PyHealthAdapter"]
 
@@ -287,7 +287,7 @@ class PyHealthAdapter(Adapter):
                 f"expected {len(self.features)} attribution tensors (one per feature key {self.feature_keys}), "
                 f"got {len(attributions)}"
             )
-        scores = {}
+        scores: dict[str, Tensor] = {}
         for feature, attribution in zip(self.features, attributions):
             if attribution.dim() == feature.token_dims + 1:
                 attribution = attribution.sum(dim=-1)
@@ -297,7 +297,7 @@ class PyHealthAdapter(Adapter):
                     f"{feature.token_dims} dims (codes) or {feature.token_dims + 1} (embeddings)"
                 )
             scores[feature.key] = attribution.detach()
-        return scores
+        return LookupDict(scores, kind="feature")
 
     def baselines(
         self, inputs: tuple[Tensor, ...], additional_forward_args: tuple[Tensor, ...], reference: Reference = "unk"
@@ -470,6 +470,7 @@ class PyHealthAdapter(Adapter):
                     f"times of {feature.key!r} must be a tensor shaped {tuple(value.shape[:2])}, got "
                     f"{getattr(time, 'shape', type(time).__name__)}"
                 )
+            self._check_code_ids(feature, value)
             ids.append(value)
             times.append(time)
         sizes = {x.shape[0] for x in ids}
@@ -488,11 +489,14 @@ class PyHealthAdapter(Adapter):
         evaluation mode here (its own training flags are restored afterwards).
         """
         if self._media is not None:
-            return self._media(*inputs_and_args)
-        inputs, args = self.split_inputs(inputs_and_args)
-        self._warn_if_zero_baseline()
-        with evaluation_mode(self.model, self._model_modules):
-            return self.model.forward_from_embedding(**self._model_kwargs(inputs, args, track=False)[0])["logit"]
+            logits = self._media(*inputs_and_args)
+        else:
+            inputs, args = self.split_inputs(inputs_and_args)
+            self._warn_if_zero_baseline()
+            with evaluation_mode(self.model, self._model_modules):
+                logits = self.model.forward_from_embedding(**self._model_kwargs(inputs, args, track=False)[0])["logit"]
+        self._check_captum_target(logits)
+        return logits
 
     def split_inputs(self, inputs_and_args: tuple) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """``(*inputs, *additional_forward_args)`` -> ``(inputs, additional_forward_args)``, checking counts."""
@@ -544,6 +548,8 @@ class PyHealthAdapter(Adapter):
         kwargs: dict[str, tuple[Tensor, ...]] = {}
         step_masks = []
         _check_batch_sizes(self.features, inputs, args)
+        # the inputs must be where the model is; masks and times are moved to them below
+        check_devices([(f"input {f.key!r}", x) for f, x in zip(self.features, inputs)], self.model.device)
         arg_iter = iter(args)
         for feature, x in zip(self.features, inputs):
             mask = next(arg_iter)
@@ -558,6 +564,7 @@ class PyHealthAdapter(Adapter):
                 value = x
                 expected = codes_shape + (self.model.embedding_model.embedding_dim,)
             else:
+                self._check_code_ids(feature, x)
                 value = self.model.embedding_model({feature.key: x})[feature.key]
                 expected = codes_shape
             if tuple(x.shape) != expected:
@@ -579,6 +586,19 @@ class PyHealthAdapter(Adapter):
             else:
                 kwargs[feature.key] = (value, self._transformer_mask(step_mask))
         return kwargs, step_masks
+
+    def _check_code_ids(self, feature: FeatureSpec, ids: Tensor) -> None:
+        """Code ids must index the feature's embedding (a batch encoded by another dataset would not)."""
+        size = getattr(self.model.embedding_model.embedding_layers[feature.key], "num_embeddings", None)
+        if size is None or ids.numel() == 0:
+            return
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= size:
+            raise ValueError(
+                f"feature {feature.key!r} holds code id {high if high >= size else low}, outside the model's "
+                f"vocabulary of {size} codes (ids 0..{size - 1}); encode the samples with the dataset the model was "
+                "built on (its input processors), not another dataset's"
+            )
 
     def _transformer_mask(self, step_mask: Tensor) -> Tensor:
         """The attention mask PyHealth's Transformer would infer: truncated, and never all False."""
@@ -763,6 +783,8 @@ def _check_batch_sizes(features: tuple[FeatureSpec, ...], inputs: tuple, args: t
             f"inputs and additional_forward_args have different batch sizes ({listed}); make them with one "
             "adapter.captum_inputs(batch) call and slice all of them together"
         )
+    if sizes and set(sizes.values()) == {0}:
+        raise ValueError("the inputs hold no samples (batch size 0); pass at least one sample")
 
 
 def _check_embedding_input(feature: FeatureSpec, x: Tensor, codes_shape: tuple[int, ...]) -> None:

@@ -28,6 +28,7 @@ relevance is mapped back to the input tokens or patches.
 
 from __future__ import annotations
 
+import warnings
 from functools import partial
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 
@@ -36,7 +37,7 @@ from torch import Tensor, nn
 
 from ..attribution import AttentionForward
 from ..capture import AttentionCapture, evaluation_mode, find_attention_modules
-from .base import Adapter, DecodedToken, spread_over_patches, sum_over_patches
+from .base import Adapter, DecodedToken, LookupDict, check_devices, spread_over_patches, sum_over_patches
 
 __all__ = ["Pool", "TransformerAdapter", "blurred_images", "logits_of"]
 
@@ -137,6 +138,7 @@ class TransformerAdapter(Adapter):
         self.mask_arg = mask_arg
         self.vocabulary = vocabulary
         self._num_outputs = num_outputs
+        self._mask_warned = False
         if patch_size is None and isinstance(getattr(model, "patch_size", None), int):
             patch_size = int(model.patch_size)
         self.patch_size = patch_size
@@ -195,8 +197,11 @@ class TransformerAdapter(Adapter):
                     "this adapter was given embedding= (a model that takes token ids), but the batch holds "
                     f"{tuple(x.shape)} floats; pass the token ids"
                 )
+            self._check_inputs(x, model_args, samples_with_tokens=True)
             return (x,), model_args
         args = model_args + ((x,) if self._carries_ids else ())
+        self._check_inputs(x, args, samples_with_tokens=True)
+        self._warn_if_padding_unknown(x, model_args)
         if level == "token":
             return (x,), args
         if self.embedding is None:
@@ -243,7 +248,7 @@ class TransformerAdapter(Adapter):
             scores = sum_over_patches(a, self._patch_size())
         else:
             raise ValueError(f"attributions have shape {tuple(a.shape)}; expected [B, L], [B, L, D] or [B, C, H, W]")
-        return {self.feature_keys[0]: scores.detach()}
+        return LookupDict({self.feature_keys[0]: scores.detach()}, kind="feature")
 
     def token_masks(self, additional_forward_args: Any, inputs: Optional[tuple[Tensor, ...]] = None) -> tuple[Tensor, ...]:
         """``(mask,)``: ``True`` on real tokens ``[B, L]`` (every patch of an image ``[B, N]``).
@@ -358,8 +363,11 @@ class TransformerAdapter(Adapter):
     def forward(self, *inputs_and_args: Tensor) -> Tensor:
         """Logits ``[B, C]`` from ``(*inputs, *additional_forward_args)``, with dropout off."""
         inputs, args = self.split_inputs(inputs_and_args)
+        self._check_inputs(inputs[0], args)
         with evaluation_mode(self.model, self._model_modules):
-            return self._logits(inputs[0], args)
+            logits = self._logits(inputs[0], args)
+        self._check_captum_target(logits)
+        return logits
 
     def split_inputs(self, inputs_and_args: tuple) -> tuple[tuple[Tensor, ...], tuple[Tensor, ...]]:
         """``(*inputs, *additional_forward_args)`` -> ``(inputs, additional_forward_args)``."""
@@ -404,6 +412,7 @@ class TransformerAdapter(Adapter):
         self.require_attention()
         (x,) = _as_tuple(inputs)
         args = _as_tuple(additional_forward_args)
+        self._check_inputs(x, args)
         tracked: dict[str, Tensor] = {}
         overrides = self._pooled_row_overrides(pooled_row_only)
         detach = True
@@ -474,11 +483,112 @@ class TransformerAdapter(Adapter):
     def _embedding_module(self) -> Optional[nn.Module]:
         return self.embedding
 
+    def _check_inputs(self, x: Tensor, args: tuple, *, samples_with_tokens: bool = False) -> None:
+        """Refuse, before the model runs, what would give a wrong or unreadable result.
+
+        An empty batch or sequence; an input on another device than the model; a per-sample argument
+        (:meth:`_per_sample_args`) with another batch size; NaN or infinite input values; token ids beyond
+        the embedding. With ``samples_with_tokens`` (a batch being read), also a sample without a real
+        token: the model's output for it would read padding only (removal metrics do make such samples
+        on purpose, so calls of the model do not check this).
+        """
+        name = self.feature_keys[0]
+        if not isinstance(x, Tensor):
+            raise TypeError(f"the input must be a tensor (ids, embeddings or images), got {type(x).__name__}")
+        kind = self._kind(x)
+        if x.shape[0] == 0 or (kind != "images" and x.shape[1] == 0):
+            raise ValueError(
+                f"the input {name!r} has shape {tuple(x.shape)}: no {'samples' if x.shape[0] == 0 else 'tokens'}; "
+                "pass at least one sample with at least one token"
+            )
+        check_devices([(f"input {name!r}", x)], self._device())  # arguments are moved where they are used
+        per_sample = self._per_sample_args(args)
+        sizes = {f"input {name!r}": int(x.shape[0])}
+        sizes.update({arg: int(a.shape[0]) for arg, a in per_sample if a.dim() > 0})
+        if len(set(sizes.values())) > 1:
+            listed = ", ".join(f"{arg} {size}" for arg, size in sizes.items())
+            raise ValueError(
+                f"inputs and additional_forward_args have different batch sizes ({listed}); make them with one "
+                "adapter.captum_inputs(batch) call and slice all of them together"
+            )
+        if x.is_floating_point():
+            finite = torch.isfinite(x)
+            if not bool(finite.all()):
+                raise ValueError(
+                    f"the input {name!r} holds {int((~finite).sum())} NaN or infinite value(s); attributions of it "
+                    "would be NaN. Check what made the inputs (a baseline or noise with NaN/inf), and pass the inputs "
+                    "from adapter.captum_inputs(batch)"
+                )
+        elif (size := getattr(self._embedding_module(), "num_embeddings", None)) is not None:
+            low, high = int(x.min()), int(x.max())
+            if low < 0 or high >= size:
+                raise ValueError(
+                    f"the input {name!r} holds token id {high if high >= size else low}, outside the model's "
+                    f"vocabulary of {size} tokens (ids 0..{size - 1}); tokenize with the model's own tokenizer"
+                )
+        if samples_with_tokens and kind != "images":
+            empty = (~self._token_mask(x, args).any(dim=1)).nonzero().flatten().tolist()
+            if empty:
+                raise ValueError(
+                    f"sample(s) {empty[:10]} of the batch have no real token (all padding): the model's output for "
+                    "them reads padding only, and there is nothing to attribute; drop them from the batch"
+                )
+
+    def _warn_if_padding_unknown(self, x: Tensor, model_args: tuple) -> None:
+        """Warn (once per adapter) when the batch shows padding the adapter was not told of: ids equal to the
+        embedding's ``padding_idx``, or a model argument that looks like a padding mask.
+
+        Without ``mask_arg`` or ``pad_id`` every token counts as real: padding would get scores, count as
+        codes in the removal metrics, and ``pool="last"`` would pool the padded last position.
+        """
+        if self.mask_arg is not None or self.pad_id is not None or self._mask_warned:
+            return
+        padding_idx = getattr(self._embedding_module(), "padding_idx", None)
+        if padding_idx is not None and bool((x == padding_idx).any()):
+            self._mask_warned = True
+            warnings.warn(
+                f"the token ids hold {padding_idx}, the padding_idx of the model's embedding, but TransformerAdapter was "
+                "told of no padding, so every token counts as real (scores and removal on padding, pool='last' at a "
+                f"padded position); pass pad_id={padding_idx} if it marks padding",
+                stacklevel=3,
+            )
+            return
+        for k, a in enumerate(model_args):
+            if not isinstance(a, Tensor) or tuple(a.shape) != tuple(x.shape[:2]):
+                continue
+            zero_one = a.dtype == torch.bool or bool(((a == 0) | (a == 1)).all())
+            if zero_one and bool(a.bool().any()) and not bool(a.bool().all()):
+                self._mask_warned = True
+                warnings.warn(
+                    f"model argument {k} is shaped like the tokens {tuple(x.shape[:2])} and holds 0/1 values, as a padding "
+                    f"mask does, but TransformerAdapter was told of no padding, so every token counts as real (scores and "
+                    f"removal on padding, pool='last' at a padded position). If it is a mask that is non-zero on real "
+                    f"tokens, pass mask_arg={k}; if padding is a token id, pass pad_id=",
+                    stacklevel=3,
+                )
+                return
+
+    def _per_sample_args(self, args: tuple) -> list[tuple[str, Tensor]]:
+        """The additional forward args known to hold one row per sample: the mask argument, the carried ids."""
+        out = []
+        if self.mask_arg is not None and self.mask_arg < len(args) and isinstance(args[self.mask_arg], Tensor):
+            out.append((f"the mask (additional forward arg {self.mask_arg})", args[self.mask_arg]))
+        if self._carries_ids and args and isinstance(args[-1], Tensor) and not args[-1].is_floating_point():
+            out.append(("the token ids (last additional forward arg)", args[-1]))
+        return out
+
     def _read_batch(self, batch: Any) -> tuple[Tensor, tuple, Any]:
         labels = None
         if isinstance(batch, Mapping):
             if "input" not in batch:
                 raise KeyError(f"a dict batch needs the model input under 'input'; it has {sorted(batch)}")
+            unknown = sorted(k for k in batch if k not in ("input", "args", "labels"))
+            if unknown:
+                raise KeyError(
+                    f"the batch has keys {unknown} that TransformerAdapter does not read, so the model would run "
+                    "without them; a dict batch holds 'input', 'args' (the model's other arguments, in order) and "
+                    "'labels' only"
+                )
             x, model_args, labels = batch["input"], tuple(batch.get("args", ())), batch.get("labels")
         elif isinstance(batch, (tuple, list)):
             if not batch:
@@ -497,6 +607,11 @@ class TransformerAdapter(Adapter):
                 raise ValueError(f"token ids must be an integer tensor [B, L], got {x.dtype} {tuple(x.shape)}")
             return "ids"
         if x.dim() == 3:
+            if self.patch_size is not None and self.embedding is None:
+                raise ValueError(
+                    f"this adapter explains an image model (patch_size={self.patch_size}), whose input is images "
+                    f"[B, C, H, W]; got {tuple(x.shape)}. For one image add the batch dimension: image[None]"
+                )
             return "embeddings"
         if x.dim() == 4:
             return "images"

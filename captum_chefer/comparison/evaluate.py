@@ -17,6 +17,7 @@ from typing import Any, Callable, Iterable, Literal, Mapping, Optional, Sequence
 import torch
 from torch import Tensor
 
+from ..adapters.base import LookupDict
 from .methods import batch_patient_ids, compare_methods, method_specs
 from .metrics import (
     DEFAULT_FRACTIONS,
@@ -33,7 +34,7 @@ from .removal import Output, TokenRemover
 from .stats import DEFAULT_LEVEL, DEFAULT_RESAMPLES, Interval, mean_interval, paired_difference
 from .tables import read_rows, table_format, write_rows
 
-__all__ = ["Evaluation", "GroundTruth", "Leader", "evaluate_methods"]
+__all__ = ["Evaluation", "GroundTruth", "Leader", "check_ground_truth", "evaluate_methods"]
 
 
 @dataclass(frozen=True)
@@ -93,6 +94,11 @@ class Evaluation:
         "sensitivity": False,
         "seconds_per_sample": False,
     }
+
+    def __post_init__(self) -> None:
+        # a wrong method or metric name says which exist (LookupDict) instead of a bare KeyError
+        self.per_sample = LookupDict({k: LookupDict(v, kind="metric") for k, v in self.per_sample.items()}, kind="method")
+        self.curves = LookupDict({k: LookupDict(v, kind="curve") for k, v in self.curves.items()}, kind="method")
 
     @property
     def methods(self) -> list[str]:
@@ -448,7 +454,7 @@ def _evaluate_methods(
         n = comparison.n_samples
         target = adapter.captum_target(batch, mode=target_mode)
         remover = TokenRemover(adapter, batch, target, output=output, compact=compact)
-        truth = ground_truth(batch) if ground_truth is not None else None
+        truth = check_ground_truth(ground_truth(batch), remover.real) if ground_truth is not None else None
         bar = tqdm(comparison.scores.items(), desc="metrics", unit="method", leave=False, disable=not progress)
         for name, scores in bar:
             bar.set_postfix(method=name)
@@ -498,6 +504,52 @@ def _evaluate_methods(
         patient_ids=patient_ids if any(p is not None for p in patient_ids) else [],
         seed=seed,
     )
+
+
+def check_ground_truth(truth: Any, real: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """``ground_truth``'s answer for one batch, checked against the batch's codes: one boolean mask per feature key.
+
+    Args:
+        truth: what ``ground_truth(batch)`` returned.
+        real: ``{feature key: True on real codes}`` of the batch (``TokenRemover(adapter, batch).real``).
+
+    Returns:
+        ``{feature key: bool mask}`` on the CPU, in the order of ``real``.
+
+    Example:
+        >>> real = {"conditions": torch.tensor([[True, False]]), "procedures": torch.tensor([[True, True]])}
+        >>> check_ground_truth({"diagnoses": torch.tensor([[True, False]])}, real)
+        Traceback (most recent call last):
+        ...
+        KeyError: "ground_truth returned masks for ['diagnoses'], but the model's feature keys are ['conditions', 'procedures'] (missing ['conditions', 'procedures'], unknown ['diagnoses']); return one bool mask per feature key, all False where no code is relevant"
+    """
+    if not isinstance(truth, Mapping):
+        raise TypeError(
+            f"ground_truth must return a dict {{feature key: bool mask of the relevant codes}}, got {type(truth).__name__}"
+        )
+    keys = list(real)
+    missing = [k for k in keys if k not in truth]
+    unknown = [k for k in truth if k not in real]
+    if missing or unknown:
+        raise KeyError(
+            f"ground_truth returned masks for {list(truth)}, but the model's feature keys are {keys} (missing {missing}, "
+            f"unknown {unknown}); return one bool mask per feature key, all False where no code is relevant"
+        )
+    out = {}
+    for key in keys:
+        mask = torch.as_tensor(truth[key])
+        if tuple(mask.shape) != tuple(real[key].shape):
+            raise ValueError(
+                f"ground_truth's mask for {key!r} has shape {tuple(mask.shape)}, but the batch's codes of {key!r} are "
+                f"{tuple(real[key].shape)}; return masks shaped like the batch's code ids"
+            )
+        if mask.is_floating_point() and bool(((mask != 0) & (mask != 1)).any()):
+            raise ValueError(
+                f"ground_truth's mask for {key!r} holds values other than 0 and 1; return a bool mask (True on the "
+                "codes that truly matter), not scores"
+            )
+        out[key] = mask.detach().bool().cpu()
+    return LookupDict(out, kind="feature")
 
 
 def _cat_rows(parts: list[Tensor]) -> Tensor:

@@ -30,6 +30,7 @@ from captum.attr import Attribution, LayerIntegratedGradients, NoiseTunnel
 from torch import Tensor
 
 from ..adapters import Adapter, DecodedToken
+from ..adapters.base import LookupDict
 from .tables import read_rows, write_rows
 
 __all__ = [
@@ -118,6 +119,12 @@ class Comparison:
     targets: Optional[Tensor] = None
     patient_ids: list[Optional[str]] = field(default_factory=list)
     decoded: list[list[DecodedToken]] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        # a wrong method or feature name says which exist (LookupDict) instead of a bare KeyError
+        self.scores = LookupDict({k: LookupDict(v, kind="feature") for k, v in self.scores.items()}, kind="method")
+        self.ids = LookupDict(self.ids, kind="feature")
+        self.masks = LookupDict(self.masks, kind="feature")
 
     @property
     def methods(self) -> list[str]:
@@ -438,7 +445,7 @@ def masked_feature_dict(
         if tuple(s.shape) != tuple(mask.shape):
             raise ValueError(f"scores for {key!r} have shape {tuple(s.shape)}, the codes {tuple(mask.shape)}")
         out[key] = (s * mask.to(s.device)).detach().cpu()
-    return out
+    return LookupDict(out, kind="feature")
 
 
 def method_specs(adapter: Adapter, methods: Sequence[MethodSpec]) -> list[tuple[str, Attribution, dict]]:
@@ -502,7 +509,7 @@ def _require_adapter(adapter: Any, caller: str) -> None:
 def _cat_padded(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
     """Concatenate per-batch dicts along the batch, zero-padding code dims to the largest."""
     if not parts:
-        return {}
+        return LookupDict(kind="feature")
     out = {}
     for key in parts[0]:
         tensors = [p[key] for p in parts]
@@ -514,7 +521,7 @@ def _cat_padded(parts: list[dict[str, Tensor]]) -> dict[str, Tensor]:
                 pad += [0, shape[d - 1] - t.shape[d]]
             padded.append(torch.nn.functional.pad(t, pad) if any(pad) else t)
         out[key] = torch.cat(padded)
-    return out
+    return LookupDict(out, kind="feature")
 
 
 def _fmt(value: Any, digits: int) -> str:

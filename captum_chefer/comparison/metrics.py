@@ -75,7 +75,11 @@ def _unflatten(flat: Tensor, like: Mapping[str, Tensor], keys: Sequence[str]) ->
 def _check_scores(scores: Scores, real: Mapping[str, Tensor]) -> None:
     missing = [k for k in real if k not in scores]
     if missing:
-        raise KeyError(f"scores have no entry for feature(s) {missing}; expected {sorted(real)}")
+        raise KeyError(
+            f"no entry for feature(s) {missing}: got entries for {list(scores)}, but the codes' feature keys are "
+            f"{list(real)}; pass one entry per feature key (adapter.to_feature_dict, Comparison.scores[method] or a "
+            "ground-truth mask)"
+        )
     for k, mask in real.items():
         if tuple(scores[k].shape) != tuple(mask.shape):
             raise ValueError(
