@@ -1,5 +1,5 @@
 """The encoder-decoder rules' contract beyond their values: every shape check on its own, with its whole
-message; the dtype of the layers kept (bfloat16 in, bfloat16 out); and a decoder of one layer, whose
+message; float32 at least (bfloat16 in, float32 out); and a decoder of one layer, whose
 numbers are worked out by hand below."""
 
 from __future__ import annotations
