@@ -147,15 +147,15 @@ class CheferAttribution(GradientAttribution):
 
     Only that row is ever formed: it is updated layer by layer inside the backward pass, as each
     layer's attention gradient arrives, so no per-head gradient is kept and no ``L x L`` relevance
-    matrix is multiplied. The row is kept as its increment ``d = r - e_p``
-    (``d <- d + (e_p + d) \bar A_k``), and ``e_p`` is added at the end unless ``exclude_self``: with small
-    gradients ``\bar A_k`` can be far below float32's spacing at 1, and ``e_p + d`` would round ``d``
-    away. The relevance is computed in float32 at least (half-precision maps and gradients are upcast,
-    autocast is off for its products). Of the last layer only row ``p`` is read, so the model is asked for that row
+    matrix is multiplied. Of the last layer only row ``p`` is read, so the model is asked for that row
     alone (``pooled_row_only``): a PyHealth ``Transformer`` then evaluates its last block for the
-    pooled position only. Gradients are taken with ``torch.autograd.grad`` with respect to the
-    attention only; parameter ``.grad`` is never touched. The defaults reproduce PyHealth 2.1's
-    ``CheferRelevance``.
+    pooled position only. The row is kept as its increment ``d = r - e_p``,
+    ``d <- d + (e_p + d) \bar A_k``, and ``e_p`` is added at the end unless ``exclude_self``: with small
+    gradients ``\bar A_k`` can lie far below float32's spacing at 1 (``1.2e-7``), and ``e_p + d`` would
+    round ``d`` away. The relevance is computed in float32 at least: half-precision maps and gradients
+    are upcast before they are weighted, and autocast is off for its products. Gradients are taken with
+    ``torch.autograd.grad`` with respect to the attention only; parameter ``.grad`` is never touched. The
+    defaults reproduce PyHealth 2.1's ``CheferRelevance``.
 
     Args:
         forward_func: an :class:`AttentionModel`: an adapter from :mod:`captum_chefer.adapters` (for

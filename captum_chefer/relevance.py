@@ -244,10 +244,9 @@ def _add_weighted_product(
     dtype = torch.promote_types(weighted.dtype, base.dtype)
     left = left.to(dtype).unsqueeze(1)
     spread = left if heads == 1 else left.repeat(1, 1, heads)  # [B, 1, H*L]: the left row once per head
+    stacked = weighted.to(dtype).reshape(batch, heads * length, length)  # [B, H*L, L]: the heads one below the other
     with full_precision(base):
-        product = torch.baddbmm(
-            base.to(dtype).unsqueeze(1), spread, weighted.to(dtype).reshape(batch, heads * length, length), alpha=1.0 / heads
-        )
+        product = torch.baddbmm(base.to(dtype).unsqueeze(1), spread, stacked, alpha=1.0 / heads)
     return product.squeeze(1)
 
 
@@ -363,10 +362,14 @@ def propagate_weighted_increment(
             raise ValueError(f"attention must be [B, H, L, L] or [B, H, 1, L] (row p alone); got {tuple(attention.shape)}")
         if missing:
             return attention.new_zeros(batch, length, dtype=_wide(attention.dtype))
-        rows = (torch.arange(batch, device=attention.device), slice(None), index) if queries == length else (slice(None), slice(None), 0)
+        if queries == length:
+            rows: tuple = (torch.arange(batch, device=attention.device), slice(None), index)
+        else:
+            rows = (slice(None), slice(None), 0)
         picked = attention[rows].unsqueeze(2)  # [B, H, 1, L]: row p of each head
         gradient = None if gradient is None else gradient[rows].unsqueeze(2)
-        return weighted_attention(picked, gradient, use_gradient=use_gradient, clamp=clamp, head_reduction=head_reduction)[:, 0]
+        reduced = weighted_attention(picked, gradient, use_gradient=use_gradient, clamp=clamp, head_reduction=head_reduction)
+        return reduced[:, 0]
     if queries != length:
         raise ValueError(
             f"attention of shape {tuple(attention.shape)} is not square: only the last layer may be given for the "
