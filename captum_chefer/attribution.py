@@ -20,11 +20,12 @@ from torch.overrides import TorchFunctionMode
 
 from .relevance import (
     HeadReduction,
-    dense_relevance,
+    dense_increment,
+    full_precision,
     layer_norm_fixed_scale,
     pooling_rows,
-    propagate_row,
-    propagate_weighted_row,
+    propagate_row_increment,
+    propagate_weighted_increment,
     read_rows,
     softmax_log_odds,
     split_over_codes,
@@ -148,9 +149,13 @@ class CheferAttribution(GradientAttribution):
     layer's attention gradient arrives, so no per-head gradient is kept and no ``L x L`` relevance
     matrix is multiplied. Of the last layer only row ``p`` is read, so the model is asked for that row
     alone (``pooled_row_only``): a PyHealth ``Transformer`` then evaluates its last block for the
-    pooled position only. Gradients are taken with ``torch.autograd.grad`` with respect to the
-    attention only; parameter ``.grad`` is never touched. The defaults reproduce PyHealth 2.1's
-    ``CheferRelevance``.
+    pooled position only. The row is kept as its increment ``d = r - e_p``,
+    ``d <- d + (e_p + d) \bar A_k``, and ``e_p`` is added at the end unless ``exclude_self``: with small
+    gradients ``\bar A_k`` can lie far below float32's spacing at 1 (``1.2e-7``), and ``e_p + d`` would
+    round ``d`` away. The relevance is computed in float32 at least: half-precision maps and gradients
+    are upcast before they are weighted, and autocast is off for its products. Gradients are taken with
+    ``torch.autograd.grad`` with respect to the attention only; parameter ``.grad`` is never touched. The
+    defaults reproduce PyHealth 2.1's ``CheferRelevance``.
 
     Args:
         forward_func: an :class:`AttentionModel`: an adapter from :mod:`captum_chefer.adapters` (for
@@ -318,10 +323,10 @@ class CheferAttribution(GradientAttribution):
                 rows, extra = _rows_collected(explained, streams, captured.pool_index, reduce, split.wanted)
             else:
                 rows, extra = _rows_dense(explained, streams, captured.pool_index, reduce, split.wanted)
-            if chosen["exclude_self"]:
+            if not chosen["exclude_self"]:  # the published rule's self term, added last (rows hold r - e_p)
                 rows = {
-                    key: row - pooling_rows(captured.pool_index[key], row.shape[1], row.dtype)
-                    for key, row in rows.items()
+                    key: increment + pooling_rows(captured.pool_index[key], increment.shape[1], increment.dtype)
+                    for key, increment in rows.items()
                 }
             relevance = split.codes(rows, extra)
         out = self.model.relevance_to_inputs(relevance, inputs_tuple, args)
@@ -349,9 +354,10 @@ def _rows_fused(
 ) -> tuple[dict[str, Tensor], tuple[Optional[Tensor], ...]]:
     """Row recursion inside the backward pass: each layer's hook consumes its gradient on arrival.
 
-    ``streams`` hands over the references to the attention maps: each is dropped once its layer is
-    done, so autograd can free it as the backward pass moves down instead of at the end. The
-    gradients of ``extra`` (e.g. the embeddings) come from the same ``autograd.grad`` call.
+    Returns each stream's increment ``r - e_p`` of the pooling row (:func:`_propagate`). ``streams``
+    hands over the references to the attention maps: each is dropped once its layer is done, so
+    autograd can free it as the backward pass moves down instead of at the end. The gradients of
+    ``extra`` (e.g. the embeddings) come from the same ``autograd.grad`` call.
     """
     rows: dict[str, Tensor] = {}
     pending: dict[str, int] = {}
@@ -366,7 +372,7 @@ def _rows_fused(
                     "return AttentionForward(..., stacked=False)"
                 )
             layer, streams[key][depth] = streams[key][depth], None
-            with torch.no_grad():
+            with torch.no_grad(), full_precision(grad):  # autocast stays on in the backward pass
                 if _deferred(layer):
                     rows[key] = _propagate_deferred(rows[key], layer, grad, depth, key, streams, pool_index, reduce)
                 else:
@@ -378,7 +384,7 @@ def _rows_fused(
     try:
         wanted = []
         for key, maps in streams.items():
-            rows[key] = pooling_rows(pool_index[key], maps[0].shape[-1], maps[0].dtype)
+            rows[key] = _no_increment(pool_index[key], maps[0])
             pending[key] = len(maps) - 1
             if not reduce["use_gradient"]:  # attention alone: no backward pass needed
                 for depth in reversed(range(len(maps))):
@@ -392,19 +398,28 @@ def _rows_fused(
     finally:
         for handle in handles:
             handle.remove()
-    # A stream no gradient reached keeps r = e_p, as in the dense path (A_bar = 0 for every layer).
+    # A stream no gradient reached keeps r = e_p (d = 0), as in the dense path (A_bar = 0 for every layer).
     return rows, tuple(grads[len(wanted):])
 
 
+def _no_increment(pool_index: Tensor, first_map: Any) -> Tensor:
+    """``d = 0`` ``[B, L]`` for a stream, in float32 or the maps' dtype if wider."""
+    dtype = torch.promote_types(first_map.dtype, torch.float32)
+    return torch.zeros(pool_index.shape[0], first_map.shape[-1], dtype=dtype, device=pool_index.device)
+
+
 def _propagate(
-    row: Tensor, attention: Tensor, grad: Optional[Tensor], depth: int, key: str,
+    increment: Tensor, attention: Tensor, grad: Optional[Tensor], depth: int, key: str,
     streams: Mapping[str, Sequence[Any]], pool_index: Mapping[str, Tensor], reduce: dict,
 ) -> Tensor:
-    """One layer of the row recursion; the last layer (the first one processed) starts from ``e_p``."""
+    """One layer of the row recursion on the increment ``d = r - e_p``: ``d <- d + (e_p + d) A_bar``.
+
+    The last layer (the first one processed) starts from ``d = 0`` and reads row ``p`` of its maps only.
+    """
     top = depth == len(streams[key]) - 1
-    return propagate_weighted_row(
-        row, attention, grad, use_gradient=reduce["use_gradient"], clamp=reduce["clamp"],
-        head_reduction=reduce["head_reduction"], unit_index=pool_index[key] if top else None,
+    return propagate_weighted_increment(
+        None if top else increment, attention, grad, pool_index[key], use_gradient=reduce["use_gradient"],
+        clamp=reduce["clamp"], head_reduction=reduce["head_reduction"],
     )
 
 
@@ -414,7 +429,7 @@ DEFERRED_HEAD_CHUNKS = 4
 
 
 def _propagate_deferred(
-    row: Tensor, layer: Any, grad: Tensor, depth: int, key: str,
+    increment: Tensor, layer: Any, grad: Tensor, depth: int, key: str,
     streams: Mapping[str, Sequence[Any]], pool_index: Mapping[str, Tensor], reduce: dict,
 ) -> Tensor:
     """:func:`_propagate` for a :class:`DeferredAttention`, forming its maps a few heads at a time.
@@ -422,38 +437,41 @@ def _propagate_deferred(
     The head mean of the clamped products is a sum over head groups, the head maximum a maximum over them,
     so the reduced ``[B, L, L]`` matrix is accumulated group by group and never more than a group's
     ``[B, h, L, L]`` maps exist at once (on the CPU; an accelerator forms all heads in one group). The last
-    layer (``e_p`` so far) is formed for the pooled row only. Only the backward hook of :func:`_rows_fused` calls it, so there is always a gradient.
+    layer (``d = 0`` so far) is formed for the pooled row only. Maps are upcast to float32 at least before
+    they are weighted. Only the backward hook of :func:`_rows_fused` calls it, so there is always a gradient.
     """
     top = depth == len(streams[key]) - 1
     batch, heads, _, length = layer.shape
-    index = pool_index[key].long() if top else None
+    index = pool_index[key].long()
+    rows = index if top else None
     step = -(-heads // DEFERRED_HEAD_CHUNKS) if grad.device.type == "cpu" else heads
     groups = [slice(start, min(heads, start + step)) for start in range(0, heads, step)]
     if reduce["head_reduction"] == "max":
         reduced: Optional[Tensor] = None
         for group in groups:
-            weighted = weighted_attention(layer.probabilities(group, index), layer.gradient(grad, group, index), **reduce)
+            weighted = weighted_attention(layer.probabilities(group, rows), layer.gradient(grad, group, rows), **reduce)
             reduced = weighted if reduced is None else torch.maximum(reduced, weighted)  # [B, Q', L]
         assert reduced is not None
         if top:
-            return pooling_rows(index, length, reduced.dtype) + reduced[:, 0]
-        return propagate_row(row, reduced)
-    # the head mean, in place: r (1/H) sum_h clamp(A_h dA_h) without forming the head mean
+            return reduced[:, 0]
+        return propagate_row_increment(increment, reduced, pooling_rows(index, length, increment.dtype))
+    # the head mean, in place: (e_p + d) (1/H) sum_h clamp(A_h dA_h) without forming the head mean
+    dtype = torch.promote_types(layer.dtype, torch.float32)
+    left = None if top else (pooling_rows(index, length, increment.dtype) + increment).unsqueeze(1)
     total: Optional[Tensor] = None
     for group in groups:
-        weighted = layer.probabilities(group, index).mul_(layer.gradient(grad, group, index))  # [B, h, Q', L]
+        weighted = layer.probabilities(group, rows).to(dtype).mul_(layer.gradient(grad, group, rows))  # [B, h, Q', L]
         if reduce["clamp"]:
             weighted.clamp_(min=0)
-        if top:
+        if left is None:
             part = weighted.sum(dim=1)[:, 0]  # [B, L]
         else:
-            spread = row.unsqueeze(1).repeat(1, 1, weighted.shape[1])  # [B, 1, h*L]: r once per head
+            spread = left.repeat(1, 1, weighted.shape[1])  # [B, 1, h*L]: e_p + d once per head
             part = torch.bmm(spread, weighted.reshape(batch, -1, length)).squeeze(1)
         total = part if total is None else total.add_(part)
         del weighted
     assert total is not None
-    base = pooling_rows(index, length, total.dtype) if top else row
-    return base + total / heads
+    return total / heads if top else increment + total / heads
 
 
 def _gradients(
@@ -479,15 +497,16 @@ def _rows_collected(
     explained: Tensor, streams: dict[str, list[Tensor]], pool_index: dict[str, Tensor], reduce: dict,
     extra: Sequence[Tensor] = (),
 ) -> tuple[dict[str, Tensor], tuple[Optional[Tensor], ...]]:
-    """The row recursion from gradients collected first, for attention layers that are not a stack."""
+    """The row recursion (on increments ``r - e_p``) from gradients collected first, for attention layers
+    that are not a stack."""
     rows = {}
     gradients, extra_grads = _gradients(explained, streams, reduce, extra)
     for key, grads in gradients.items():
         maps = streams[key]
-        row = pooling_rows(pool_index[key], maps[0].shape[-1], maps[0].dtype)
+        increment = _no_increment(pool_index[key], maps[0])
         for depth in reversed(range(len(maps))):
-            row = _propagate(row, _probabilities(maps[depth]), grads[depth], depth, key, streams, pool_index, reduce)
-        rows[key] = row
+            increment = _propagate(increment, _probabilities(maps[depth]), grads[depth], depth, key, streams, pool_index, reduce)
+        rows[key] = increment
     return rows, extra_grads
 
 
@@ -495,12 +514,12 @@ def _rows_dense(
     explained: Tensor, streams: dict[str, list[Tensor]], pool_index: dict[str, Tensor], reduce: dict,
     extra: Sequence[Tensor] = (),
 ) -> tuple[dict[str, Tensor], tuple[Optional[Tensor], ...]]:
-    """The reference: all gradients at once, then the dense product, then read the pooling row."""
+    """The reference: all gradients at once, then the dense product ``R - I``, then read the pooling row."""
     rows = {}
     gradients, extra_grads = _gradients(explained, streams, reduce, extra)
     for key, grads in gradients.items():
         weighted = [weighted_attention(_probabilities(a), g, **reduce) for a, g in zip(streams[key], grads)]
-        rows[key] = read_rows(dense_relevance(weighted), pool_index[key])
+        rows[key] = read_rows(dense_increment(weighted), pool_index[key])
     return rows, extra_grads
 
 
@@ -551,14 +570,15 @@ class _SplitInputs:
                 row = rows[key][:, :visits]
                 if row.shape[1] < visits:  # visits the model truncated away get zero
                     row = torch.nn.functional.pad(row, (0, visits - row.shape[1]))
-                shares = None if grad is None else (grad * embedding.detach()).sum(-1)
+                shares = None if grad is None else (grad.to(row.dtype) * embedding.detach()).sum(-1)  # float32 at least
                 out[key] = split_over_codes(row, shares, mask)
                 continue
             # StageAttentionNet: sum_t r_t gV_t . V_t taken back to the codes (weights r_t known only now).
             shares = None
             if grad is not None:
-                (back,) = torch.autograd.grad(values, embedding, grad_outputs=grad * rows[key].unsqueeze(-1))
-                shares = (back * embedding.detach()).sum(-1).reshape(mask.shape[0], 1, -1)
+                weights = (grad * rows[key].unsqueeze(-1)).to(values.dtype)
+                (back,) = torch.autograd.grad(values, embedding, grad_outputs=weights)
+                shares = (back.to(rows[key].dtype) * embedding.detach()).sum(-1).reshape(mask.shape[0], 1, -1)
             flat_mask = mask.reshape(mask.shape[0], 1, -1)
             out[key] = split_over_codes(rows[key].sum(dim=1, keepdim=True), shares, flat_mask).reshape(mask.shape)
         return out

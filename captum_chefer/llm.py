@@ -11,12 +11,15 @@ Three families of model, told apart by their configuration:
 
 * **Decoder-only** (``GPT2LMHeadModel``, Llama-style ``*ForCausalLM``). The prompt and the previous outputs
   are one sequence; rule (6) gives ``R = (I + A_bar_n) ... (I + A_bar_1)`` over it. ``token_attr[j]`` is the
-  row of ``R`` at the position that predicts output token ``j`` (the last prompt position for ``j = 0``,
-  output ``j - 1`` after that), with the identity term removed, read over the prompt's columns.
+  row of ``R`` at the position ``p`` that predicts output token ``j`` (the last prompt position for
+  ``j = 0``, output ``j - 1`` after that), with the identity term removed, read over the prompt's columns.
+  That row minus ``e_p`` is what the recursion keeps (``d <- d + (e_p + d) A_bar``), so the identity is
+  never added and taken away again: small increments keep their digits.
 * **Encoder-decoder** (BART, T5, Marian: ``*ForConditionalGeneration``). Rules (6)-(10): the encoder's
   self-attention gives ``R_ii``; each decoder layer's self-attention updates ``(R_qq, R_qi)`` and its
   cross-attention adds ``norm(R_qq)^T A_bar norm(R_ii)`` to ``R_qi``. ``token_attr[j]`` is row ``j`` of
-  ``R_qi`` (the decoder position that predicts output ``j``), over the encoder's tokens.
+  ``R_qi`` (the decoder position that predicts output ``j``), over the encoder's tokens, computed from the
+  increments ``R_qq - I`` and ``R_ii - I`` (:func:`~captum_chefer.relevance.encoder_decoder_rows`).
 * **Image-to-text** (``VisionEncoderDecoderModel`` with a ViT encoder). As encoder-decoder, over the ViT's
   tokens (``[CLS]`` and the patches); the patches' relevance is also given shaped like the image, one
   heatmap per output token (:class:`LLMImageAttributionResult`).
@@ -28,7 +31,9 @@ token ``j`` has its own gradient target ``y_j``, the logit of token ``j`` at the
 (the paper's choice; ``gradient_target="log_prob"`` takes ``log p(token j)``, Captum's target), so each
 needs its own backward pass. Those are taken together: ``torch.autograd.grad(..., is_grads_batched=True)``
 on chunks of ``chunk_size`` targets (one vmapped backward per chunk, reduced at once to ``A_bar`` per
-layer, so the chunk size bounds the memory), or one plain backward per target with ``chunk_size=1``.
+layer, so the chunk size bounds the memory), or one plain backward per target with ``chunk_size=1``. The
+relevance is computed in float32, or the model's dtype if wider: half-precision maps and gradients are upcast
+before they are weighted, and autocast is off for its products.
 """
 
 from __future__ import annotations
@@ -48,7 +53,14 @@ from torch import Tensor, nn
 
 from .adapters.base import spread_over_patches
 from .capture import AttentionCapture, evaluation_mode, find_attention_modules
-from .relevance import encoder_decoder_rows, mask_padding, pooling_rows, propagate_row, weighted_attention
+from .relevance import (
+    encoder_decoder_rows,
+    full_precision,
+    mask_padding,
+    pooling_rows,
+    propagate_row_increment,
+    weighted_attention,
+)
 
 __all__ = [
     "CheferLLMAttribution", "GradientTarget", "LLMImageAttributionResult", "ModelFamily", "OutOfVocabularyWarning",
@@ -483,20 +495,29 @@ class CheferLLMAttribution(Attribution):
             who = owners[start:stop]
             bars = [_weighted(a, g, who) for a, g in zip(tensors, grads)]
             del grads
-            enc_bars, self_bars = bars[: len(encoder)], bars[len(encoder) : len(encoder) + len(selfs)]
-            cross_iter = iter(bars[len(encoder) + len(selfs) :])
-            cross_bars = [None if c is None else next(cross_iter) for c in crosses]
-            where = positions[start:stop]
-            if self.family == "decoder-only":
-                mask = query_mask[who]
-                row = pooling_rows(where, query_mask.shape[1], self_bars[0].dtype)
-                for weighted in reversed(self_bars):
-                    row = propagate_row(row, mask_padding(weighted, mask, mask))
-                out.append(row - pooling_rows(where, query_mask.shape[1], row.dtype))
-            else:
-                out.append(encoder_decoder_rows(
-                    enc_bars, self_bars, cross_bars, where, input_mask=input_mask[who], query_mask=query_mask[who]).r_qi)
+            with full_precision(explained):  # autocast: the relevance's products in float32 at least
+                out.append(self._chunk_rows(bars, who, positions[start:stop], maps, input_mask, query_mask))
         return torch.cat(out)
+
+    def _chunk_rows(
+        self, bars: list[Tensor], who: Tensor, where: Tensor, maps: dict[str, Any], input_mask: Tensor,
+        query_mask: Tensor,
+    ) -> Tensor:
+        """The rows of one chunk of explained tokens from their ``A_bar`` (encoder, self, cross layers in turn)."""
+        encoder, selfs, crosses = maps["encoder"], maps["self"], maps["cross"]
+        enc_bars, self_bars = bars[: len(encoder)], bars[len(encoder) : len(encoder) + len(selfs)]
+        if self.family == "decoder-only":  # the increment d = r - e_p: the identity term is never added
+            mask = query_mask[who]
+            unit = pooling_rows(where, query_mask.shape[1], self_bars[0].dtype)
+            increment = torch.zeros_like(unit)
+            for weighted in reversed(self_bars):
+                increment = propagate_row_increment(increment, mask_padding(weighted, mask, mask), unit)
+            return increment
+        cross_iter = iter(bars[len(encoder) + len(selfs) :])
+        cross_bars = [None if c is None else next(cross_iter) for c in crosses]
+        return encoder_decoder_rows(
+            enc_bars, self_bars, cross_bars, where, input_mask=input_mask[who], query_mask=query_mask[who]
+        ).r_qi
 
     # ------------------------------------------------------------------------------------------ result
 
@@ -593,7 +614,7 @@ def _weighted(attention: Tensor, gradient: Optional[Tensor], owners: Tensor) -> 
         attention = attention.expand_as(gradient)  # a view: one sample shared by every explained token
     else:
         attention = attention[owners]
-    return weighted_attention(attention.float(), gradient.float())  # float32 relevance for half-precision models
+    return weighted_attention(attention, gradient)  # float32 at least: it upcasts half-precision maps
 
 
 def _right_padded(sequences: Sequence[Tensor], pad: int, device: torch.device) -> tuple[Tensor, Tensor]:

@@ -10,7 +10,23 @@ so that ``R = (I + A_bar_n) ... (I + A_bar_1)``. A classifier only reads one row
 ``p`` of the position it pools, and that row is ``e_p^T (I + A_bar_n) ... (I + A_bar_1)``: a vector
 times matrices, taken from the last layer down. That costs ``O(L^2)`` per layer instead of the
 ``O(L^3)`` of the dense product, and the last layer's gradient is also the first the backward pass
-delivers, so the row can be updated as gradients arrive (:func:`propagate_row`).
+delivers, so the row can be updated as gradients arrive.
+
+Every recursion here tracks the increment over the identity, ``D = R - I`` (for the row,
+``d = r - e_p``), never ``R`` itself:
+
+    d <- d + (e_p + d) A_bar_k  =  d + A_bar_k[p] + d A_bar_k      (row, :func:`propagate_row_increment`)
+    D <- D + A_bar_k (I + D)    =  D + A_bar_k + A_bar_k D          (dense, :func:`dense_increment`)
+
+and the identity is added only where a result includes it, at the very end. The reason is precision:
+``A_bar`` is a product of attention and gradient, and with small gradients (small logits, long
+sequences, deep models) its entries can be ``1e-8`` and below. Stored as ``1 + x``, such an increment
+is rounded away in float32 (whose spacing at 1 is ``1.2e-7``), and what the rules take away again
+(the self term with ``exclude_self``, the ``R - I`` of the normalisation below) comes back as zero or
+noise; kept apart from the identity it keeps all its digits. ``e_p + d`` is still formed, but only as a
+factor of a product, where its rounding costs a relative ``1e-7`` of that product. Products run in
+float32 at least: half-precision maps and gradients are upcast before they are weighted, and autocast
+is switched off for the products (:func:`full_precision`).
 
 For encoder-decoder models (a decoder of query tokens ``q`` that cross-attends to input tokens ``i``)
 the paper keeps three matrices, ``R_ii`` (inputs on inputs), ``R_qq`` (queries on queries) and ``R_qi``
@@ -22,7 +38,9 @@ self-attention to the pair ``(R_qq, R_qi)`` and rule (10) of its cross-attention
     R_qi <- R_qi + norm(R_qq)^T A_bar_cross norm(R_ii)                       (10)
     norm(R) = (R - I) / rowsum(R - I) + I                                    (8), (9)
 
-(:func:`dense_encoder_decoder_relevance`). Only a few rows of ``R_qi`` are read, one per explained
+In increment form ``D_qq <- D_qq + A_bar (I + D_qq)`` and ``norm(R) = D / rowsum(D) + I``
+(:func:`normalize_increment`); ``R_qi`` starts at zero and holds no identity. The dense computation is
+:func:`dense_encoder_decoder_relevance`. Only a few rows of ``R_qi`` are read, one per explained
 output position, and :func:`encoder_decoder_rows` computes them with matrix-vector products only.
 
 Nothing here knows about ``nn.Module``, Captum or PyHealth: tensors in, tensors out.
@@ -30,6 +48,7 @@ Nothing here knows about ``nn.Module``, Captum or PyHealth: tensors in, tensors 
 
 from __future__ import annotations
 
+from contextlib import AbstractContextManager, nullcontext
 from typing import Literal, NamedTuple, Optional, Sequence
 
 import torch
@@ -40,24 +59,62 @@ HeadReduction = Literal["mean", "max"]
 __all__ = [
     "HeadReduction",
     "weighted_attention",
+    "full_precision",
     "propagate_row",
+    "propagate_row_increment",
     "propagate_weighted_row",
+    "propagate_weighted_increment",
     "pooling_rows",
     "dense_relevance",
+    "dense_increment",
     "read_rows",
     "split_over_codes",
     "softmax_log_odds",
     "layer_norm_fixed_scale",
     "mask_padding",
     "normalize_relevance",
+    "normalize_increment",
     "propagate_column",
+    "propagate_column_increment",
     "propagate_self_attention",
+    "propagate_self_attention_increment",
     "propagate_cross_attention",
+    "propagate_cross_attention_increment",
     "EncoderDecoderRelevance",
     "dense_encoder_decoder_relevance",
     "EncoderDecoderRows",
     "encoder_decoder_rows",
 ]
+
+
+def full_precision(reference: Tensor) -> AbstractContextManager:
+    """A context in which autocast is off on the device of ``reference``, so products keep their dtype.
+
+    Autocast (``torch.autocast``) runs matrix products in bfloat16 or float16, and it stays on inside
+    the hooks of a backward pass started under it. The relevance's products are taken in it; on a
+    device where autocast is off or unknown this is a context that does nothing.
+
+    Example:
+        >>> with torch.autocast("cpu", dtype=torch.bfloat16), full_precision(torch.ones(1)):
+        ...     (torch.ones(2, 2) @ torch.ones(2, 2)).dtype
+        torch.float32
+    """
+    kind = reference.device.type
+    if torch.amp.is_autocast_available(kind) and torch.is_autocast_enabled(kind):
+        return torch.autocast(kind, enabled=False)
+    return nullcontext()
+
+
+def _wide(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the relevance is computed in: float32 at least (bfloat16 and float16 keep 8 and 11 bits)."""
+    return torch.promote_types(dtype, torch.float32)
+
+
+def _bmm(left: Tensor, right: Tensor) -> Tensor:
+    """``torch.bmm`` in the wider dtype of the two (float32 at least), autocast or not."""
+    dtype = _wide(torch.promote_types(left.dtype, right.dtype))
+    with full_precision(left):
+        return torch.bmm(left.to(dtype), right.to(dtype))
 
 
 def weighted_attention(
@@ -79,7 +136,7 @@ def weighted_attention(
         head_reduction: ``"mean"`` (the paper) or ``"max"`` over heads.
 
     Returns:
-        ``[B, L, L]``.
+        ``[B, L, L]``, in float32 at least: half-precision maps and gradients are upcast first.
 
     Example:
         >>> a = torch.tensor([[[0.5, 0.5], [0.0, 1.0]]])
@@ -87,6 +144,8 @@ def weighted_attention(
         >>> weighted_attention(a, g)
         tensor([[[1., 0.],
                  [0., 1.]]])
+        >>> weighted_attention(a.bfloat16(), g.bfloat16()).dtype
+        torch.float32
     """
     if gradient is not None and gradient.shape != attention.shape:
         raise ValueError(
@@ -97,6 +156,7 @@ def weighted_attention(
         gradient = None if gradient is None else gradient.unsqueeze(1)
     if attention.dim() != 4:
         raise ValueError(f"attention must be [B, H, L, L] or [B, L, L], got {tuple(attention.shape)}")
+    attention = attention.to(_wide(attention.dtype))
     if use_gradient:
         if gradient is None:
             return attention.new_zeros(attention.shape[0], *attention.shape[2:])
@@ -115,6 +175,9 @@ def weighted_attention(
 def propagate_row(row: Tensor, weighted: Tensor) -> Tensor:
     """One layer of the row recursion: ``r <- r (I + A_bar) = r + r A_bar``.
 
+    For the pooling row, whose start ``e_p`` dwarfs small increments, use
+    :func:`propagate_row_increment`.
+
     Args:
         row: ``[B, L]``, the pooling row of the layers above (``e_p`` before the last layer).
         weighted: ``[B, L, L]`` from :func:`weighted_attention`.
@@ -126,7 +189,65 @@ def propagate_row(row: Tensor, weighted: Tensor) -> Tensor:
         >>> propagate_row(torch.tensor([[1.0, 0.0]]), torch.tensor([[[0.5, 0.5], [0.0, 1.0]]]))
         tensor([[1.5000, 0.5000]])
     """
-    return row + torch.bmm(row.unsqueeze(1), weighted).squeeze(1)
+    return row + _bmm(row.unsqueeze(1), weighted).squeeze(1)
+
+
+def propagate_row_increment(increment: Tensor, weighted: Tensor, start: Tensor) -> Tensor:
+    """One layer of the row recursion in increment form: ``d <- d + (s + d) A_bar``.
+
+    A row ``r = s + d`` is kept as its start ``s`` (``e_p`` for the pooling row) and the increment ``d``
+    that the layers added; ``r (I + A_bar) = s + d + (s + d) A_bar``, so the increment is updated on its
+    own and ``s`` is never added to it. (``s + d`` is formed as the factor of the product only.)
+
+    Args:
+        increment: ``[B, L]``, ``d`` of the layers above (zero before the last layer).
+        weighted: ``[B, L, L]`` from :func:`weighted_attention`.
+        start: ``[B, L]``, ``s`` (e.g. :func:`pooling_rows`).
+
+    Returns:
+        ``[B, L]``, the new increment; the row is ``start`` plus it.
+
+    Example:
+        >>> unit, a = torch.tensor([[1.0, 0.0]]), torch.tensor([[[1e-9, 2e-9], [0.0, 1.0]]])
+        >>> propagate_row_increment(torch.zeros(1, 2), a, unit)  # A_bar[0], where 1 + 1e-9 rounds to 1
+        tensor([[1.0000e-09, 2.0000e-09]])
+        >>> propagate_row(unit, a) - unit  # the row form loses it
+        tensor([[0.0000e+00, 2.0000e-09]])
+    """
+    return increment + _bmm((start + increment).unsqueeze(1), weighted).squeeze(1)
+
+
+def _maps_with_heads(attention: Tensor, gradient: Optional[Tensor]) -> tuple[Tensor, Optional[Tensor]]:
+    """``attention`` and ``gradient`` as ``[B, H, Q, L]`` (a head dimension added to ``[B, Q, L]``), checked."""
+    if attention.dim() not in (3, 4) or (gradient is not None and gradient.shape != attention.shape):
+        raise ValueError(
+            f"attention and gradient must both be [B, H, L, L] or [B, L, L]; got {tuple(attention.shape)} and "
+            f"{None if gradient is None else tuple(gradient.shape)}"
+        )
+    if attention.dim() == 3:
+        return attention.unsqueeze(1), None if gradient is None else gradient.unsqueeze(1)
+    return attention, gradient
+
+
+def _add_weighted_product(
+    base: Tensor, left: Tensor, attention: Tensor, gradient: Optional[Tensor], *, use_gradient: bool, clamp: bool,
+    head_reduction: HeadReduction,
+) -> Tensor:
+    """``base + left A_bar`` for square maps ``[B, H, L, L]``, the head mean folded into one ``baddbmm``."""
+    batch, heads, _, length = attention.shape
+    if head_reduction != "mean" or not use_gradient:
+        weighted = weighted_attention(attention, gradient, use_gradient=use_gradient, clamp=clamp, head_reduction=head_reduction)
+        return base + _bmm(left.unsqueeze(1), weighted).squeeze(1)
+    weighted = attention.to(_wide(attention.dtype)) * gradient
+    if clamp:
+        weighted.clamp_(min=0)
+    dtype = torch.promote_types(weighted.dtype, base.dtype)
+    left = left.to(dtype).unsqueeze(1)
+    spread = left if heads == 1 else left.repeat(1, 1, heads)  # [B, 1, H*L]: the left row once per head
+    stacked = weighted.to(dtype).reshape(batch, heads * length, length)  # [B, H*L, L]: the heads one below the other
+    with full_precision(base):
+        product = torch.baddbmm(base.to(dtype).unsqueeze(1), spread, stacked, alpha=1.0 / heads)
+    return product.squeeze(1)
 
 
 def propagate_weighted_row(
@@ -141,13 +262,13 @@ def propagate_weighted_row(
 ) -> Tensor:
     """``propagate_row(row, weighted_attention(attention, gradient))`` with less memory traffic.
 
-    The fused backward pass calls this once per layer, so it avoids forming ``A_bar``: the product
-    ``A * grad`` is clamped in place and the head mean is folded into one ``baddbmm``
-    (``r A_bar = (1/H) sum_h r W_h``). Where ``row`` is still the unit row ``e_p`` (the last layer,
-    the first one the backward pass reaches), ``unit_index`` gives ``p`` and only row ``p`` of each
-    head is read: ``e_p (I + A_bar) = e_p + A_bar[p]``. That layer's attention may then be given for
-    row ``p`` alone (``[B, H, 1, L]``), as a model computes it when it evaluates its last layer for the
-    pooled position only.
+    It avoids forming ``A_bar``: the product ``A * grad`` is clamped in place and the head mean is folded
+    into one ``baddbmm`` (``r A_bar = (1/H) sum_h r W_h``). Where ``row`` is still the unit row ``e_p``
+    (the last layer, the first one the backward pass reaches), ``unit_index`` gives ``p`` and only row
+    ``p`` of each head is read: ``e_p (I + A_bar) = e_p + A_bar[p]``. That layer's attention may then be
+    given for row ``p`` alone (``[B, H, 1, L]``), as a model computes it when it evaluates its last layer
+    for the pooled position only. For the pooling row below the last layer use
+    :func:`propagate_weighted_increment`, which keeps small increments that ``e_p`` would round away.
 
     Args:
         row: ``[B, L]``; ignored (taken as ``e_p``) when ``unit_index`` is given.
@@ -173,47 +294,94 @@ def propagate_weighted_row(
         >>> propagate_weighted_row(None, a[:, :, :1], g[:, :, :1], unit_index=torch.tensor([0]))  # row p alone
         tensor([[2., 0.]])
     """
-    if attention.dim() not in (3, 4) or (gradient is not None and gradient.shape != attention.shape):
-        raise ValueError(
-            f"attention and gradient must both be [B, H, L, L] or [B, L, L]; got {tuple(attention.shape)} and "
-            f"{None if gradient is None else tuple(gradient.shape)}"
-        )
-    if attention.dim() == 3:
-        attention = attention.unsqueeze(1)
-        gradient = None if gradient is None else gradient.unsqueeze(1)
-    batch, heads, queries, length = attention.shape
-    if use_gradient and gradient is None:  # no gradient reached the layer: A_bar = 0
-        return pooling_rows(unit_index, length, attention.dtype) if unit_index is not None else row
     if unit_index is not None:
-        index = unit_index.long().to(attention.device)
+        increment = propagate_weighted_increment(
+            None, attention, gradient, unit_index, use_gradient=use_gradient, clamp=clamp, head_reduction=head_reduction
+        )
+        return pooling_rows(unit_index.to(increment.device), increment.shape[1], increment.dtype) + increment
+    if row is None:
+        raise ValueError("propagate_weighted_row needs a row, or unit_index for the unit row e_p")
+    attention, gradient = _maps_with_heads(attention, gradient)
+    if attention.shape[-2] != attention.shape[-1]:
+        raise ValueError(
+            f"attention of shape {tuple(attention.shape)} is not square: only the last layer may be given for the "
+            "pooled row alone"
+        )
+    if use_gradient and gradient is None:  # no gradient reached the layer: A_bar = 0
+        return row
+    return _add_weighted_product(
+        row, row, attention, gradient, use_gradient=use_gradient, clamp=clamp, head_reduction=head_reduction
+    )
+
+
+def propagate_weighted_increment(
+    increment: Optional[Tensor],
+    attention: Tensor,
+    gradient: Optional[Tensor],
+    pool_index: Tensor,
+    *,
+    use_gradient: bool = True,
+    clamp: bool = True,
+    head_reduction: HeadReduction = "mean",
+) -> Tensor:
+    """One layer of the pooling row's recursion in increment form, from a layer's attention and gradient.
+
+    ``d <- d + (e_p + d) A_bar = d + A_bar[p] + d A_bar`` for the increment ``d = r - e_p`` of the
+    pooling row ``r``, without forming ``A_bar`` (as :func:`propagate_weighted_row`). ``increment=None``
+    stands for ``d = 0``, the start of the recursion at the model's last layer: the result is
+    ``A_bar[p]``, only row ``p`` of each head is read, and the maps may be given for that row alone
+    (``[B, H, 1, L]``).
+
+    Args:
+        increment: ``[B, L]``, ``d`` of the layers above, or ``None`` at the last layer.
+        attention: ``[B, H, L, L]`` (or ``[B, L, L]``) attention probabilities (not modified); with
+            ``increment=None`` also ``[B, H, 1, L]`` (or ``[B, 1, L]``): each sample's row ``p`` alone.
+        gradient: their gradient, same shape (not modified); ``None`` where no gradient reached the
+            layer (it then adds nothing) or with ``use_gradient=False``.
+        pool_index: ``[B]``, each sample's pooling position ``p``.
+        use_gradient, clamp, head_reduction: as in :func:`propagate_weighted_row`.
+
+    Returns:
+        ``[B, L]``, the new increment (float32 at least); the pooling row is ``e_p`` plus it.
+
+    Example (gradients of ``1e-9``: ``e_p`` plus the increment rounds to ``e_p`` in float32):
+        >>> a = torch.tensor([[[[0.5, 0.5], [0.0, 1.0]]]])
+        >>> g = torch.tensor([[[[2e-9, -2e-9], [1e-9, 1e-9]]]])
+        >>> last = propagate_weighted_increment(None, a, g, torch.tensor([0]))  # A_bar[0]
+        >>> last
+        tensor([[1.0000e-09, 0.0000e+00]])
+        >>> propagate_weighted_increment(last, a, g, torch.tensor([0]))  # d + (e_0 + d) A_bar
+        tensor([[2.0000e-09, 0.0000e+00]])
+    """
+    attention, gradient = _maps_with_heads(attention, gradient)
+    batch, _, queries, length = attention.shape
+    index = pool_index.long().to(attention.device)
+    missing = use_gradient and gradient is None  # no gradient reached the layer: A_bar = 0
+    if increment is None:
         if queries not in (1, length):
             raise ValueError(f"attention must be [B, H, L, L] or [B, H, 1, L] (row p alone); got {tuple(attention.shape)}")
+        if missing:
+            return attention.new_zeros(batch, length, dtype=_wide(attention.dtype))
         if queries == length:
             rows: tuple = (torch.arange(batch, device=attention.device), slice(None), index)
         else:
             rows = (slice(None), slice(None), 0)
-        attention = attention[rows]  # [B, H, L]: row p of each head
-        gradient = None if gradient is None else gradient[rows]
-        weighted = attention * gradient if use_gradient else attention
-        if clamp:
-            weighted = weighted.clamp(min=0)
-        reduced = weighted.mean(dim=1) if head_reduction == "mean" else weighted.amax(dim=1)
-        return pooling_rows(index, length, reduced.dtype) + reduced
+        picked = attention[rows].unsqueeze(2)  # [B, H, 1, L]: row p of each head
+        gradient = None if gradient is None else gradient[rows].unsqueeze(2)
+        reduced = weighted_attention(picked, gradient, use_gradient=use_gradient, clamp=clamp, head_reduction=head_reduction)
+        return reduced[:, 0]
     if queries != length:
         raise ValueError(
             f"attention of shape {tuple(attention.shape)} is not square: only the last layer may be given for the "
             "pooled row alone"
         )
-    if head_reduction != "mean" or not use_gradient:
-        weighted = weighted_attention(attention, gradient, use_gradient=use_gradient, clamp=clamp, head_reduction=head_reduction)
-        return propagate_row(row, weighted)
-    weighted = attention * gradient
-    if clamp:
-        weighted.clamp_(min=0)
-    left = row.unsqueeze(1)
-    spread = left if heads == 1 else left.repeat(1, 1, heads)  # [B, 1, H*L]: r once per head
-    product = torch.baddbmm(left, spread, weighted.reshape(batch, heads * length, length), alpha=1.0 / heads)
-    return product.squeeze(1)
+    if missing:
+        return increment
+    unit = pooling_rows(index, length, increment.dtype)
+    return _add_weighted_product(
+        increment, unit + increment, attention, gradient, use_gradient=use_gradient, clamp=clamp,
+        head_reduction=head_reduction,
+    )
 
 
 def pooling_rows(pool_index: Tensor, length: int, dtype: torch.dtype = torch.float32) -> Tensor:
@@ -227,7 +395,7 @@ def dense_relevance(weighted_layers: Sequence[Tensor]) -> Tensor:
     """The full relevance matrix ``R = (I + A_bar_n) ... (I + A_bar_1)``, ``[B, L, L]``.
 
     The dense ``O(L^3)`` computation of the paper (and of PyHealth's ``CheferRelevance``), kept as the
-    reference that the row recursion is tested against.
+    reference that the row recursion is tested against: :func:`dense_increment` plus the identity.
 
     Args:
         weighted_layers: ``A_bar_k`` of each layer, first (closest to the input) to last.
@@ -240,12 +408,31 @@ def dense_relevance(weighted_layers: Sequence[Tensor]) -> Tensor:
     """
     if not weighted_layers:
         raise ValueError("dense_relevance needs at least one layer")
+    increment = dense_increment(weighted_layers)
+    return increment + torch.eye(increment.shape[-1], dtype=increment.dtype, device=increment.device)
+
+
+def dense_increment(weighted_layers: Sequence[Tensor]) -> Tensor:
+    """``R - I`` for ``R = (I + A_bar_n) ... (I + A_bar_1)``, ``[B, L, L]``, formed without the identity.
+
+    ``D <- D + A_bar (I + D) = D + A_bar + A_bar D``, starting at ``D = A_bar_1``; float32 at least.
+
+    Args:
+        weighted_layers: ``A_bar_k`` of each layer, first (closest to the input) to last.
+
+    Example:
+        >>> a = torch.tensor([[[0.5, 0.5], [0.0, 1.0]]])
+        >>> dense_increment([a, a])  # (I + a)^2 - I = 2 a + a^2
+        tensor([[[1.2500, 1.7500],
+                 [0.0000, 3.0000]]])
+    """
+    if not weighted_layers:
+        raise ValueError("dense_increment needs at least one layer")
     first = weighted_layers[0]
-    batch, length = first.shape[0], first.shape[-1]
-    relevance = torch.eye(length, dtype=first.dtype, device=first.device).expand(batch, length, length)
-    for weighted in weighted_layers:
-        relevance = relevance + torch.bmm(weighted, relevance)
-    return relevance
+    increment = first.to(_wide(first.dtype), copy=True)
+    for weighted in weighted_layers[1:]:
+        increment = increment + weighted + _bmm(weighted, increment)
+    return increment
 
 
 def read_rows(relevance: Tensor, pool_index: Tensor) -> Tensor:
@@ -430,7 +617,8 @@ def normalize_relevance(relevance: Tensor, mask: Optional[Tensor] = None) -> Ten
 
     ``R - I`` is what the layers added on top of the identity; each of its rows is scaled to sum to
     one and the identity is added back, so a token's own weight stays ``1`` and what it gathered from
-    the others sums to ``1``.
+    the others sums to ``1``. ``R - I`` is only as precise as ``R`` holds it: where the increments are
+    far below 1, keep them apart and use :func:`normalize_increment`, which this calls.
 
     A row whose ``R - I`` sums to zero (no relevance gathered yet, or padding) keeps the identity row
     ``e_m``: the token stands for itself alone. (The authors' code divides ``0 / 0`` there and then
@@ -459,12 +647,40 @@ def normalize_relevance(relevance: Tensor, mask: Optional[Tensor] = None) -> Ten
                  [0.0000, 1.0000, 0.0000],
                  [0.0000, 0.0000, 1.0000]]])
     """
+    eye = _square_eye(relevance)
+    return normalize_increment(relevance - eye, mask) + eye
+
+
+def normalize_increment(increment: Tensor, mask: Optional[Tensor] = None) -> Tensor:
+    """``D / rowsum(D)`` for the increment ``D = R - I``: the paper's ``norm(R)`` (Eq. 8-9) is this plus ``I``.
+
+    Rows are scaled to sum to one; a row that sums to zero stays zero (its ``norm(R)`` row is ``e_m``),
+    and with ``mask`` padded rows and columns are dropped first, as :func:`normalize_relevance` says.
+
+    Args:
+        increment: ``[B, T, T]``, ``R - I``.
+        mask: ``[B, T]``, ``True`` on real tokens; ``None``: no padding.
+
+    Returns:
+        ``[B, T, T]``, float32 at least.
+
+    Example:
+        >>> d = torch.tensor([[[1e-9, 3e-9], [0.0, 0.0]]])  # R = I + d holds nothing of it in float32
+        >>> normalize_increment(d)
+        tensor([[[0.2500, 0.7500],
+                 [0.0000, 0.0000]]])
+    """
+    if increment.dim() != 3 or increment.shape[-1] != increment.shape[-2]:
+        raise ValueError(f"relevance must be square [B, T, T], got {tuple(increment.shape)}")
+    gathered = mask_padding(increment.to(_wide(increment.dtype)), mask, mask)
+    return gathered * _inverse_or_zero(gathered.sum(dim=-1, keepdim=True))
+
+
+def _square_eye(relevance: Tensor) -> Tensor:
+    """The identity of a square ``[B, T, T]`` relevance (checked), in its dtype and on its device."""
     if relevance.dim() != 3 or relevance.shape[-1] != relevance.shape[-2]:
         raise ValueError(f"relevance must be square [B, T, T], got {tuple(relevance.shape)}")
-    length = relevance.shape[-1]
-    eye = torch.eye(length, dtype=relevance.dtype, device=relevance.device)
-    gathered = mask_padding(relevance - eye, mask, mask)
-    return gathered * _inverse_or_zero(gathered.sum(dim=-1, keepdim=True)) + eye
+    return torch.eye(relevance.shape[-1], dtype=relevance.dtype, device=relevance.device)
 
 
 def propagate_column(column: Tensor, weighted: Tensor) -> Tensor:
@@ -484,7 +700,31 @@ def propagate_column(column: Tensor, weighted: Tensor) -> Tensor:
         >>> propagate_column(torch.tensor([[1.0, 1.0]]), torch.tensor([[[0.5, 0.5], [0.0, 1.0]]]))
         tensor([[2., 2.]])
     """
-    return column + torch.bmm(weighted, column.unsqueeze(-1)).squeeze(-1)
+    return column + _bmm(weighted, column.unsqueeze(-1)).squeeze(-1)
+
+
+def propagate_column_increment(increment: Tensor, weighted: Tensor, start: Tensor) -> Tensor:
+    """One layer of the column recursion in increment form: ``c <- c + A_bar (s + c)``.
+
+    From the first layer up it gives ``(R - I) s`` for ``R = (I + A_bar_n) ... (I + A_bar_1)``, starting
+    at ``c = 0``: with ``s = 1`` the row sums of ``R - I``, which the normalisation divides by.
+
+    Args:
+        increment: ``[B, L]`` (or ``[B, L, m]``, ``m`` columns at once), ``c`` of the layers below.
+        weighted: ``[B, L, L]`` from :func:`weighted_attention`.
+        start: ``s``, shaped like ``increment``.
+
+    Returns:
+        The new ``c``, shaped like ``increment``.
+
+    Example:
+        >>> a = torch.tensor([[[1e-9, 1e-9], [0.0, 2e-9]]])
+        >>> propagate_column_increment(torch.zeros(1, 2), a, torch.ones(1, 2))  # rowsum(R - I) = rowsum(a)
+        tensor([[2.0000e-09, 2.0000e-09]])
+    """
+    if increment.dim() == 3:
+        return increment + _bmm(weighted, start + increment)
+    return increment + _bmm(weighted, (start + increment).unsqueeze(-1)).squeeze(-1)
 
 
 def propagate_self_attention(
@@ -493,7 +733,8 @@ def propagate_self_attention(
     """Rules (6) and (7) of a decoder self-attention layer on the pair ``(R_qq, R_qi)``.
 
     ``R_qq <- R_qq + A_bar R_qq`` and ``R_qi <- R_qi + A_bar R_qi``: a query token gathers the
-    relevance that the tokens it attends to hold, both over queries and over inputs.
+    relevance that the tokens it attends to hold, both over queries and over inputs. The increment form,
+    which keeps small increments of ``R_qq``, is :func:`propagate_self_attention_increment`.
 
     Args:
         r_qq: ``[B, Tq, Tq]``, queries on queries (the identity before the first layer).
@@ -513,13 +754,44 @@ def propagate_self_attention(
                  [0.5000, 1.5000]]]), tensor([[[2.0000, 0.0000, 0.0000],
                  [0.5000, 0.0000, 3.0000]]]))
     """
+    _self_shapes(r_qq, r_qi, weighted)
+    eye = _square_eye(r_qq)
+    d_qq, r_qi = propagate_self_attention_increment(r_qq - eye, r_qi, weighted, query_mask=query_mask)
+    return d_qq + eye, r_qi
+
+
+def propagate_self_attention_increment(
+    d_qq: Tensor, r_qi: Tensor, weighted: Tensor, *, query_mask: Optional[Tensor] = None
+) -> tuple[Tensor, Tensor]:
+    """Rules (6) and (7) with ``R_qq`` kept as its increment ``D_qq = R_qq - I``.
+
+    ``D_qq <- D_qq + A_bar (I + D_qq)`` and ``R_qi <- R_qi + A_bar R_qi`` (``R_qi`` holds no identity).
+
+    Args:
+        d_qq: ``[B, Tq, Tq]``, ``R_qq - I`` (zero before the first layer).
+        r_qi, weighted, query_mask: as in :func:`propagate_self_attention`.
+
+    Returns:
+        The updated ``(D_qq, R_qi)``.
+
+    Example:
+        >>> a = torch.tensor([[[1e-9, 0.0], [0.5e-9, 0.5e-9]]])
+        >>> propagate_self_attention_increment(torch.zeros(1, 2, 2), torch.ones(1, 2, 1), a)[0]  # = a
+        tensor([[[1.0000e-09, 0.0000e+00],
+                 [5.0000e-10, 5.0000e-10]]])
+    """
+    _self_shapes(d_qq, r_qi, weighted)
+    weighted = mask_padding(weighted, query_mask, query_mask)
+    return d_qq + weighted + _bmm(weighted, d_qq), r_qi + _bmm(weighted, r_qi)
+
+
+def _self_shapes(r_qq: Tensor, r_qi: Tensor, weighted: Tensor) -> None:
+    """Rules (6)-(7)'s operands must be ``R_qq [B, Tq, Tq]``, ``R_qi [B, Tq, Ti]`` and ``A_bar [B, Tq, Tq]``."""
     if r_qq.dim() != 3 or r_qi.dim() != 3 or weighted.shape != r_qq.shape or r_qi.shape[:2] != r_qq.shape[:2]:
         raise ValueError(
             "expected R_qq [B, Tq, Tq], R_qi [B, Tq, Ti] and A_bar [B, Tq, Tq]; got "
             f"{tuple(r_qq.shape)}, {tuple(r_qi.shape)} and {tuple(weighted.shape)}"
         )
-    weighted = mask_padding(weighted, query_mask, query_mask)
-    return r_qq + torch.bmm(weighted, r_qq), r_qi + torch.bmm(weighted, r_qi)
 
 
 def propagate_cross_attention(
@@ -536,7 +808,8 @@ def propagate_cross_attention(
     ``norm`` is :func:`normalize_relevance` (Eq. 8-9); ``R_qq`` is the decoder's self-relevance after
     this layer's self-attention, ``R_ii`` the encoder's final self-relevance. The transpose on
     ``norm(R_qq)`` is the paper's: row ``t`` of the update collects the cross-attention rows of the
-    queries ``m`` weighted by ``norm(R_qq)[m, t]``.
+    queries ``m`` weighted by ``norm(R_qq)[m, t]``. The increment form, which keeps small increments of
+    ``R_qq`` and ``R_ii``, is :func:`propagate_cross_attention_increment`.
 
     Args:
         r_qq: ``[B, Tq, Tq]``.
@@ -557,6 +830,47 @@ def propagate_cross_attention(
         >>> propagate_cross_attention(r_qq, torch.zeros(1, 1, 2), r_ii, torch.tensor([[[0.5, 0.5]]]))
         tensor([[[1.5000, 2.5000]]])
     """
+    _cross_shapes(r_qq, r_qi, r_ii, weighted)
+    return propagate_cross_attention_increment(
+        r_qq - _square_eye(r_qq), r_qi, r_ii - _square_eye(r_ii), weighted, query_mask=query_mask, input_mask=input_mask
+    )
+
+
+def propagate_cross_attention_increment(
+    d_qq: Tensor,
+    r_qi: Tensor,
+    d_ii: Tensor,
+    weighted: Tensor,
+    *,
+    query_mask: Optional[Tensor] = None,
+    input_mask: Optional[Tensor] = None,
+) -> Tensor:
+    """Rule (10) from the increments ``D_qq = R_qq - I`` and ``D_ii = R_ii - I``.
+
+    ``norm(R) = D / rowsum(D) + I`` (:func:`normalize_increment`), so no ``R - I`` is ever taken.
+
+    Args:
+        d_qq: ``[B, Tq, Tq]``; ``d_ii``: ``[B, Ti, Ti]``.
+        r_qi, weighted, query_mask, input_mask: as in :func:`propagate_cross_attention`.
+
+    Returns:
+        The updated ``R_qi``, ``[B, Tq, Ti]``.
+
+    Example (``R_ii - I`` of ``1e-9``, which ``R_ii`` itself would round away in float32):
+        >>> d_ii = torch.tensor([[[1e-9, 1e-9], [0.0, 0.0]]])  # norm(R_ii) = [[1.5, 0.5], [0, 1]]
+        >>> propagate_cross_attention_increment(torch.zeros(1, 1, 1), torch.zeros(1, 1, 2), d_ii,
+        ...                                     torch.tensor([[[0.5, 0.5]]]))
+        tensor([[[0.7500, 0.7500]]])
+    """
+    _cross_shapes(d_qq, r_qi, d_ii, weighted)
+    weighted = mask_padding(weighted, query_mask, input_mask)
+    left = (normalize_increment(d_qq, query_mask) + _square_eye(d_qq)).transpose(1, 2)
+    right = normalize_increment(d_ii, input_mask) + _square_eye(d_ii)
+    return r_qi + _bmm(left, _bmm(weighted, right))
+
+
+def _cross_shapes(r_qq: Tensor, r_qi: Tensor, r_ii: Tensor, weighted: Tensor) -> None:
+    """Rule (10)'s operands must be ``R_qq [B, Tq, Tq]``, ``R_qi [B, Tq, Ti]``, ``R_ii [B, Ti, Ti]``, ``A_bar [B, Tq, Ti]``."""
     batch, queries, inputs = r_qi.shape
     square = r_qq.shape == (batch, queries, queries) and r_ii.shape == (batch, inputs, inputs)
     if not square or weighted.shape != r_qi.shape:
@@ -565,10 +879,6 @@ def propagate_cross_attention(
             "[B, Tq, Ti]; got "
             f"{tuple(r_qq.shape)}, {tuple(r_qi.shape)}, {tuple(r_ii.shape)} and {tuple(weighted.shape)}"
         )
-    weighted = mask_padding(weighted, query_mask, input_mask)
-    left = normalize_relevance(r_qq, query_mask).transpose(1, 2)
-    right = normalize_relevance(r_ii, input_mask)
-    return r_qi + torch.bmm(left, torch.bmm(weighted, right))
 
 
 class EncoderDecoderRelevance(NamedTuple):
@@ -622,8 +932,10 @@ def dense_encoder_decoder_relevance(
 
     ``R_ii = I``, ``R_qq = I``, ``R_qi = 0``; the encoder's layers give
     ``R_ii = (I + A_bar_E) ... (I + A_bar_1)`` (rule 6); then per decoder layer, in forward order:
-    :func:`propagate_self_attention` (rules 6-7) and :func:`propagate_cross_attention` (rule 10, with
-    the final ``R_ii``). The reference :func:`encoder_decoder_rows` is tested against.
+    rules 6-7 (:func:`propagate_self_attention_increment`) and rule 10
+    (:func:`propagate_cross_attention_increment`, with the final ``R_ii``). ``R_ii`` and ``R_qq`` are
+    kept as their increments over ``I`` throughout, the identity added on return. The reference
+    :func:`encoder_decoder_rows` is tested against.
 
     Args:
         encoder_layers: ``A_bar`` ``[B, Ti, Ti]`` of each encoder self-attention layer, first to last
@@ -650,20 +962,20 @@ def dense_encoder_decoder_relevance(
     shapes = _encoder_decoder_shapes(encoder_layers, decoder_self_layers, decoder_cross_layers)
     batch, queries, inputs = shapes
     reference = next(c for c in decoder_cross_layers if c is not None)
-    dtype, device = reference.dtype, reference.device
+    dtype, device = _wide(reference.dtype), reference.device
     if encoder_layers:
-        r_ii = dense_relevance([mask_padding(w, input_mask, input_mask) for w in encoder_layers])
+        d_ii = dense_increment([mask_padding(w, input_mask, input_mask) for w in encoder_layers])
     else:
-        r_ii = torch.eye(inputs, dtype=dtype, device=device).expand(batch, inputs, inputs).clone()
-    r_qq = torch.eye(queries, dtype=dtype, device=device).expand(batch, queries, queries)
+        d_ii = torch.zeros(batch, inputs, inputs, dtype=dtype, device=device)
+    d_qq = torch.zeros(batch, queries, queries, dtype=dtype, device=device)
     r_qi = torch.zeros(batch, queries, inputs, dtype=dtype, device=device)
     for self_weighted, cross_weighted in zip(decoder_self_layers, decoder_cross_layers):
-        r_qq, r_qi = propagate_self_attention(r_qq, r_qi, self_weighted, query_mask=query_mask)
+        d_qq, r_qi = propagate_self_attention_increment(d_qq, r_qi, self_weighted, query_mask=query_mask)
         if cross_weighted is not None:
-            r_qi = propagate_cross_attention(
-                r_qq, r_qi, r_ii, cross_weighted, query_mask=query_mask, input_mask=input_mask
+            r_qi = propagate_cross_attention_increment(
+                d_qq, r_qi, d_ii, cross_weighted, query_mask=query_mask, input_mask=input_mask
             )
-    return EncoderDecoderRelevance(r_ii, r_qq, r_qi)
+    return EncoderDecoderRelevance(d_ii + _square_eye(d_ii), d_qq + _square_eye(d_qq), r_qi)
 
 
 class EncoderDecoderRows(NamedTuple):
@@ -691,12 +1003,14 @@ def encoder_decoder_rows(
 
     (``S_k``, ``C_k``: ``A_bar`` of layer ``k``'s self- and cross-attention; ``R_qq^(k)`` after layer
     ``k``'s self-attention). Row ``p`` of it takes, from the last layer down, the row vectors
-    ``u_k = e_p (I + S_n) ... (I + S_k+1)`` (:func:`propagate_row`); the columns
-    ``R_qq^(k) u_k^T`` and the row sums ``R_qq^(k) 1`` (:func:`propagate_column`, first layer up) give
-    ``w_k = norm(R_qq^(k)) u_k^T``; ``z = sum_k w_k C_k`` is a row over the inputs, and
-    ``z norm(R_ii) = (z g)(R_ii - I) + z`` with ``g = 1 / rowsum(R_ii - I)`` (``0`` on zero sums, the
-    identity rows) takes one more row and column recursion through the encoder. Cost per row:
-    ``O(E Ti^2 + n^2 Tq^2 / 2 + n Tq Ti)`` for ``E`` encoder and ``n`` decoder layers, against
+    ``u_k = e_p (I + S_n) ... (I + S_k+1)``, kept as ``u_k - e_p`` (:func:`propagate_row_increment`); the
+    columns ``D_qq^(k) u_k^T`` and the row sums ``D_qq^(k) 1`` of the increment ``D_qq^(k) = R_qq^(k) - I``
+    (:func:`propagate_column_increment`, first layer up) give
+    ``w_k = norm(R_qq^(k)) u_k^T = (D_qq^(k) u_k^T) / (D_qq^(k) 1) + u_k^T``; ``z = sum_k w_k C_k`` is a
+    row over the inputs, and ``z norm(R_ii) = (z g) D_ii + z`` with ``g = 1 / rowsum(D_ii)`` (``0`` on
+    zero sums, the identity rows) takes one more row and column recursion through the encoder, in
+    increment form again. No ``R - I`` is ever taken, so increments far below 1 keep their digits. Cost
+    per row: ``O(E Ti^2 + n^2 Tq^2 / 2 + n Tq Ti)`` for ``E`` encoder and ``n`` decoder layers, against
     ``O(E Ti^3 + n (Tq^3 + Tq^2 Ti + Tq Ti^2))`` dense.
 
     Each generated token has its own gradients, hence its own ``A_bar``: stack the targets on the batch
@@ -730,7 +1044,7 @@ def encoder_decoder_rows(
             f"got {tuple(query_index.shape)}"
         )
     reference = next(c for c in decoder_cross_layers if c is not None)
-    dtype, device = reference.dtype, reference.device
+    dtype, device = _wide(reference.dtype), reference.device
     index = query_index.long().to(device)
     if index.min() < 0 or index.max() >= queries:
         raise ValueError(f"query_index must lie in [0, {queries}); got {index.tolist()}")
@@ -743,34 +1057,37 @@ def encoder_decoder_rows(
     crosses = [None if c is None else mask_padding(c, query_mask, input_mask) for c in decoder_cross_layers]
     layers = len(selfs)
 
-    # u_k = e_p (I + S_n) ... (I + S_k+1), from the last layer down; u_0 is row p of R_qq.
-    rows: list[Tensor] = [pooling_rows(index, queries, dtype)]
+    # u_k - e_p, u_k = e_p (I + S_n) ... (I + S_k+1), from the last layer down; u_0 is row p of R_qq.
+    unit = pooling_rows(index, queries, dtype)
+    increments: list[Tensor] = [torch.zeros_like(unit)]
     for weighted in reversed(selfs):
-        rows.append(propagate_row(rows[-1], weighted))
-    rows.reverse()  # rows[k] = u_k
+        increments.append(propagate_row_increment(increments[-1], weighted, unit))
+    increments.reverse()  # increments[k] = u_k - e_p
+    rows = [unit + increment for increment in increments]  # u_k, each used as a factor only
 
-    # From the first layer up: R_qq^(k) u_k for every layer k with cross-attention (pending columns),
-    # and R_qq^(k) 1 (the last column) for its row sums.
-    pending = torch.stack([rows[k + 1] for k in range(layers) if crosses[k] is not None]
-                          + [torch.ones(batch, queries, dtype=dtype, device=device)], dim=-1)
+    # From the first layer up: D_qq^(k) u_k for every layer k with cross-attention (pending columns),
+    # and D_qq^(k) 1 (the last column), its row sums.
+    starts = torch.stack([rows[k + 1] for k in range(layers) if crosses[k] is not None]
+                         + [torch.ones(batch, queries, dtype=dtype, device=device)], dim=-1)
+    pending = torch.zeros_like(starts)
     gathered = torch.zeros(batch, inputs, dtype=dtype, device=device)  # z
     for k in range(layers):
-        pending = pending + torch.bmm(selfs[k], pending)
+        pending = propagate_column_increment(pending, selfs[k], starts)
         cross = crosses[k]
         if cross is None:
             continue
         u = rows[k + 1]
-        scale = _inverse_or_zero(pending[:, :, -1] - 1.0)  # 1 / rowsum(R_qq^(k) - I)
-        w = scale * (pending[:, :, 0] - u) + u  # norm(R_qq^(k)) u_k
-        gathered = gathered + torch.bmm(w.unsqueeze(1), cross).squeeze(1)
-        pending = pending[:, :, 1:]
+        w = _inverse_or_zero(pending[:, :, -1]) * pending[:, :, 0] + u  # norm(R_qq^(k)) u_k
+        gathered = gathered + _bmm(w.unsqueeze(1), cross).squeeze(1)
+        pending, starts = pending[:, :, 1:], starts[:, :, 1:]
 
-    # z norm(R_ii) = (z g) (R_ii - I) + z, R_ii = (I + E_last) ... (I + E_1).
-    totals = torch.ones(batch, inputs, dtype=dtype, device=device)
+    # z norm(R_ii) = (z g) D_ii + z, D_ii = (I + E_last) ... (I + E_1) - I.
+    ones = torch.ones(batch, inputs, dtype=dtype, device=device)
+    totals = torch.zeros_like(ones)
     for weighted in encoder:
-        totals = propagate_column(totals, weighted)
-    scaled = gathered * _inverse_or_zero(totals - 1.0)
-    row = scaled
+        totals = propagate_column_increment(totals, weighted, ones)
+    scaled = gathered * _inverse_or_zero(totals)
+    spread = torch.zeros_like(scaled)  # (z g) D_ii, from the last layer down
     for weighted in reversed(encoder):
-        row = propagate_row(row, weighted)
-    return EncoderDecoderRows(r_qi=row - scaled + gathered, r_qq=rows[0])
+        spread = propagate_row_increment(spread, weighted, scaled)
+    return EncoderDecoderRows(r_qi=spread + gathered, r_qq=rows[0])

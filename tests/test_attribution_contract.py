@@ -278,7 +278,7 @@ def test_only_the_dense_reference_forms_the_dense_product(monkeypatch):
     def refuse(*args, **kwargs):
         raise AssertionError("the L x L relevance matrix was formed")
 
-    monkeypatch.setattr(attribution, "dense_relevance", refuse)
+    monkeypatch.setattr(attribution, "dense_increment", refuse)  # R - I, which the dense path forms
     for toy in (StackedToy([A1, A2]), StackedToy([A1, A2], leaves=True, stacked=False)):
         torch.testing.assert_close(CheferAttribution(toy).attribute(_x()), torch.tensor(CLASS0))
         torch.testing.assert_close(

@@ -142,16 +142,17 @@ def test_deferred_layers_of_a_model_that_is_not_a_stack(options):
 
 
 @pytest.mark.parametrize("family", ["bert", "gpt2"])
-def test_a_bfloat16_model_gets_bfloat16_relevance(family):
-    """The pooled row is started in the layers' dtype: bfloat16 in, bfloat16 out, close to the rule on the
-    eager copy's bfloat16 maps (evaluated in float64)."""
+def test_a_bfloat16_model_gets_float32_relevance(family):
+    """The maps are upcast before they are weighted and the pooled row is kept in float32 (deliberately: bfloat16
+    would round small increments away): bfloat16 in, float32 out, close to the rule on the eager copy's
+    bfloat16 maps (evaluated in float64)."""
     model = _model(family).to(torch.bfloat16)
     maps, grads = _eager(model)
     adapter = HuggingFaceAdapter(model)
     tokens, args = adapter.captum_inputs({"input_ids": IDS, "attention_mask": MASK}, level="token")
     for options in ({}, {"head_reduction": "max"}):
         (scores,) = CheferAttribution(adapter).attribute(tokens, target=TARGET, additional_forward_args=args, **options)
-        assert scores.dtype == torch.bfloat16, options
+        assert scores.dtype == torch.float32, options
         expected = _rule([a.double() for a in maps], [g.double() for g in grads], _pools(family), **options)
         torch.testing.assert_close(scores.double(), expected.double(), atol=0.05, rtol=0.05, msg=str(options))
 

@@ -93,15 +93,20 @@ def test_per_sample_unit_rows():
     assert torch.equal(read_rows(relevance, torch.tensor([1, 0])), torch.tensor([[2.0, 3.0], [4.0, 5.0]]))
 
 
-def test_dtypes_follow_the_attention():
+def test_dtypes_follow_the_attention_in_float32_at_least():
+    """float64 stays float64; half-precision maps and gradients are upcast to float32 (8 bits would round
+    small increments away)."""
     assert pooling_rows(torch.tensor([0]), 2).dtype == torch.float32
     assert pooling_rows(torch.tensor([0]), 2, torch.float64).dtype == torch.float64
-    for dtype in (torch.float64, torch.bfloat16):
+    for dtype, computed in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)):
         a, g = ATTENTION.to(dtype), GRADIENT.to(dtype)
         weighted = weighted_attention(a, g)
-        assert dense_relevance([weighted, weighted]).dtype == dtype
-        assert propagate_weighted_row(None, a, g, unit_index=torch.tensor([1])).dtype == dtype
-        assert propagate_weighted_row(ROW.to(dtype), a, g).dtype == dtype
+        assert weighted.dtype == computed
+        assert dense_relevance([weighted, weighted]).dtype == computed
+        assert dense_relevance([weighted.to(dtype)]).dtype == computed
+        assert propagate_weighted_row(None, a, g, unit_index=torch.tensor([1])).dtype == computed
+        assert propagate_weighted_row(ROW.to(dtype), a, g).dtype == computed
+        assert propagate_row(ROW.to(dtype), weighted.to(dtype)).dtype == computed
 
 
 def test_every_function_stays_on_the_device_of_its_inputs():
