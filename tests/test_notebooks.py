@@ -190,3 +190,16 @@ def test_the_kernel_runs_deterministic_with_the_threads_and_settings_asked_for(t
     executed = run_notebooks.execute(path, timeout=120)
     assert run_notebooks.problems(executed) == []
     assert executed.cells[1].outputs[0]["text"] == "2 True False medium 0\n"
+
+
+@pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
+def test_notebook_reproduces_its_saved_outputs(path):
+    saved = nbformat.read(path, as_version=4)
+    fresh = run_notebooks.execute(path)
+    assert run_notebooks.problems(fresh) == []  # no error, no warning or progress bar on stderr
+    assert run_notebooks.differences(saved, fresh) == [], f"{path.name}: rerun tools/run_notebooks.py {path.name}"
+    for cell in fresh.cells:  # a figure shows as an image, not as "<Figure size ...>" text alone
+        for output in cell.get("outputs", []):
+            data = output.get("data", {})
+            if str(data.get("text/plain", "")).startswith("<Figure"):
+                assert "image/png" in data, f"{path.name}: a figure did not render"

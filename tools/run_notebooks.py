@@ -340,6 +340,19 @@ def differences(saved: Any, fresh: Any) -> list[str]:
     return out
 
 
+def moved_numbers(saved: Any, fresh: Any) -> tuple[int, int]:
+    """How many compared numbers are written differently in ``fresh`` than in ``saved``, and how many there are
+    (outputs whose text differs apart from the numbers are left out: :func:`differences` reports them)."""
+    moved = total = 0
+    for x, y in zip(comparable_outputs(saved), comparable_outputs(fresh)):
+        for (_, a), (_, b) in zip(x or [], y or []):
+            (a_text, a_numbers), (b_text, b_numbers) = split_numbers(a), split_numbers(b)
+            if a_text == b_text:
+                total += len(a_numbers)
+                moved += sum(p != q for p, q in zip(a_numbers, b_numbers))
+    return moved, total
+
+
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: every notebooks/*.ipynb)")
@@ -364,7 +377,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             continue
         trouble = problems(fresh)
         if args.check:
-            trouble += differences(nbformat.read(path, as_version=4), fresh)
+            saved = nbformat.read(path, as_version=4)
+            trouble += differences(saved, fresh)
+            moved, total = moved_numbers(saved, fresh)
+            print(f"  {moved} of {total} compared numbers are written differently from the saved ones")
         for line in trouble:
             print(f"  {line}")
         failed |= bool(trouble)
