@@ -19,14 +19,21 @@ Two variables change what the kernel does, to show that the comparison below hol
 
 * ``CAPTUM_CHEFER_NOTEBOOK_THREADS``: torch's intra-op threads in the kernel (default 1), also set as
   ``OMP_NUM_THREADS``; ``--threads N`` sets it.
-* ``CAPTUM_CHEFER_NOTEBOOK_TORCH``: comma-separated settings that change the last bits of float32 results:
-  ``no-mkldnn`` (``torch.backends.mkldnn.enabled = False``), ``flush-denormal``
-  (``torch.set_flush_denormal(True)``), ``matmul=high`` or ``matmul=medium``
-  (``torch.set_float32_matmul_precision``); ``--torch SETTINGS`` sets it.
+* ``CAPTUM_CHEFER_NOTEBOOK_TORCH``: comma-separated torch settings: ``no-mkldnn``
+  (``torch.backends.mkldnn.enabled = False``), ``flush-denormal`` (``torch.set_flush_denormal(True)``),
+  ``matmul=medium`` (``torch.set_float32_matmul_precision("medium")``: bfloat16 products where the CPU has
+  them, a far larger change than another CPU makes); ``--torch SETTINGS`` sets it.
 
-The kernel inherits this process's environment, so an older CPU can be imitated too:
-``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2 python tools/run_notebooks.py
---check``.
+The kernel inherits this process's environment, so a CPU without AVX-512 can be imitated too
+(``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2``), or none of the vector
+units (``ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE``, slow). For example::
+
+    CAPTUM_CHEFER_NOTEBOOK_THREADS=2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
+        python -m pytest tests/test_notebooks.py
+    python tools/run_notebooks.py --check --threads 2 --torch no-mkldnn,flush-denormal --out /tmp/fresh
+
+``--check`` also says how many compared numbers came out written differently from the saved ones (the
+tolerance at work); ``--out DIR`` writes the executed notebooks there instead of in place.
 
 What must match when the tests re-execute a notebook
 -----------------------------------------------------
@@ -49,10 +56,12 @@ character. What a reader relies on is (:func:`differences`):
 A cell whose outputs depend on a trained model states its own tolerance in its metadata, for example
 ``"tolerance": {"rtol": 0.1, "atol": 0.02, "counts": 2, "why": "hit counts over 16 words of a trained
 model"}`` (a count of 16 may move by 2). The conclusions the prose draws must not ride on such
-tolerances: the cell that computes them prints a verdict in words (a claim and whether it holds, computed
-from intervals), and words are compared exactly. A silently changed conclusion then fails the test, a
-changed last digit does not. Choose claims that hold with a margin, not ones that sit on the edge of their
-interval.
+tolerances: the cell that computes them prints each claim of the prose as ``holds: <claim> (<numbers>)`` or
+``DOES NOT HOLD: <claim> (...)``, decided from intervals, and words are compared exactly; a statement
+generated from the numbers names a method only where its interval clears the others. A silently changed
+conclusion then fails the test, a changed last digit does not; and no notebook is saved with a claim that
+does not hold (``tests/test_notebooks.py``). Choose claims that hold with a margin, not ones that sit on
+the edge of their interval.
 
 Not compared: image bytes, execution counts, and every output of cells tagged ``unseeded`` (cell metadata
 ``"tags": ["unseeded"]``), which hold wall times or anything else that is not seeded. Put such numbers in
@@ -62,7 +71,6 @@ cells of their own and tag them.
 from __future__ import annotations
 
 import argparse
-import math
 import os
 import re
 import sys
@@ -182,8 +190,6 @@ class Tolerance:
     def allows(self, saved: str, fresh: str) -> bool:
         """Whether the number written ``fresh`` matches the number written ``saved``."""
         a, b = _value(saved), _value(fresh)
-        if math.isnan(a) or math.isnan(b):
-            return math.isnan(a) and math.isnan(b)
         if _is_count(saved) and _is_count(fresh):
             return abs(a - b) <= self.counts
         return abs(a - b) <= self.atol + self.rtol * abs(a) + _unit(saved)
@@ -201,7 +207,7 @@ def cell_tolerance(cell: Any) -> Tolerance:
 
 # A number: not glued to a letter, digit, "_" or "." before it (so p00146, C056, v2 and vit_b_16 stay text),
 # optional sign, digits, optional fraction and exponent, not followed by a letter, digit or "_" (10px, 1340x490
-# stay text). "nan" and "inf" printed as numbers are handled by the caller's template.
+# stay text). "nan" and "inf" are words: they stay in the text.
 NUMBER = re.compile(r"(?<![\w.])[-+]?(?:\d+\.\d*|\.\d+|\d+)(?:[eE][-+]?\d+)?(?:%|(?!\.?\w))")
 SPACES = re.compile(r"[ \t]+")
 
@@ -319,6 +325,15 @@ def problems(notebook: Any) -> list[str]:
     return found
 
 
+def claims_not_holding(notebook: Any) -> list[str]:
+    """The lines of a notebook's compared outputs that print a claim of its prose as not holding."""
+    return [
+        f"code cell {index}: {line.strip()[:300]}"
+        for index, cell in enumerate(comparable_outputs(notebook)) for _, text in cell or []
+        for line in text.splitlines() if "DOES NOT HOLD" in line
+    ]
+
+
 def differences(saved: Any, fresh: Any) -> list[str]:
     """Where the comparable outputs of two runs of one notebook differ, under the saved cells' tolerances."""
     a, b = comparable_outputs(saved), comparable_outputs(fresh)
@@ -391,6 +406,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         elif not args.check and not problems(fresh):
             nbformat.write(fresh, path)
             print("  saved with outputs")
+        for line in claims_not_holding(fresh):  # saved all the same: the prose must change, or the code
+            print(f"  a claim of the prose does not hold: {line}")
+            failed = True
     return 1 if failed else 0
 
 
