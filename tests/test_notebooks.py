@@ -99,6 +99,8 @@ MUST_PASS = [
     ("a count within the cell's stated counts", SAVED.replace("19 of", "21 of"), TRAINED),
     ("a measurement within the cell's rtol and atol", SAVED.replace("0.378", "0.41").replace("+0.051", "+0.06"), TRAINED),
     ("a difference of about zero changes its sign", SAVED.replace("+0.051", "-0.000"), {"atol": 0.06}),
+    ("a figure's numbers, where the cell ignores them", SAVED.replace("70%", "12%").replace("19 of", "3 of"),
+     {"ignore_numbers": True, "why": "a colour-coded figure"}),
 ]
 
 MUST_FAIL = [
@@ -112,6 +114,7 @@ MUST_FAIL = [
     ("a number more", SAVED.replace("(+0.051)", "(+0.051, 35 patients)"), TRAINED),
     ("a line less", SAVED.split("\n")[0] + "\n", TRAINED),
     ("a percentage that became a fraction", SAVED.replace("(70%)", "(0.70)"), TRAINED),
+    ("a figure's words, where the cell ignores its numbers", SAVED.replace("IG is", "Chefer is"), {"ignore_numbers": True}),
 ]
 
 

@@ -33,7 +33,8 @@ units (``ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE``, slow). For example::
     python tools/run_notebooks.py --check --threads 2 --torch no-mkldnn,flush-denormal --out /tmp/fresh
 
 ``--check`` also says how many compared numbers came out written differently from the saved ones (the
-tolerance at work); ``--out DIR`` writes the executed notebooks there instead of in place.
+tolerance at work); ``--out DIR`` writes the executed notebooks there instead of in place; ``--full --out DIR``
+runs them at the full size, to see that their claims hold there too.
 
 What must match when the tests re-execute a notebook
 -----------------------------------------------------
@@ -55,7 +56,9 @@ character. What a reader relies on is (:func:`differences`):
 
 A cell whose outputs depend on a trained model states its own tolerance in its metadata, for example
 ``"tolerance": {"rtol": 0.1, "atol": 0.02, "counts": 2, "why": "hit counts over 16 words of a trained
-model"}`` (a count of 16 may move by 2). The conclusions the prose draws must not ride on such
+model"}`` (a count of 16 may move by 2). A colour-coded figure drawn in HTML (Captum's ``visualize_text``)
+states ``"ignore_numbers": true``: its words are compared, its colours and numbers are not, as an image's
+bytes are not (the colour of a score near zero may turn from red to green). The conclusions the prose draws must not ride on such
 tolerances: the cell that computes them prints each claim of the prose as ``holds: <claim> (<numbers>)`` or
 ``DOES NOT HOLD: <claim> (...)``, decided from intervals, and words are compared exactly; a statement
 generated from the numbers names a method only where its interval clears the others. A silently changed
@@ -149,8 +152,9 @@ def _environment(extra: Mapping[str, str]) -> Iterator[None]:
                 os.environ[key] = value
 
 
-def execute(path: Path, timeout: int = 900) -> Any:
-    """The notebook at ``path`` executed top to bottom in a fresh kernel (the file is not changed)."""
+def execute(path: Path, timeout: int = 900, small: bool = True) -> Any:
+    """The notebook at ``path`` executed top to bottom in a fresh kernel (the file is not changed); ``small=False``
+    runs the full size (``CAPTUM_CHEFER_SMALL=0``)."""
     notebook = nbformat.read(path, as_version=4)
     python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     threads = os.environ.get(THREADS) or "1"
@@ -158,7 +162,7 @@ def execute(path: Path, timeout: int = 900) -> Any:
         startup = Path(ipython_dir) / "profile_default" / "startup"
         startup.mkdir(parents=True)
         (startup / "00-deterministic.py").write_text(KERNEL_SETUP)
-        extra = {**ENVIRONMENT, "PYTHONPATH": python_path, "IPYTHONDIR": ipython_dir, "OMP_NUM_THREADS": threads}
+        extra = {**ENVIRONMENT, "CAPTUM_CHEFER_SMALL": "1" if small else "0", "PYTHONPATH": python_path, "IPYTHONDIR": ipython_dir, "OMP_NUM_THREADS": threads}
         with _environment(extra):
             client = NotebookClient(
                 notebook, timeout=timeout, kernel_name="python3", record_timing=False,
@@ -186,9 +190,12 @@ class Tolerance:
     rtol: float = 0.01
     atol: float = 0.0
     counts: int = 0
+    ignore_numbers: bool = False
 
     def allows(self, saved: str, fresh: str) -> bool:
         """Whether the number written ``fresh`` matches the number written ``saved``."""
+        if self.ignore_numbers:
+            return True
         a, b = _value(saved), _value(fresh)
         if _is_count(saved) and _is_count(fresh):
             return abs(a - b) <= self.counts
@@ -199,9 +206,10 @@ def cell_tolerance(cell: Any) -> Tolerance:
     """The tolerance a code cell states in its metadata (``"tolerance": {...}``), else the defaults."""
     stated = dict(cell.get("metadata", {}).get(TOLERANCE, {}))
     stated.pop("why", None)
-    unknown = set(stated) - {"rtol", "atol", "counts"}
+    unknown = set(stated) - {"rtol", "atol", "counts", "ignore_numbers"}
     if unknown:
-        raise ValueError(f"unknown tolerance keys {sorted(unknown)} in a cell's metadata: use rtol, atol, counts (and why)")
+        raise ValueError(
+            f"unknown tolerance keys {sorted(unknown)} in a cell's metadata: use rtol, atol, counts, ignore_numbers (and why)")
     return Tolerance(**stated)
 
 
@@ -375,7 +383,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, help=f"torch threads in the kernel (sets {THREADS}; default 1)")
     parser.add_argument("--torch", metavar="SETTINGS", help=f"last-bit settings in the kernel (sets {TORCH_SETTINGS})")
     parser.add_argument("--out", type=Path, help="write the executed notebooks to this folder instead of in place")
+    parser.add_argument("--full", action="store_true", help="run the full size (needs --out; the saved notebooks are small)")
     args = parser.parse_args(argv)
+    if args.full and (args.out is None or args.check):
+        parser.error("--full needs --out and no --check: the saved notebooks and the tests are at the small size")
     if args.threads is not None:
         os.environ[THREADS] = str(args.threads)
     if args.torch is not None:
@@ -385,7 +396,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     for path in paths:
         print(f"executing {path.relative_to(ROOT) if path.is_relative_to(ROOT) else path} ...", flush=True)
         try:
-            fresh = execute(path)
+            fresh = execute(path, timeout=3600 if args.full else 900, small=not args.full)
         except CellExecutionError as error:
             print(f"  {str(error).strip().splitlines()[-1]}\n  (the cell: {str(error).splitlines()[2][:200]!r} ...)")
             failed = True
