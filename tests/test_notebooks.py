@@ -206,3 +206,9 @@ def test_notebook_reproduces_its_saved_outputs(path):
             data = output.get("data", {})
             if str(data.get("text/plain", "")).startswith("<Figure"):
                 assert "image/png" in data, f"{path.name}: a figure did not render"
+
+
+def test_an_unknown_torch_setting_is_refused_before_a_kernel_starts(monkeypatch):
+    monkeypatch.setenv(run_notebooks.TORCH_SETTINGS, "no-mkldnn,matmul=low")
+    with pytest.raises(ValueError, match="unknown setting 'matmul=low' in CAPTUM_CHEFER_NOTEBOOK_TORCH"):
+        run_notebooks.execute(NOTEBOOKS[0])

@@ -155,6 +155,10 @@ def _environment(extra: Mapping[str, str]) -> Iterator[None]:
 def execute(path: Path, timeout: int = 900, small: bool = True) -> Any:
     """The notebook at ``path`` executed top to bottom in a fresh kernel (the file is not changed); ``small=False``
     runs the full size (``CAPTUM_CHEFER_SMALL=0``)."""
+    for setting in filter(None, (os.environ.get(TORCH_SETTINGS) or "").split(",")):
+        name, _, value = setting.strip().partition("=")
+        if not (name in ("no-mkldnn", "flush-denormal") and not value or name == "matmul" and value in ("highest", "high", "medium")):
+            raise ValueError(f"unknown setting {setting!r} in {TORCH_SETTINGS}: use no-mkldnn, flush-denormal, matmul=medium")
     notebook = nbformat.read(path, as_version=4)
     python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     threads = os.environ.get(THREADS) or "1"
