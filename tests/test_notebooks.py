@@ -13,6 +13,7 @@ import doctest
 import importlib.util
 import sys
 from pathlib import Path
+from typing import Any
 
 import nbformat
 import pytest
@@ -74,7 +75,7 @@ def test_the_rule_of_the_module_docstring():
     assert tried >= 6 and failures == 0
 
 
-def _notebook(text: str, tolerance: dict | None = None, unseeded: str = "3 ms", image: bytes = "iVBOR") -> nbformat.NotebookNode:
+def _notebook(text: str, tolerance: dict | None = None, unseeded: str = "3 ms", image: str = "iVBOR") -> Any:
     """A notebook of one printing cell (with a stated tolerance), one unseeded cell and one figure."""
     cell = nbformat.v4.new_code_cell("print(...)")
     cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=text)]
@@ -84,7 +85,8 @@ def _notebook(text: str, tolerance: dict | None = None, unseeded: str = "3 ms", 
     timed.metadata["tags"] = ["unseeded"]
     timed.outputs = [nbformat.v4.new_output("stream", name="stdout", text=unseeded)]
     figure = nbformat.v4.new_code_cell("figure")
-    figure.outputs = [nbformat.v4.new_output("display_data", data={"image/png": image, "text/plain": "<Figure size 640x480 with 1 Axes>"})]
+    data = {"image/png": image, "text/plain": "<Figure size 640x480 with 1 Axes>"}
+    figure.outputs = [nbformat.v4.new_output("display_data", data=data)]
     return nbformat.v4.new_notebook(cells=[cell, timed, figure])
 
 
@@ -97,7 +99,8 @@ MUST_PASS = [
     ("within 1% plus a printed unit", SAVED.replace("0.451", "0.456"), None),
     ("column alignment", SAVED.replace("of 27", "of  27").replace(" [", "\t["), None),
     ("a count within the cell's stated counts", SAVED.replace("19 of", "21 of"), TRAINED),
-    ("a measurement within the cell's rtol and atol", SAVED.replace("0.378", "0.41").replace("+0.051", "+0.06"), TRAINED),
+    ("a measurement within the cell's rtol and atol",
+     SAVED.replace("0.378", "0.41").replace("+0.051", "+0.06"), TRAINED),
     ("a difference of about zero changes its sign", SAVED.replace("+0.051", "-0.000"), {"atol": 0.06}),
     ("a figure's numbers, where the cell ignores them", SAVED.replace("70%", "12%").replace("19 of", "3 of"),
      {"ignore_numbers": True, "why": "a colour-coded figure"}),
@@ -114,7 +117,8 @@ MUST_FAIL = [
     ("a number more", SAVED.replace("(+0.051)", "(+0.051, 35 patients)"), TRAINED),
     ("a line less", SAVED.split("\n")[0] + "\n", TRAINED),
     ("a percentage that became a fraction", SAVED.replace("(70%)", "(0.70)"), TRAINED),
-    ("a figure's words, where the cell ignores its numbers", SAVED.replace("IG is", "Chefer is"), {"ignore_numbers": True}),
+    ("a figure's words, where the cell ignores its numbers",
+     SAVED.replace("IG is", "Chefer is"), {"ignore_numbers": True}),
 ]
 
 

@@ -56,15 +56,18 @@ character. What a reader relies on is (:func:`differences`):
 
 A cell whose outputs depend on a trained model states its own tolerance in its metadata, for example
 ``"tolerance": {"rtol": 0.1, "atol": 0.02, "counts": 2, "why": "hit counts over 16 words of a trained
-model"}`` (a count of 16 may move by 2). A colour-coded figure drawn in HTML (Captum's ``visualize_text``)
-states ``"ignore_numbers": true``: its words are compared, its colours and numbers are not, as an image's
-bytes are not (the colour of a score near zero may turn from red to green). The conclusions the prose draws must not ride on such
-tolerances: the cell that computes them prints each claim of the prose as ``holds: <claim> (<numbers>)`` or
-``DOES NOT HOLD: <claim> (...)``, decided from intervals, and words are compared exactly; a statement
-generated from the numbers names a method only where its interval clears the others. A silently changed
-conclusion then fails the test, a changed last digit does not; and no notebook is saved with a claim that
-does not hold (``tests/test_notebooks.py``). Choose claims that hold with a margin, not ones that sit on
-the edge of their interval.
+model"}`` (a count of 16 may move by 2; ``atol`` is in the printed units, percentage points for a ``%``).
+A colour-coded figure drawn in HTML (Captum's ``visualize_text``) states ``"ignore_numbers": true``: its
+words are compared, its colours and numbers are not, as an image's bytes are not (the colour of a score near
+zero may turn from red to green).
+
+The conclusions the prose draws must not ride on such tolerances: the cell that computes them prints each
+claim of the prose as ``holds: <claim> (<numbers>)`` or ``DOES NOT HOLD: <claim> (...)``, decided from
+intervals, and words are compared exactly; a statement generated from the numbers names a method only where
+its interval clears the others. A silently changed conclusion then fails the test, a changed last digit does
+not; and no notebook is saved with a claim that does not hold (``tests/test_notebooks.py``; the run says so).
+Choose claims that hold with a margin, not ones that sit on the edge of their interval, and that hold at the
+full size too (``--full --out DIR``).
 
 Not compared: image bytes, execution counts, and every output of cells tagged ``unseeded`` (cell metadata
 ``"tags": ["unseeded"]``), which hold wall times or anything else that is not seeded. Put such numbers in
@@ -157,8 +160,11 @@ def execute(path: Path, timeout: int = 900, small: bool = True) -> Any:
     runs the full size (``CAPTUM_CHEFER_SMALL=0``)."""
     for setting in filter(None, (os.environ.get(TORCH_SETTINGS) or "").split(",")):
         name, _, value = setting.strip().partition("=")
-        if not (name in ("no-mkldnn", "flush-denormal") and not value or name == "matmul" and value in ("highest", "high", "medium")):
-            raise ValueError(f"unknown setting {setting!r} in {TORCH_SETTINGS}: use no-mkldnn, flush-denormal, matmul=medium")
+        known = name in ("no-mkldnn", "flush-denormal") and not value
+        known |= name == "matmul" and value in ("highest", "high", "medium")
+        if not known:
+            raise ValueError(
+                f"unknown setting {setting!r} in {TORCH_SETTINGS}: use no-mkldnn, flush-denormal, matmul=medium")
     notebook = nbformat.read(path, as_version=4)
     python_path = os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH", "")) if p)
     threads = os.environ.get(THREADS) or "1"
@@ -166,7 +172,10 @@ def execute(path: Path, timeout: int = 900, small: bool = True) -> Any:
         startup = Path(ipython_dir) / "profile_default" / "startup"
         startup.mkdir(parents=True)
         (startup / "00-deterministic.py").write_text(KERNEL_SETUP)
-        extra = {**ENVIRONMENT, "CAPTUM_CHEFER_SMALL": "1" if small else "0", "PYTHONPATH": python_path, "IPYTHONDIR": ipython_dir, "OMP_NUM_THREADS": threads}
+        extra = {
+            **ENVIRONMENT, "CAPTUM_CHEFER_SMALL": "1" if small else "0", "PYTHONPATH": python_path,
+            "IPYTHONDIR": ipython_dir, "OMP_NUM_THREADS": threads,
+        }
         with _environment(extra):
             client = NotebookClient(
                 notebook, timeout=timeout, kernel_name="python3", record_timing=False,
@@ -213,7 +222,8 @@ def cell_tolerance(cell: Any) -> Tolerance:
     unknown = set(stated) - {"rtol", "atol", "counts", "ignore_numbers"}
     if unknown:
         raise ValueError(
-            f"unknown tolerance keys {sorted(unknown)} in a cell's metadata: use rtol, atol, counts, ignore_numbers (and why)")
+            f"unknown tolerance keys {sorted(unknown)} in a cell's metadata: "
+            "use rtol, atol, counts, ignore_numbers (and why)")
     return Tolerance(**stated)
 
 
@@ -387,7 +397,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--threads", type=int, help=f"torch threads in the kernel (sets {THREADS}; default 1)")
     parser.add_argument("--torch", metavar="SETTINGS", help=f"last-bit settings in the kernel (sets {TORCH_SETTINGS})")
     parser.add_argument("--out", type=Path, help="write the executed notebooks to this folder instead of in place")
-    parser.add_argument("--full", action="store_true", help="run the full size (needs --out; the saved notebooks are small)")
+    parser.add_argument("--full", action="store_true",
+                        help="run the full size (needs --out; the saved notebooks are small)")
     args = parser.parse_args(argv)
     if args.full and (args.out is None or args.check):
         parser.error("--full needs --out and no --check: the saved notebooks and the tests are at the small size")
