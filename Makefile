@@ -32,6 +32,7 @@ bench: $(STAMP)
 
 # Execute notebooks at the small size the tests use and save them with their outputs:
 # `make notebooks` runs all of them, `make notebooks NB="notebooks/02_side_by_side.ipynb"` the ones named.
+# `$(PY) tools/run_notebooks.py --check` executes them and compares with the saved outputs (the rule the tests use).
 notebooks: $(STAMP)
 	$(PY) tools/run_notebooks.py $(NB)
 
