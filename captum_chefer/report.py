@@ -442,14 +442,27 @@ def curves_figure(evaluation: Evaluation) -> Any:
     return fig
 
 
-def metrics_figure(evaluation: Evaluation) -> Any:
+def metrics_figure(evaluation: Evaluation, metrics: Optional[Sequence[str]] = None, title: Optional[str] = None) -> Any:
     """The per-patient metrics of the headline table as grouped bars, one colour per method
     (:func:`captum_chefer.visualization.method_colors`), each bar with its 95% interval
-    (``Evaluation.interval``, the interval the table prints) as an error bar."""
+    (``Evaluation.interval``, the interval the table prints) as an error bar.
+
+    Args:
+        evaluation: from :func:`captum_chefer.comparison.evaluate_methods`.
+        metrics: the metric keys to show (e.g. ``["precision_at_k", "auroc"]``); default: the first six
+            of the headline table that the evaluation has.
+        title: the figure's title; default: what the bars and error bars are.
+    """
     from matplotlib.figure import Figure
 
     rows = evaluation.summary()
-    metrics = [(k, label) for k, label in HEADLINE[:6] if any(not _isnan(r.get(k, math.nan)) for r in rows)]
+    labels = dict(HEADLINE)
+    if metrics is not None:
+        unknown = [k for k in metrics if k not in labels]
+        if unknown:
+            raise ValueError(f"unknown metrics {unknown}; use some of {[k for k, _ in HEADLINE[:8]]}")
+    chosen = [k for k, _ in HEADLINE[:6]] if metrics is None else list(metrics)
+    metrics = [(k, labels[k]) for k in chosen if any(not _isnan(r.get(k, math.nan)) for r in rows)]
     colors = method_colors(r["method"] for r in rows)
     fig = Figure(figsize=(10, 4.0), layout="constrained")
     ax = fig.subplots()
@@ -465,7 +478,7 @@ def metrics_figure(evaluation: Evaluation) -> Any:
         ax.bar([j + i * width for j in range(len(metrics))], values, width, label=r["method"], color=colors[r["method"]],
                yerr=[low, high], error_kw={"elinewidth": 0.9, "capsize": 2, "ecolor": "#333333"})
     ax.set_xticks([j + width * (len(rows) - 1) / 2 for j in range(len(metrics))], [label for _, label in metrics])
-    ax.set_title(f"Faithfulness and localization: means over the explained patients, error bars: {evaluation.level:.0%} intervals")
+    ax.set_title(title or f"Faithfulness and localization: means over the explained patients, error bars: {evaluation.level:.0%} intervals")
     ax.axhline(0, color="black", linewidth=0.6)
     ax.legend(fontsize=8, ncols=min(len(rows), 4), loc="upper center", bbox_to_anchor=(0.5, -0.1), frameon=False)
     return fig

@@ -191,6 +191,12 @@ def test_bar_charts_carry_the_table_intervals_and_every_figure_one_colour_per_me
     time_ax = time_figure(evaluation).axes[0]
     assert [to_rgba(p.get_facecolor()) for p in time_ax.patches] == [to_rgba(METHOD_COLORS[n]) for n in per]
     assert "no interval" in time_ax.get_title()
+    chosen = metrics_figure(evaluation, metrics=["auroc"], title="AUROC alone").axes[0]
+    assert [t.get_text() for t in chosen.get_xticklabels()] == ["AUROC ↑"] and chosen.get_title() == "AUROC alone"
+    only = [c for c in chosen.containers if type(c).__name__ == "BarContainer"][0]
+    assert [p.get_height() for p in only.patches] == [pytest.approx(float(per["Chefer (recommended)"]["auroc"].mean()))]
+    with pytest.raises(ValueError, match=r"unknown metrics \['aurok'\]; use some of"):
+        metrics_figure(evaluation, metrics=["aurok"])
 
 
 @pytest.mark.filterwarnings("ignore::captum_chefer.comparison.chance.ChanceLevelWarning")  # the untrained toy model
