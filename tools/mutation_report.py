@@ -9,12 +9,14 @@ Each part is a section of ``setup.cfg``:
   the capture layer), so a bare ``mutmut run`` still means what ``make mutation`` means;
 * ``[mutmut:<part>]`` is another part: it replaces ``only_mutate`` (the modules, one glob per line) and
   ``pytest_add_cli_args_test_selection`` (the part's fast tests), and may set ``mutants`` (only the
-  mutants whose names match these patterns, e.g. the HTML writers of a module), ``also_copy``, ``title``,
-  ``notes``, ``report`` and ``estimate`` (the expected wall time, measured with ``--estimate``).
+  mutants whose names match these patterns, e.g. the HTML writers of a module), ``title``, ``notes``,
+  ``report``, ``estimate`` (the expected wall time, measured with ``--estimate``) and any other mutmut
+  setting (``also_copy`` for files the tests read; ``process_isolation = forkserver`` where the tests leave
+  threads behind that a forked worker would hang on).
 
 Each part runs in its own directory, ``mutants/<part>/`` (a copy of the package and the tests, with the
 part's settings as its ``setup.cfg``; mutmut's own working directory is ``mutants/<part>/mutants/``), so the
-results of one part stay while another runs. Why a surviving mutant cannot be caught (it computes the same
+results of one part stay while another runs (``--estimate`` uses ``mutants/<part>-sample/``). Why a surviving mutant cannot be caught (it computes the same
 thing), or which test kills a mutant the suite once let survive, is written in the part's notes file
 (``tools/mutation_notes.toml`` for ``math``, ``tools/mutation_notes_<part>.toml`` otherwise), which this
 script merges into the part's report, ``benchmarks/MUTATION-<part>.md``, so a rerun keeps it. Every report
@@ -29,7 +31,7 @@ Usage (from the repository root, with the project's Python)::
     python tools/mutation_report.py --part metrics --killers NAME [NAME ...]  # first failing test per mutant
         [--with-tests tests/test_x.py::test_y]                    # (of these tests, e.g. ones added after the run)
     python tools/mutation_report.py --part metrics --template     # note stubs for the survivors without one
-    python tools/mutation_report.py --part llm --estimate 5       # time a sample (mutants numbered *5)
+    python tools/mutation_report.py --part llm --estimate 2       # time a sample (mutant 2 of each function)
     python tools/mutation_report.py --list                        # the parts, their modules and tests
     python tools/mutation_report.py --summary                     # rewrite benchmarks/MUTATION.md only
 
@@ -42,6 +44,7 @@ import argparse
 import ast
 import configparser
 import contextlib
+import dataclasses
 import datetime as dt
 import difflib
 import fnmatch
@@ -127,7 +130,7 @@ def _lines(text: str) -> list[str]:
 def load_parts(config_path: Path = CONFIG) -> dict[str, Part]:
     """The parts: ``[mutmut]`` (the default part) and every ``[mutmut:<part>]`` section, in file order."""
     config = configparser.ConfigParser(interpolation=None)
-    config.read(config_path)
+    config.read(config_path, encoding="utf-8")
     base = dict(config["mutmut"])
     parts = {}
     for section in config.sections():
@@ -215,7 +218,7 @@ def prepare_workdir(part: Part) -> None:
             shutil.copy2(source, target)
     config = configparser.ConfigParser(interpolation=None)
     config["mutmut"] = part.settings
-    with open(part.workdir / "setup.cfg", "w") as f:
+    with open(part.workdir / "setup.cfg", "w", encoding="utf-8") as f:
         f.write(f"# written by tools/mutation_report.py for the part {part.name!r} from the repository's setup.cfg\n")
         config.write(f)
 
@@ -225,13 +228,22 @@ def run_mutmut(part: Part, jobs: int, names: Optional[list[str]] = None, note: s
     prepare_workdir(part)
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
     selection = names if names is not None else part.patterns
-    proc = mutmut(part, "run", "--max-children", str(jobs), *selection, capture=False)
+    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *selection]
+    proc = subprocess.Popen(command, cwd=part.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail = b""
+    while chunk := proc.stdout.read1(65536):  # shown as it comes; the end kept for the rate mutmut prints
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        tail = (tail + chunk)[-65536:]
+    proc.wait()
     seconds = time.perf_counter() - start
     if not part.mutants.exists():
         raise SystemExit(f"mutmut run failed (exit {proc.returncode}) before it made any mutant")
+    rate = re.findall(rb"([0-9.]+) mutations/second", tail)
     info = {
         "part": part.name, "started": started.isoformat(timespec="seconds"), "seconds": round(seconds, 1),
         "jobs": jobs, "cpus": os.cpu_count(), "exit": proc.returncode,
+        "mutants_per_second": float(rate[-1]) if rate else None,
     }
     if names is not None:
         info["sample"] = names
@@ -441,7 +453,7 @@ def write_summary(parts: dict[str, Part], min_score: float = 0.90) -> None:
     for part in parts.values():
         mutated = ", ".join(f"`{m.removeprefix('captum_chefer/')}`" for m in part.modules)
         if part.patterns:
-            mutated += " (" + ", ".join(f"`{p.removeprefix('captum_chefer.')}`" for p in part.patterns) + ")"
+            mutated += f" ({len(part.patterns)} name patterns in setup.cfg)"
         figures = report_summary(part.report)
         if figures and figures.get("mutants"):
             score = figures["killed"] / figures["mutants"]
@@ -504,39 +516,63 @@ def find_killers(part: Part, names: list[str], with_tests: Optional[list[str]] =
         print(f"{name}\t{killer or ('SURVIVED' if tests else 'NO TESTS')}", flush=True)
 
 
-def sample_patterns(part: Part, digits: str) -> list[str]:
-    """The mutants of the part whose number ends in ``digits``: ``5`` picks one mutant in ten of every function."""
-    if not re.fullmatch(r"\d+", digits):
-        raise SystemExit(f"--estimate takes the last digits of the sampled mutants' numbers, e.g. 5; got {digits!r}")
+def sample_patterns(part: Part, number: str) -> list[str]:
+    """The part's mutants numbered ``number`` in each function (an fnmatch pattern: ``2``, or ``*5``, one in ten)."""
+    if not re.fullmatch(r"[0-9*?\[\]]+", number):
+        raise SystemExit(f"--estimate takes a mutant number or a pattern of one, e.g. 2 or '*5'; got {number!r}")
     if not part.patterns:
-        return [f"*__mutmut_*{digits}"]
-    return [re.sub(r"(__mutmut_)?\*$", "", p) + f"*__mutmut_*{digits}" for p in part.patterns]
+        return [f"*__mutmut_{number}"]
+    return [re.sub(r"(__mutmut_)?\*$", "", p) + f"*__mutmut_{number}" for p in part.patterns]
 
 
-def estimate(part: Part, jobs: int, digits: str) -> None:
+def estimate(part: Part, jobs: int, number: str) -> None:
     """Run a sample of the part's mutants and extrapolate the wall time of the whole part.
 
-    The sample (one mutant in ten of every function with ``5``) is spread like the part's mutants, so the
-    mean time per mutant carries over: whole part = this run (the one-off stats and clean-test runs
-    included) + the mutants not sampled x the sample's mean time per mutant / workers.
+    The sample takes the mutants numbered ``number`` in each function (``2``: one per function). Whole part
+    = this run (the one-off stats and clean-test runs included) + the mutants not sampled at the sample's
+    rate (mutants per second of wall time, all workers together, as mutmut reports it). Where mutmut records
+    each mutant's time (not with ``process_isolation = forkserver``), a second figure weights each function
+    by its own mutants' time (a function's mutants run the same tests). A bound too: every mutant running
+    every test that reaches its function, as a surviving mutant does.
     """
-    seconds = run_mutmut(part, jobs, sample_patterns(part, digits))
+    part = dataclasses.replace(part, name=f"{part.name}-sample")  # its own directory: the part's last run stays
+    seconds = run_mutmut(part, jobs, sample_patterns(part, number))
+    info = run_info(part)
+    if info["exit"]:
+        raise SystemExit(f"mutmut failed (exit {info['exit']}); its output is above")
     mutants = collect(part)
     sampled = [m for m in mutants if m.status != "not checked"]
+    if not sampled:
+        raise SystemExit("the sample ran no mutant: the pattern matches none")
+    left = [m for m in mutants if m.status == "not checked"]
+    counts = Counter(m.status for m in sampled)
+    statuses = ", ".join(f"{n} {s}" for s, n in counts.most_common())
+    print(f"\npart {part.name}: {len(mutants)} mutants in {len({m.function for m in mutants})} functions; a sample of "
+          f"{len(sampled)} ({statuses}) in {seconds / 60:.1f} min wall time")
+    figures = []
+    if info.get("mutants_per_second"):
+        figures.append(f"{(seconds + len(left) / info['mutants_per_second']) / 60:.0f} min at the sample's "
+                       f"{info['mutants_per_second']} mutants/s")
     durations: dict[str, float] = {}
     for meta in part.mutants.rglob("*.py.meta"):
         durations.update(json.loads(meta.read_text())["durations_by_key"])
-    per_mutant = [durations[m.name] for m in sampled if m.name in durations]
-    if not per_mutant:
-        raise SystemExit("the sample ran no mutant: no test reaches them, or the pattern matches none")
-    mean = sum(per_mutant) / len(per_mutant)
-    total = seconds + (len(mutants) - len(sampled)) * mean / jobs
-    counts = Counter(m.status for m in sampled)
-    statuses = ", ".join(f"{n} {s}" for s, n in counts.items())
-    print(f"part {part.name}: {len(mutants)} mutants; a sample of {len(sampled)} ({statuses}) in {seconds / 60:.1f} min, "
-          f"{mean:.1f} s per mutant and worker")
-    print(f"estimated full run with {jobs} workers: {total / 60:.0f} min; "
-          f"sampled score {100 * counts['killed'] / len(sampled):.0f}%")
+    time_of = {m.name: durations.get(m.name, 0.0) for m in sampled}  # no duration: no test reaches it
+    if any(time_of.values()):
+        by_function: dict[str, list[float]] = {}
+        for m in sampled:
+            by_function.setdefault(m.function, []).append(time_of[m.name])
+        mean = sum(time_of.values()) / len(time_of)
+        rest = sum(sum(by_function[m.function]) / len(by_function[m.function]) if m.function in by_function else mean
+                   for m in left)
+        figures.append(f"{(seconds + rest / jobs) / 60:.0f} min from each function's time per mutant")
+    stats = json.loads((part.mutants / "mutmut-stats.json").read_text())
+    tests_by_function, test_seconds = stats["tests_by_mangled_function_name"], stats["duration_by_test"]
+    worst = sum(sum(test_seconds.get(t, 0.0) for t in tests_by_function.get(m.name.rsplit("__mutmut_", 1)[0], ()))
+                for m in left)
+    figures.append(f"at most about {(seconds + worst / jobs) / 60:.0f} min if every mutant ran every test that "
+                   "reaches it (fixtures set up once)")
+    print(f"estimated full run with {jobs} workers: " + "; ".join(figures))
+    print(f"sampled score {100 * counts['killed'] / len(sampled):.0f}%")
 
 
 def main(argv: Optional[list[str]] = None) -> int:
@@ -548,7 +584,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parser.add_argument("--killers", nargs="+", metavar="NAME", help="print the first failing test for each mutant")
     parser.add_argument("--with-tests", nargs="+", metavar="TEST", help="with --killers: run these tests instead")
     parser.add_argument("--template", action="store_true", help="print note stubs for unexplained survivors")
-    parser.add_argument("--estimate", metavar="DIGITS", help="time the mutants whose number ends in DIGITS; extrapolate")
+    parser.add_argument("--estimate", metavar="NUMBER", help="time mutant NUMBER (a pattern: '*5') of each function "
+                        "and extrapolate the part's wall time")
     parser.add_argument("--list", action="store_true", help="list the parts")
     parser.add_argument("--summary", action="store_true", help=f"rewrite {_rel(SUMMARY)} from the parts' reports")
     args = parser.parse_args(argv)
