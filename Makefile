@@ -36,14 +36,17 @@ bench: $(STAMP)
 notebooks: $(STAMP)
 	$(PY) tools/run_notebooks.py $(NB)
 
-# Mutation testing of relevance.py, attribution.py and capture.py (the modules listed in setup.cfg, [mutmut]
-# only_mutate) with the fast tests; writes benchmarks/MUTATION.md. About 50 minutes on 2 cores; not part of
-# `make test`.
+# Mutation testing, one part of the package at a time (the parts are sections of setup.cfg: [mutmut] is `math`,
+# [mutmut:<part>] the others): `make mutation PART=metrics` runs one part with its fast tests and writes
+# benchmarks/MUTATION-<part>.md and the summary benchmarks/MUTATION.md; `make mutation` alone runs `math`
+# (relevance.py, attribution.py, capture.py: about 30 minutes on 2 cores), `PART=all` every part in turn (hours).
+# `MUTATION_ARGS=--report-only` reports the last run again. Not part of `make test`.
 MUTMUT_VERSION := 3.8.1
+PART ?= math
 mutation: $(STAMP)
 	@$(PY) -c 'import importlib.metadata as m, sys; sys.exit(m.version("mutmut") != "$(MUTMUT_VERSION)")' 2>/dev/null \
 		|| $(PY) -m pip install --quiet --disable-pip-version-check 'mutmut==$(MUTMUT_VERSION)'
-	$(PY) tools/mutation_report.py
+	$(PY) tools/mutation_report.py --part $(PART) $(MUTATION_ARGS)
 
 clean:
 	rm -rf $(VENV) reports .pytest_cache mutants

@@ -1,21 +1,41 @@
-"""Mutation testing of the math and the capture layer (``make mutation``) and its report,
-``benchmarks/MUTATION.md``.
+"""Mutation testing of the package, one part at a time (``make mutation PART=<part>``), and its reports.
 
 mutmut changes the mutated modules one small edit at a time (a ``+`` for a ``-``, a constant, a dropped
-argument, ...) and runs the fast tests against each change; a change no test notices "survives". What is
-mutated and which tests run is set in ``setup.cfg`` (section ``[mutmut]``: ``only_mutate`` lists the
-modules, one per line). Why a surviving mutant cannot be caught (it computes the same thing), or which test
-now kills a mutant the suite once let survive, is written in ``tools/mutation_notes.toml``, which this
-script merges into the report, so a rerun keeps it.
+argument, ...) and runs the fast tests against each change; a change no test notices "survives". A run over
+the whole package would take hours on two cores, so the package is mutated in parts that run separately.
+Each part is a section of ``setup.cfg``:
+
+* ``[mutmut]`` holds the settings every part shares and the default part, ``math`` (the relevance math and
+  the capture layer), so a bare ``mutmut run`` still means what ``make mutation`` means;
+* ``[mutmut:<part>]`` is another part: it replaces ``only_mutate`` (the modules, one glob per line) and
+  ``pytest_add_cli_args_test_selection`` (the part's fast tests), and may set ``mutants`` (only the
+  mutants whose names match these patterns, e.g. the HTML writers of a module), ``title``, ``notes``,
+  ``report``, ``estimate`` (the expected wall time, measured with ``--estimate``) and any other mutmut
+  setting (``also_copy`` for files the tests read; ``process_isolation = forkserver`` where the tests leave
+  threads behind that a forked worker would hang on).
+
+Each part runs in its own directory, ``mutants/<part>/`` (a copy of the package and the tests, with the
+part's settings as its ``setup.cfg``; mutmut's own working directory is ``mutants/<part>/mutants/``), so the
+results of one part stay while another runs (``--estimate`` uses ``mutants/<part>-sample/``). Why a surviving mutant cannot be caught (it computes the same
+thing), or which test kills a mutant the suite once let survive, is written in the part's notes file
+(``tools/mutation_notes.toml`` for ``math``, ``tools/mutation_notes_<part>.toml`` otherwise), which this
+script merges into the part's report, ``benchmarks/MUTATION-<part>.md``, so a rerun keeps it. Every report
+also updates the summary of all parts, ``benchmarks/MUTATION.md``.
 
 Usage (from the repository root, with the project's Python)::
 
-    python tools/mutation_report.py                # a fresh mutmut run, then the report
-    python tools/mutation_report.py --report-only  # the report from the last run (after editing the notes)
-    python tools/mutation_report.py --killers NAME [NAME ...]   # the first test that fails for each mutant
-    python tools/mutation_report.py --template     # note stubs for the survivors that have none
+    python tools/mutation_report.py --part metrics        # a fresh mutmut run of a part, then its report
+    python tools/mutation_report.py                       # the same for the default part, math
+    python tools/mutation_report.py --part all            # every part in turn (hours)
+    python tools/mutation_report.py --part metrics --report-only  # the report of the last run (after editing notes)
+    python tools/mutation_report.py --part metrics --killers NAME [NAME ...]  # first failing test per mutant
+        [--with-tests tests/test_x.py::test_y]                    # (of these tests, e.g. ones added after the run)
+    python tools/mutation_report.py --part metrics --template     # note stubs for the survivors without one
+    python tools/mutation_report.py --part llm --estimate 2       # time a sample (mutant 2 of each function)
+    python tools/mutation_report.py --list                        # the parts, their modules and tests
+    python tools/mutation_report.py --summary                     # rewrite benchmarks/MUTATION.md only
 
-Exit status 1 when the score is below ``--min-score`` or a surviving mutant has no explanation.
+Exit status 1 when a part's score is below ``--min-score`` or a surviving mutant has no explanation.
 """
 
 from __future__ import annotations
@@ -24,10 +44,13 @@ import argparse
 import ast
 import configparser
 import contextlib
+import dataclasses
 import datetime as dt
 import difflib
+import fnmatch
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -40,13 +63,96 @@ from pathlib import Path
 from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
-MUTANTS = ROOT / "mutants"
-NOTES = ROOT / "tools" / "mutation_notes.toml"
-REPORT = ROOT / "benchmarks" / "MUTATION.md"
-RUN_INFO = MUTANTS / "report-run.json"
+CONFIG = ROOT / "setup.cfg"
+SUMMARY = ROOT / "benchmarks" / "MUTATION.md"
+DEFAULT_PART = "math"
 CLASS_SEPARATOR = "ǁ"
 STATUS_ORDER = ["killed", "timeout", "survived", "no tests", "suspicious", "skipped", "segfault", "caught by type check",
                 "not checked"]
+# keys of a part's section that describe the part; every other key is a mutmut setting
+PART_KEYS = ("part", "title", "notes", "report", "mutants", "estimate")
+# what a part's directory holds: mutmut copies these (and also_copy) into its own working directory
+COPIED = ("captum_chefer", "tests", "conftest.py", "pyproject.toml")
+SUMMARY_TAG = "<!-- mutation-part "
+
+
+@dataclass
+class Part:
+    """One separately run part of the mutation testing, as configured in setup.cfg."""
+
+    name: str
+    title: str
+    settings: dict[str, str]  # the [mutmut] settings of its run
+    patterns: list[str]  # only mutants whose names match one of these (fnmatch); empty: every mutant
+    notes: Path
+    report: Path
+    estimate: str = ""
+
+    @property
+    def workdir(self) -> Path:
+        return ROOT / "mutants" / self.name
+
+    @property
+    def mutants(self) -> Path:
+        return self.workdir / "mutants"
+
+    @property
+    def run_info(self) -> Path:
+        return self.mutants / "report-run.json"
+
+    @property
+    def modules(self) -> list[str]:
+        """The mutated module globs, e.g. ``captum_chefer/adapters/*.py``."""
+        return _lines(self.settings["only_mutate"])
+
+    @property
+    def tests(self) -> list[str]:
+        return _lines(self.settings["pytest_add_cli_args_test_selection"])
+
+    def module_files(self) -> list[str]:
+        """The mutated files, globs expanded, in the configured order."""
+        files: list[str] = []
+        for pattern in self.modules:
+            for path in sorted(ROOT.glob(pattern)) if any(c in pattern for c in "*?[") else [ROOT / pattern]:
+                rel = path.relative_to(ROOT).as_posix()
+                if rel not in files and not rel.endswith("__init__.py"):
+                    files.append(rel)
+        return files
+
+    def selects(self, name: str) -> bool:
+        return not self.patterns or any(fnmatch.fnmatch(name, p) for p in self.patterns)
+
+
+def _lines(text: str) -> list[str]:
+    return [line.strip() for line in text.splitlines() if line.strip()]
+
+
+def load_parts(config_path: Path = CONFIG) -> dict[str, Part]:
+    """The parts: ``[mutmut]`` (the default part) and every ``[mutmut:<part>]`` section, in file order."""
+    config = configparser.ConfigParser(interpolation=None)
+    config.read(config_path, encoding="utf-8")
+    base = dict(config["mutmut"])
+    parts = {}
+    for section in config.sections():
+        if section != "mutmut" and not section.startswith("mutmut:"):
+            continue
+        own = dict(config[section])
+        name = own.get("part", DEFAULT_PART) if section == "mutmut" else section.split(":", 1)[1].strip()
+        settings = {k: v for k, v in {**base, **own}.items() if k not in PART_KEYS}
+        for key in ("only_mutate", "pytest_add_cli_args_test_selection"):
+            if not _lines(settings.get(key, "")):
+                raise SystemExit(f"setup.cfg [{section}] needs {key} (one entry per line)")
+        default_notes = "tools/mutation_notes.toml" if name == DEFAULT_PART else f"tools/mutation_notes_{name}.toml"
+        parts[name] = Part(
+            name=name,
+            title=own.get("title", f"Mutation testing of the {name} part"),
+            settings=settings,
+            patterns=_lines(own.get("mutants", "")),
+            notes=ROOT / own.get("notes", default_notes),
+            report=ROOT / own.get("report", f"benchmarks/MUTATION-{name}.md"),
+            estimate=" ".join(_lines(own.get("estimate", ""))),
+        )
+    return parts
 
 
 @dataclass
@@ -91,51 +197,84 @@ class Note:
         return (mutant.function, *mutant.change) == (self.function, self.before.strip(), self.after.strip())
 
 
-def configured_modules() -> list[str]:
-    """The mutated modules, as listed in setup.cfg's [mutmut] only_mutate."""
-    config = configparser.ConfigParser()
-    config.read(ROOT / "setup.cfg")
-    return [line.strip() for line in config.get("mutmut", "only_mutate").splitlines() if line.strip()]
+# ---------------------------------------------------------------------------------------------- running mutmut
 
 
-def configured_tests() -> list[str]:
-    config = configparser.ConfigParser()
-    config.read(ROOT / "setup.cfg")
-    return [line.strip() for line in config.get("mutmut", "pytest_add_cli_args_test_selection").splitlines() if line.strip()]
+def mutmut(part: Part, *args: str, capture: bool = True) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=part.workdir, text=True, capture_output=capture)
 
 
-def mutmut(*args: str, capture: bool = True) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mutmut", *args], cwd=ROOT, text=True, capture_output=capture)
+def prepare_workdir(part: Part) -> None:
+    """A fresh directory for the part: a copy of the package and the tests, and the part's settings as setup.cfg."""
+    shutil.rmtree(part.workdir, ignore_errors=True)
+    part.workdir.mkdir(parents=True)
+    extra = _lines(part.settings.get("also_copy", ""))
+    for name in dict.fromkeys([*COPIED, *extra]):
+        source, target = ROOT / name, part.workdir / name
+        if source.is_dir():
+            shutil.copytree(source, target, ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+        elif source.exists():
+            target.parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(source, target)
+    config = configparser.ConfigParser(interpolation=None)
+    config["mutmut"] = part.settings
+    with open(part.workdir / "setup.cfg", "w", encoding="utf-8") as f:
+        f.write(f"# written by tools/mutation_report.py for the part {part.name!r} from the repository's setup.cfg\n")
+        config.write(f)
 
 
-def run_mutmut(jobs: int) -> None:
-    """A fresh run: no results cached from an earlier run of other tests or code."""
-    shutil.rmtree(MUTANTS, ignore_errors=True)
+def run_mutmut(part: Part, jobs: int, names: Optional[list[str]] = None, note: str = "") -> float:
+    """A fresh run of the part (or of the mutants ``names`` matches): nothing cached from an earlier run."""
+    prepare_workdir(part)
     started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
-    proc = mutmut("run", "--max-children", str(jobs), capture=False)
+    selection = names if names is not None else part.patterns
+    command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *selection]
+    proc = subprocess.Popen(command, cwd=part.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    tail = b""
+    while chunk := proc.stdout.read1(65536):  # shown as it comes; the end kept for the rate mutmut prints
+        sys.stdout.buffer.write(chunk)
+        sys.stdout.flush()
+        tail = (tail + chunk)[-65536:]
+    proc.wait()
     seconds = time.perf_counter() - start
-    if not MUTANTS.exists():
+    if not part.mutants.exists():
         raise SystemExit(f"mutmut run failed (exit {proc.returncode}) before it made any mutant")
-    RUN_INFO.write_text(json.dumps({
-        "started": started.isoformat(timespec="seconds"), "seconds": round(seconds, 1), "jobs": jobs,
-        "cpus": os.cpu_count(), "exit": proc.returncode,
-    }))
+    rate = re.findall(rb"([0-9.]+) mutations/second", tail)
+    info = {
+        "part": part.name, "started": started.isoformat(timespec="seconds"), "seconds": round(seconds, 1),
+        "jobs": jobs, "cpus": os.cpu_count(), "exit": proc.returncode,
+        "mutants_per_second": float(rate[-1]) if rate else None,
+    }
+    if names is not None:
+        info["sample"] = names
+    if note:
+        info["note"] = note
+    part.run_info.write_text(json.dumps(info))
+    return seconds
 
 
-def collect() -> list[Mutant]:
-    proc = mutmut("results", "--all", "true")
+def run_info(part: Part) -> dict:
+    return json.loads(part.run_info.read_text()) if part.run_info.exists() else {}
+
+
+def collect(part: Part) -> list[Mutant]:
+    """The part's mutants and their status (``not checked`` for those the last run did not try)."""
+    if not part.mutants.exists():
+        raise SystemExit(f"no run of the part {part.name!r} in {part.mutants.relative_to(ROOT)}: "
+                         f"run `make mutation PART={part.name}` first")
+    proc = mutmut(part, "results", "--all", "true")
     if proc.returncode:
         raise SystemExit(f"mutmut results failed: {proc.stderr[-2000:]}")
     mutants = []
     for line in proc.stdout.splitlines():
         name, sep, status = line.strip().rpartition(": ")
-        if sep and "__mutmut_" in name:
+        if sep and "__mutmut_" in name and part.selects(name):
             mutants.append(Mutant(name, status))
     return mutants
 
 
-def load_diffs(mutants: list[Mutant]) -> None:
-    """Each mutant's diff against the original function, read from the generated files under mutants/.
+def load_diffs(part: Part, mutants: list[Mutant]) -> None:
+    """Each mutant's diff against the original function, read from the generated files under the part's mutants/.
 
     mutmut writes every mutant as a copy of its function named like the mutant (methods inside their
     class), next to an unmutated copy ``<function>__mutmut_orig``; the diff is between the two.
@@ -144,7 +283,7 @@ def load_diffs(mutants: list[Mutant]) -> None:
     for m in mutants:
         by_module.setdefault(m.module, []).append(m)
     for module, group in by_module.items():
-        text = (MUTANTS / module_path(module)).read_text()
+        text = (part.mutants / module_path(module)).read_text()
         sources = {}
         for node in ast.parse(text).body:
             for item in node.body if isinstance(node, ast.ClassDef) else [node]:
@@ -162,8 +301,8 @@ def load_diffs(mutants: list[Mutant]) -> None:
             m.diff = "\n".join(line for line in diff if not line.startswith("@@"))
 
 
-def load_notes() -> list[Note]:
-    data = tomllib.loads(NOTES.read_text()) if NOTES.exists() else {}
+def load_notes(part: Part) -> list[Note]:
+    data = tomllib.loads(part.notes.read_text()) if part.notes.exists() else {}
     return [Note(**entry) for entry in data.get("mutant", [])]
 
 
@@ -192,12 +331,19 @@ def template(mutants: list[Mutant], notes: list[Note]) -> str:
     return "\n".join(out)
 
 
-def write_report(mutants: list[Mutant], notes: list[Note], min_score: float) -> tuple[float, list[Mutant]]:
-    info = json.loads(RUN_INFO.read_text()) if RUN_INFO.exists() else {}
-    modules = configured_modules()
-    by_module = {path: Counter() for path in modules}
+# ---------------------------------------------------------------------------------------------- reports
+
+
+def _rel(path: Path) -> str:
+    return path.relative_to(ROOT).as_posix()
+
+
+def write_report(part: Part, mutants: list[Mutant], notes: list[Note], min_score: float) -> tuple[float, list[Mutant]]:
+    info = run_info(part)
+    by_module = {path: Counter() for path in part.module_files()}
     for m in mutants:
         by_module.setdefault(module_path(m.module), Counter())[m.status] += 1
+    by_module = {path: counts for path, counts in by_module.items() if counts or not part.patterns}
     overall = sum(by_module.values(), Counter())
     score, score_text = score_line(overall)
     for m in mutants:
@@ -207,12 +353,20 @@ def write_report(mutants: list[Mutant], notes: list[Note], min_score: float) -> 
     survivors = [m for m in mutants if m.status != "killed"]
     unexplained = [m for m in survivors if not any((n.equivalent or n.killed_after) and n.match(m) for n in notes)]
 
+    summary = {
+        "part": part.name, "date": info.get("started", ""), "minutes": round(info["seconds"] / 60, 1) if info else None,
+        "jobs": info.get("jobs"), "mutants": sum(overall.values()), "killed": overall["killed"],
+        "unexplained": len(unexplained),
+    }
     statuses = [s for s in STATUS_ORDER if overall[s]] + sorted(s for s in overall if s not in STATUS_ORDER)
     lines = [
-        "# Mutation testing of the math and the capture layer",
+        SUMMARY_TAG + json.dumps(summary) + " -->",
+        f"# {part.title}",
         "",
-        "Generated by `make mutation` (`tools/mutation_report.py`); do not edit by hand: explanations go in",
-        "`tools/mutation_notes.toml`, the mutated modules and the tests in `setup.cfg` (`[mutmut]`).",
+        f"Generated by `make mutation PART={part.name}` (`tools/mutation_report.py`); do not edit by hand: explanations",
+        f"go in `{_rel(part.notes)}`, the mutated modules and the tests in `setup.cfg` "
+        f"(`[{'mutmut' if part.name == DEFAULT_PART else 'mutmut:' + part.name}]`). All parts: "
+        f"[{SUMMARY.name}]({SUMMARY.name}).",
         "",
         f"- date: {info.get('started', 'unknown (report regenerated without a run)')}",
         f"- tool: mutmut {metadata.version('mutmut')} (Python {sys.version.split()[0]}, torch "
@@ -220,8 +374,10 @@ def write_report(mutants: list[Mutant], notes: list[Note], min_score: float) -> 
         f"- run: {info['seconds'] / 60:.1f} min wall time, {info['jobs']} parallel workers on {info['cpus']} cores"
         if info else "- run: unknown",
         *([f"- note: {info['note']}"] if info.get("note") else []),
+        *([f"- mutated functions: only the mutants matching " + ", ".join(f"`{p}`" for p in part.patterns)]
+          if part.patterns else []),
         f"- tests (the fast ones; each mutant runs only those that reach the mutated function): "
-        + ", ".join(f"`{t}`" for t in configured_tests()),
+        + ", ".join(f"`{t}`" for t in part.tests),
         f"- score: **{score_text}** killed (threshold {100 * min_score:.0f}%); every mutant not killed counts "
         "against it, timeouts and mutants no test reaches included",
         "",
@@ -259,7 +415,7 @@ def write_report(mutants: list[Mutant], notes: list[Note], min_score: float) -> 
         now = ", ".join(sorted({m.status for m in n.matches})) or "no such mutant any more"
         cells = [f"`{n.function.rsplit('.', 1)[-1]}`", _cell(n.before), _cell(n.after), f"`{n.killed_by}`", now]
         lines.append("| " + " | ".join(cells) + " |")
-    REPORT.write_text("\n".join(lines) + "\n")
+    part.report.write_text("\n".join(lines) + "\n")
     return score, unexplained
 
 
@@ -268,18 +424,75 @@ def _cell(code: str) -> str:
     return f"`{text}`" if text else "(removed)"
 
 
-def find_killers(names: list[str]) -> None:
-    """For each mutant, the first test (fastest first, as mutmut orders them) that fails with it."""
-    stats = json.loads((MUTANTS / "mutmut-stats.json").read_text())
+def report_summary(report: Path) -> Optional[dict]:
+    """The figures a part's report carries on its first line (None when the part has no report yet)."""
+    if not report.exists():
+        return None
+    first = report.read_text().split("\n", 1)[0]
+    return json.loads(first[len(SUMMARY_TAG):].removesuffix("-->").strip()) if first.startswith(SUMMARY_TAG) else None
+
+
+def write_summary(parts: dict[str, Part], min_score: float = 0.90) -> None:
+    """benchmarks/MUTATION.md: every part's score and date, from the first line of each part's report."""
+    lines = [
+        "# Mutation testing",
+        "",
+        "Generated by `tools/mutation_report.py`; do not edit by hand. The parts and their fast tests are set in",
+        "`setup.cfg` (`[mutmut]` for `math`, `[mutmut:<part>]` for the others).",
+        "",
+        "mutmut changes the code one small edit at a time (a `+` for a `-`, a constant, a dropped argument, ...)",
+        "and runs the fast tests against each change; a change no test notices survives. The package is mutated in",
+        "parts that run separately (all of it at once would take hours on two cores): `make mutation PART=<part>`",
+        "runs one part and writes its report, `make mutation` alone runs `math`, `make mutation PART=all` every",
+        f"part in turn. Each part must kill at least {100 * min_score:.0f}% of its mutants, and its report explains",
+        "every mutant not killed (equivalent to the original, with the reason, or killed by a test named there).",
+        "",
+        "| part | mutated | mutants | killed | score | unexplained | date | wall time | report |",
+        "|---|---|---:|---:|---:|---:|---|---|---|",
+    ]
+    for part in parts.values():
+        mutated = ", ".join(f"`{m.removeprefix('captum_chefer/')}`" for m in part.modules)
+        if part.patterns:
+            mutated += f" ({len(part.patterns)} name patterns in setup.cfg)"
+        figures = report_summary(part.report)
+        if figures and figures.get("mutants"):
+            score = figures["killed"] / figures["mutants"]
+            wall = (f"{figures['minutes']:.0f} min, {figures['jobs']} workers" if figures.get("minutes") is not None
+                    else "unknown")
+            lines.append(
+                f"| `{part.name}` | {mutated} | {figures['mutants']} | {figures['killed']} | **{100 * score:.1f}%** | "
+                f"{figures['unexplained']} | {(figures['date'] or 'unknown')[:10]} | {wall} | "
+                f"[{part.report.name}]({part.report.name}) |"
+            )
+        else:
+            estimate = f"not run yet; estimated {part.estimate}" if part.estimate else "not run yet"
+            lines.append(f"| `{part.name}` | {mutated} | - | - | - | - | - | {estimate} | - |")
+    SUMMARY.write_text("\n".join(lines) + "\n")
+
+
+# ---------------------------------------------------------------------------------------------- helpers
+
+
+def find_killers(part: Part, names: list[str], with_tests: Optional[list[str]] = None) -> None:
+    """For each mutant, the first test (fastest first, as mutmut orders them) that fails with it.
+
+    The tests are copied afresh into the run's directory first, so a test written after the run counts;
+    ``with_tests`` (pytest node ids or files) replaces the tests the run recorded as reaching each mutant,
+    which cannot name a test the run did not know.
+    """
+    stats = json.loads((part.mutants / "mutmut-stats.json").read_text())
     tests_by_function, durations = stats["tests_by_mangled_function_name"], stats["duration_by_test"]
-    os.chdir(MUTANTS)
-    sys.path.insert(0, str(MUTANTS))
+    shutil.copytree(ROOT / "tests", part.mutants / "tests", dirs_exist_ok=True,
+                    ignore=shutil.ignore_patterns("__pycache__", "*.pyc"))
+    os.chdir(part.mutants)
+    sys.path.insert(0, str(part.mutants))
     import pytest
 
     with contextlib.redirect_stdout(open(os.devnull, "w")):  # import and collect once; each mutant forks from here
-        pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "--rootdir=.", *configured_tests()])
+        pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "--rootdir=.", *part.tests])
     for name in names:
-        tests = sorted(tests_by_function.get(name.rsplit("__mutmut_", 1)[0], ()), key=lambda t: durations.get(t, 0.0))
+        tests = with_tests or sorted(tests_by_function.get(name.rsplit("__mutmut_", 1)[0], ()),
+                                     key=lambda t: durations.get(t, 0.0))
         read_end, write_end = os.pipe()
         pid = os.fork()
         if pid == 0:
@@ -303,36 +516,127 @@ def find_killers(names: list[str]) -> None:
         print(f"{name}\t{killer or ('SURVIVED' if tests else 'NO TESTS')}", flush=True)
 
 
+def sample_patterns(part: Part, number: str) -> list[str]:
+    """The part's mutants numbered ``number`` in each function (an fnmatch pattern: ``2``, or ``*5``, one in ten)."""
+    if not re.fullmatch(r"[0-9*?\[\]]+", number):
+        raise SystemExit(f"--estimate takes a mutant number or a pattern of one, e.g. 2 or '*5'; got {number!r}")
+    if not part.patterns:
+        return [f"*__mutmut_{number}"]
+    return [re.sub(r"(__mutmut_)?\*$", "", p) + f"*__mutmut_{number}" for p in part.patterns]
+
+
+def estimate(part: Part, jobs: int, number: str) -> None:
+    """Run a sample of the part's mutants and extrapolate the wall time of the whole part.
+
+    The sample takes the mutants numbered ``number`` in each function (``2``: one per function). Whole part
+    = this run (the one-off stats and clean-test runs included) + the mutants not sampled at the sample's
+    rate (mutants per second of wall time, all workers together, as mutmut reports it). Where mutmut records
+    each mutant's time (not with ``process_isolation = forkserver``), a second figure weights each function
+    by its own mutants' time (a function's mutants run the same tests). A bound too: every mutant running
+    every test that reaches its function, as a surviving mutant does.
+    """
+    part = dataclasses.replace(part, name=f"{part.name}-sample")  # its own directory: the part's last run stays
+    seconds = run_mutmut(part, jobs, sample_patterns(part, number))
+    info = run_info(part)
+    if info["exit"]:
+        raise SystemExit(f"mutmut failed (exit {info['exit']}); its output is above")
+    mutants = collect(part)
+    sampled = [m for m in mutants if m.status != "not checked"]
+    if not sampled:
+        raise SystemExit("the sample ran no mutant: the pattern matches none")
+    left = [m for m in mutants if m.status == "not checked"]
+    counts = Counter(m.status for m in sampled)
+    statuses = ", ".join(f"{n} {s}" for s, n in counts.most_common())
+    print(f"\npart {part.name}: {len(mutants)} mutants in {len({m.function for m in mutants})} functions; a sample of "
+          f"{len(sampled)} ({statuses}) in {seconds / 60:.1f} min wall time")
+    figures = []
+    if info.get("mutants_per_second"):
+        figures.append(f"{(seconds + len(left) / info['mutants_per_second']) / 60:.0f} min at the sample's "
+                       f"{info['mutants_per_second']} mutants/s")
+    durations: dict[str, float] = {}
+    for meta in part.mutants.rglob("*.py.meta"):
+        durations.update(json.loads(meta.read_text())["durations_by_key"])
+    time_of = {m.name: durations.get(m.name, 0.0) for m in sampled}  # no duration: no test reaches it
+    if any(time_of.values()):
+        by_function: dict[str, list[float]] = {}
+        for m in sampled:
+            by_function.setdefault(m.function, []).append(time_of[m.name])
+        mean = sum(time_of.values()) / len(time_of)
+        rest = sum(sum(by_function[m.function]) / len(by_function[m.function]) if m.function in by_function else mean
+                   for m in left)
+        figures.append(f"{(seconds + rest / jobs) / 60:.0f} min from each function's time per mutant")
+    stats = json.loads((part.mutants / "mutmut-stats.json").read_text())
+    tests_by_function, test_seconds = stats["tests_by_mangled_function_name"], stats["duration_by_test"]
+    worst = sum(sum(test_seconds.get(t, 0.0) for t in tests_by_function.get(m.name.rsplit("__mutmut_", 1)[0], ()))
+                for m in left)
+    figures.append(f"at most about {(seconds + worst / jobs) / 60:.0f} min if every mutant ran every test that "
+                   "reaches it (fixtures set up once)")
+    print(f"estimated full run with {jobs} workers: " + "; ".join(figures))
+    print(f"sampled score {100 * counts['killed'] / len(sampled):.0f}%")
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--part", default=DEFAULT_PART, help=f"the part to run or report, or 'all' (default {DEFAULT_PART})")
     parser.add_argument("--report-only", action="store_true", help="no new run: report the last one")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel mutmut workers")
     parser.add_argument("--min-score", type=float, default=0.90, help="the share of mutants that must be killed")
     parser.add_argument("--killers", nargs="+", metavar="NAME", help="print the first failing test for each mutant")
+    parser.add_argument("--with-tests", nargs="+", metavar="TEST", help="with --killers: run these tests instead")
     parser.add_argument("--template", action="store_true", help="print note stubs for unexplained survivors")
+    parser.add_argument("--estimate", metavar="NUMBER", help="time mutant NUMBER (a pattern: '*5') of each function "
+                        "and extrapolate the part's wall time")
+    parser.add_argument("--list", action="store_true", help="list the parts")
+    parser.add_argument("--summary", action="store_true", help=f"rewrite {_rel(SUMMARY)} from the parts' reports")
     args = parser.parse_args(argv)
-    if args.killers:
-        find_killers(args.killers)
+    parts = load_parts()
+    if args.list:
+        for part in parts.values():
+            print(f"{part.name}: {', '.join(part.module_files())}" + (f" (mutants {part.patterns})" if part.patterns else ""))
+            print(f"    tests: {' '.join(part.tests)}")
         return 0
-    if not (args.report_only or args.template):
-        run_mutmut(args.jobs)
-    mutants = collect()
-    if not mutants:
-        raise SystemExit("no mutants found: run `make mutation` first")
-    load_diffs(mutants)
-    notes = load_notes()
-    if args.template:
-        print(template(mutants, notes))
+    if args.summary:
+        write_summary(parts, args.min_score)
         return 0
-    score, unexplained = write_report(mutants, notes, args.min_score)
-    print(f"wrote {REPORT.relative_to(ROOT)}: {100 * score:.1f}% of {len(mutants)} mutants killed, "
-          f"{len(unexplained)} not killed without an explanation")
-    for m in unexplained:
-        print(f"  UNEXPLAINED {m.name}: {' -> '.join(m.change)}")
-    stale = [n for n in notes if (n.equivalent or n.killed_after) and not n.matches]
-    for n in stale:  # the code it explains changed: the note is to be deleted or rewritten
-        print(f"  STALE NOTE (matches no mutant) {n.function}: {n.before.strip()!r} -> {n.after.strip()!r}")
-    return 1 if unexplained or score < args.min_score else 0
+    names = list(parts) if args.part == "all" else [args.part]
+    unknown = [n for n in names if n not in parts]
+    if unknown:
+        raise SystemExit(f"no part {unknown[0]!r} in setup.cfg; the parts are {', '.join(parts)} (or 'all')")
+    if len(names) > 1 and (args.killers or args.template or args.estimate):
+        raise SystemExit("--killers, --template and --estimate take one part")
+    status = 0
+    for name in names:
+        part = parts[name]
+        if args.killers:
+            find_killers(part, args.killers, args.with_tests)
+            return 0
+        if args.estimate:
+            estimate(part, args.jobs, args.estimate)
+            return 0
+        if not (args.report_only or args.template):
+            run_mutmut(part, args.jobs)
+        elif run_info(part).get("sample"):
+            raise SystemExit(f"the last run of {part.name!r} was a sample (--estimate): run the whole part first")
+        mutants = collect(part)
+        if not mutants:
+            raise SystemExit(f"no mutants found: run `make mutation PART={part.name}` first")
+        load_diffs(part, mutants)
+        notes = load_notes(part)
+        if args.template:
+            print(template(mutants, notes))
+            return 0
+        score, unexplained = write_report(part, mutants, notes, args.min_score)
+        write_summary(parts, args.min_score)
+        print(f"wrote {_rel(part.report)}: {100 * score:.1f}% of {len(mutants)} mutants killed, "
+              f"{len(unexplained)} not killed without an explanation")
+        for m in unexplained:
+            print(f"  UNEXPLAINED {m.name}: {' -> '.join(m.change)}")
+        stale = [n for n in notes if (n.equivalent or n.killed_after) and not n.matches]
+        for n in stale:  # the code it explains changed: the note is to be deleted or rewritten
+            print(f"  STALE NOTE (matches no mutant) {n.function}: {n.before.strip()!r} -> {n.after.strip()!r}")
+        if unexplained or score < args.min_score:
+            status = 1
+    return status
 
 
 if __name__ == "__main__":
