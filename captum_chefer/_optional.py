@@ -37,7 +37,7 @@ def extra(name: str) -> Iterator[None]:
         >>> with extra("cohort"):  # doctest: +ELLIPSIS
         ...     import no_such_module_anywhere
         Traceback (most recent call last):
-        ModuleNotFoundError: ... needs 'no_such_module_anywhere', which is not installed: pip install 'captum_chefer[cohort]'
+        ModuleNotFoundError: ... needs 'no_such_module_anywhere', which is not installed: pip install '...[cohort]'
     """
     if name not in EXTRAS:
         raise ValueError(f"no extra {name!r}; the extras are {sorted(EXTRAS)}")

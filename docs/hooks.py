@@ -47,7 +47,7 @@ def _checkout_path(src_uri: str) -> str:
 
 def _rewrite(markdown: str, src_uri: str) -> str:
     here = _checkout_path(src_uri)
-    site_of = {source: site for source, site in OUTSIDE.items()}
+    site_of = dict(OUTSIDE)
 
     def link(match: re.Match[str]) -> str:
         target = match.group(2)

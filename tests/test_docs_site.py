@@ -28,7 +28,7 @@ IN_CI = bool(os.environ.get("CI"))
 
 pytestmark = pytest.mark.skipif(
     bool(MISSING) and not IN_CI,
-    reason=f"the docs tooling is not installed ({', '.join(MISSING)}): pip install -e '.[docs]' (make test installs it)",
+    reason=f"the docs tooling is not installed ({', '.join(MISSING)}): pip install -e '.[docs]' (make test has it)",
 )
 
 
@@ -122,7 +122,8 @@ def test_a_broken_link_is_found(site, tmp_path):
     copy = tmp_path / "site"
     shutil.copytree(site, copy)
     page = copy / "models.html"
-    page.write_text(page.read_text().replace("</body>", "<a href='nowhere.html'>x</a><a href='index.html#no-such'>y</a></body>"))
+    broken = "<a href='nowhere.html'>x</a><a href='index.html#no-such'>y</a></body>"
+    page.write_text(page.read_text().replace("</body>", broken))
     with pytest.raises(AssertionError, match="2 broken links"):
         test_no_internal_link_is_broken(copy)
 

@@ -181,9 +181,8 @@ def test_a_missing_extra_is_named(hidden, extra, call, monkeypatch, tmp_path):
 def test_an_unknown_extra_is_refused():
     from captum_chefer._optional import extra
 
-    with pytest.raises(ValueError, match="no extra 'parquet'; the extras are"):
-        with extra("parquet"):
-            pass
+    with pytest.raises(ValueError, match="no extra 'parquet'; the extras are"), extra("parquet"):
+        pass
 
 
 def test_one_version():
