@@ -4,10 +4,13 @@ The README is the home page, and the changelog, the benchmark reports, the noteb
 the site, without copies: each is added under a site path, and the relative links of every Markdown page, written
 for the checkout (``docs/cohort.md`` from the README, ``../benchmarks/COHORT.md`` from a guide), are rewritten to
 the site paths. A link to a file that is not on the site stays as written, and the strict build reports it.
+A benchmark report or notebook that mkdocs.yml's navigation does not list joins the end of its section, under its
+first heading.
 """
 
 from __future__ import annotations
 
+import json
 import posixpath
 import re
 from pathlib import Path
@@ -28,6 +31,33 @@ OUTSIDE = {
 }
 LINK = re.compile(r"(\]\()([^)\s#]+)(#[^)\s]*)?(\))")
 FENCE = re.compile(r"^(```|~~~).*?^\1", flags=re.M | re.S)
+
+
+def _title(path: Path) -> str:
+    """The first heading of a Markdown file or of a notebook's first Markdown cell."""
+    if path.suffix == ".ipynb":
+        cells = json.loads(path.read_text())["cells"]
+        text = "\n".join("".join(c["source"]) for c in cells if c["cell_type"] == "markdown")
+    else:
+        text = path.read_text()
+    heading = re.search(r"^#+\s+(.+)$", text, flags=re.M)
+    return heading.group(1).strip() if heading else path.stem
+
+
+def on_config(config: Any) -> Any:
+    sections = {"benchmarks/": "Benchmarks", "notebooks/": "Notebooks"}
+    for entry in config["nav"] or []:
+        if not isinstance(entry, dict) or len(entry) != 1:
+            continue
+        (name, items), = entry.items()
+        prefix = next((p for p, section in sections.items() if section == name), None)
+        if prefix is None or not isinstance(items, list):
+            continue
+        listed = {v if isinstance(v, str) else next(iter(v.values())) for v in items}
+        for site in OUTSIDE.values():
+            if site.startswith(prefix) and site not in listed and site.endswith((".md", ".ipynb")):
+                items.append({_title(ROOT / site): site})
+    return config
 
 
 @event_priority(100)  # before mkdocs-jupyter's on_files, which turns the added notebooks into pages
