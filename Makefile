@@ -8,7 +8,7 @@ SPEC := $(shell sha1sum pyproject.toml | cut -c1-12)
 STAMP := $(VENV)/.deps-$(SPEC)
 OUT ?= reports/demo
 
-.PHONY: demo test bench notebooks mutation venv clean
+.PHONY: demo test lint docs bench notebooks mutation venv clean
 
 venv: $(STAMP)
 
@@ -26,6 +26,16 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(PY) -m pytest
+
+# ruff (the rules, import order included) and mypy (the package's types), as pyproject.toml configures them;
+# both run, and either failing fails the target.
+lint: $(STAMP)
+	@status=0; $(PY) -m ruff check . || status=1; $(PY) -m mypy || status=1; exit $$status
+
+# The documentation site (mkdocs.yml) into site/, warnings as errors; open site/index.html. (The variable hides the
+# theme's notice of its end of maintenance, which mkdocs.yml states.)
+docs: $(STAMP)
+	NO_MKDOCS_2_WARNING=1 $(PY) -m mkdocs build --strict --quiet
 
 bench: $(STAMP)
 	$(PY) benchmarks/speed.py
@@ -49,4 +59,4 @@ mutation: $(STAMP)
 	$(PY) tools/mutation_report.py --part $(PART) $(MUTATION_ARGS)
 
 clean:
-	rm -rf $(VENV) reports .pytest_cache mutants
+	rm -rf $(VENV) reports .pytest_cache mutants site .mypy_cache .ruff_cache

@@ -1,4 +1,5 @@
-"""Chefer et al.'s gradient-weighted attention relevance as a Captum attribution, for PyHealth and other transformers."""
+"""Chefer et al.'s gradient-weighted attention relevance as a Captum attribution, for PyHealth and other
+transformers."""
 
 from .adapters import HuggingFaceAdapter, PyHealthAdapter, TransformerAdapter, adapter_for
 from .attribution import CheferAttribution

@@ -47,6 +47,7 @@ from typing import TYPE_CHECKING, Any, Callable, Literal, Mapping, Optional, Seq
 import torch
 from torch import Tensor
 
+from ._optional import extra
 from .adapters import Adapter
 from .comparison.chance import ModelCheck, batch_predictions, warn_if_chance_level
 from .comparison.methods import MethodSpec, attribute_batch, method_specs
@@ -81,7 +82,8 @@ Reference = Literal["unk", "zero"]
 
 
 def _schema() -> Any:
-    import pyarrow as pa
+    with extra("cohort"):
+        import pyarrow as pa
 
     return pa.schema(
         [
@@ -285,7 +287,8 @@ def read_cohort(out: str | os.PathLike) -> "pl.DataFrame":
 
     For cohorts too large for memory, scan the parts lazily instead: ``polars.scan_parquet(f"{out}/part-*.parquet")``.
     """
-    import polars as pl
+    with extra("cohort"):
+        import polars as pl
 
     manifest = _read_manifest(Path(out))
     return pl.read_parquet([str(Path(out) / p["file"]) for p in manifest["parts"]])
@@ -456,7 +459,8 @@ def _check_out(out: Path) -> None:
 
 def _plan(out: Path, description: Mapping[str, Any], n_chunks: int, overwrite: bool) -> dict[str, Any]:
     """Rank 0: clean up, check the parts already in ``out``, list the chunks still to compute."""
-    import pyarrow.parquet as pq
+    with extra("cohort"):
+        import pyarrow.parquet as pq
 
     out.mkdir(parents=True, exist_ok=True)
     for leftover in out.glob(".part-*.tmp"):  # temporary files of a killed run: never done
@@ -674,8 +678,9 @@ def _write_part(
     """One chunk's rows as ``part-<chunk>.parquet``: a temporary file, flushed, then renamed into place.
 
     The footer records the run, the chunk and its label counts (for the model check of the manifest)."""
-    import pyarrow as pa
-    import pyarrow.parquet as pq
+    with extra("cohort"):
+        import pyarrow as pa
+        import pyarrow.parquet as pq
 
     meta = {"run": dict(description), "chunk": chunk, "start": start, "stop": stop, "labels": labels}
     schema = _schema().with_metadata({_META_KEY: json.dumps(meta).encode()})
@@ -703,7 +708,8 @@ def _write_manifest(
     seconds: float,
 ) -> dict[str, Any]:
     """Rank 0, after every process has finished: check every part, write ``_manifest.json`` atomically."""
-    import pyarrow.parquet as pq
+    with extra("cohort"):
+        import pyarrow.parquet as pq
 
     parts, problems, labels = [], [], []
     for k in range(n_chunks):
@@ -838,7 +844,8 @@ class CohortSummary:
 
     def top(self, method: str, k: Optional[int] = None) -> "pl.DataFrame":
         """The ``k`` highest-ranked codes of ``method``."""
-        import polars as pl
+        with extra("cohort"):
+            import polars as pl
 
         if method not in self.methods:
             raise KeyError(f"no method {method!r} in this cohort; it has {self.methods}")
@@ -846,7 +853,8 @@ class CohortSummary:
 
     def side_by_side(self, k: Optional[int] = None) -> "pl.DataFrame":
         """The top ``k`` codes per method side by side: one row per rank, one column per method."""
-        import polars as pl
+        with extra("cohort"):
+            import polars as pl
 
         k = k or self.top_k
         frame = pl.DataFrame({"rank": list(range(1, k + 1))})
@@ -967,7 +975,8 @@ def summarize(out: str | os.PathLike, *, top_k: int = 10, min_samples: int = 1) 
         >>> summary.agreement.select("method_a", "method_b", "k").row(0)
         ('Chefer', 'Saliency', 3)
     """
-    import polars as pl
+    with extra("cohort"):
+        import polars as pl
 
     if top_k < 1 or min_samples < 1:
         raise ValueError(f"top_k and min_samples must be >= 1, got {top_k}, {min_samples}")
@@ -1011,7 +1020,8 @@ def summarize(out: str | os.PathLike, *, top_k: int = 10, min_samples: int = 1) 
 
 
 def _agreement(codes: "pl.DataFrame", methods: Sequence[str], k: int) -> "pl.DataFrame":
-    import polars as pl
+    with extra("cohort"):
+        import polars as pl
 
     out = []
     for i, a in enumerate(methods):
@@ -1039,7 +1049,8 @@ def _agreement(codes: "pl.DataFrame", methods: Sequence[str], k: int) -> "pl.Dat
 
 def _spearman(x: Sequence[float], y: Sequence[float]) -> float:
     """Spearman's rank correlation: Pearson's of the ranks, ties given their average rank; NaN when undefined."""
-    import polars as pl
+    with extra("cohort"):
+        import polars as pl
 
     if len(x) < 2:
         return float("nan")

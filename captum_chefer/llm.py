@@ -51,6 +51,7 @@ from captum.attr import Attribution, LLMAttributionResult, TextTokenInput
 from captum.log import log_usage
 from torch import Tensor, nn
 
+from ._optional import extra
 from .adapters.base import spread_over_patches
 from .capture import AttentionCapture, evaluation_mode, find_attention_modules
 from .relevance import (
@@ -840,8 +841,9 @@ def word_tokenizer(words: Sequence[str], *, bos: bool = True, eos: bool = False)
         >>> tokenizer.encode("fever and cough"), len(tokenizer)
         ([1, 4, 3, 5, 2], 6)
     """
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
-    from transformers import PreTrainedTokenizerFast
+    with extra("huggingface"):
+        from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors
+        from transformers import PreTrainedTokenizerFast
 
     special = ["<pad>", "<s>", "</s>", "<unk>"]
     vocab = {token: i for i, token in enumerate(dict.fromkeys([*special, *words]))}

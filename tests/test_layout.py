@@ -9,6 +9,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "captum_chefer"
 
 # Lower layers never import higher ones; modules of one layer do not import each other unless listed.
 LAYERS = [
+    {"_optional"},  # the ImportError that names an extra: imports nothing of the package
     {"relevance"},
     {"attribution"},
     {"capture"},

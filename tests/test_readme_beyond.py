@@ -1,4 +1,4 @@
-"""The "Beyond PyHealth" examples run as written, each on its own: the README's four and docs/beyond-pyhealth.md's."""
+"""The examples of docs/beyond-pyhealth.md run as written, each on its own."""
 
 from __future__ import annotations
 
@@ -6,11 +6,11 @@ import pytest
 
 from tests.test_readme_generation import ROOT, python_blocks
 
-BLOCKS = python_blocks(ROOT / "README.md", "beyond-pyhealth") + python_blocks(ROOT / "docs" / "beyond-pyhealth.md")
+BLOCKS = python_blocks(ROOT / "docs" / "beyond-pyhealth.md")
 NAMES = ["bert", "vit", "transformer-encoder", "pyhealth-vit", "pyhealth-text"]
 
 
-def test_the_section_and_the_page_have_the_five_examples():
+def test_the_page_has_the_five_examples():
     assert len(BLOCKS) == 5
     assert [("HuggingFaceAdapter" in b or "adapter_for" in b) for b in BLOCKS[:2]] == [True, True]
     assert "TransformerAdapter" in BLOCKS[2] and "TorchvisionModel" in BLOCKS[3] and "TransformersModel" in BLOCKS[4]

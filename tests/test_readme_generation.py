@@ -32,7 +32,7 @@ def _run(block: str, name: str) -> dict:
 
 
 def test_readme_generation_example_runs(capsys):
-    (block,) = python_blocks(ROOT / "README.md", "generation")
+    (block,) = python_blocks(ROOT / "README.md", "example-generation")
     result = _run(block, "README.md (Generated text)")["result"]
     assert result.output_tokens == ["and", "a", "dry", "cough"] and tuple(result.token_attr.shape) == (4, 4)
     assert "['and', 'a', 'dry', 'cough'] torch.Size([4, 4])" in capsys.readouterr().out

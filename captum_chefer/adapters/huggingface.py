@@ -29,6 +29,7 @@ from typing import Any, Literal, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
+from .._optional import extra
 from .base import MethodRecord
 from .torch import Pool, TransformerAdapter, blurred_images, logits_of
 
@@ -134,8 +135,9 @@ class HuggingFaceAdapter(TransformerAdapter):
     @staticmethod
     def _classifier_kind(model: nn.Module) -> Kind:
         """``"encoder"``, ``"decoder"`` or ``"image"``; raise for models without a classification head."""
-        from transformers import PreTrainedModel
-        from transformers.models.auto import modeling_auto
+        with extra("huggingface"):
+            from transformers import PreTrainedModel
+            from transformers.models.auto import modeling_auto
 
         if not isinstance(model, PreTrainedModel):
             raise TypeError(f"HuggingFaceAdapter needs a transformers model (PreTrainedModel), got {type(model).__name__}")

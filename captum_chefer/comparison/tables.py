@@ -20,6 +20,8 @@ import math
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
+from .._optional import extra
+
 __all__ = ["FORMATS", "read_rows", "table_format", "write_rows"]
 
 FORMATS = (".csv", ".json", ".parquet")
@@ -49,8 +51,9 @@ def write_rows(rows: Iterable[dict[str, Any]], path: str | Path, columns: Option
     elif suffix == ".json":
         path.write_text(json.dumps({"columns": columns, "rows": [[_json_cell(row.get(c)) for c in columns] for row in rows]}))
     else:
-        import pyarrow as pa
-        import pyarrow.parquet as pq
+        with extra("cohort"):
+            import pyarrow as pa
+            import pyarrow.parquet as pq
 
         pq.write_table(pa.table({c: [row.get(c) for row in rows] for c in columns}), path)
     return path
@@ -72,7 +75,8 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
         if not isinstance(data, dict) or "columns" not in data or "rows" not in data:
             raise ValueError(f"{str(path)!r} is not a table written by captum_chefer (no 'columns' and 'rows')")
         return [dict(zip(data["columns"], [_unjson_cell(v) for v in line])) for line in data["rows"]]
-    import pyarrow.parquet as pq
+    with extra("cohort"):
+        import pyarrow.parquet as pq
 
     return pq.read_table(path).to_pylist()
 
