@@ -8,6 +8,7 @@ before punctuation or inside scripts written without spaces, ...). Models are ti
 
 from __future__ import annotations
 
+import os
 import sys
 import types
 import warnings
@@ -17,6 +18,7 @@ import torch
 from captum.attr import TextTokenInput
 from torch import nn
 
+import captum_chefer
 from captum_chefer import CheferLLMAttribution
 from captum_chefer.llm import (
     OutOfVocabularyWarning,
@@ -38,6 +40,7 @@ from captum_chefer.llm import (
 transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
+PACKAGE = os.path.dirname(os.path.abspath(captum_chefer.__file__))
 WORDS = "the patient reports fever and a dry cough , ( ) chest pain".split()
 
 
@@ -466,7 +469,7 @@ def test_the_warning_on_unknown_target_words(tokenizer):
         "the target's words ['wet'] are not in the tokenizer's vocabulary and become its unknown token '<unk>': the "
         "explanation is of that token, not of those words; use words the tokenizer knows, a tokenizer whose vocabulary "
         "has them, or pass token ids"]
-    assert record[0].filename == __file__  # the caller's line, not the package's
+    assert not record[0].filename.startswith(PACKAGE)  # points at the caller's line, not the package's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         _warn_unknown_words(tokenizer, "and a dry cough", tokenizer.encode("and a dry cough", add_special_tokens=False))
@@ -482,7 +485,7 @@ def test_the_warning_on_unknown_prompt_words(tokenizer):
         "the prompt holds 1 word(s) the tokenizer does not know, read as its unknown token '<unk>' (token position(s) "
         "[4]): their relevance is the unknown token's; use words the tokenizer knows, or a tokenizer whose vocabulary "
         "has them"]
-    assert record[0].filename == __file__
+    assert not record[0].filename.startswith(PACKAGE)
     many = torch.tensor([tokenizer.unk_token_id] * 12)
     with pytest.warns(OutOfVocabularyWarning, match=r"holds 12 word\(s\).*position\(s\) \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\]\)"):
         _warn_unknown_prompt(tokenizer, many, None)
