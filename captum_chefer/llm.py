@@ -751,7 +751,6 @@ def _same_vocabulary(a: Any, b: Any) -> bool:
 
 def _unknown_words(tokenizer: Any, text: str, unk: int) -> list[str]:
     """The words of ``text`` that the tokenizer turns into its unknown token ``unk`` (in order, once each)."""
-    spans: list[str] = []
     try:
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         spans = [text[a:b] for i, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"]) if i == unk]

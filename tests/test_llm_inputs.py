@@ -379,6 +379,7 @@ def test_decoded_text_keeps_the_tokens_spaces_and_drops_special_tokens():
     backend.decoder = decoders.WordPiece(prefix="##", cleanup=False)  # " ," stays as the tokens have it
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 0)])
     spaced = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>")
+    spaced.clean_up_tokenization_spaces = True  # its default for decode, which _decode overrides
     ids = spaced.encode("fever , cough")
     assert ids == [0, 1, 2, 3]
     assert _decode(spaced, ids) == "fever , cough"  # <s> dropped; no clean-up into "fever, cough"
@@ -440,13 +441,22 @@ def test_unknown_words_are_found_once_each_in_order(tokenizer):
     assert _unknown_words(tokenizer, "fever <unk> cough", unk) == []  # the unknown token written out is known
 
 
+def test_unknown_words_are_the_spans_the_tokenizer_cut():
+    """A tokenizer that splits punctuation off: the unknown word is "wet", not the "wet," between spaces."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+
+    backend = Tokenizer(models.WordLevel(vocab={"<unk>": 0, "a": 1, ",": 2, "cough": 3}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Whitespace()
+    split = transformers.PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>")
+    assert split.convert_ids_to_tokens(split.encode("a wet, cough")) == ["a", "<unk>", ",", "cough"]
+    assert _unknown_words(split, "a wet, cough", 0) == ["wet"]
+
+
 class _SlowTokenizer:
     """A tokenizer without offsets (a "slow" one): words are looked up one at a time."""
 
-    unk_token = "<unk>"
-
     def __init__(self, known, error) -> None:
-        self.known, self.error = known, error
+        self.known, self.error, self.unk_token = known, error, "<unk>"
 
     def __call__(self, *args, **kwargs):
         raise self.error("no offsets")
@@ -459,6 +469,21 @@ class _SlowTokenizer:
 def test_unknown_words_of_a_tokenizer_without_offsets(error):
     slow = _SlowTokenizer({"fever": 4, "cough": 5}, error)
     assert _unknown_words(slow, "fever wet cough wet <unk>", 3) == ["wet"]
+    del slow.unk_token  # no name for its unknown token: every unknown word counts
+    assert _unknown_words(slow, "fever wet cough wet <unk>", 3) == ["wet", "<unk>"]
+
+
+def test_tokenizers_without_an_unknown_token_never_warn():
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        _warn_unknown_words(object(), "fever", [3])
+        _warn_unknown_prompt(object(), torch.tensor([3]), None)
+
+
+def test_a_tokenizer_without_special_tokens_warns_of_unknown_prompt_words():
+    bare = types.SimpleNamespace(unk_token_id=3, unk_token="?")  # no bos, eos, pad, ... ids at all
+    with pytest.warns(OutOfVocabularyWarning, match=r"^the prompt holds 1 word\(s\) .* unknown token '\?' \(token position\(s\) \[1\]\)"):
+        _warn_unknown_prompt(bare, torch.tensor([4, 3]), None)
 
 
 def test_the_warning_on_unknown_target_words(tokenizer):
