@@ -191,7 +191,7 @@ class CheferLLMAttribution(Attribution):
                 f"{type(model).__name__} is an encoder-decoder, but no cross-attention module was recognised in "
                 "its decoder (one with is_causal=False or is_cross_attention=True)"
             )
-        self._embeddings = [m for i, m in enumerate(embeddings) if m is not None and m not in embeddings[:i]]
+        self._embeddings = list(dict.fromkeys(m for m in embeddings if m is not None))  # T5 shares one
         self._keeps_logits = "logits_to_keep" in inspect.signature(model.forward).parameters
 
     @classmethod
@@ -319,7 +319,7 @@ class CheferLLMAttribution(Attribution):
                     f"{type(self.model).__name__} reads text: pass captum.attr.TextTokenInput(prompt, tokenizer), "
                     f"not {type(inp).__name__}"
                 )
-            if not _same_vocabulary(getattr(inp, "tokenizer", self.tokenizer), self.tokenizer):
+            if not _same_vocabulary(inp.tokenizer, self.tokenizer):
                 raise ValueError(
                     "the prompt was tokenized by another tokenizer than the one CheferLLMAttribution was given (their "
                     "vocabularies differ), so the model would read other tokens than the prompt shows; make the "
@@ -342,7 +342,7 @@ class CheferLLMAttribution(Attribution):
         if ids.numel() == 0:
             raise ValueError("the target is empty: give at least one output token (or generate with max_new_tokens >= 1)")
         _check_vocabulary("target", ids, _vocabulary_size(self.model.get_output_embeddings()))
-        return _Item(source, ids.to(device), itp_mask, input_tokens, inp if isinstance(inp, TextTokenInput) else None)
+        return _Item(source, ids.to(device), itp_mask, input_tokens, inp)
 
     def _encode_target(self, target: Target, prompt: Optional[Tensor] = None) -> Tensor:
         """The target's token ids.
@@ -376,8 +376,7 @@ class CheferLLMAttribution(Attribution):
         sequence = output.sequences[0] if hasattr(output, "sequences") else output[0]
         if self.family == "decoder-only":
             return sequence[source.shape[0] :]
-        start = _decoder_start(self.model)
-        return sequence[1:] if sequence.numel() and int(sequence[0]) == start else sequence
+        return sequence[1:]  # an encoder-decoder's output starts with the decoder's start token, not an output
 
     # ------------------------------------------------------------------------------------------ forward
 
@@ -390,7 +389,7 @@ class CheferLLMAttribution(Attribution):
             ``None`` without cross-attention) attention maps.
         """
         device = _device(self.model)
-        pad = _pad_id(self.model, self.tokenizer)
+        pad = 0  # any id the embeddings have: padded positions are masked, and nothing reads them
         first = 0  # the first sequence position that logits are returned for
         if self.family == "decoder-only":
             sequences = [torch.cat([item.source, item.target]) for item in items]
@@ -431,7 +430,7 @@ class CheferLLMAttribution(Attribution):
             else:
                 maps["cross"][-1] = probabilities
         if input_mask is None:  # an image: every encoder token is real
-            tokens = maps["encoder"][0].shape[-1] if maps["encoder"] else maps["cross"][-1].shape[-1]
+            tokens = output.encoder_last_hidden_state.shape[1]
             input_mask = torch.ones(len(items), tokens, dtype=torch.bool, device=device)
         _check_shapes(maps, self.family, query_mask.shape[1], input_mask.shape[1], type(self.model).__name__)
         return output.logits, first, input_mask, query_mask, maps
@@ -656,19 +655,8 @@ def _decoder_start(model: nn.Module) -> int:
     )
 
 
-def _pad_id(model: nn.Module, tokenizer: Any) -> int:
-    """Any id for padding (padded positions are masked); the model's or tokenizer's pad id if there is one."""
-    for source in (getattr(model.config, "pad_token_id", None), getattr(tokenizer, "pad_token_id", None)):
-        if isinstance(source, int):
-            return source
-    return 0
-
-
 def _device(model: nn.Module) -> torch.device:
-    device = getattr(model, "device", None)
-    if isinstance(device, torch.device):
-        return device
-    return next(model.parameters()).device
+    return next(model.parameters()).device  # what a transformers model's .device says, for any nn.Module
 
 
 def _pretty_tokens(ids: Tensor, tokenizer: Any) -> list[str]:
@@ -745,7 +733,7 @@ def _continuation_ids(tokenizer: Any, prompt: Tensor, target: str) -> list[int]:
     head, full = _encode(tokenizer, text), _encode(tokenizer, joined)
     if full[: len(head)] == head:
         return full[len(head) :]
-    same = next(k for k, (a, b) in enumerate(zip(head, full)) if a != b) if any(a != b for a, b in zip(head, full)) else len(full)
+    same = next((k for k, (a, b) in enumerate(zip(head, full)) if a != b), len(full))  # where they part
     names = lambda ids: list(tokenizer.convert_ids_to_tokens(ids))  # noqa: E731
     raise ValueError(
         f"the target {target!r} does not start on a token boundary after the prompt: the prompt ends in tokens "
@@ -764,7 +752,6 @@ def _same_vocabulary(a: Any, b: Any) -> bool:
 
 def _unknown_words(tokenizer: Any, text: str, unk: int) -> list[str]:
     """The words of ``text`` that the tokenizer turns into its unknown token ``unk`` (in order, once each)."""
-    spans: list[str] = []
     try:
         encoding = tokenizer(text, add_special_tokens=False, return_offsets_mapping=True)
         spans = [text[a:b] for i, (a, b) in zip(encoding["input_ids"], encoding["offset_mapping"]) if i == unk]

@@ -54,9 +54,9 @@ VOCAB = len(SPECIAL) + len(WORDS)
 IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def gpt2(layers=3, seed=0):
+def gpt2(layers=3, seed=0, heads=4):
     torch.manual_seed(seed)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=layers, n_head=4,
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=layers, n_head=heads,
                                      initializer_range=0.3, **IDS)
     return transformers.GPT2LMHeadModel(config).eval()
 
@@ -85,10 +85,10 @@ def t5(seed=0):
     return transformers.T5ForConditionalGeneration(config).eval()
 
 
-def vit_gpt2(seed=0):
+def vit_gpt2(seed=0, encoder=transformers.ViTConfig, patch_size=4):
     torch.manual_seed(seed)
-    vit = transformers.ViTConfig(image_size=16, patch_size=4, num_channels=3, hidden_size=32, num_hidden_layers=2,
-                                 num_attention_heads=4, intermediate_size=48, initializer_range=0.3)
+    vit = encoder(image_size=16, patch_size=patch_size, num_channels=3, hidden_size=32, num_hidden_layers=2,
+                  num_attention_heads=4, intermediate_size=48, initializer_range=0.3)
     decoder = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
                                       initializer_range=0.3, **IDS)
     config = transformers.VisionEncoderDecoderConfig.from_encoder_decoder_configs(vit, decoder)
@@ -136,17 +136,19 @@ def reference_decoder_only(model, prompt, target, kind="logit"):
     y = _targets(out.logits[0, P - 1 : P - 1 + len(target)], target, kind)
     rows = []
     for j in range(len(target)):
-        grads = torch.autograd.grad(y[j], maps, retain_graph=True)
+        grads = torch.autograd.grad(y[j], maps, retain_graph=True, allow_unused=True)
         relevance = torch.eye(T)
         for a, g in zip(maps, grads):
-            relevance = relevance + _a_bar(a, g) @ relevance
+            if g is not None:  # a layer no gradient reaches adds nothing
+                relevance = relevance + _a_bar(a, g) @ relevance
         p = P - 1 + j
         rows.append((relevance[p] - torch.eye(T)[p])[:P])
     return torch.stack(rows)
 
 
-def reference_encoder_decoder(model, target, kind="logit", **encoder_inputs):
-    """token_attr [K, Ti]: row j of R_qi after rules 6-10, dense."""
+def reference_encoder_decoder(model, target, kind="logit", without_cross=(), **encoder_inputs):
+    """token_attr [K, Ti]: row j of R_qi after rules 6-10, dense (without the cross-attention of the layers
+    ``without_cross``)."""
     ref = _eager_copy(model)
     start = model.config.decoder_start_token_id
     decoder_ids = torch.cat([torch.tensor([start]), target[:-1]]).unsqueeze(0)
@@ -168,10 +170,11 @@ def reference_encoder_decoder(model, target, kind="logit", **encoder_inputs):
         for a, g in zip(enc, g_enc):
             r_ii = r_ii + _a_bar(a, g) @ r_ii
         r_qq, r_qi = torch.eye(Tq), torch.zeros(Tq, Ti)
-        for a_s, g_s, a_c, g_c in zip(dec, g_dec, cross, g_cross):
+        for layer, (a_s, g_s, a_c, g_c) in enumerate(zip(dec, g_dec, cross, g_cross)):
             s = _a_bar(a_s, g_s)
             r_qq, r_qi = r_qq + s @ r_qq, r_qi + s @ r_qi
-            r_qi = r_qi + _norm(r_qq).T @ _a_bar(a_c, g_c) @ _norm(r_ii)
+            if layer not in without_cross:
+                r_qi = r_qi + _norm(r_qq).T @ _a_bar(a_c, g_c) @ _norm(r_ii)
         rows.append(r_qi[j])
     return torch.stack(rows)
 
@@ -413,3 +416,271 @@ def test_other_misuse_is_refused_with_the_fix(tokenizer):
         chefer.attribute_batch([inp, inp], ["has"])
     with pytest.raises(TypeError, match="pixel values"):
         CheferLLMAttribution(vit_gpt2(), tokenizer).attribute(inp, target="has")
+
+
+# --------------------------------------------------------------------------------- layers, chunks, dtypes
+
+
+def _detached_output(module, args, output):
+    return (output[0].detach(), *output[1:])
+
+
+@pytest.mark.parametrize("chunk_size", [1, 4])
+def test_a_layer_no_gradient_reaches_adds_nothing(tokenizer, chunk_size):
+    """The middle layer's attention output is cut from the graph: its map gets no gradient and adds nothing."""
+    model = gpt2()
+    handle = model.transformer.h[1].attn.register_forward_hook(_detached_output)
+    try:
+        inp = TextTokenInput("the patient has fever", tokenizer)
+        target = torch.tensor(tokenizer.encode("and mild cough", add_special_tokens=False))
+        result = CheferLLMAttribution(model, tokenizer).attribute(inp, target=target, chunk_size=chunk_size)
+        expected = reference_decoder_only(model, inp.inp_tensor[0], target)  # skips the layer without a gradient
+    finally:
+        handle.remove()
+    assert_matches(result.token_attr, expected)
+    assert not torch.allclose(expected, reference_decoder_only(model, inp.inp_tensor[0], target), rtol=1e-2)
+
+
+def test_one_layer_and_one_head_one_token_per_backward_pass_in_a_batch(tokenizer):
+    model = gpt2(layers=1, heads=1)
+    chefer = CheferLLMAttribution(model, tokenizer)
+    inps = [TextTokenInput("the patient has fever", tokenizer), TextTokenInput("a cough", tokenizer)]
+    targets = [torch.tensor(tokenizer.encode(t, add_special_tokens=False)) for t in ("and mild cough", "with pain")]
+    together = chefer.attribute_batch(inps, targets, chunk_size=1, batch_size=None)
+    for inp, target, result in zip(inps, targets, together):
+        assert_matches(result.token_attr, reference_decoder_only(model, inp.inp_tensor[0], target))
+
+
+def test_a_double_precision_model_gives_double_precision_relevance(tokenizer):
+    model = gpt2()
+    inp = TextTokenInput("the patient has fever", tokenizer)
+    single = CheferLLMAttribution(model, tokenizer).attribute(inp, target="and cough")
+    double = CheferLLMAttribution(copy.deepcopy(model).double(), tokenizer).attribute(inp, target="and cough")
+    assert double.token_attr.dtype == torch.float64
+    assert_matches(double.token_attr.float(), single.token_attr)
+
+
+def test_chunk_size_is_the_number_of_output_tokens_per_backward_pass(tokenizer, monkeypatch):
+    grad = torch.autograd.grad
+    calls = []
+
+    def counting(outputs, inputs, grad_outputs=None, **kwargs):
+        calls.append(None if grad_outputs is None else grad_outputs.shape[0])
+        return grad(outputs, inputs, grad_outputs=grad_outputs, **kwargs)
+
+    monkeypatch.setattr(torch.autograd, "grad", counting)
+    chefer = CheferLLMAttribution(gpt2(layers=1), tokenizer)
+    inp = TextTokenInput("the patient has fever", tokenizer)
+    target = "mild chest pain with cough"  # five tokens
+    for chunk_size, expected in ((2, [2, 2, 1]), (None, [5]), (16, [5]), (1, [None] * 5)):
+        calls.clear()
+        chefer.attribute(inp, target=target, chunk_size=chunk_size)
+        assert calls == expected, chunk_size
+
+
+def test_logits_are_asked_for_the_positions_that_predict_the_output_only(tokenizer):
+    model = gpt2(layers=1)
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(dict(kwargs)), with_kwargs=True)
+    try:
+        chefer = CheferLLMAttribution(model, tokenizer)
+        chefer.attribute(TextTokenInput("the patient has fever", tokenizer), target="and cough")  # 5 + 2 positions
+        chefer.attribute_batch([TextTokenInput("a", tokenizer), TextTokenInput("the patient has", tokenizer)],
+                               ["cough", "mild fever"], batch_size=None)  # 2 + 1 and 4 + 2 positions
+    finally:
+        handle.remove()
+    assert [kwargs["logits_to_keep"] for kwargs in seen] == [3, 5]  # from the last prompt position of the shortest
+    assert [tuple(kwargs["input_ids"].shape) for kwargs in seen] == [(1, 7), (2, 6)]
+    assert seen[1]["attention_mask"].tolist() == [[1, 1, 1, 0, 0, 0], [1, 1, 1, 1, 1, 1]]
+
+
+def test_a_layer_whose_cross_attention_is_not_captured_adds_no_cross_term(tokenizer):
+    model = bart()
+    chefer = CheferLLMAttribution(model, tokenizer)
+    chefer._cross_modules = chefer._cross_modules[1:]  # as if the first decoder layer had no cross-attention
+    inp = TextTokenInput("patient reports severe chest pain", tokenizer)
+    target = torch.tensor(tokenizer.encode("chest pain cough", add_special_tokens=False))
+    result = chefer.attribute(inp, target=target)
+    assert_matches(result.token_attr, reference_encoder_decoder(model, target, without_cross=(0,), input_ids=inp.inp_tensor))
+
+
+def test_modules_read_in_the_wrong_roles_are_refused(tokenizer):
+    inp = TextTokenInput("patient reports chest pain", tokenizer)
+    swapped = CheferLLMAttribution(bart(), tokenizer)
+    swapped._self_modules, swapped._cross_modules = swapped._cross_modules, swapped._self_modules
+    with pytest.raises(RuntimeError) as raised:
+        swapped.attribute(inp, target="cough")
+    assert str(raised.value) == ("BartForConditionalGeneration: a cross-attention call came before its layer's "
+                                 "self-attention call; the decoder's layers are not in the order this class reads them")
+    blind = CheferLLMAttribution(gpt2(layers=1), tokenizer)
+    blind._self_modules = []
+    with pytest.raises(RuntimeError) as raised:
+        blind.attribute(inp, target="cough")
+    assert str(raised.value) == "GPT2LMHeadModel: no decoder self-attention was recorded in the forward pass"
+
+
+# --------------------------------------------------------------------------------- generation
+
+
+def test_the_default_generation_is_captums_greedy_25_tokens(tokenizer):
+    model = gpt2(layers=1)
+    model.generation_config.eos_token_id = None  # nothing stops it early
+    inp = TextTokenInput("the patient has", tokenizer)
+    result = CheferLLMAttribution(model, tokenizer).attribute(inp, chunk_size=None)
+    ids = inp.inp_tensor
+    with torch.no_grad():
+        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=25, do_sample=False)[0, ids.shape[1]:]
+    assert len(result.output_tokens) == 25
+    assert result.output_tokens == tokenizer.convert_ids_to_tokens(greedy.tolist())
+
+
+def test_generation_returning_a_dict_reads_its_sequences(tokenizer):
+    model = gpt2(layers=1)
+    inp = TextTokenInput("the patient has", tokenizer)
+    plain = CheferLLMAttribution(model, tokenizer).attribute(inp, gen_args={"max_new_tokens": 3, "do_sample": False})
+    as_dict = CheferLLMAttribution(model, tokenizer).attribute(
+        inp, gen_args={"max_new_tokens": 3, "do_sample": False, "return_dict_in_generate": True, "output_scores": True})
+    assert len(plain.output_tokens) == 3 and as_dict.output_tokens == plain.output_tokens
+    assert torch.equal(as_dict.token_attr, plain.token_attr)
+
+
+def test_generation_reads_every_prompt_token_as_real(tokenizer):
+    """A prompt that holds the pad id: the explanation reads it as a token, so generation must too."""
+    model = gpt2()
+    inp = TextTokenInput("the patient <pad> has fever", tokenizer)
+    ids = inp.inp_tensor
+    assert int(ids[0, 3]) == model.config.pad_token_id
+    options = {"max_new_tokens": 4, "do_sample": False}
+    with torch.no_grad():
+        real = model.generate(ids, attention_mask=torch.ones_like(ids), **options)[0, ids.shape[1]:]
+        masked = model.generate(ids, **options)[0, ids.shape[1]:]  # transformers would mask the pad id
+    assert not torch.equal(real, masked), "a case where the mask changes the output"
+    result = CheferLLMAttribution(model, tokenizer).attribute(inp, gen_args=options)
+    assert result.output_tokens == tokenizer.convert_ids_to_tokens(real.tolist())
+
+
+def test_generation_runs_without_dropout_and_leaves_the_model_training(tokenizer):
+    torch.manual_seed(0)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.3,
+                                     resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5, **IDS)
+    model = transformers.GPT2LMHeadModel(config).eval()
+    inp = TextTokenInput("the patient has", tokenizer)
+    options = {"max_new_tokens": 6, "do_sample": False}
+    with torch.no_grad():
+        greedy = model.generate(inp.inp_tensor, attention_mask=torch.ones_like(inp.inp_tensor), **options)[0, 4:]
+    result = CheferLLMAttribution(model.train(), tokenizer).attribute(inp, gen_args=options)
+    assert result.output_tokens == tokenizer.convert_ids_to_tokens(greedy.tolist())
+    assert all(m.training for m in model.modules())
+
+
+def test_an_image_to_text_model_generates_from_the_image(tokenizer):
+    model = vit_gpt2()
+    torch.manual_seed(4)
+    pixels = torch.randn(3, 16, 16)
+    options = {"max_new_tokens": 3, "min_new_tokens": 3, "do_sample": False}
+    result = CheferLLMAttribution(model, tokenizer).attribute(pixels, gen_args=options)
+    with torch.no_grad():
+        generated = model.generate(pixel_values=pixels[None], **options)[0]
+    assert int(generated[0]) == model.config.decoder_start_token_id
+    assert result.output_tokens == tokenizer.convert_ids_to_tokens(generated[1:].tolist())
+
+
+def test_the_decoder_starts_from_the_generation_configs_start_token(tokenizer):
+    """``generate`` starts the decoder from ``generation_config``; the explained forward pass does too."""
+    model = bart()
+    model.generation_config.decoder_start_token_id = 1  # the model config says 2
+    seen = []
+    handle = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["decoder_input_ids"]),
+                                             with_kwargs=True)
+    try:
+        CheferLLMAttribution(model, tokenizer).attribute(TextTokenInput("patient reports pain", tokenizer), target="chest pain")
+    finally:
+        handle.remove()
+    assert seen[0].tolist() == [[1, tokenizer.convert_tokens_to_ids("chest")]]
+
+
+# --------------------------------------------------------------------------------- results
+
+
+def test_a_text_result_links_its_input_and_an_image_result_its_probabilities(tokenizer):
+    inp = TextTokenInput("the patient has", tokenizer)
+    assert CheferLLMAttribution(gpt2(layers=1), tokenizer).attribute(inp, target="fever").inp is inp
+    model = vit_gpt2()
+    torch.manual_seed(5)
+    pixels = torch.randn(3, 16, 16)
+    target = torch.tensor(tokenizer.encode("chest pain", add_special_tokens=False))
+    result = CheferLLMAttribution(model, tokenizer).attribute(pixels, target=target)
+    with torch.no_grad():
+        start = torch.tensor([[model.config.decoder_start_token_id]])
+        logits = model(pixel_values=pixels[None], decoder_input_ids=torch.cat([start, target[None, :-1]], 1)).logits[0]
+    torch.testing.assert_close(result.output_probs, logits.softmax(-1)[torch.arange(2), target])
+
+
+def test_image_results_need_one_relevance_image_per_output_token():
+    with pytest.raises(ValueError) as raised:
+        LLMImageAttributionResult(input_tokens=["[CLS]"], output_tokens=["a", "b"], seq_attr=torch.zeros(1),
+                                  token_attr=torch.zeros(2, 1), image_attr=torch.zeros(2, 16, 16))
+    assert str(raised.value) == "image_attr must be [n_output, C, H, W] with n_output = 2; got (2, 16, 16)"
+    with pytest.raises(ValueError, match=r"with n_output = 2; got \(3, 3, 16, 16\)$"):
+        LLMImageAttributionResult(input_tokens=["[CLS]"], output_tokens=["a", "b"], seq_attr=torch.zeros(1),
+                                  token_attr=torch.zeros(2, 1), image_attr=torch.zeros(3, 3, 16, 16))
+
+
+def test_the_image_heatmap(tokenizer):
+    import matplotlib.pyplot as plt
+
+    torch.manual_seed(6)
+    result = CheferLLMAttribution(vit_gpt2(), tokenizer).attribute(torch.randn(3, 16, 16), target="chest pain")
+    with matplotlib.rc_context({"image.cmap": "gray"}):  # a user's default colormap does not change it
+        fig, ax = result.plot_image_attr(show=False)
+    try:
+        (image,) = ax.images
+        assert ax.get_title() == "relevance for output token 0: 'chest'"
+        torch.testing.assert_close(torch.as_tensor(image.get_array().data), result.image_attr[0].sum(0))
+        assert image.get_cmap().name == "viridis"
+        assert image.colorbar is not None and image.colorbar.ax in fig.axes
+    finally:
+        plt.close(fig)
+
+
+@pytest.mark.parametrize("encoder, extra, names", [
+    (transformers.DeiTConfig, 2, ["[token 0]", "[token 1]", "patch 0,0"]),  # a class and a distillation token
+    (transformers.ViTConfig, 1, ["[CLS]", "patch 0,0", "patch 0,1"]),
+])
+def test_tokens_before_the_patches_and_patch_sizes_as_pairs(tokenizer, encoder, extra, names):
+    model = vit_gpt2(encoder=encoder, patch_size=(4, 4))
+    torch.manual_seed(7)
+    pixels = torch.randn(3, 16, 16)
+    target = torch.tensor(tokenizer.encode("left chest pain", add_special_tokens=False))
+    result = CheferLLMAttribution(model, tokenizer).attribute(pixels, target=target)
+    expected = reference_encoder_decoder(model, target, pixel_values=pixels.unsqueeze(0))
+    assert result.input_tokens[:3] == names and len(result.input_tokens) == extra + 16
+    assert_matches(result.token_attr, expected)
+    patch = expected[:, extra:].reshape(3, 4, 4)
+    torch.testing.assert_close(result.image_attr, (patch / 48).repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1)
+                               .expand(3, 3, 16, 16), rtol=1e-4, atol=1e-7 * float(expected.abs().max()))
+
+
+def test_an_image_encoder_without_a_class_token(tokenizer):
+    model = vit_gpt2(encoder=transformers.SiglipVisionConfig)
+    chefer = CheferLLMAttribution(model, tokenizer)
+    # SigLIP's pooling head (which the decoder does not read) is an attention module too: leave it out
+    chefer._encoder_modules = [m for m in chefer._encoder_modules if not isinstance(m, nn.MultiheadAttention)]
+    torch.manual_seed(8)
+    pixels = torch.randn(3, 16, 16)
+    target = torch.tensor(tokenizer.encode("chest pain", add_special_tokens=False))
+    result = chefer.attribute(pixels, target=target)
+    assert result.input_tokens[:2] == ["patch 0,0", "patch 0,1"] and len(result.input_tokens) == 16
+    assert_matches(result.token_attr, reference_encoder_decoder(model, target, pixel_values=pixels.unsqueeze(0)))
+
+
+def test_image_models_whose_patches_cannot_be_placed_are_refused(tokenizer):
+    model = vit_gpt2()
+    model.encoder.config.patch_size = 2  # 64 patches, but the encoder gives 17 tokens
+    with pytest.raises(ValueError) as raised:
+        CheferLLMAttribution(model, tokenizer).attribute(torch.randn(3, 16, 16), target="pain")
+    assert str(raised.value) == "the encoder has 17 tokens, fewer than the 8x8 patches of the image"
+    vars(model.encoder.config)["patch_size"] = None  # an encoder without patches (past the config's own checks)
+    with pytest.raises(TypeError) as raised:
+        CheferLLMAttribution(model, tokenizer).attribute(torch.randn(3, 16, 16), target="pain")
+    assert str(raised.value) == "ViTModel has no patch_size in its config: cannot place patches"

@@ -166,6 +166,18 @@ def test_string_target_off_a_token_boundary_is_refused(byte_bpe):
         chefer.attribute(TextTokenInput("the patient has a fever ", byte_bpe), target="and a dry cough")
 
 
+def test_the_token_boundary_message_shows_where_prompt_and_target_part(byte_bpe):
+    """The prompt's tokens from the first that differs, against the next three tokens of prompt and target together."""
+    chefer = CheferLLMAttribution(gpt2_for(byte_bpe), byte_bpe)
+    with pytest.raises(ValueError) as raised:
+        chefer.attribute(TextTokenInput("the patient has a fever ", byte_bpe), target="and a dry cough")
+    assert str(raised.value) == (
+        "the target 'and a dry cough' does not start on a token boundary after the prompt: the prompt ends in tokens "
+        "['Ġ'], but prompt and target together tokenize as ['Ġand', 'Ġa', 'Ġdry'] there: the tokenizer does not cut "
+        "the text where the prompt ends. End the prompt at a word boundary without trailing whitespace (the target gets "
+        "its leading space), or pass the target as token ids")
+
+
 def test_word_level_targets_after_the_prompt_keep_working():
     tokenizer = word_tokenizer("the patient reports fever and a dry cough since monday".split())
     chefer = CheferLLMAttribution(gpt2_for(tokenizer), tokenizer)

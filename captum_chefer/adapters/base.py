@@ -330,12 +330,13 @@ def _explained_classes(target: Any, batch_size: int, predicted: Tensor, classes:
     return [1] * batch_size if single else values
 
 
-def _captum_target_on_stack(adapter: Any, depth: int = 8) -> Optional[tuple[Any]]:
+def _captum_target_on_stack(adapter: Any, depth: int = 16) -> Optional[tuple[Any]]:
     """``(target,)`` of the Captum ``_run_forward`` that is calling ``adapter`` right now, else ``None``.
 
     Captum calls the forward function and then indexes its output with the target; the adapter reads the
     target first (a few frames up: ``_run_forward`` -> ``Module.__call__`` -> ``forward``) so that a class
     the model does not have is refused with the fix instead of an ``IndexError`` (or a device-side assert).
+    ``depth`` leaves room for wrappers between them (decorators, instrumentation such as mutation testing's).
     """
     global _RUN_FORWARD_CODE
     if _RUN_FORWARD_CODE is None:
