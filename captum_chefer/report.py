@@ -656,7 +656,7 @@ def write_report(
 
     files["csv"] = evaluation.to_csv(out / "results.csv")
     files["curves_csv"] = out / "curves.csv"
-    with files["curves_csv"].open("w", newline="") as f:
+    with files["curves_csv"].open("w", newline="", encoding="utf-8") as f:
         writer = csv.writer(f)
         writer.writerow(["method", "curve", "fraction", "mean_output"])
         for name, curves in evaluation.curves.items():

@@ -17,6 +17,15 @@ from captum_chefer.synthetic import quiet_pyhealth
 warnings.filterwarnings("ignore", category=UserWarning, module="pyhealth")
 
 
+def points_at(warning: warnings.WarningMessage, path: str) -> bool:
+    """Whether a caught warning names ``path`` as its source (its ``stacklevel`` reaches the caller).
+
+    Under mutation testing mutmut calls each mutated function through its trampoline, one frame deeper, so
+    there the trampoline stands in for the caller.
+    """
+    return warning.filename == path or warning.filename.endswith(("mutmut/mutation/trampoline.py", "mutmut\\mutation\\trampoline.py"))
+
+
 def _codes(rng: random.Random, prefix: str, vocab: int, low: int, high: int) -> list[str]:
     return [f"{prefix}{rng.randrange(vocab)}" for _ in range(rng.randint(low, high))]
 

@@ -204,7 +204,7 @@ class Evaluation:
         path = Path(path)
         path.parent.mkdir(parents=True, exist_ok=True)
         rows = self.summary(intervals=True)
-        with path.open("w", newline="") as f:
+        with path.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=list(rows[0]) if rows else ["method"])
             writer.writeheader()
             writer.writerows(rows)

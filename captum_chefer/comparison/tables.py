@@ -43,7 +43,7 @@ def write_rows(rows: Iterable[dict[str, Any]], path: str | Path, columns: Option
     columns = columns or _columns(rows)
     path.parent.mkdir(parents=True, exist_ok=True)
     if suffix == ".csv":
-        with path.open("w", newline="") as f:
+        with path.open("w", newline="", encoding="utf-8") as f:
             writer = csv.writer(f)
             writer.writerow(columns)
             for row in rows:
@@ -66,7 +66,7 @@ def read_rows(path: str | Path) -> list[dict[str, Any]]:
     if not path.is_file():
         raise FileNotFoundError(f"no file {str(path)!r}")
     if suffix == ".csv":
-        with path.open(newline="") as f:
+        with path.open(newline="", encoding="utf-8") as f:
             reader = csv.reader(f)
             columns = next(reader, [])
             return [{c: _parse_cell(v) for c, v in zip(columns, line)} for line in reader]
