@@ -307,7 +307,9 @@ def load_notes(part: Part) -> list[Note]:
 
 
 def module_path(module: str) -> str:
-    return module.replace(".", "/") + ".py"
+    """The file of a dotted module name, relative to the repository root (a package's is its ``__init__.py``)."""
+    path = module.replace(".", "/")
+    return f"{path}/__init__.py" if (ROOT / path).is_dir() else f"{path}.py"
 
 
 def score_line(counts: Counter) -> tuple[float, str]:
@@ -371,7 +373,7 @@ def write_report(part: Part, mutants: list[Mutant], notes: list[Note], min_score
         f"- date: {info.get('started', 'unknown (report regenerated without a run)')}",
         f"- tool: mutmut {metadata.version('mutmut')} (Python {sys.version.split()[0]}, torch "
         f"{metadata.version('torch')})",
-        f"- run: {info['seconds'] / 60:.1f} min wall time, {info['jobs']} parallel workers on {info['cpus']} cores"
+        f"- run: {info['seconds'] / 60:.1f} min wall time, {info['jobs']} parallel worker{'s' if info['jobs'] != 1 else ''} on {info['cpus']} cores"
         if info else "- run: unknown",
         *([f"- note: {info['note']}"] if info.get("note") else []),
         *([f"- mutated functions: only the mutants matching " + ", ".join(f"`{p}`" for p in part.patterns)]
@@ -457,7 +459,7 @@ def write_summary(parts: dict[str, Part], min_score: float = 0.90) -> None:
         figures = report_summary(part.report)
         if figures and figures.get("mutants"):
             score = figures["killed"] / figures["mutants"]
-            wall = (f"{figures['minutes']:.0f} min, {figures['jobs']} workers" if figures.get("minutes") is not None
+            wall = (f"{figures['minutes']:.0f} min, {figures['jobs']} worker{'s' if figures['jobs'] != 1 else ''}" if figures.get("minutes") is not None
                     else "unknown")
             lines.append(
                 f"| `{part.name}` | {mutated} | {figures['mutants']} | {figures['killed']} | **{100 * score:.1f}%** | "
