@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import json
 import math
+import re
 
+import pytest
 import torch
 
 from captum_chefer.comparison import Comparison, Interval
@@ -104,3 +106,73 @@ def test_json_cells_are_plain_numbers_except_nan_and_infinity(tmp_path):
     }
     (row,) = read_rows(path)
     assert row["a"] == 0.5 and math.isnan(row["b"]) and row["c"] == -math.inf and row["d"] == 3 and row["e"] is None
+
+
+def test_load_one_method_one_code_with_its_dtypes(tmp_path):
+    one = Comparison(
+        scores={"A": {"x": torch.tensor([[0.75]])}},
+        seconds_per_sample={"A": 0.5},
+        ids={"x": torch.tensor([[4]])},
+        masks={"x": torch.tensor([[True]])},
+    )
+    again = Comparison.load(one.save(tmp_path / "one.csv"))  # a single row, a single method
+    assert again.methods == ["A"] and again.scores["A"]["x"].tolist() == [[0.75]]
+    assert again.ids["x"].dtype == torch.long and again.ids["x"].tolist() == [[4]]
+    assert again.masks["x"].dtype == torch.bool and again.masks["x"].tolist() == [[True]]
+
+
+def test_load_refuses_a_table_without_scores_or_code_ids(tmp_path):
+    for missing in ("score", "code_id"):
+        row = {"method": "A", "sample": 0, "feature": "x", "visit": None, "position": 0, "code_id": 3, "score": 1.0}
+        del row[missing]
+        path = write_rows([row], tmp_path / f"no_{missing}.csv")
+        expected = f"{str(path)!r} holds no comparison rows; write it with Comparison.save"
+        with pytest.raises(ValueError, match=f"^{re.escape(expected)}$"):
+            Comparison.load(path)
+
+
+class _StubAdapter:
+    """The least an adapter offers CheferAttribution (its AttentionModel protocol), and nothing that runs."""
+
+    def __call__(self, *args):
+        raise AssertionError("not called")
+
+    def attention_forward(self, *args, **kwargs):
+        raise AssertionError("not called")
+
+    def relevance_to_inputs(self, *args, **kwargs):
+        raise AssertionError("not called")
+
+
+def test_default_methods_names_methods_and_settings():
+    from captum.attr import IntegratedGradients, NoiseTunnel, Saliency
+
+    from captum_chefer import CheferAttribution
+    from captum_chefer.comparison import RandomAttribution
+    from captum_chefer.report import default_methods
+
+    adapter = _StubAdapter()  # the methods are only built here, never run
+    specs = default_methods(adapter)
+    assert [name for name, _, _ in specs] == [
+        "Chefer (recommended)", "Chefer (PyHealth)", "Chefer (PyHealth, exclude_self)", "Integrated Gradients",
+        "Saliency", "NoiseTunnel (SmoothGrad)", "Random",
+    ]
+    kinds = [CheferAttribution, CheferAttribution, CheferAttribution, IntegratedGradients, Saliency, NoiseTunnel,
+             RandomAttribution]
+    assert [type(method) for _, method, _ in specs] == kinds
+    assert [method.preset for _, method, _ in specs[:3]] == ["recommended", "pyhealth", "pyhealth"]
+    assert all(method.forward_func is adapter for _, method, _ in specs if not isinstance(method, NoiseTunnel))
+    assert isinstance(specs[5][1].attribution_method, Saliency) and specs[5][1].attribution_method.forward_func is adapter
+    assert [kwargs for _, _, kwargs in specs] == [
+        {}, {}, {"exclude_self": True}, {"n_steps": 50}, {},
+        {"nt_type": "smoothgrad", "nt_samples": 10, "stdevs": 0.1}, {},
+    ]
+    assert specs[6][1].generator.initial_seed() == 0
+    chosen = default_methods(adapter, ig_steps=1, nt_samples=1, nt_stdev=0.3, seed=5)  # 1 is the smallest allowed
+    assert chosen[3][2] == {"n_steps": 1} and chosen[5][2] == {"nt_type": "smoothgrad", "nt_samples": 1, "stdevs": 0.3}
+    assert chosen[6][1].generator.initial_seed() == 5
+    for bad in ({"ig_steps": 0}, {"nt_samples": 0}):
+        steps, samples = bad.get("ig_steps", 50), bad.get("nt_samples", 10)
+        message = f"ig_steps and nt_samples must be >= 1, got {steps}, {samples}"
+        with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+            default_methods(adapter, **bad)
