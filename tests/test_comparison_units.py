@@ -176,3 +176,21 @@ def test_default_methods_names_methods_and_settings():
         message = f"ig_steps and nt_samples must be >= 1, got {steps}, {samples}"
         with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
             default_methods(adapter, **bad)
+
+
+def test_load_reads_patients_and_a_missing_time(tmp_path):
+    # a table written by hand: no seconds_per_sample and no target column; one patient id missing, one numeric
+    rows = [
+        {"method": "A", "sample": 0, "patient_id": None, "feature": "x", "visit": None, "position": 0, "code_id": 3,
+         "code": "c3", "score": 0.5},
+        {"method": "A", "sample": 1, "patient_id": 7, "feature": "x", "visit": None, "position": 1, "code_id": 4,
+         "code": "c4", "score": -1.0},
+    ]
+    loaded = Comparison.load(write_rows(rows, tmp_path / "hand.csv"))
+    assert loaded.patient_ids == [None, "7"] and loaded.targets is None
+    assert list(loaded.seconds_per_sample) == ["A"] and math.isnan(loaded.seconds_per_sample["A"])
+    assert loaded.scores["A"]["x"].tolist() == [[0.5, 0.0], [0.0, -1.0]]
+    assert loaded.masks["x"].tolist() == [[True, False], [False, True]]
+    assert [[(t.feature, t.text, t.index) for t in tokens] for tokens in loaded.decoded] == [
+        [("x", "c3", (0,))], [("x", "c4", (1,))]
+    ]
