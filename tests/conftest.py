@@ -6,6 +6,7 @@ Importing ``pyhealth.datasets`` takes seconds, so it happens once per test sessi
 from __future__ import annotations
 
 import random
+import sys
 import warnings
 from typing import Any
 
@@ -127,7 +128,14 @@ def make_planted_samples(n: int = 128, seed: int = 0) -> list[dict[str, Any]]:
 def planted_model():
     """A two-layer Transformer (two logits, multiclass) trained to accuracy 1 on the planted cohort,
     in eval mode. A few seconds on two cores."""
-    return train_planted_model()
+    return _PLANTED[0] if _PLANTED else train_planted_model()
+
+
+# Under mutation testing (tools/mutation_report.py), mutmut imports the test files once in a fork server and
+# forks a fresh process for each mutant, whose test session would train the planted model again (seconds, for
+# each of thousands of mutants). Trained here instead, once, each mutant's process inherits it: the training
+# runs only PyHealth and torch, never the mutated package, and a forked process's changes stay its own.
+_PLANTED: list[Any] = []
 
 
 def train_planted_model(epochs: int = 8):
@@ -156,3 +164,7 @@ def train_planted_model(epochs: int = 8):
         correct = sum(int((model(**b)["y_prob"].argmax(1) == b["label"].view(-1)).sum()) for b in batches)
     assert correct == len(dataset), f"planted model trained to {correct}/{len(dataset)} only"
     return model
+
+
+if "mutmut" in sys.modules:
+    _PLANTED.append(train_planted_model())
