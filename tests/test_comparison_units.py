@@ -194,3 +194,22 @@ def test_load_reads_patients_and_a_missing_time(tmp_path):
     assert [[(t.feature, t.text, t.index) for t in tokens] for tokens in loaded.decoded] == [
         [("x", "c3", (0,))], [("x", "c4", (1,))]
     ]
+
+
+def test_progress_bars_by_default_and_none_when_asked(capsys):
+    from captum.attr import Saliency
+
+    from captum_chefer import PyHealthAdapter
+    from captum_chefer.comparison import compare_methods, evaluate_methods
+    from captum_chefer.synthetic import toy_model_and_batch
+
+    model, batch = toy_model_and_batch()
+    adapter = PyHealthAdapter(model)
+    methods = [Saliency(adapter)]
+    evaluate_methods(adapter, batch, methods, infidelity_samples=0)
+    compare_methods(adapter, [batch], methods)
+    shown = capsys.readouterr().err
+    assert "evaluating" in shown and "metrics" in shown and "compare_methods" in shown
+    evaluate_methods(adapter, batch, methods, infidelity_samples=0, progress=False)
+    compare_methods(adapter, [batch], methods, progress=False)
+    assert capsys.readouterr().err == ""
