@@ -232,13 +232,13 @@ class Trigger(Rule):
     def codes(self) -> set[Code]:
         return {(self.key, self.code)}
 
-    def fires(self, streams, nested) -> bool:
+    def fires(self, streams: Mapping[str, list], nested: Mapping[str, bool]) -> bool:
         return _present(streams, nested, self.key, self.code)
 
-    def plant(self, streams, nested, rng) -> None:
+    def plant(self, streams: dict[str, list], nested: Mapping[str, bool], rng: random.Random) -> None:
         _insert(streams[self.key], nested[self.key], self.code, rng)
 
-    def plant_near_miss(self, streams, nested, rng) -> None:
+    def plant_near_miss(self, streams: dict[str, list], nested: Mapping[str, bool], rng: random.Random) -> None:
         return None
 
     def describe(self) -> str:
@@ -261,17 +261,17 @@ class KOf(Rule):
     def codes(self) -> set[Code]:
         return {(self.key, c) for c in self.risk_set}
 
-    def _count(self, streams, nested) -> int:
+    def _count(self, streams: Mapping[str, list], nested: Mapping[str, bool]) -> int:
         return sum(_present(streams, nested, self.key, c) for c in self.risk_set)
 
-    def fires(self, streams, nested) -> bool:
+    def fires(self, streams: Mapping[str, list], nested: Mapping[str, bool]) -> bool:
         return self._count(streams, nested) >= self.k
 
-    def plant(self, streams, nested, rng) -> None:
+    def plant(self, streams: dict[str, list], nested: Mapping[str, bool], rng: random.Random) -> None:
         for code in rng.sample(list(self.risk_set), rng.randint(self.k, len(self.risk_set))):
             _insert(streams[self.key], nested[self.key], code, rng)
 
-    def plant_near_miss(self, streams, nested, rng) -> None:
+    def plant_near_miss(self, streams: dict[str, list], nested: Mapping[str, bool], rng: random.Random) -> None:
         if self.k > 1:
             for code in rng.sample(list(self.risk_set), rng.randint(1, self.k - 1)):
                 _insert(streams[self.key], nested[self.key], code, rng)
@@ -291,14 +291,14 @@ class Interaction(Rule):
     def codes(self) -> set[Code]:
         return {self.a, self.b}
 
-    def fires(self, streams, nested) -> bool:
+    def fires(self, streams: Mapping[str, list], nested: Mapping[str, bool]) -> bool:
         return _present(streams, nested, *self.a) and _present(streams, nested, *self.b)
 
-    def plant(self, streams, nested, rng) -> None:
+    def plant(self, streams: dict[str, list], nested: Mapping[str, bool], rng: random.Random) -> None:
         for key, code in (self.a, self.b):
             _insert(streams[key], nested[key], code, rng)
 
-    def plant_near_miss(self, streams, nested, rng) -> None:
+    def plant_near_miss(self, streams: dict[str, list], nested: Mapping[str, bool], rng: random.Random) -> None:
         key, code = self.a if rng.random() < 0.5 else self.b
         _insert(streams[key], nested[key], code, rng)
 
@@ -320,13 +320,16 @@ class Order(Rule):
     def codes(self) -> set[Code]:
         return {(self.key, self.first), (self.key, self.then)}
 
-    def fires(self, streams, nested) -> bool:
+    def fires(self, streams: Mapping[str, list], nested: Mapping[str, bool]) -> bool:
         events = _events(streams[self.key], nested[self.key])
         first = [t for t, c in events if c == self.first]
         then = [t for t, c in events if c == self.then]
         return bool(first and then and min(first) < max(then))
 
-    def _plant_pair(self, streams, nested, rng, earlier: str, later: str, same_visit: bool = False) -> None:
+    def _plant_pair(
+        self, streams: dict[str, list], nested: Mapping[str, bool], rng: random.Random, earlier: str, later: str,
+        same_visit: bool = False,
+    ) -> None:
         stream, is_nested = streams[self.key], nested[self.key]
         if is_nested:
             if len(stream) < 2 and not same_visit:
@@ -342,10 +345,10 @@ class Order(Rule):
             stream.insert(i, earlier)
             stream.insert(rng.randint(i + 1, len(stream)), later)
 
-    def plant(self, streams, nested, rng) -> None:
+    def plant(self, streams: dict[str, list], nested: Mapping[str, bool], rng: random.Random) -> None:
         self._plant_pair(streams, nested, rng, self.first, self.then)
 
-    def plant_near_miss(self, streams, nested, rng) -> None:
+    def plant_near_miss(self, streams: dict[str, list], nested: Mapping[str, bool], rng: random.Random) -> None:
         same = nested[self.key] and rng.random() < 0.3
         self._plant_pair(streams, nested, rng, self.then, self.first, same_visit=same)
 
@@ -543,9 +546,10 @@ def make_cohort(
         truth = frozenset().union(*(rules[j].evidence(values, nested) for j in fired)) if fired else frozenset()
         sample: dict[str, Any] = {"patient_id": f"p{i:05d}", "visit_id": "v0"}
         for spec in streams:
-            value = values[spec.key]
-            if spec.kind == "stagenet":
-                times, t = [], 0.0
+            value: Any = values[spec.key]
+            if spec.kind == "stagenet":  # StageNet streams carry a time per visit: (times, visits)
+                times: list[float] = []
+                t = 0.0
                 for _ in value:
                     times.append(round(t, 2))
                     t += rng.uniform(0.5, 30.0)
