@@ -15,6 +15,7 @@ Models are built once per module from tiny configs (no downloads).
 
 from __future__ import annotations
 
+import contextlib
 import inspect
 import linecache
 import math
@@ -131,7 +132,19 @@ def text_model(tokenizer):
 
     torch.manual_seed(4)
     return pyhealth_model(TransformersModel, "text", 3, model=transformers.BertModel(transformers.BertConfig(**TINY_BERT)),
-                          tokenizer=tokenizer, fc=nn.Linear(16, 3), dropout=nn.Dropout(0.1), model_name="tiny")
+                          tokenizer=tokenizer, fc=nn.Linear(16, 3), dropout=nn.Dropout(0.1), model_name="tiny",
+                          projection=nn.Linear(16, 7))  # registered after the head
+
+
+@contextlib.contextmanager
+def replaced(module: nn.Module, name: str, value):
+    """``module.<name>`` set to ``value`` for a ``with`` block (monkeypatch would delete a submodule or parameter)."""
+    original = getattr(module, name)
+    setattr(module, name, value)
+    try:
+        yield module
+    finally:
+        setattr(module, name, original)
 
 
 def message(excinfo) -> str:
@@ -272,12 +285,15 @@ def test_check_devices_names_each_misplaced_tensor_and_the_fix():
 
 
 def test_patches_of_another_height_and_width_by_hand():
-    # a 1-channel 3x5 image, patches of 1x2: a 3x2 grid (the last column is outside it)
-    relevance = torch.tensor([[2.0, 4.0, 6.0, 8.0, 10.0, 12.0]])
-    pixels = base.spread_over_patches(relevance, (1, 1, 3, 5), (1, 2))
-    expected = torch.tensor([[1.0, 1.0, 2.0, 2.0, 0.0], [3.0, 3.0, 4.0, 4.0, 0.0], [5.0, 5.0, 6.0, 6.0, 0.0]])
-    assert pixels.shape == (1, 1, 3, 5) and torch.equal(pixels[0, 0], expected)
-    assert torch.equal(base.sum_over_patches(pixels, (1, 2)), relevance)
+    # a 2-channel 5x7 image, patches of 2x3: a 2x2 grid (the last row and column are outside it); 12 cells a patch
+    relevance = torch.tensor([[12.0, 24.0, 36.0, 48.0]])
+    pixels = base.spread_over_patches(relevance, (1, 2, 5, 7), (2, 3))
+    expected = torch.tensor([[1.0] * 3 + [2.0] * 3 + [0.0]] * 2 + [[3.0] * 3 + [4.0] * 3 + [0.0]] * 2 + [[0.0] * 7])
+    assert pixels.shape == (1, 2, 5, 7) and torch.equal(pixels[0, 0], expected) and torch.equal(pixels[0, 1], expected)
+    assert torch.equal(base.sum_over_patches(pixels, (2, 3)), relevance)
+    # an int patch size: 2x2 patches of a 2-channel 2x4 image, 8 cells a patch
+    square = base.spread_over_patches(torch.tensor([[8.0, 16.0]]), (1, 2, 2, 4), 2)
+    assert torch.equal(square, torch.tensor([[1.0, 1.0, 2.0, 2.0]] * 2).expand(1, 2, 2, 4))
     assert torch.equal(base.sum_over_patches(torch.ones(2, 3, 4, 4), 2), torch.full((2, 4), 12.0))
     with pytest.raises(ValueError) as excinfo:
         base.spread_over_patches(torch.ones(1, 5), (1, 1, 3, 5), (1, 2))
@@ -686,9 +702,8 @@ def test_models_without_a_classification_head_are_refused_with_the_fix():
     assert message(excinfo) == "HuggingFaceAdapter needs a transformers model (PreTrainedModel), got Linear"
 
 
-def test_a_decoder_classifier_without_a_score_head_is_refused(gpt2, monkeypatch):
-    monkeypatch.setattr(gpt2, "score", None)
-    with pytest.raises(TypeError) as excinfo:
+def test_a_decoder_classifier_without_a_score_head_is_refused(gpt2):
+    with replaced(gpt2, "score", None), pytest.raises(TypeError) as excinfo:
         HuggingFaceAdapter(gpt2)
     assert message(excinfo) == (
         "GPT2ForSequenceClassification pools its last token but has no `score` head this adapter knows how to apply; "
@@ -769,6 +784,8 @@ def test_image_batches_are_pixels_alone_or_in_a_dict_with_labels(vit):
     (read,), args = adapter.captum_inputs({"pixel_values": pixels, "labels": torch.tensor([2, 0])})
     assert torch.equal(read, pixels) and args == ()
     assert adapter.captum_target({"pixel_values": pixels, "labels": torch.tensor([2, 0])}, mode="label").tolist() == [2, 0]
+    with torch.no_grad():
+        torch.testing.assert_close(adapter(pixels), vit(pixel_values=pixels).logits)
     with pytest.raises(ValueError) as excinfo:
         adapter(pixels, torch.ones(2, 4))
     assert message(excinfo) == "image models take no additional forward args, got 1"
@@ -850,8 +867,8 @@ def test_likely_key_of_each_kind_of_name():
 def test_per_sample_args_and_prefix_by_kind(bert, vit):
     text, image = HuggingFaceAdapter(bert), HuggingFaceAdapter(vit)
     a, b, c = torch.zeros(1), torch.ones(1), torch.full((1,), 2.0)
-    assert text._per_sample_args((a, b, 5, c)) == [("the attention_mask", a), ("the token_type_ids", b),
-                                                    ("additional forward arg 3", c)]
+    assert text._per_sample_args((a, b, c, 5, a)) == [("the attention_mask", a), ("the token_type_ids", b),
+                                                       ("additional forward arg 2", c), ("additional forward arg 4", a)]
     assert (image._prefix(18, 16), image._prefix(16, 16), image._prefix(15, 16)) == (2, 0, 0)
     assert (text._prefix(18, 16), text._prefix(16, 16)) == (0, 0)
 
@@ -872,6 +889,11 @@ def test_class_names_labels_and_probabilities(bert, monkeypatch):
     monkeypatch.setattr(bert.config, "problem_type", "multi_label_classification")
     torch.testing.assert_close(adapter.probabilities(logits), torch.tensor([[0.5, 0.75, 0.5]]))
     assert adapter.true_classes({"labels": torch.tensor([1, 5])}) == ["mid", "5"]  # a class without a name
+    assert adapter.true_classes({"labels": torch.tensor([[1, 1], [0, 1]])}) == ["low,mid", "mid"]  # two labels
+    assert adapter.true_classes({"labels": torch.tensor([[0, 0, 1, 1, 0, 1]])}) == ["high,3,5"]
+    monkeypatch.setattr(bert, "config", SimpleNamespace())  # neither id2label nor problem_type
+    assert adapter.class_names() == {}
+    torch.testing.assert_close(adapter.probabilities(logits), torch.tensor([[0.2, 0.6, 0.2]]))
 
 
 def test_records_use_the_tokenizer_given_for_them_and_pass_the_options(bert, tokenizer):
@@ -879,15 +901,69 @@ def test_records_use_the_tokenizer_given_for_them_and_pass_the_options(bert, tok
     batch = {"input_ids": torch.tensor([[2, 5, 3], [2, 7, 3]]), "attention_mask": torch.ones(2, 3, dtype=torch.long),
              "labels": torch.tensor([0, 2])}
     scores = torch.tensor([[1.0, 2.0, -4.0], [0.0, 0.5, 0.25]])
-    records = bare.visualization_records(batch, scores, 2, method="M", delta=torch.tensor([0.5, 0.25]), tokenizer=tokenizer)
+    with torch.no_grad():
+        predicted = bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits.argmax(1)
+    target = (predicted + 1) % 3  # not the predicted class
+    records = bare.visualization_records(batch, scores, target, method="M", delta=torch.tensor([0.5, 0.25]),
+                                         tokenizer=tokenizer)
     assert bare.tokenizer is None and [r.raw_input_ids for r in records] == [["[CLS]", "fever", "[SEP]"],
                                                                               ["[CLS]", "rash", "[SEP]"]]
-    assert [r.attr_class for r in records] == ["high (M)"] * 2 and [r.method for r in records] == ["M", "M"]
+    names = ["low", "mid", "high"]
+    assert [r.attr_class for r in records] == [f"{names[t]} (M)" for t in target.tolist()]
+    assert [r.pred_class for r in records] == [names[p] for p in predicted.tolist()]
+    assert [r.method for r in records] == ["M", "M"]
     assert [r.convergence_score for r in records] == [0.5, 0.25] and [r.true_class for r in records] == ["low", "high"]
     assert [r.word_attributions.tolist() for r in records] == [[0.25, 0.5, -1.0], [0.0, 1.0, 0.5]]
     assert bare.visualization_records(batch, scores)[0].raw_input_ids == ["#2", "#5", "#3"]
     with_tokenizer = HuggingFaceAdapter(bert, tokenizer=tokenizer)
     assert with_tokenizer.visualization_records(batch, scores)[1].raw_input_ids == ["[CLS]", "rash", "[SEP]"]
+
+
+def test_embedding_baselines_put_the_reference_embedding_on_real_tokens(bert, tokenizer, monkeypatch):
+    monkeypatch.setattr(bert.config, "pad_token_id", 3)  # a pad token whose embedding is not zero
+    adapter = HuggingFaceAdapter(bert, tokenizer=tokenizer)
+    weight = bert.get_input_embeddings().weight.detach()
+    ids, mask = torch.tensor([[2, 5, 3, 0], [2, 0, 6, 3]]), torch.tensor([[1, 1, 1, 0], [1, 0, 1, 1]])
+    x = weight[ids] + 1.0
+    real = mask.bool().unsqueeze(-1)
+    for reference, token in (("unk", 1), ("mask", 4), ("pad", 3)):
+        (baseline,) = adapter.baselines((x,), (mask,), reference)
+        torch.testing.assert_close(baseline, torch.where(real, weight[token].expand_as(x), x), msg=reference)
+    (zero,) = adapter.baselines((x,), (mask,), "zero")
+    torch.testing.assert_close(zero, torch.where(real, torch.zeros_like(x), x))
+    (half,) = adapter.baselines((x.bfloat16(),), (mask,))
+    assert half.dtype == torch.bfloat16
+    torch.testing.assert_close(half, torch.where(real, weight[1].expand_as(x), x).bfloat16())
+    (tokens,) = adapter.baselines((ids,), (mask,), "pad")
+    assert tokens.tolist() == [[3, 3, 3, 0], [3, 0, 3, 3]]
+    (tokens,) = adapter.baselines((ids,), (mask,), "mask")
+    assert tokens.tolist() == [[4, 4, 4, 0], [4, 0, 4, 4]]
+
+
+def test_image_baselines_are_black_or_blurred_by_a_quarter_patch(vit):
+    from captum_chefer.adapters.torch import blurred_images
+
+    adapter = HuggingFaceAdapter(vit)
+    pixels = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(0))
+    (black,) = adapter.baselines((pixels,), (), "zero")
+    assert torch.equal(black, torch.zeros(2, 3, 16, 16))
+    (blurred,) = adapter.baselines((pixels,), (), "blur")
+    torch.testing.assert_close(blurred, blurred_images(pixels, 2.0))  # patches of 8
+
+
+def test_references_without_their_token_are_refused_with_the_fix(gpt2, bert):
+    ids, mask = torch.tensor([[5, 6]]), torch.tensor([[1, 1]])
+    with pytest.raises(ValueError) as excinfo:
+        HuggingFaceAdapter(gpt2).baselines((ids,), (mask,), "pad")
+    assert message(excinfo) == "GPT2ForSequenceClassification has no pad token; use reference='zero' or pass a tokenizer with one"
+    assert HuggingFaceAdapter(bert).baselines((ids,), (mask,), "pad")[0].tolist() == [[0, 0]]  # the config's, no tokenizer
+    for tokenizer in (None, SimpleNamespace(pad_token_id=0)):
+        with pytest.raises(ValueError) as excinfo:
+            HuggingFaceAdapter(bert, tokenizer=tokenizer).baselines((ids,), (mask,), "mask")
+        assert message(excinfo) == (
+            "reference 'mask' needs the tokenizer's mask_token_id: HuggingFaceAdapter(model, tokenizer=...), or use "
+            "reference='pad' or 'zero'"
+        )
 
 
 def test_baselines_default_to_the_unknown_token_and_refuse_other_references(bert, vit, tokenizer):
@@ -946,7 +1022,7 @@ def test_media_adapter_of_a_transformers_model_and_of_other_models(text_model, t
     assert type(adapter) is media._TransformersModelAdapter and adapter.model is text_model
     assert (adapter.kind, adapter.pool, adapter.prefix_tokens, adapter.pad_id, adapter.mask_arg) == ("encoder", "first", 0, 0, 0)
     assert adapter.embedding is encoder.get_input_embeddings() and adapter.feature_keys == ["text"]
-    assert adapter.num_outputs == 3 and adapter.tokenizer is tokenizer and adapter._callee is encoder
+    assert adapter.num_outputs == 3 and adapter.tokenizer is tokenizer and adapter._callee is encoder  # not 7
     assert adapter._carries_ids is False and adapter._takes_token_types
     ids, mask = torch.tensor([[2, 5, 6, 3], [2, 7, 3, 0]]), torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])
     with torch.no_grad():
@@ -958,20 +1034,29 @@ def test_media_adapter_of_a_transformers_model_and_of_other_models(text_model, t
 def test_a_transformers_model_without_a_pooler_is_refused(tokenizer):
     from pyhealth.models import TransformersModel
 
-    encoder = transformers.BertModel(transformers.BertConfig(**TINY_BERT), add_pooling_layer=False)
-    model = pyhealth_model(TransformersModel, "text", 2, model=encoder, tokenizer=tokenizer)
-    with pytest.raises(ValueError) as excinfo:
-        media.media_adapter(model)
-    assert message(excinfo) == "BertModel has no pooler: TransformersModel reads pooler_output, which it does not give"
+    distilbert = transformers.DistilBertConfig(vocab_size=15, dim=16, n_layers=1, n_heads=2, hidden_dim=32)
+    for encoder in (transformers.BertModel(transformers.BertConfig(**TINY_BERT), add_pooling_layer=False),
+                    transformers.DistilBertModel(distilbert)):  # a pooler of None, no pooler at all
+        model = pyhealth_model(TransformersModel, "text", 2, model=encoder, tokenizer=tokenizer)
+        with pytest.raises(ValueError) as excinfo:
+            media.media_adapter(model)
+        assert message(excinfo) == (
+            f"{type(encoder).__name__} has no pooler: TransformersModel reads pooler_output, which it does not give"
+        )
 
 
-def test_media_batch_of_images_repeats_one_channel_onto_the_models_device(vision_model, monkeypatch):
+def test_a_transformers_model_whose_tokenizer_has_no_pad_token(text_model, monkeypatch):
+    monkeypatch.setattr(text_model, "tokenizer", SimpleNamespace())
+    assert media.media_adapter(text_model).pad_id is None
+
+
+def test_media_batch_of_images_repeats_one_channel_onto_the_models_device(vision_model):
     grey, colour = torch.rand(2, 1, 16, 16), torch.rand(2, 3, 16, 16)
     repeated = media.media_batch(vision_model, {"image": grey, "label": torch.tensor([0, 1])})
     assert repeated.shape == (2, 3, 16, 16) and all(torch.equal(repeated[:, c], grey[:, 0]) for c in range(3))
     assert torch.equal(media.media_batch(vision_model, {"image": colour}), colour)
-    monkeypatch.setattr(vision_model, "_dummy_param", nn.Parameter(torch.empty(0, device="meta")))
-    on_meta = media.media_batch(vision_model, {"image": grey})
+    with replaced(vision_model, "_dummy_param", nn.Parameter(torch.empty(0, device="meta"))):
+        on_meta = media.media_batch(vision_model, {"image": grey})
     assert on_meta.device.type == "meta" and on_meta.shape == (2, 3, 16, 16)
 
 
@@ -991,7 +1076,7 @@ def test_media_batch_refuses_what_is_not_an_image_batch(vision_model):
         assert message(excinfo) == text
 
 
-def test_media_batch_of_texts_is_the_tokenizers_padded_encoding(text_model, monkeypatch):
+def test_media_batch_of_texts_is_the_tokenizers_padded_encoding(text_model):
     # [CLS] 2, [SEP] 3, [PAD] 0; fever 5, cough 6, rash 7
     encoding = media.media_batch(text_model, {"text": ["fever cough", "rash"], "label": [0, 1]})
     assert {k: v.tolist() for k, v in encoding.items()} == {
@@ -1004,5 +1089,6 @@ def test_media_batch_of_texts_is_the_tokenizers_padded_encoding(text_model, monk
         with pytest.raises(TypeError) as excinfo:
             media.media_batch(text_model, {"text": value})
         assert message(excinfo) == f"feature 'text' must be a list of texts, got {name}"
-    monkeypatch.setattr(text_model, "_dummy_param", nn.Parameter(torch.empty(0, device="meta")))
-    assert {v.device.type for v in media.media_batch(text_model, {"text": ["rash"]}).values()} == {"meta"}
+    with replaced(text_model, "_dummy_param", nn.Parameter(torch.empty(0, device="meta"))):
+        encoding = media.media_batch(text_model, {"text": ["rash"]})
+    assert {v.device.type for v in encoding.values()} == {"meta"}
