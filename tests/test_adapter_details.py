@@ -32,18 +32,18 @@ from captum.attr import IntegratedGradients, Saliency
 from torch import nn
 from transformers.modeling_utils import ModuleUtilsMixin
 
-from captum_chefer.adapters import HuggingFaceAdapter, PyHealthAdapter, TransformerAdapter, adapter_for
+from captum_chefer.adapters import HuggingFaceAdapter, PyHealthAdapter, TransformerAdapter, adapter_for, base
 from captum_chefer.adapters import _pyhealth_media as media
-from captum_chefer.adapters import base
 from captum_chefer.adapters import huggingface as hf
 from captum_chefer.adapters.base import Adapter, DecodedToken, LookupDict, ZeroBaselineWarning
 
 transformers.logging.set_verbosity_error()
 
 WORDS = ["fever", "cough", "rash", "pain", "no", "history", "of", "chest", "sepsis", "stable"]  # ids 5..14
-TINY_BERT = dict(vocab_size=15, hidden_size=16, num_hidden_layers=1, num_attention_heads=2, intermediate_size=32)
-TINY_VIT = dict(image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2,
-                intermediate_size=16)
+TINY_BERT = {"vocab_size": 15, "hidden_size": 16, "num_hidden_layers": 1, "num_attention_heads": 2,
+             "intermediate_size": 32}
+TINY_VIT = {"image_size": 16, "patch_size": 8, "hidden_size": 8, "num_hidden_layers": 1, "num_attention_heads": 2,
+            "intermediate_size": 16}
 
 
 # ---------------------------------------------------------------------------------------------- models
@@ -131,7 +131,8 @@ def text_model(tokenizer):
     from pyhealth.models import TransformersModel
 
     torch.manual_seed(4)
-    return pyhealth_model(TransformersModel, "text", 3, model=transformers.BertModel(transformers.BertConfig(**TINY_BERT)),
+    encoder = transformers.BertModel(transformers.BertConfig(**TINY_BERT))
+    return pyhealth_model(TransformersModel, "text", 3, model=encoder,
                           tokenizer=tokenizer, fc=nn.Linear(16, 3), dropout=nn.Dropout(0.1), model_name="tiny",
                           projection=nn.Linear(16, 7))  # registered after the head
 
@@ -247,7 +248,8 @@ def test_base_probabilities_are_a_softmax_or_the_sigmoid_of_a_single_logit():
     adapter = Adapter()
     logits = torch.tensor([[0.0, math.log(3.0)], [math.log(4.0), 0.0]])
     torch.testing.assert_close(adapter.probabilities(logits), torch.tensor([[0.25, 0.75], [0.8, 0.2]]))
-    torch.testing.assert_close(adapter.probabilities(torch.tensor([[0.0], [math.log(3.0)]])), torch.tensor([[0.5], [0.75]]))
+    single = torch.tensor([[0.0], [math.log(3.0)]])
+    torch.testing.assert_close(adapter.probabilities(single), torch.tensor([[0.5], [0.75]]))
     assert adapter.class_names() == {} and adapter.true_classes({"labels": torch.tensor([1])}) is None
     with pytest.raises(NotImplementedError):
         adapter.decode({})
@@ -297,7 +299,9 @@ def test_patches_of_another_height_and_width_by_hand():
     assert torch.equal(base.sum_over_patches(torch.ones(2, 3, 4, 4), 2), torch.full((2, 4), 12.0))
     with pytest.raises(ValueError) as excinfo:
         base.spread_over_patches(torch.ones(1, 5), (1, 1, 3, 5), (1, 2))
-    assert message(excinfo) == "patch relevance has shape (1, 5); an image (1, 1, 3, 5) with patches of 1x2 has 3x2 = 6 patches per sample"
+    assert message(excinfo) == (
+        "patch relevance has shape (1, 5); an image (1, 1, 3, 5) with patches of 1x2 has 3x2 = 6 patches per sample"
+    )
 
 
 def test_uncompiled_unwraps_only_torch_compiles_wrapper():
@@ -336,7 +340,8 @@ def test_explained_classes_read_an_int_one_class_or_one_per_sample():
     assert base._explained_classes(torch.tensor([1]), 3, torch.zeros(3, dtype=torch.long), 3) == [1, 1, 1]
     assert base._explained_classes([2, 0], 2, predicted, 3) == [2, 0]
     assert base._explained_classes(torch.tensor([[0], [2], [1]]), 3, torch.zeros(3), 3) == [0, 2, 1]
-    assert base._explained_classes(0, 2, predicted, 1) == [1, 1] and base._explained_classes([1, 0], 2, predicted, 1) == [1, 1]
+    assert base._explained_classes(0, 2, predicted, 1) == [1, 1]
+    assert base._explained_classes([1, 0], 2, predicted, 1) == [1, 1]
 
 
 def test_explained_classes_refuse_bools_floats_and_other_counts():
@@ -405,7 +410,7 @@ class Streams(Adapter):
     def to_feature_dict(self, attributions):
         self.converted.append(type(attributions))
         attributions = attributions if isinstance(attributions, tuple) else (attributions,)
-        return dict(zip(self.feature_keys, attributions))
+        return dict(zip(self.feature_keys, attributions, strict=True))
 
     def forward(self, *inputs_and_args):
         self.forwarded.append((inputs_and_args, torch.is_grad_enabled()))
@@ -432,7 +437,8 @@ def test_records_of_two_streams_with_a_method_a_target_and_deltas_by_hand():
     logits = torch.tensor([[0.0, math.log(2.0), 0.0], [math.log(3.0), 0.0, 0.0]])
     adapter = Streams(logits, names={0: "no", 1: "yes"})
     batch = two_stream_batch()
-    records = adapter.visualization_records(batch, TWO_STREAM_SCORES, torch.tensor([2, 0]), method="M", delta=[0.1, -0.2])
+    records = adapter.visualization_records(batch, TWO_STREAM_SCORES, torch.tensor([2, 0]), method="M",
+                                            delta=[0.1, -0.2])
     assert adapter.levels == ["token"]
     ((forwarded, grad_enabled),) = adapter.forwarded
     assert forwarded == (*batch["ids"], adapter.marker) and not grad_enabled
@@ -478,20 +484,23 @@ def test_records_take_a_list_or_tuple_and_refuse_other_attributions_and_shapes()
     with pytest.raises(TypeError) as excinfo:
         adapter.visualization_records(batch, 3)
     assert message(excinfo) == (
-        "attributions must be a tensor or tuple shaped like the Captum inputs, or a feature dict {feature_key: scores}; got int"
+        "attributions must be a tensor or tuple shaped like the Captum inputs, or a feature dict "
+        "{feature_key: scores}; got int"
     )
     with pytest.raises(KeyError) as excinfo:
         adapter.visualization_records(batch, {"codes": scores[0], "other": scores[1]})
     assert message(excinfo) == "attributions have no scores for ['labs']; expected keys ['codes', 'labs']"
     with pytest.raises(ValueError) as excinfo:
         adapter.visualization_records(batch, {"codes": scores[0], "labs": torch.zeros(2, 3)})
-    assert message(excinfo) == "scores for 'labs' have shape (2, 3) but the batch's tokens are (2, 2); pass the attributions of this batch"
+    assert message(excinfo) == (
+        "scores for 'labs' have shape (2, 3) but the batch's tokens are (2, 2); pass the attributions of this batch"
+    )
     with pytest.raises(ValueError) as excinfo:
         adapter.visualization_records(batch, scores, delta=torch.zeros(3))
     assert message(excinfo) == "delta must hold one value per sample (2), got 3"
 
 
-# ---------------------------------------------------------------------------------------------- base: Captum on the stack
+# ------------------------------------------------------------------------------------------ base: Captum on the stack
 
 
 class Product(Adapter):
@@ -535,10 +544,11 @@ def test_zero_baseline_warning_once_per_adapter_with_the_fix_at_the_callers_line
     assert_points_at_caller(warning, __file__, adapter.warn_line)
     assert zero_baseline_warnings(lambda: IntegratedGradients(adapter).attribute(x, target=0, n_steps=2)) == []
     fresh = Product()
-    assert zero_baseline_warnings(lambda: IntegratedGradients(fresh).attribute(x, baselines=0.5, target=0, n_steps=2)) == []
+    ig = IntegratedGradients(fresh)
+    assert zero_baseline_warnings(lambda: ig.attribute(x, baselines=0.5, target=0, n_steps=2)) == []
     assert zero_baseline_warnings(lambda: Saliency(fresh).attribute(x, target=0)) == []
     assert zero_baseline_warnings(lambda: fresh(x)) == []
-    assert len(zero_baseline_warnings(lambda: IntegratedGradients(fresh).attribute(x, baselines=0, target=0, n_steps=2))) == 1
+    assert len(zero_baseline_warnings(lambda: ig.attribute(x, baselines=0, target=0, n_steps=2))) == 1
 
 
 def at_depth(function, adapter, step: int, code):
@@ -605,13 +615,14 @@ def test_captum_targets_beyond_the_outputs_are_refused_only_for_this_adapter(mon
         Saliency(single).attribute(x, target=1)
 
 
-# ---------------------------------------------------------------------------------------------- HuggingFaceAdapter: set-up
+# ---------------------------------------------------------------------------------------- HuggingFaceAdapter: set-up
 
 
 def test_an_encoder_classifier_is_set_up_with_its_config_and_tokenizer(bert, tokenizer):
     adapter = HuggingFaceAdapter(bert, tokenizer=tokenizer)
     assert (adapter.kind, adapter.pool, adapter.prefix_tokens, adapter.patch_size) == ("encoder", "first", 0, None)
-    assert adapter.embedding is bert.get_input_embeddings() and adapter.embedding_layers == [bert.get_input_embeddings()]
+    embedding = bert.get_input_embeddings()
+    assert adapter.embedding is embedding and adapter.embedding_layers == [embedding]
     assert (adapter.pad_id, adapter.mask_arg, adapter.feature_keys, adapter.num_outputs) == (0, 0, ["input_ids"], 3)
     assert adapter.tokenizer is tokenizer and adapter._callee is bert and adapter._takes_token_types
     assert adapter._carries_ids is False
@@ -619,7 +630,8 @@ def test_an_encoder_classifier_is_set_up_with_its_config_and_tokenizer(bert, tok
 
 def test_a_decoder_classifier_pools_the_last_token_through_its_base_model(gpt2):
     adapter = HuggingFaceAdapter(gpt2)
-    assert (adapter.kind, adapter.pool, adapter.pad_id, adapter.feature_keys) == ("decoder", "last", None, ["input_ids"])
+    assert (adapter.kind, adapter.pool, adapter.pad_id) == ("decoder", "last", None)
+    assert adapter.feature_keys == ["input_ids"]
     assert adapter._callee is gpt2.transformer and adapter.embedding is gpt2.get_input_embeddings()
     ids, mask = torch.tensor([[5, 6, 7], [8, 9, 0]]), torch.tensor([[1, 1, 1], [1, 1, 0]])
     with torch.no_grad():
@@ -641,6 +653,26 @@ def test_an_image_classifier_is_set_up_without_text_parts(vit):
     rectangular = transformers.ViTForImageClassification(transformers.ViTConfig(**{**TINY_VIT, "patch_size": [8, 4]}))
     patch_size = HuggingFaceAdapter(rectangular).patch_size
     assert patch_size == (8, 4) and type(patch_size) is tuple
+
+
+def test_an_image_classifier_without_patches_has_no_patch_size():
+    torch.manual_seed(7)
+    config = transformers.ResNetConfig(embedding_size=8, hidden_sizes=[8], depths=[1], num_labels=2)
+    adapter = HuggingFaceAdapter(transformers.ResNetForImageClassification(config).eval())  # its config has none
+    assert (adapter.kind, adapter.patch_size, adapter.feature_keys) == ("image", None, ["pixel_values"])
+
+
+@pytest.mark.xfail(strict=True, reason="bug: _pools_last_token reads only the class's own forward, so a subclass of a "
+                   "decoder classifier that overrides forward (and calls super) is taken for an encoder: pool='first'")
+def test_a_subclassed_decoder_classifier_still_pools_its_last_token(gpt2):
+    class CustomLossGPT2ForSequenceClassification(transformers.GPT2ForSequenceClassification):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask, **kwargs)
+
+    torch.manual_seed(8)
+    subclassed = CustomLossGPT2ForSequenceClassification(gpt2.config).eval()
+    adapter = HuggingFaceAdapter(subclassed)
+    assert (adapter.kind, adapter.pool) == ("decoder", "last")
 
 
 def test_the_pad_id_comes_from_the_config_then_the_tokenizer(bert, gpt2, monkeypatch):
@@ -668,8 +700,8 @@ def test_a_classifier_whose_forward_takes_no_token_types_gets_none(no_types):
     assert adapter.kind == "encoder" and adapter._callee is no_types and not adapter._takes_token_types
     assert adapter.num_outputs == 3  # config.num_labels, not the last linear layer (7 outputs)
     ids, mask = torch.tensor([[2, 5, 3]]), torch.tensor([[1, 1, 1]])
-    inputs, args = adapter.captum_inputs({"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.ones_like(ids)},
-                                         level="token")
+    batch = {"input_ids": ids, "attention_mask": mask, "token_type_ids": torch.ones_like(ids)}
+    _, args = adapter.captum_inputs(batch, level="token")
     assert len(args) == 1 and torch.equal(args[0], mask)
 
 
@@ -720,13 +752,13 @@ def test_pools_last_token_reads_the_forwards_source():
     assert not hf._pools_last_token(namespace["NoFile"])  # no source file: OSError
 
 
-# ---------------------------------------------------------------------------------------------- HuggingFaceAdapter: batches
+# --------------------------------------------------------------------------------------- HuggingFaceAdapter: batches
 
 
 def test_a_text_batch_of_lists_is_read_as_tensors_with_a_default_mask(bert):
     adapter = HuggingFaceAdapter(bert)
-    (ids,), args = adapter.captum_inputs({"input_ids": [[2, 5, 3], [2, 6, 0]], "token_type_ids": [[0, 0, 0], [0, 1, 1]]},
-                                         level="token")
+    lists = {"input_ids": [[2, 5, 3], [2, 6, 0]], "token_type_ids": [[0, 0, 0], [0, 1, 1]]}
+    (ids,), args = adapter.captum_inputs(lists, level="token")
     assert ids.dtype == torch.long and ids.tolist() == [[2, 5, 3], [2, 6, 0]]
     assert [a.tolist() for a in args] == [[[1, 1, 1], [1, 1, 1]], [[0, 0, 0], [0, 1, 1]]]
     (ids,), args = adapter.captum_inputs({"input_ids": [[2, 5, 3]], "attention_mask": [[1, 1, 0]]}, level="token")
@@ -783,7 +815,8 @@ def test_image_batches_are_pixels_alone_or_in_a_dict_with_labels(vit):
     assert torch.equal(read, pixels) and args == ()
     (read,), args = adapter.captum_inputs({"pixel_values": pixels, "labels": torch.tensor([2, 0])})
     assert torch.equal(read, pixels) and args == ()
-    assert adapter.captum_target({"pixel_values": pixels, "labels": torch.tensor([2, 0])}, mode="label").tolist() == [2, 0]
+    labelled = {"pixel_values": pixels, "labels": torch.tensor([2, 0])}
+    assert adapter.captum_target(labelled, mode="label").tolist() == [2, 0]
     with torch.no_grad():
         torch.testing.assert_close(adapter(pixels), vit(pixel_values=pixels).logits)
     with pytest.raises(ValueError) as excinfo:
@@ -798,7 +831,8 @@ def test_image_batches_that_cannot_be_read_are_refused_with_the_fix(vit):
         (torch.rand(3, 16, 16), ValueError,
          "pixel_values must be a tensor [B, C, H, W], got torch.Size([3, 16, 16]); for one image add the batch "
          "dimension: pixels[None]"),
-        (torch.rand(1, 1, 3, 16, 16), ValueError, "pixel_values must be a tensor [B, C, H, W], got torch.Size([1, 1, 3, 16, 16])"),
+        (torch.rand(1, 1, 3, 16, 16), ValueError,
+         "pixel_values must be a tensor [B, C, H, W], got torch.Size([1, 1, 3, 16, 16])"),
         ({"pixel_values": [[1.0]]}, ValueError, "pixel_values must be a tensor [B, C, H, W], got list"),
     ]
     for batch, error, text in cases:
@@ -827,7 +861,8 @@ def test_encoding_keys_the_model_would_not_get_are_refused_with_hints(bert):
         f"BertForSequenceClassification, which would run without them; {reads}"
     )
     extras = {"special_tokens_mask": mask, "offset_mapping": mask, "length": mask, "overflow_to_sample_mapping": mask}
-    (read,), args = adapter.captum_inputs({"input_ids": ids, "attention_mask": mask, "labels": [1], **extras}, level="token")
+    batch = {"input_ids": ids, "attention_mask": mask, "labels": [1], **extras}
+    (read,), args = adapter.captum_inputs(batch, level="token")
     assert torch.equal(read, ids) and len(args) == 1
 
 
@@ -835,8 +870,9 @@ def test_a_model_without_token_types_ignores_them_and_reads_fewer_keys(no_types)
     adapter = HuggingFaceAdapter(no_types)
     ids = torch.tensor([[2, 5, 3]])
     assert refusal(adapter, {"input_ids": ids, "token_type_ids": ids, "segment_ids": ids}) == (
-        "the batch has keys ['segment_ids'] that HuggingFaceAdapter does not pass to NoTypesBertForSequenceClassification, "
-        "which would run without them; it reads ['input_ids', 'attention_mask', 'labels']. Rename or drop them"
+        "the batch has keys ['segment_ids'] that HuggingFaceAdapter does not pass to "
+        "NoTypesBertForSequenceClassification, which would run without them; it reads ['input_ids', 'attention_mask', "
+        "'labels']. Rename or drop them"
     )
 
 
@@ -856,7 +892,8 @@ def test_image_batches_read_only_pixels_and_labels(vit):
 
 def test_likely_key_of_each_kind_of_name():
     expected = {
-        "MASK": "attention_mask", "input_mask": "attention_mask", "segment_ids": "token_type_ids", "Types": "token_type_ids",
+        "MASK": "attention_mask", "input_mask": "attention_mask", "segment_ids": "token_type_ids",
+        "Types": "token_type_ids",
         "label": "labels", "targets": "labels", "ids": "input_ids", "input": "input_ids", "inputs": "input_ids",
         "tokens": "input_ids", "token_ids": "input_ids", "pixels": "pixel_values", "Images": "pixel_values",
         "position_ids": None, "input_values": None,
@@ -873,7 +910,7 @@ def test_per_sample_args_and_prefix_by_kind(bert, vit):
     assert (text._prefix(18, 16), text._prefix(16, 16)) == (0, 0)
 
 
-# ---------------------------------------------------------------------------------------------- HuggingFaceAdapter: display
+# --------------------------------------------------------------------------------------- HuggingFaceAdapter: display
 
 
 def test_class_names_labels_and_probabilities(bert, monkeypatch):
@@ -882,7 +919,8 @@ def test_class_names_labels_and_probabilities(bert, monkeypatch):
     assert adapter.true_classes({"labels": torch.tensor([2, 0])}) == ["high", "low"]
     assert adapter.true_classes({"labels": [1]}) == ["mid"]
     assert adapter.true_classes({"labels": torch.tensor([[1, 0, 1], [0, 0, 0]])}) == ["low,high", ""]
-    assert adapter.true_classes({"input_ids": torch.ones(1, 2)}) is None and adapter.true_classes(torch.ones(1, 2)) is None
+    assert adapter.true_classes({"input_ids": torch.ones(1, 2)}) is None
+    assert adapter.true_classes(torch.ones(1, 2)) is None
     logits = torch.tensor([[0.0, math.log(3.0), 0.0]])
     torch.testing.assert_close(adapter.probabilities(logits), torch.tensor([[0.2, 0.6, 0.2]]))
     torch.testing.assert_close(adapter.probabilities(torch.tensor([[math.log(3.0)]])), torch.tensor([[0.75]]))
@@ -955,8 +993,11 @@ def test_references_without_their_token_are_refused_with_the_fix(gpt2, bert):
     ids, mask = torch.tensor([[5, 6]]), torch.tensor([[1, 1]])
     with pytest.raises(ValueError) as excinfo:
         HuggingFaceAdapter(gpt2).baselines((ids,), (mask,), "pad")
-    assert message(excinfo) == "GPT2ForSequenceClassification has no pad token; use reference='zero' or pass a tokenizer with one"
-    assert HuggingFaceAdapter(bert).baselines((ids,), (mask,), "pad")[0].tolist() == [[0, 0]]  # the config's, no tokenizer
+    assert message(excinfo) == (
+        "GPT2ForSequenceClassification has no pad token; use reference='zero' or pass a tokenizer with one"
+    )
+    (padded,) = HuggingFaceAdapter(bert).baselines((ids,), (mask,), "pad")  # the config's pad id, no tokenizer
+    assert padded.tolist() == [[0, 0]]
     for tokenizer in (None, SimpleNamespace(pad_token_id=0)):
         with pytest.raises(ValueError) as excinfo:
             HuggingFaceAdapter(bert, tokenizer=tokenizer).baselines((ids,), (mask,), "mask")
@@ -1002,10 +1043,10 @@ def test_media_adapter_refuses_torchvision_models_without_patch_attention():
         with pytest.raises(ValueError) as excinfo:
             media.media_adapter(model)
         assert message(excinfo) == (
-            "PyHealthAdapter supports TorchvisionModel's ViT variants (vit_b_16, vit_b_32, vit_l_16, vit_l_32, vit_h_14); "
-            "'resnet18' has no attention over patch tokens for Chefer relevance. For ResNet, DenseNet or Swin use a "
-            "gradient method on the network, e.g. captum.attr.IntegratedGradients(model.model) or Saliency(model.model) "
-            "on the batch's images"
+            "PyHealthAdapter supports TorchvisionModel's ViT variants (vit_b_16, vit_b_32, vit_l_16, vit_l_32, "
+            "vit_h_14); 'resnet18' has no attention over patch tokens for Chefer relevance. For ResNet, DenseNet or "
+            "Swin use a gradient method on the network, e.g. captum.attr.IntegratedGradients(model.model) or "
+            "Saliency(model.model) on the batch's images"
         )
 
 
@@ -1016,11 +1057,13 @@ def test_media_adapter_of_a_transformers_model_and_of_other_models(text_model, t
         def forward(self, **kwargs):
             return {}
 
-    assert media.media_adapter(pyhealth_model(Codes, "codes", 2)) is None and media.media_adapter(nn.Linear(2, 2)) is None
+    assert media.media_adapter(pyhealth_model(Codes, "codes", 2)) is None
+    assert media.media_adapter(nn.Linear(2, 2)) is None
     adapter = media.media_adapter(text_model)
     encoder = text_model.model
     assert type(adapter) is media._TransformersModelAdapter and adapter.model is text_model
-    assert (adapter.kind, adapter.pool, adapter.prefix_tokens, adapter.pad_id, adapter.mask_arg) == ("encoder", "first", 0, 0, 0)
+    assert (adapter.kind, adapter.pool, adapter.prefix_tokens) == ("encoder", "first", 0)
+    assert (adapter.pad_id, adapter.mask_arg) == (0, 0)
     assert adapter.embedding is encoder.get_input_embeddings() and adapter.feature_keys == ["text"]
     assert adapter.num_outputs == 3 and adapter.tokenizer is tokenizer and adapter._callee is encoder  # not 7
     assert adapter._carries_ids is False and adapter._takes_token_types
@@ -1063,7 +1106,8 @@ def test_media_batch_of_images_repeats_one_channel_onto_the_models_device(vision
 def test_media_batch_refuses_what_is_not_an_image_batch(vision_model):
     cases = [
         ([torch.rand(1, 3, 16, 16)], TypeError, "batch must be a dict from pyhealth.datasets.get_dataloader, got list"),
-        ({"x": 1, "label": 0}, KeyError, "the batch has no feature 'image'; the model needs ['image'], the batch has ['label', 'x']"),
+        ({"x": 1, "label": 0}, KeyError,
+         "the batch has no feature 'image'; the model needs ['image'], the batch has ['label', 'x']"),
         ({"image": torch.rand(3, 16, 16)}, TypeError,
          "feature 'image' must be a float image tensor [B, C, H, W], got torch.Size([3, 16, 16])"),
         ({"image": torch.ones(1, 3, 16, 16, dtype=torch.long)}, TypeError,
@@ -1092,3 +1136,11 @@ def test_media_batch_of_texts_is_the_tokenizers_padded_encoding(text_model):
     with replaced(text_model, "_dummy_param", nn.Parameter(torch.empty(0, device="meta"))):
         encoding = media.media_batch(text_model, {"text": ["rash"]})
     assert {v.device.type for v in encoding.values()} == {"meta"}
+
+
+@pytest.mark.xfail(strict=True, reason="bug: media_batch calls list(value) before its check, so a text feature that is "
+                   "not iterable (a number) raises Python's \"'int' object is not iterable\" instead of the fix")
+def test_media_batch_refuses_a_text_feature_that_is_a_number(text_model):
+    with pytest.raises(TypeError) as excinfo:
+        media.media_batch(text_model, {"text": 5})
+    assert message(excinfo) == "feature 'text' must be a list of texts, got int"
