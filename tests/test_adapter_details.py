@@ -662,8 +662,6 @@ def test_an_image_classifier_without_patches_has_no_patch_size():
     assert (adapter.kind, adapter.patch_size, adapter.feature_keys) == ("image", None, ["pixel_values"])
 
 
-@pytest.mark.xfail(strict=True, reason="bug: _pools_last_token reads only the class's own forward, so a subclass of a "
-                   "decoder classifier that overrides forward (and calls super) is taken for an encoder: pool='first'")
 def test_a_subclassed_decoder_classifier_still_pools_its_last_token(gpt2):
     class CustomLossGPT2ForSequenceClassification(transformers.GPT2ForSequenceClassification):
         def forward(self, input_ids=None, attention_mask=None, **kwargs):
@@ -673,6 +671,20 @@ def test_a_subclassed_decoder_classifier_still_pools_its_last_token(gpt2):
     subclassed = CustomLossGPT2ForSequenceClassification(gpt2.config).eval()
     adapter = HuggingFaceAdapter(subclassed)
     assert (adapter.kind, adapter.pool) == ("decoder", "last")
+
+
+def test_a_subclass_with_its_own_pooling_is_read_from_its_own_forward(gpt2, bert):
+    class FirstTokenGPT2(transformers.GPT2ForSequenceClassification):
+        def forward(self, input_ids=None, attention_mask=None, **kwargs):  # pools position 0, no super()
+            hidden = self.transformer(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+            return transformers.modeling_outputs.SequenceClassifierOutput(logits=self.score(hidden[:, 0]))
+
+    class SubclassedBert(transformers.BertForSequenceClassification):
+        def forward(self, *args, **kwargs):
+            return super().forward(*args, **kwargs)
+
+    assert HuggingFaceAdapter(FirstTokenGPT2(gpt2.config).eval()).kind == "encoder"
+    assert HuggingFaceAdapter(SubclassedBert(bert.config).eval()).kind == "encoder"
 
 
 def test_the_pad_id_comes_from_the_config_then_the_tokenizer(bert, gpt2, monkeypatch):
@@ -1138,9 +1150,24 @@ def test_media_batch_of_texts_is_the_tokenizers_padded_encoding(text_model):
     assert {v.device.type for v in encoding.values()} == {"meta"}
 
 
-@pytest.mark.xfail(strict=True, reason="bug: media_batch calls list(value) before its check, so a text feature that is "
-                   "not iterable (a number) raises Python's \"'int' object is not iterable\" instead of the fix")
 def test_media_batch_refuses_a_text_feature_that_is_a_number(text_model):
     with pytest.raises(TypeError) as excinfo:
         media.media_batch(text_model, {"text": 5})
     assert message(excinfo) == "feature 'text' must be a list of texts, got int"
+
+
+def test_decoder_classifiers_that_hand_over_to_their_parent_pool_the_last_token():
+    from captum_chefer.adapters.huggingface import _pools_last_token
+
+    # Gemma3's and Qwen3.5's classifiers are `return super().forward(...)` over a forward that pools the last
+    # non-pad token; BERT's pools [CLS]; comments naming super() or the last token change nothing
+    assert _pools_last_token(transformers.Gemma3ForSequenceClassification)
+    assert _pools_last_token(transformers.Qwen3_5ForSequenceClassification)
+    assert _pools_last_token(transformers.GPT2ForSequenceClassification)
+    assert not _pools_last_token(transformers.BertForSequenceClassification)
+
+    class Commented(transformers.BertForSequenceClassification):
+        def forward(self, *args, **kwargs):  # unlike super(), this one pools last_non_pad_token
+            return None
+
+    assert not _pools_last_token(Commented)

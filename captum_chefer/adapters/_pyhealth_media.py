@@ -25,6 +25,7 @@ encoder blocks with ``pos_embedding`` zero.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Any, Mapping, Optional
 
 import torch
@@ -78,7 +79,7 @@ def media_batch(model: nn.Module, batch: Any) -> Any:
             raise TypeError(f"feature {key!r} must be a float image tensor [B, C, H, W], got {getattr(value, 'shape', type(value).__name__)}")
         value = value.to(model.device)
         return value.repeat(1, 3, 1, 1) if value.shape[1] == 1 else value  # as TorchvisionModel.forward does
-    texts = [value] if isinstance(value, str) else list(value)
+    texts = [value] if isinstance(value, str) else list(value) if isinstance(value, Iterable) else []
     if not texts or not all(isinstance(t, str) for t in texts):
         raise TypeError(f"feature {key!r} must be a list of texts, got {type(value).__name__}")
     encoding = model.tokenizer(texts, **TOKENIZER_SETTINGS)

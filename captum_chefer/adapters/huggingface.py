@@ -149,9 +149,13 @@ class HuggingFaceAdapter(TransformerAdapter):
                 out.update((value,) if isinstance(value, str) else value)
             return out
 
-        if name in names(modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES) or name.endswith("ForImageClassification"):
+        # a subclass of a transformers classifier (a custom loss, say) is the classifier it extends
+        lineage = [k.__name__ for k in type(model).__mro__]
+        image, sequence = (names(modeling_auto.MODEL_FOR_IMAGE_CLASSIFICATION_MAPPING_NAMES),
+                           names(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES))
+        if any(k in image or k.endswith("ForImageClassification") for k in lineage):
             return "image"
-        if name in names(modeling_auto.MODEL_FOR_SEQUENCE_CLASSIFICATION_MAPPING_NAMES) or name.endswith("ForSequenceClassification"):
+        if any(k in sequence or k.endswith("ForSequenceClassification") for k in lineage):
             return "decoder" if _pools_last_token(type(model)) else "encoder"
         raise TypeError(
             f"{name} has no classification head: HuggingFaceAdapter explains a classifier's logits. Load the model "
@@ -381,9 +385,23 @@ def _text_config_value(config: Any, name: str) -> Any:
 
 
 def _pools_last_token(cls: type) -> bool:
-    """Whether a sequence classifier's forward pools the last non-pad token (decoder classifiers)."""
-    try:
-        source = inspect.getsource(cls.forward)  # type: ignore[attr-defined]
-    except (OSError, TypeError):
-        return False
-    return "last_non_pad_token" in source
+    """Whether a sequence classifier's forward pools the last non-pad token (decoder classifiers).
+
+    Read from the compiled ``forward`` (its names, not its text, so comments do not count). A ``forward``
+    that hands over to ``super()`` pools as its parent's does (transformers' own Gemma3 and Qwen3.5
+    classifiers, or a user's subclass with a custom loss), so the search goes up the classes until a
+    ``forward`` that either pools the last token or does not call its parent's.
+    """
+    for klass in cls.__mro__:
+        forward = vars(klass).get("forward")
+        if forward is None:
+            continue
+        code = getattr(inspect.unwrap(forward), "__code__", None)
+        if code is None:
+            return False
+        if "last_non_pad_token" in code.co_varnames + code.co_names:
+            return True
+        if "super" not in code.co_names:
+            return False
+    return False
+    return False
