@@ -113,9 +113,10 @@ class Part:
         """The mutated files, globs expanded, in the configured order."""
         files: list[str] = []
         for pattern in self.modules:
-            for path in sorted(ROOT.glob(pattern)) if any(c in pattern for c in "*?[") else [ROOT / pattern]:
+            glob = any(c in pattern for c in "*?[")
+            for path in sorted(ROOT.glob(pattern)) if glob else [ROOT / pattern]:
                 rel = path.relative_to(ROOT).as_posix()
-                if rel not in files and not rel.endswith("__init__.py"):
+                if rel not in files and not (glob and rel.endswith("__init__.py")):  # a package's own code when named
                     files.append(rel)
         return files
 
