@@ -213,3 +213,12 @@ def test_progress_bars_by_default_and_none_when_asked(capsys):
     evaluate_methods(adapter, batch, methods, infidelity_samples=0, progress=False)
     compare_methods(adapter, [batch], methods, progress=False)
     assert capsys.readouterr().err == ""
+
+
+def test_save_without_real_codes_still_writes_the_header(tmp_path):
+    empty = Comparison(scores={"A": {"x": torch.zeros(1, 2)}}, seconds_per_sample={"A": 0.1},
+                       ids={"x": torch.zeros(1, 2, dtype=torch.long)}, masks={"x": torch.zeros(1, 2, dtype=torch.bool)})
+    path = empty.save(tmp_path / "empty.csv")
+    assert path.read_text(encoding="utf-8").splitlines() == [
+        "method,sample,patient_id,feature,visit,position,code_id,code,score,target,seconds_per_sample"
+    ]
