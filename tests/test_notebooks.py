@@ -11,6 +11,8 @@ from __future__ import annotations
 import copy
 import doctest
 import importlib.util
+import os
+import platform
 import sys
 from pathlib import Path
 from typing import Any
@@ -184,19 +186,29 @@ def test_an_edited_conclusion_or_number_of_a_saved_notebook_fails(path):
 
 def test_the_kernel_runs_deterministic_with_the_threads_and_settings_asked_for(tmp_path, monkeypatch):
     """The kernel's own settings: deterministic algorithms, seeds, and the threads and last-bit settings of the
-    variables, applied before every cell even where a notebook sets its own threads."""
+    variables, applied before every cell even where a notebook sets its own threads; on x86-64 torch's kernels
+    and oneDNN pinned to AVX2 and MKL in its reproducible mode, where the environment does not say otherwise."""
     cell = nbformat.v4.new_code_cell(
-        "import torch\ntorch.set_num_threads(1)\n")
+        "import os\nimport torch\ntorch.set_num_threads(1)\n")
     probe = nbformat.v4.new_code_cell(
         "print(torch.get_num_threads(), torch.are_deterministic_algorithms_enabled(), torch.backends.mkldnn.enabled,\n"
-        "      torch.get_float32_matmul_precision(), torch.initial_seed())")
+        "      torch.get_float32_matmul_precision(), torch.initial_seed(), torch.backends.cpu.get_cpu_capability(),\n"
+        "      os.environ.get('MKL_CBWR'), os.environ.get('ONEDNN_MAX_CPU_ISA'))")
     path = tmp_path / "probe.ipynb"
     nbformat.write(nbformat.v4.new_notebook(cells=[cell, probe]), path)
     monkeypatch.setenv(run_notebooks.THREADS, "2")
     monkeypatch.setenv(run_notebooks.TORCH_SETTINGS, "no-mkldnn,matmul=medium")
+    monkeypatch.setenv("MKL_CBWR", "COMPATIBLE")  # set by the user: kept
+    monkeypatch.delenv("ATEN_CPU_CAPABILITY", raising=False)
+    monkeypatch.delenv("ONEDNN_MAX_CPU_ISA", raising=False)
     executed = run_notebooks.execute(path, timeout=120)
     assert run_notebooks.problems(executed) == []
-    assert executed.cells[1].outputs[0]["text"] == "2 True False medium 0\n"
+    settings = "2 True False medium 0"
+    if platform.machine().lower() in ("x86_64", "amd64"):
+        assert executed.cells[1].outputs[0]["text"] == settings + " AVX2 COMPATIBLE AVX2\n"
+    else:
+        assert executed.cells[1].outputs[0]["text"].startswith(settings + " ")
+    assert "ATEN_CPU_CAPABILITY" not in os.environ  # the pins are set for the kernel only
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)

@@ -14,6 +14,13 @@ torch, ``random`` and numpy with 0; before every cell it sets torch's number of 
 notebook itself asks for) and the torch settings below. Run to run on one machine, the outputs are then the
 same to the last bit.
 
+On x86-64 the kernel also takes one vector code path whatever the CPU offers (:data:`PINNED_CPU`):
+``ATEN_CPU_CAPABILITY=avx2`` (torch's own kernels), ``MKL_CBWR=AVX2`` (MKL's reproducible mode) and
+``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN). Without the pins, a model trained in a notebook on an AVX-512 CPU and on
+an AVX2-only one differs in its last bits from the first steps, and the difference grows with training: the
+hit counts of notebook 05 moved from 31 to 26 of 32 (17 to 31 over four code paths). With them, the AVX-512 CPU reproduces the AVX2 one's
+outputs exactly. A variable already set in the environment is kept, so another code path can be imitated.
+
 Two variables change what the kernel does, to show that the comparison below holds on another machine
 (``make test`` leaves them unset):
 
@@ -24,11 +31,11 @@ Two variables change what the kernel does, to show that the comparison below hol
   ``matmul=medium`` (``torch.set_float32_matmul_precision("medium")``: bfloat16 products where the CPU has
   them, a far larger change than another CPU makes); ``--torch SETTINGS`` sets it.
 
-The kernel inherits this process's environment, so a CPU without AVX-512 can be imitated too
-(``ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 ONEDNN_MAX_CPU_ISA=AVX2``), or none of the vector
-units (``ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE``, slow). For example::
+The kernel inherits this process's environment, so the vector code path the pins choose can be changed
+too: AVX-512 (``ATEN_CPU_CAPABILITY=avx512 MKL_CBWR=AUTO ONEDNN_MAX_CPU_ISA=ALL``, on a CPU that has it), or
+none of the vector units (``ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE``, slow). For example::
 
-    CAPTUM_CHEFER_NOTEBOOK_THREADS=2 ATEN_CPU_CAPABILITY=avx2 MKL_ENABLE_INSTRUCTIONS=AVX2 \\
+    CAPTUM_CHEFER_NOTEBOOK_THREADS=2 ATEN_CPU_CAPABILITY=default MKL_CBWR=COMPATIBLE \\
         python -m pytest tests/test_notebooks.py
     python tools/run_notebooks.py --check --threads 2 --torch no-mkldnn,flush-denormal --out /tmp/fresh
 
@@ -59,7 +66,8 @@ A cell whose outputs depend on a trained model states its own tolerance in its m
 model"}`` (a count of 16 may move by 2; ``atol`` is in the printed units, percentage points for a ``%``).
 A colour-coded figure drawn in HTML (Captum's ``visualize_text``) states ``"ignore_numbers": true``: its
 words are compared, its colours and numbers are not, as an image's bytes are not (the colour of a score near
-zero may turn from red to green).
+zero may turn from red to green). So does a cell whose numbers swing with the last bits of a training run
+(notebook 05's hit counts): its words and its claims are compared, and its ``why`` gives the range seen.
 
 The conclusions the prose draws must not ride on such tolerances: the cell that computes them prints each
 claim of the prose as ``holds: <claim> (<numbers>)`` or ``DOES NOT HOLD: <claim> (...)``, decided from
@@ -78,6 +86,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import platform
 import re
 import sys
 import tempfile
@@ -97,6 +106,8 @@ TOLERANCE = "tolerance"
 THREADS = "CAPTUM_CHEFER_NOTEBOOK_THREADS"
 TORCH_SETTINGS = "CAPTUM_CHEFER_NOTEBOOK_TORCH"
 ENVIRONMENT = {"CAPTUM_CHEFER_SMALL": "1", "TQDM_DISABLE": "1", "PYTHONHASHSEED": "0"}
+# One vector code path on every x86-64 CPU (the module docstring); a value set in the environment wins.
+PINNED_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU_ISA": "AVX2"}
 TEXT_TYPES = ("text/plain", "text/html", "text/markdown")
 
 # Runs in the kernel before the first cell (an IPython startup file of a profile made for the run).
@@ -172,8 +183,9 @@ def execute(path: Path, timeout: int = 900, small: bool = True) -> Any:
         startup = Path(ipython_dir) / "profile_default" / "startup"
         startup.mkdir(parents=True)
         (startup / "00-deterministic.py").write_text(KERNEL_SETUP)
+        pinned = PINNED_CPU if platform.machine().lower() in ("x86_64", "amd64") else {}
         extra = {
-            **ENVIRONMENT, "CAPTUM_CHEFER_SMALL": "1" if small else "0", "PYTHONPATH": python_path,
+            **{key: os.environ.get(key) or value for key, value in pinned.items()}, **ENVIRONMENT, "CAPTUM_CHEFER_SMALL": "1" if small else "0", "PYTHONPATH": python_path,
             "IPYTHONDIR": ipython_dir, "OMP_NUM_THREADS": threads,
         }
         with _environment(extra):
