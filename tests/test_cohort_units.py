@@ -1154,7 +1154,15 @@ def test_write_part_leaves_no_temporary_file_when_it_fails(tmp_path, monkeypatch
 # ---------------------------------------------------------------------------------------------- manifest
 
 
-def test_write_manifest_of_checked_parts(tmp_path):
+def test_write_manifest_of_checked_parts(tmp_path, monkeypatch):
+    replaced = []
+    real_replace = os.replace
+
+    def replace(src, dst):
+        replaced.append((Path(src), Path(dst)))
+        real_replace(src, dst)
+
+    monkeypatch.setattr(os, "replace", replace)
     for k, labels in enumerate(CHUNK_LABELS):
         rows = [(2 * k, "p", "dx", "D1", None, 0, "M", 1.0, 1, 0.5)] * (k + 1)
         write_part_by_hand(tmp_path, f"part-00000{k}.parquet", part_meta(k, labels=labels), rows)
@@ -1162,6 +1170,7 @@ def test_write_manifest_of_checked_parts(tmp_path):
     group = cohort._ProcessGroup(0, 2, False, "gloo")
     manifest = cohort._write_manifest(tmp_path, description(), 3, {"skipped": (4,), "pending": []}, per_rank, group,
                                       1.23456)
+    assert replaced == [(tmp_path / f".{MANIFEST}.{os.getpid()}.tmp", tmp_path / MANIFEST)]  # written, then renamed
     assert json.loads((tmp_path / MANIFEST).read_text()) == manifest
     assert (tmp_path / MANIFEST).read_text().startswith('{\n  "format": "captum_chefer.cohort/1",\n  "n_samples": 5,')
     assert sorted(p.name for p in tmp_path.iterdir()) == [MANIFEST] + [f"part-00000{k}.parquet" for k in range(3)]
@@ -1469,6 +1478,7 @@ def test_agreement_of_each_pair_in_order():
 def test_spearman_by_hand():
     assert cohort._spearman([1.0, 2.0, 3.0], [30.0, 20.0, 10.0]) == pytest.approx(-1.0)
     assert cohort._spearman([1.0, 2.0], [5.0, 7.0]) == pytest.approx(1.0)  # two codes are enough
+    assert cohort._spearman([1, 2.5, 4], [3, 2, 1.5]) == pytest.approx(-1.0)  # ints and floats mixed
     assert math.isnan(cohort._spearman([1.0], [2.0]))
     assert math.isnan(cohort._spearman([], []))
     assert math.isnan(cohort._spearman([1.0, 1.0, 1.0], [1.0, 2.0, 3.0]))
