@@ -972,6 +972,10 @@ def test_from_rank0_sends_rank_0s_result_or_error(fake_dist, monkeypatch):
     assert sent == [([(None, (ValueError, "out holds parts of another run"))], 0)]
 
 
+class Halt(BaseException):
+    """Not an ``Exception`` (as ``KeyboardInterrupt``, which would stop pytest if a mutant raised it)."""
+
+
 def test_from_rank0_on_another_rank_receives(fake_dist, monkeypatch):
     dist, _ = fake_dist
     group = cohort._ProcessGroup(1, 2, False, "gloo")
@@ -991,7 +995,7 @@ def test_from_rank0_on_another_rank_receives(fake_dist, monkeypatch):
     receive((None, (ValueError, "bad parts")))
     with pytest.raises(ValueError, match=exact("bad parts")):
         group.from_rank0(never)
-    receive((None, (KeyboardInterrupt, "stopped")))  # not an Exception: a RuntimeError
+    receive((None, (Halt, "stopped")))  # not an Exception: a RuntimeError
     with pytest.raises(RuntimeError, match=exact("stopped")):
         group.from_rank0(never)
     receive((None, ("ValueError", "as text")))
