@@ -123,6 +123,7 @@ class Toy(Adapter):
         self.label_key = "label"
         self.model = SimpleNamespace(mode="binary" if len(weight) == 1 else "multiclass")
         self.prefix = prefix
+        self.references: list = []
 
     def captum_inputs(self, batch, level):  # no default level: a call must say which
         ids = (batch["dx"], batch["px"])
@@ -151,6 +152,13 @@ class Toy(Adapter):
 
     def token_masks(self, args):
         return args
+
+    def baselines(self, inputs, args, reference):
+        """IG baselines: zero (``"zero"``) or the embedding (1, 1) of every code (``"unk"``)."""
+        self.references.append(reference)
+        if reference not in ("unk", "zero"):
+            raise ValueError(f"unknown reference {reference!r}")
+        return tuple(torch.zeros_like(x) if reference == "zero" else torch.ones_like(x) for x in inputs)
 
     def to_feature_dict(self, attributions):
         return {"dx": attributions[0].sum(-1), "px": attributions[1].sum(-1)}
@@ -181,6 +189,13 @@ class Scores(Attribution):
         return tuple(x * self.scale * factor for x in inputs)
 
 
+class IntegratedGradients(Scores):
+    """IG-like by its name (as compare_methods tells them): the input minus its baseline, which it is given."""
+
+    def attribute(self, inputs, target=None, additional_forward_args=None, baselines=None):
+        return tuple(x - b for x, b in zip(inputs, baselines, strict=True))
+
+
 class Draw(Attribution):
     """One draw ``r`` of torch's random generator per call: every real code scores ``2 * r``."""
 
@@ -201,6 +216,15 @@ def toy_rows(method: str, factor: float, samples=SAMPLES, first: int = 0) -> lis
             for j, c in enumerate(visit):
                 rows.append((sample, s["patient_id"], "px", f"P{c}", v, j, method, (c + 1) * factor, 1, probability))
     return rows
+
+
+def toy_codes(samples=SAMPLES) -> list[tuple]:
+    """(sample, feature, position, id) of every code, in row order."""
+    codes = []
+    for i, s in enumerate(samples):
+        codes += [(i, "dx", j, c) for j, c in enumerate(s["dx"])]
+        codes += [(i, "px", j, c) for visit in s["px"] for j, c in enumerate(visit)]
+    return codes
 
 
 def approx_rows(rows: list[tuple]) -> list[tuple]:
@@ -226,10 +250,11 @@ def run_toy(out, adapter=None, methods=None, **kwargs):
     return attribute_dataset(adapter, SAMPLES, methods or toy_methods(adapter), out, **settings)
 
 
-@pytest.fixture(scope="module")
-def toy_run(tmp_path_factory):
-    """One finished run of Toy over SAMPLES: chunks of 2, two methods (read only)."""
-    out = tmp_path_factory.mktemp("toy") / "run"
+@pytest.fixture
+def toy_run(tmp_path):
+    """A finished run of Toy over SAMPLES: chunks of 2, two methods. Made for each test that reads it: mutmut
+    runs a mutant only against the tests that called its function while they ran, not from a cached fixture."""
+    out = tmp_path / "run"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", ChanceLevelWarning)
         return run_toy(out)
@@ -565,6 +590,37 @@ def test_run_checks_its_arguments(tmp_path):
     taken.write_text("x")
     refused(NotADirectoryError, f"out {str(taken)!r} is an existing file; attribute_dataset writes a directory of "
             "Parquet parts there: pass a directory path (it is created if missing)", adapter, SAMPLES, methods, taken)
+
+
+def test_run_defaults(tmp_path, capsys):
+    adapter = Toy()
+    run = attribute_dataset(adapter, SAMPLES, [Scores(adapter)], tmp_path / "run", collate_fn=collate)
+    manifest = run.manifest
+    assert (manifest["chunk_size"], manifest["target_mode"], manifest["baseline"], manifest["seed"]) == (
+        512, "predicted", "unk", 0)
+    assert len(run.parts) == 1 and run.computed == [0]
+    assert "attribute_dataset: 100%" in capsys.readouterr().err  # a progress bar
+
+
+def test_run_gives_ig_like_methods_baselines_of_the_reference(tmp_path):
+    adapter = Toy()
+    ig = IntegratedGradients(adapter)
+    run_toy(tmp_path / "unk", adapter, [ig], chunk_size=5)  # the default: "unk", the embedding (1, 1)
+    assert adapter.references == ["unk"]
+    assert read_cohort(tmp_path / "unk")["score"].to_list() == [c - 1 for _, _, _, c in toy_codes()]
+    run_toy(tmp_path / "zero", adapter, [ig], chunk_size=5, baseline="zero")
+    assert adapter.references == ["unk", "zero"]
+    assert read_cohort(tmp_path / "zero")["score"].to_list() == [c + 1 for _, _, _, c in toy_codes()]
+
+
+def test_run_joins_and_leaves_a_group_on_the_adapters_device(tmp_path, fake_dist, monkeypatch):
+    dist, calls = fake_dist
+    monkeypatch.setenv("WORLD_SIZE", "2")  # torchrun's environment; the faked group is one process
+    monkeypatch.setattr(dist, "get_rank", lambda: 0)
+    monkeypatch.setattr(dist, "get_world_size", lambda: 1)
+    run = run_toy(tmp_path / "run")
+    assert calls == [("init", {"backend": "gloo", "init_method": "env://"}), ("destroy",)]
+    assert run.manifest["this_run"]["backend"] == "gloo" and run.computed == [0, 1, 2]
 
 
 def test_run_accepts_the_smallest_sizes(tmp_path):
