@@ -183,9 +183,11 @@ class Scores(Attribution):
         super().__init__(forward_func)
         self.scale = scale
         self.targets: list = []
+        self.args: list = []
 
     def attribute(self, inputs, target=None, additional_forward_args=None, factor=1.0):
         self.targets.append(target)
+        self.args.append(additional_forward_args)
         return tuple(x * self.scale * factor for x in inputs)
 
 
@@ -652,10 +654,22 @@ def test_batch_rows_of_a_single_logit_model():
     assert labels.tolist() == [0, 1] and predicted.tolist() == [0, 1]  # logits -8 and 1
     assert seconds["A"] > 0 and seconds["B"] > 0
     assert specs[0][1].targets == [None]
+    (args,) = specs[0][1].args  # the masks of the real codes
+    assert [a.tolist() for a in args] == [[[True, False, False], [True, True, True]],
+                                          [[[True, True]], [[True, False]]]]
     # a second batch appends to the same columns
     cohort._batch_rows(adapter, collate(SAMPLES[4:]), specs, 4, "predicted", "unk", seconds, columns)
     expected = toy_rows("A", 1.0, SAMPLES[1:3], 7) + toy_rows("A", 1.0, SAMPLES[4:], 4)
     assert as_rows(columns["A"]) == approx_rows(expected)
+
+
+def test_batch_rows_name_patients_by_sample_index_without_ids():
+    adapter = Toy()
+    batch = collate(SAMPLES[:2])
+    del batch["patient_id"]
+    columns = empty_columns("A")
+    cohort._batch_rows(adapter, batch, [("A", Scores(adapter), {})], 7, "predicted", "unk", {"A": 0.0}, columns)
+    assert columns["A"]["patient_id"] == ["7"] * 5 + ["8"] * 3
 
 
 def test_batch_rows_of_a_multiclass_model():
@@ -774,8 +788,8 @@ def test_run_chunks_writes_a_part_per_chunk_and_reports(tmp_path):
     assert isinstance(stats["seconds"], float) and 0 < stats["seconds"] <= elapsed + 0.0005
     assert stats["seconds"] == round(stats["seconds"], 3)
     assert sorted(stats["method_seconds"]) == ["A", "B"]
-    assert all(v == round(v, 3) >= 0 for v in stats["method_seconds"].values())
-    assert stats["peak_rss_mb"] == round(stats["peak_rss_mb"], 1)
+    assert all(isinstance(v, float) and v == round(v, 3) >= 0 for v in stats["method_seconds"].values())
+    assert isinstance(stats["peak_rss_mb"], float) and stats["peak_rss_mb"] == round(stats["peak_rss_mb"], 1)
     assert abs(stats["peak_rss_mb"] - cohort._peak_rss_mb()) < 50
     assert sorted(p.name for p in tmp_path.iterdir()) == ["part-000000.parquet", "part-000001.parquet"]
     part = pl.read_parquet(tmp_path / "part-000001.parquet")
