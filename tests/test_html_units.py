@@ -274,3 +274,206 @@ def test_comparison_report_html_path_is_the_report_file():
     assert ComparisonReport(three_methods()).html_path is None
     report = ComparisonReport(three_methods(), files={"csv": Path("r/results.csv"), "report": Path("r/report.html")})
     assert report.html_path == Path("r/report.html")
+
+
+# ---------------------------------------------------------------------------------------------- visualization: one method
+
+LEGEND = (
+    '<div style="border-top:1px solid;margin-top:5px;padding-top:5px"><b>Legend: </b>'
+    '<span style="display:inline-block;width:10px;height:10px;border:1px solid;background-color:hsl(0, 75%, 60%)"></span>'
+    ' Negative &nbsp;'
+    '<span style="display:inline-block;width:10px;height:10px;border:1px solid;background-color:hsl(0, 75%, 100%)">'
+    '</span> Neutral &nbsp;'
+    '<span style="display:inline-block;width:10px;height:10px;border:1px solid;background-color:hsl(120, 75%, 50%)">'
+    '</span> Positive &nbsp;'
+    '</div>'
+)
+STYLE = "<style>body{font-family:sans-serif} td,th{padding:4px;vertical-align:top;text-align:left}</style>"
+HEAD_ROW = ("<tr><th>True Label</th><th>Predicted Label</th><th>Attribution Label</th><th>Attribution Score</th>"
+            "<th>Word Importance</th></tr>")
+
+
+def _classname(text: str) -> str:
+    return f'<td><text style="padding-right:2em"><b>{text}</b></text></td>'
+
+
+def _colours(fragment: str) -> list[str]:
+    return re.findall(r"background-color: (hsl\([^)]*\))", fragment)
+
+
+def one_record() -> captum_viz.VisualizationDataRecord:
+    # float64 scores: 0.7 in float32 is 0.69999999, so its green is 100 - int(34.99) = 66%, not 65%
+    return captum_viz.VisualizationDataRecord(
+        torch.tensor([0.0, 1.0, -0.5, 0.7], dtype=torch.float64), 0.876, "1", "<t>", "1 & x", 1.234,
+        ["<cond>", "a<b", "x&y", "z"], None)
+
+
+def test_legend_has_captums_three_colours_in_order():
+    assert _legend() == LEGEND
+
+
+def test_render_html_page_exactly():
+    record = one_record()
+    # words escaped, "<cond>" shown as "#cond"; colours: 0 white, 1 full green, -0.5 red at 80%, 0.7 green at 66%
+    words = captum_viz.format_word_importances(["#cond", "a&lt;b", "x&amp;y", "z"], [0.0, 1.0, -0.5, 0.68])
+    assert _colours(words) == [WHITE, GREEN, "hsl(0, 75%, 80%)", "hsl(120, 75%, 66%)"]
+    row = ("<tr>" + _classname("&lt;t&gt;") + _classname("1 (0.88)") + _classname("1 &amp; x") + _classname("1.23")
+           + words + "</tr>")
+    page = render_html([record], title="A <b> & c", legend=False)
+    assert page == (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>A &lt;b&gt; &amp; c</title>' + STYLE
+        + "</head><body><h2>A &lt;b&gt; &amp; c</h2><table>" + HEAD_ROW + row + "</table></body></html>\n"
+    )
+    default = render_html(iter([record, record]))  # any iterable; default title, legend on
+    assert default == (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Attributions</title>' + STYLE
+        + "</head><body><h2>Attributions</h2>" + LEGEND + "<table>" + HEAD_ROW + row + row + "</table></body></html>\n"
+    )
+
+
+def test_render_html_of_no_records_is_the_header_row_and_refuses_other_objects():
+    assert render_html([], legend=False).endswith("<table>" + HEAD_ROW + "</table></body></html>\n")
+    with pytest.raises(TypeError, match="^records must be VisualizationDataRecord objects, got str$"):
+        render_html([one_record(), "not a record"])
+
+
+def test_write_html_creates_folders_writes_utf8_and_returns_the_path(tmp_path):
+    target = tmp_path / "a" / "b" / "page.html"
+    path = write_html([one_record()], str(target), title="Ünïcode <x>", legend=False)
+    assert isinstance(path, Path) and path == target
+    assert path.read_bytes().decode("utf-8") == render_html([one_record()], title="Ünïcode <x>", legend=False)
+    again = write_html([], target.with_name("other.html"))  # the folder exists already
+    assert again.read_text(encoding="utf-8") == render_html([])
+    assert LEGEND in again.read_text(encoding="utf-8") and "<title>Attributions</title>" in again.read_text(encoding="utf-8")
+
+
+# ---------------------------------------------------------------------------------------------- visualization: methods
+
+
+class RecordingAdapter:
+    """Stands in for an adapter: remembers each visualization_records call and returns a marker per method."""
+
+    def __init__(self):
+        self.calls = []
+
+    def visualization_records(self, batch, scores, target, *, method=None):
+        self.calls.append((batch, scores, target, method))
+        return [f"records of {method}"]
+
+
+def test_records_by_method_asks_the_adapter_once_per_method_with_its_name_and_target():
+    adapter = RecordingAdapter()
+    scores = {"M1": {"x": 1}, "M2": {"x": 2}}
+    assert records_by_method(adapter, "batch", scores, 7) == {"M1": ["records of M1"], "M2": ["records of M2"]}
+    assert adapter.calls == [("batch", {"x": 1}, 7, "M1"), ("batch", {"x": 2}, 7, "M2")]
+    adapter.calls.clear()
+    comparison = SimpleNamespace(scores={"C": {"x": 3}})  # a Comparison: its .scores are read
+    assert records_by_method(adapter, "b", comparison) == {"C": ["records of C"]}
+    assert adapter.calls == [("b", {"x": 3}, None, "C")]  # target None by default
+
+
+@pytest.mark.parametrize("scores", [{}, SimpleNamespace(scores={}), [("M", {"x": 1})], SimpleNamespace(other={})])
+def test_records_by_method_refuses_what_is_not_a_non_empty_mapping(scores):
+    with pytest.raises(ValueError, match=r"^scores must map method names to feature dicts \{feature_key: scores\}, or "
+                                         r"be a Comparison$"):
+        records_by_method(RecordingAdapter(), "batch", scores)
+
+
+def _record(score: float = 1.0, method=None):
+    """A plain Captum record, or with ``method`` a MethodRecord that carries it."""
+    args = (torch.tensor([float(score)]), 0.5, "1", "1", "1", score, ["w"], None)
+    return captum_viz.VisualizationDataRecord(*args) if method is None else MethodRecord(*args, method=method)
+
+
+def test_group_by_method_keeps_mappings_as_lists_with_text_keys():
+    a, b = _record(1.0), _record(2.0)
+    grouped = _group_by_method({1: (a,), "m": [b]})
+    assert grouped == {"1": [a], "m": [b]} and all(type(rows) is list for rows in grouped.values())
+
+
+def test_group_by_method_groups_a_flat_list_by_each_records_method_in_order():
+    b1, a1, b2, a2 = _record(1, "B"), _record(2, 7), _record(3, "B"), _record(4, 7)
+    grouped = _group_by_method([b1, a1, b2, a2])
+    assert list(grouped) == ["B", "7"] and grouped["B"] == [b1, b2] and grouped["7"] == [a1, a2]
+
+
+@pytest.mark.parametrize(("records", "error", "message"), [
+    ([_record()], ValueError, "a record carries no method name; make records with adapter.visualization_records(..., "
+                              "method=name) or pass {method: records}"),
+    ([MethodRecord(torch.tensor([1.0]), 0.5, "1", "1", "1", 1.0, ["w"], None)], ValueError, "a record carries no method"),
+    ([], ValueError, "every method needs one record per sample, in the same order; got no records"),
+    ({}, ValueError, "every method needs one record per sample, in the same order; got no records"),
+    ({"a": [_record(), _record()], "b": [_record()]}, ValueError, "got {'a': 2, 'b': 1}"),
+    ({"a": ["text"]}, TypeError, "records must be VisualizationDataRecord objects, got str"),
+    ([SimpleNamespace(method="m")], TypeError, "records must be VisualizationDataRecord objects, got SimpleNamespace"),
+])
+def test_group_by_method_refuses_records_it_cannot_align(records, error, message):
+    with pytest.raises(error, match=re.escape(message)):
+        _group_by_method(records)
+
+
+METHODS_STYLE = ("<style>body{font-family:sans-serif} td,th{padding:4px;vertical-align:top;text-align:left} "
+                 "td.method{font-weight:600;white-space:nowrap}</style>")
+UNITS = "<p>The sum of scores is in each method's own units: compare colours within a row, not sums across rows.</p>"
+METHODS_HEAD = ("<table><tr><th>Method</th><th>Attribution Label</th><th>Sum of scores</th><th>Codes (colour: score / "
+                "max |score| of the row)</th></tr>")
+
+
+def two_methods() -> dict:
+    """Two methods on two samples. The second method's records name other classes: the heading of a sample reads
+    the first method's record."""
+    vdr = captum_viz.VisualizationDataRecord
+    return {
+        "M<1>": [vdr(torch.tensor([1.0, -1.0]), 0.75, "1", "0", "1 (M<1>)", 0.5, ["a<b", "<cond>"], None),
+                 vdr(torch.tensor([0.0]), 0.25, "0", "1", "0 (M<1>)", -2.0, ["x&y"], None)],
+        "Saliency": [vdr(torch.tensor([0.7, 0.0], dtype=torch.float64), 0.9, "9", "9", "1 (Saliency)", 1.25,
+                         ["a<b", "<cond>"], None),
+                     vdr(torch.tensor([-1.0]), 0.1, "8", "8", "0 (Saliency)", 3.0, ["x&y"], None)],
+    }
+
+
+def _method_sections() -> list[str]:
+    cells = captum_viz.format_word_importances
+    return [
+        "<h3>&lt;p1&gt;</h3><p>true label <b>0</b>, predicted <b>1</b> (0.75)</p>" + METHODS_HEAD
+        + "<tr><td class='method'>M&lt;1&gt;</td>" + _classname("1 (M&lt;1&gt;)") + _classname("0.50")
+        + cells(["a&lt;b", "#cond"], [1.0, -1.0]) + "</tr>"
+        + "<tr><td class='method'>Saliency</td>" + _classname("1 (Saliency)") + _classname("1.25")
+        + cells(["a&lt;b", "#cond"], [0.68, 0.0]) + "</tr></table>",
+        "<h3>2</h3><p>true label <b>1</b>, predicted <b>0</b> (0.25)</p>" + METHODS_HEAD
+        + "<tr><td class='method'>M&lt;1&gt;</td>" + _classname("0 (M&lt;1&gt;)") + _classname("-2.00")
+        + cells(["x&amp;y"], [0.0]) + "</tr>"
+        + "<tr><td class='method'>Saliency</td>" + _classname("0 (Saliency)") + _classname("3.00")
+        + cells(["x&amp;y"], [-1.0]) + "</tr></table>",
+    ]
+
+
+def test_render_methods_html_page_exactly():
+    sections = _method_sections()
+    assert _colours(sections[0]) == [GREEN, RED, "hsl(120, 75%, 66%)", WHITE]  # 0.7 in float32: 66%
+    page = render_methods_html(two_methods(), title="T & U", sample_names=("<p1>", 2), legend=False)
+    assert page == (
+        '<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>T &amp; U</title>' + METHODS_STYLE
+        + "</head><body><h2>T &amp; U</h2>" + UNITS + "".join(sections) + "</body></html>\n"
+    )
+
+
+def test_render_methods_html_defaults_name_the_samples_and_show_the_legend():
+    page = render_methods_html(two_methods())
+    assert page.startswith('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Attributions by method</title>')
+    assert "</head><body><h2>Attributions by method</h2>" + LEGEND + UNITS + "<h3>Sample 0</h3>" in page
+    assert [h for h in re.findall(r"<h3>([^<]*)</h3>", page)] == ["Sample 0", "Sample 1"]
+    with pytest.raises(ValueError, match="^sample_names has 1 names for 2 samples$"):
+        render_methods_html(two_methods(), sample_names=["only one"])
+    with pytest.raises(ValueError, match="sample_names has 3 names for 2 samples"):
+        render_methods_html(two_methods(), sample_names=["a", "b", "c"])
+
+
+def test_write_methods_html_creates_folders_and_writes_the_page(tmp_path):
+    target = tmp_path / "x" / "y" / "methods.html"
+    path = write_methods_html(two_methods(), str(target), title="Ü & T", sample_names=["<p1>", 2], legend=False)
+    assert isinstance(path, Path) and path == target
+    expected = render_methods_html(two_methods(), title="Ü & T", sample_names=["<p1>", 2], legend=False)
+    assert path.read_bytes().decode("utf-8") == expected and "<h3>&lt;p1&gt;</h3>" in expected
+    default = write_methods_html(two_methods(), target.with_name("default.html"))  # the folder exists already
+    assert default.read_text(encoding="utf-8") == render_methods_html(two_methods())
