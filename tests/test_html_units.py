@@ -477,3 +477,145 @@ def test_write_methods_html_creates_folders_and_writes_the_page(tmp_path):
     assert path.read_bytes().decode("utf-8") == expected and "<h3>&lt;p1&gt;</h3>" in expected
     default = write_methods_html(two_methods(), target.with_name("default.html"))  # the folder exists already
     assert default.read_text(encoding="utf-8") == render_methods_html(two_methods())
+
+
+# ---------------------------------------------------------------------------------------------- patients of the report
+
+
+def test_select_cuts_what_has_one_entry_per_sample_and_keeps_the_rest():
+    pair_ids = torch.tensor([[1], [2], [3]])
+    scalar, other, wide, shared = torch.tensor(5), torch.tensor([7, 8]), torch.zeros(2, 3), torch.tensor([9, 9])
+    batch = {"ids": torch.tensor([[1, 2], [3, 4], [5, 6]]), "flat": torch.tensor([10, 20, 30]), "scalar": scalar,
+             "other": other, "wide": wide, "pair": (pair_ids, shared), "names": ["a", "b", "c"], "short": ["x"],
+             "text": "xyz", "number": 3}
+    out = _select(batch, [2, 0], 3)
+    assert list(out) == list(batch)
+    assert out["ids"].tolist() == [[5, 6], [1, 2]] and out["flat"].tolist() == [30, 10]
+    assert out["scalar"] is scalar and out["other"] is other and out["wide"] is wide  # not one entry per sample
+    assert isinstance(out["pair"], tuple) and out["pair"][0].tolist() == [[3], [1]] and out["pair"][1] is shared
+    assert out["names"] == ["c", "a"] and out["short"] == ["x"]
+    assert out["text"] == "xyz" and out["number"] == 3  # a string of n characters is not a list of n samples
+    none = _select(batch, [], 3)
+    assert tuple(none["ids"].shape) == (0, 2) and none["names"] == [] and none["pair"][0].shape[0] == 0
+    assert _select(batch, (1,), 3)["flat"].tolist() == [20]
+
+
+# Two feature keys of three patients: patient 0 has a true code in "a", patient 2 in "b" (3-D), patient 1 none.
+TRUTH = {"a": torch.tensor([[False, True], [False, False], [False, False]]),
+         "b": torch.tensor([[[False, False]], [[False, False]], [[False, True]]])}
+
+
+@pytest.mark.parametrize(("truth", "k", "shown"), [
+    (None, 2, [0, 1]),
+    (None, 5, [0, 1, 2]),  # no more than the batch
+    (None, 1, [0]),
+    (None, 0, []),
+    (TRUTH, 0, []),
+    (TRUTH, -1, []),
+    (TRUTH, 1, [0]),  # one patient: the first with true codes
+    (TRUTH, 2, [0, 1]),  # one with true codes, then one without
+    (TRUTH, 3, [0, 2, 1]),  # k - 1 with true codes first, then one without
+    (TRUTH, 5, [0, 2, 1]),
+    ({"a": torch.ones(3, 2, dtype=torch.bool)}, 2, [0, 1]),  # every patient has true codes
+    ({"a": torch.ones(3, 2, dtype=torch.bool)}, 3, [0, 1, 2]),
+    ({"a": torch.zeros(3, 2, dtype=torch.bool)}, 2, [0, 1]),  # none has
+])
+def test_pick_patients_prefers_patients_with_true_codes_and_keeps_one_without(truth, k, shown):
+    assert _pick_patients({}, truth, 3, k) == shown
+
+
+class CodesAdapter:
+    """Stands in for an adapter in ``_patient_rows``: two code streams ("cond" ids, "proc" ids) or one, decoded
+    with a vocabulary; its records hold the raw scores of the one sample it is given (no normalisation), with a
+    ``<key>`` marker before each stream when there are several, and the batch's own class texts."""
+
+    VOCAB = {1: "a<b", 2: "c", 3: "d&e", 4: "p"}
+
+    def __init__(self, keys=("cond", "proc"), extra_word=False):
+        self.feature_keys = list(keys)
+        self.extra_word = extra_word
+
+    def captum_inputs(self, batch, level="embedding"):
+        assert level == "token"
+        return (batch["cond"], batch["proc"]), (torch.zeros(7),)  # the args do not have one row per sample
+
+    def decode(self, batch):
+        out = []
+        for i in range(batch["cond"].shape[0]):
+            out.append([DecodedToken(key, self.VOCAB[int(v)], (j,)) for key in self.feature_keys
+                        for j, v in enumerate(batch[key][i]) if v])
+        return out
+
+    def visualization_records(self, batch, scores):
+        assert all(v.shape[0] == 1 for v in scores.values()), "one sample's scores"
+        words, values = [], []
+        for key in self.feature_keys:
+            if len(self.feature_keys) > 1:
+                words.append(f"<{key}>")
+                values.append(0.0)
+            for token in self.decode(batch)[0]:
+                if token.feature == key:
+                    words.append(token.text)
+                    values.append(float(scores[key][0][token.index]))
+        if self.extra_word:
+            words.append("extra")
+            values.append(0.0)
+        record = captum_viz.VisualizationDataRecord(torch.tensor(values), float(batch["prob"][0]), batch["pred"][0],
+                                                    batch["true"][0], batch["attr"][0], sum(values), words, None)
+        return [record]
+
+
+PATIENTS = {"cond": torch.tensor([[1, 0, 2], [3, 1, 0]]), "proc": torch.tensor([[4, 0], [0, 4]]),
+            "prob": torch.tensor([0.1, 0.899]), "pred": ["p0", "P1"], "true": ["t0", "T<1>"], "attr": ["a0", "A&1"]}
+PATIENT_TRUTH = {"cond": torch.tensor([[False, False, True], [True, False, False]]),
+                 "proc": torch.tensor([[True, False], [False, False]])}
+PATIENT_SCORES = {
+    "M&1": {"cond": torch.tensor([[9.0, 9, 9], [0.5, -1.0, 0]]), "proc": torch.tensor([[9.0, 9], [0, 0.25]])},
+    "Rnd": {"cond": torch.tensor([[9.0, 9, 9], [1.0, 0.0, 0]]), "proc": torch.tensor([[9.0, 9], [0, -0.5]])},
+}
+CODES_HEAD = ("<table class='codes'><tr><th>Method</th><th>Sum of scores</th><th>Codes (colour: score / max |score| "
+              "of the row)</th></tr>")
+
+
+def _code(text: str, colour: str, planted: bool = False) -> str:
+    style = f"background-color: {colour}; opacity:1.0; line-height:1.75"
+    if planted:
+        return f"<mark class='planted' style='{style}'><font color='black'> [{text}] </font></mark>"
+    return f"<mark style='{style}'><font color='black'> {text} </font></mark>"
+
+
+def test_patient_rows_of_the_second_patient_with_true_codes_outlined():
+    head, table = _patient_rows(CodesAdapter(), PATIENTS, PATIENT_SCORES, PATIENT_TRUTH, 1)
+    # patient 1: "<cond>" d&e a<b "<proc>" p; its true code is d&e (cond, position 0)
+    # M&1: 0, 0.5, -1, 0, 0.25 -> white, green 75%, red 60%, white, green 88%; sum -0.25
+    # Rnd: 0, 1, 0, 0, -0.5 -> white, green 50%, white, white, red 80%; sum 0.5
+    assert head == "true label <b>T&lt;1&gt;</b>, predicted <b>P1</b> (0.90), explained class <b>A&amp;1</b>"
+    assert table == (
+        CODES_HEAD
+        + "<tr><td class='method'>M&amp;1</td><td>-0.250</td><td>" + _code("#cond", WHITE)
+        + _code("d&amp;e", "hsl(120, 75%, 75%)", True) + _code("a&lt;b", RED) + _code("#proc", WHITE)
+        + _code("p", "hsl(120, 75%, 88%)") + "</td></tr>"
+        + "<tr><td class='method'>Rnd</td><td>0.500</td><td>" + _code("#cond", WHITE) + _code("d&amp;e", GREEN, True)
+        + _code("a&lt;b", WHITE) + _code("#proc", WHITE) + _code("p", "hsl(0, 75%, 80%)") + "</td></tr></table>"
+    )
+
+
+def test_patient_rows_of_one_stream_mark_without_stream_markers():
+    adapter = CodesAdapter(keys=("cond",))
+    scores = {"S": {"cond": torch.tensor([[0.5, 0.0, -0.25], [9.0, 9, 9]])}}
+    head, table = _patient_rows(adapter, PATIENTS, scores, PATIENT_TRUTH, 0)
+    # patient 0: a<b (score 0.5) and c (score -0.25, the true code); sum 0.25
+    assert head == "true label <b>t0</b>, predicted <b>p0</b> (0.10), explained class <b>a0</b>"
+    assert table == (CODES_HEAD + "<tr><td class='method'>S</td><td>0.250</td><td>" + _code("a&lt;b", "hsl(120, 75%, 75%)")
+                     + _code("c", "hsl(0, 75%, 90%)", True) + "</td></tr></table>")
+    _, plain = _patient_rows(adapter, PATIENTS, scores, None, 0)  # no truth: nothing outlined
+    assert plain == table.replace(_code("c", "hsl(0, 75%, 90%)", True), _code("c", "hsl(0, 75%, 90%)"))
+
+
+def test_patient_rows_do_not_outline_when_the_marks_do_not_fit_the_words():
+    _, table = _patient_rows(CodesAdapter(extra_word=True), PATIENTS, PATIENT_SCORES, PATIENT_TRUTH, 1)
+    assert "planted" not in table and table.count("<mark ") == 12  # 6 words (one extra) per method
+
+
+def test_patient_rows_without_methods_are_an_empty_table():
+    assert _patient_rows(CodesAdapter(), PATIENTS, {}, PATIENT_TRUTH, 0) == ("", CODES_HEAD + "</table>")
