@@ -619,3 +619,122 @@ def test_patient_rows_do_not_outline_when_the_marks_do_not_fit_the_words():
 
 def test_patient_rows_without_methods_are_an_empty_table():
     assert _patient_rows(CodesAdapter(), PATIENTS, {}, PATIENT_TRUTH, 0) == ("", CODES_HEAD + "</table>")
+
+
+# ---------------------------------------------------------------------------------------------- the cohort section
+
+
+def _cohort(features: int = 2, check: ModelCheck | None = None, agreement: bool = True):
+    import polars as pl
+
+    from captum_chefer.cohort import CohortSummary
+
+    class Summary(CohortSummary):  # remembers what the section asks its figure for
+        figure_calls: list = []
+
+        def figure(self, k=None, colors=None):
+            self.figure_calls.append((k, colors))
+            return super().figure(k, colors=colors)
+
+    chefer = "Chefer (recommended)"
+    codes = pl.DataFrame({
+        "method": [chefer, chefer, chefer, "S&al"], "rank": [1, 2, 3, 1],
+        "feature": ["cond", "proc", "cond", "proc"] if features == 2 else ["cond"] * 4,
+        "code": ["C<1>", "P&2", "C3", "P&2"], "mean_score": [0.5, 0.25, 0.0001, 0.75],
+        "samples": [3, 2, 1, 4], "patients": [3, 2, 1, 4],
+    })
+    rows = {"method_a": [chefer], "method_b": ["S&al"], "spearman": [0.123456], "top_k_overlap": [0.5], "k": [2],
+            "codes": [3]}
+    frame = pl.DataFrame(rows) if agreement else pl.DataFrame(rows).clear()
+    return Summary(codes, frame, [chefer, "S&al"], n_samples=5, n_patients=4, n_rows=17, top_k=2, model_check=check)
+
+
+BELOW = ModelCheck.from_counts(1, 3, {0: 2, 1: 1})  # 1 of 3 right, the majority class scores 2 of 3
+ABOVE = ModelCheck.from_counts(12, 12, {0: 6, 1: 6})
+
+
+def _png_size(data: bytes) -> tuple[int, int]:
+    assert data[:8] == b"\x89PNG\r\n\x1a\n" and data[12:16] == b"IHDR"
+    return struct.unpack(">II", data[16:24])
+
+
+def _section_text() -> str:
+    """The paragraph on the cohort's size: 5 samples, 4 patients, 17 rows, top 2."""
+    return (
+        '<p class="small">5 samples (4 patients), 17 rows (one per code, sample and\nmethod). A code\'s score in a '
+        "sample is summed over its occurrences there; its mean score is averaged over the samples that\nhave it (n). "
+        "Agreement: Spearman rank correlation of the per-code mean scores, and the share of top-2 codes two\nmethods "
+        "have in common.</p>\n"
+    )
+
+
+COHORT_HEADER = "<tr><th>Rank</th><th>Chefer (recommended)</th><th>S&amp;al</th></tr>"
+AGREEMENT = ('<h3>Agreement between methods</h3><table class="results"><tr><th>Method A</th><th>Method B</th>'
+             "<th>Spearman</th><th>Top-2 overlap</th><th>Codes</th></tr><tr><td>Chefer (recommended)</td>"
+             "<td>S&amp;al</td><td>0.123</td><td>0.50</td><td>3</td></tr></table>\n")
+
+
+def test_cohort_section_with_two_features_a_warning_and_the_agreement():
+    summary = _cohort(2, BELOW)
+    section = cohort_section(summary)
+    text, image = section.split('<img alt="top codes per method" src="data:image/png;base64,')
+    assert text == (
+        "<h2>Cohort: the codes each method ranks highest</h2>\n"
+        f"<div class='warning'><b>Warning.</b> {html.escape(BELOW.warning())}</div>\n" + _section_text()
+        + '<table class="results">' + COHORT_HEADER
+        + "<tr><td>1</td><td>cond:C&lt;1&gt; <span class='small'>0.500 (n=3)</span></td>"
+        "<td>proc:P&amp;2 <span class='small'>0.750 (n=4)</span></td></tr>"
+        "<tr><td>2</td><td>proc:P&amp;2 <span class='small'>0.250 (n=2)</span></td><td></td></tr></table>\n"
+        + AGREEMENT
+    )
+    assert image.endswith('">\n')
+    # the figure of the top 2 codes in the methods' colours: 2 panels of 7.2 x (0.3 * 2 + 1 + 0.6) inches at 110 dpi
+    assert _png_size(base64.b64decode(image[: -len('">\n')])) == (792, 242)
+    ((k, colors),) = summary.figure_calls
+    assert k == 2 and list(colors) == ["Chefer (recommended)", "S&al"] and colors["Chefer (recommended)"] == "#d62728"
+
+
+def test_cohort_section_with_one_feature_a_top_of_one_and_a_model_above_chance():
+    summary = _cohort(1, ABOVE, agreement=False)
+    text = cohort_section(summary, top=1).split("<img")[0]
+    assert text == (
+        "<h2>Cohort: the codes each method ranks highest</h2>\n"
+        f"<p class='small'>Model on these samples: {html.escape(ABOVE.describe())}.</p>\n" + _section_text()
+        + '<table class="results">' + COHORT_HEADER
+        + "<tr><td>1</td><td>C&lt;1&gt; <span class='small'>0.500 (n=3)</span></td>"
+        "<td>P&amp;2 <span class='small'>0.750 (n=4)</span></td></tr></table>\n\n"  # no agreement table
+    )
+    assert summary.figure_calls[0][0] == 1
+    # three codes of the first method: the third one's small mean score in exponent form
+    assert "<tr><td>3</td><td>C3 <span class='small'>1.00e-04 (n=1)</span></td><td></td></tr>" in cohort_section(summary, top=3)
+
+
+class _WithoutCheck:
+    """A cohort summary object that has no ``model_check`` attribute at all (an older summary)."""
+
+    def __init__(self, inner):
+        self._inner = inner
+
+    def __getattr__(self, name):
+        if name == "model_check":
+            raise AttributeError(name)
+        return getattr(self._inner, name)
+
+
+def test_cohort_section_without_a_model_check_says_nothing_about_the_model():
+    for summary in (_cohort(2, None), _WithoutCheck(_cohort(2, BELOW))):
+        section = cohort_section(summary)
+        assert section.startswith("<h2>Cohort: the codes each method ranks highest</h2>\n\n" + _section_text())
+        assert "warning" not in section and "Model on these samples" not in section
+
+
+def test_cohort_page_wraps_the_section_in_a_page():
+    summary = _cohort(2, None)
+    page = cohort_page(summary, title="Cohort <x> & y")
+    section = cohort_section(summary)  # the figure is drawn the same way each time
+    assert page == (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Cohort &lt;x&gt; &amp; y</title>'
+        f"<style>{report_module.CSS}</style></head>\n<body><h1>Cohort &lt;x&gt; &amp; y</h1>\n{section}\n</body></html>\n"
+    )
+    assert "<title>Cohort attribution summary</title>" in cohort_page(summary)
+    assert "<h1>Cohort attribution summary</h1>" in cohort_page(summary)
