@@ -738,3 +738,244 @@ def test_cohort_page_wraps_the_section_in_a_page():
     )
     assert "<title>Cohort attribution summary</title>" in cohort_page(summary)
     assert "<h1>Cohort attribution summary</h1>" in cohort_page(summary)
+
+
+# ---------------------------------------------------------------------------------------------- write_report
+
+
+class Bag(nn.Module):
+    """Sum of the code embeddings, then a linear layer: two logits, no attention (Saliency only)."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Embedding(6, 3, padding_idx=0)
+        self.head = nn.Linear(3, 2)
+
+    def forward(self, ids):
+        return self.head(self.embed(ids).sum(1))
+
+
+class IdsAdapter(TransformerAdapter):
+    """TransformerAdapter that lets a batch carry ``patient_id`` (the report reads it, the model does not)."""
+
+    def _read_batch(self, batch):
+        if isinstance(batch, dict):
+            batch = {k: v for k, v in batch.items() if k != "patient_id"}
+        return super()._read_batch(batch)
+
+
+def report_evaluation() -> Evaluation:
+    """Three patients. Deletion AOPC: A&B 0.2 against B 0.1 everywhere (clear). Comprehensiveness: A&B 0, 0, 3 (mean 1,
+    bootstrap [0, 3]) against B 0.5 everywhere: the differences -0.5, -0.5, 2.5 do not clear zero. AUROC on two
+    patients (n=2 in its header): A&B 1, 1 (Wilson [0.342, 1]) against B 0, 0 (Wilson [0, 0.658]): clear. Random
+    has no AUROC (n/a, no interval) and no time."""
+    per_sample = {
+        "A&B": {"deletion_aopc": _t(0.2, 0.2, 0.2), "comprehensiveness": _t(0, 0, 3), "auroc": _t(1, 1, NAN)},
+        "B": {"deletion_aopc": _t(0.1, 0.1, 0.1), "comprehensiveness": _t(0.5, 0.5, 0.5), "auroc": _t(0, 0, NAN)},
+        "Random": {"deletion_aopc": _t(0.5, 0.5, 0.5), "comprehensiveness": _t(0.25, 0.25, 0.25),
+                   "auroc": _t(NAN, NAN, NAN)},
+    }
+    curves = {"A&B": {"deletion": torch.tensor([[0.0, 1.0, 0.5], [NAN, 0.0, 0.5], [0.0, 0.5, 0.5]]),
+                      "insertion": torch.tensor([[0.25] * 3, [0.75] * 3, [0.5] * 3])}}
+    return Evaluation(per_sample, curves, (0.0, 0.5, 1.0), (0.1, 0.25), {"A&B": 0.002, "B": 4e-7})
+
+
+REPORT_ROWS = (
+    "<tr><th>Method</th><th>Deletion AOPC ↑</th><th>Compr. ↑</th><th>AUROC ↑ (n=2)</th><th>ms / sample ↓</th></tr>"
+    "<tr><td>A&amp;B</td><td class='best'>0.200<br><span class='ci'>[0.200, 0.200]†</span></td>"
+    "<td class=''>1.000<br><span class='ci'>[0.000, 3.000]</span></td>"
+    "<td class='best'>1.000<br><span class='ci'>[0.342, 1.000]</span></td><td class=''>2.000</td></tr>"
+    "<tr><td>B</td><td class=''>0.100<br><span class='ci'>[0.100, 0.100]†</span></td>"
+    "<td class=''>0.500<br><span class='ci'>[0.500, 0.500]†</span></td>"
+    "<td class=''>0.000<br><span class='ci'>[0.000, 0.658]</span></td><td class=''>4.00e-04</td></tr>"
+    "<tr><td>Random</td><td class=''>0.500<br><span class='ci'>[0.500, 0.500]†</span></td>"
+    "<td class=''>0.250<br><span class='ci'>[0.250, 0.250]†</span></td><td class=''>n/a</td><td class=''>n/a</td></tr>"
+)
+SWATCHES = "".join(
+    f"<span style='display:inline-block;width:12px;height:12px;border:1px solid #999;background:{c}'></span> {t} &nbsp; "
+    for c, t in (("hsl(0, 75%, 60%)", "negative"), ("hsl(0, 75%, 100%)", "neutral"), ("hsl(120, 75%, 50%)", "positive"))
+)
+PLANTED_LEGEND = (
+    "<br><mark class='planted' style='background-color: hsl(0, 75%, 100%)'><font color='black'> [code] </font></mark> "
+    "a planted code (the cohort's ground truth): outlined, bold and in brackets in the tables; outlined, bold and "
+    "starred (<b>*code</b>) in the figures."
+)
+SETTINGS = {"n": 3, "path": Path("a/b"), "<k>": "x & y", "none": None, "flag": True, "f": 0.5}
+
+
+def _spy(calls: list, function):
+    def spy(*args, **kwargs):
+        calls.append((args, kwargs))
+        return function(*args, **kwargs)
+
+    return spy
+
+
+@pytest.fixture(scope="module")
+def tiny():
+    torch.manual_seed(0)
+    model = Bag().eval()
+    adapter = IdsAdapter(model, embedding=model.embed, pad_id=0, vocabulary=["pad", "a<b", "x&y", "c", "d", "e"])
+    batch = {"input": torch.tensor([[1, 2, 0, 0], [3, 4, 5, 0], [2, 3, 0, 0]]), "patient_id": ["p<0>", "p1", ""]}
+    methods = [("Sal<1>", Saliency(adapter), {}), ("Random", RandomAttribution(adapter, seed=0), {})]
+    return adapter, batch, methods
+
+
+@pytest.fixture(scope="module")
+def full_report(tiny, tmp_path_factory):
+    """The report with everything: ground truth (code x&y, in patients 0 and 2), three patients shown, settings, a
+    model below chance, a cohort, a description per patient (none for patient 1)."""
+    adapter, batch, methods = tiny
+    out = tmp_path_factory.mktemp("full") / "new" / "folder"
+    compare_calls, plot_calls = [], []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report_module, "compare_methods", _spy(compare_calls, report_module.compare_methods))
+        patch.setattr(report_module, "plot_methods", _spy(plot_calls, report_module.plot_methods))
+        files = write_report(
+            str(out), adapter, report_evaluation(), batch, methods, title="Report <1> & co", settings=SETTINGS,
+            ground_truth=lambda b: {"input": b["input"] == 2}, show_patients=3, model_check=BELOW,
+            describe_patient=lambda b, i: "" if i == 1 else f"rule <{i}>", cohort=_cohort(2, None),
+        )
+    page = files["report"].read_text(encoding="utf-8")
+    return SimpleNamespace(out=out, files=files, page=page, compare_calls=compare_calls, plot_calls=plot_calls)
+
+
+@pytest.fixture(scope="module")
+def plain_report(tiny, tmp_path_factory):
+    """The report with the defaults: no settings, no ground truth, no model check, no cohort; the patients it would
+    show are asked for and none are returned."""
+    adapter, batch, methods = tiny
+    out = tmp_path_factory.mktemp("plain")
+    pick_calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(report_module, "_pick_patients", lambda *args: pick_calls.append(args) or [])
+        files = write_report(out, adapter, report_evaluation(), {"input": batch["input"]}, methods)
+    page = files["report"].read_text(encoding="utf-8")
+    return SimpleNamespace(out=out, files=files, page=page, pick_calls=pick_calls)
+
+
+def _b64(path: Path) -> str:
+    return base64.b64encode(path.read_bytes()).decode("ascii")
+
+
+def test_report_writes_its_files_in_order_under_their_names(full_report):
+    out, files = full_report.out, full_report.files
+    assert list(files) == ["deletion_insertion", "metrics", "time", "patient_0", "patient_2", "patient_1", "csv",
+                           "curves_csv", "json", "report"]
+    names = ["deletion_insertion.png", "metrics.png", "time.png", "patient_0.png", "patient_2.png", "patient_1.png",
+             "results.csv", "curves.csv", "results.json", "report.html"]
+    assert [p.name for p in files.values()] == names and all(p.parent == out and p.is_file() for p in files.values())
+    assert sorted(p.name for p in out.iterdir()) == sorted(names)
+
+
+def test_report_embeds_each_figure_as_written(full_report):
+    page, files = full_report.page, full_report.files
+    for alt, key in (("deletion and insertion curves", "deletion_insertion"), ("metrics by method", "metrics"),
+                     ("time per patient", "time")):
+        assert f'<img alt="{alt}" src="data:image/png;base64,{_b64(files[key])}">' in page
+        assert files[key].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    for i in (0, 2, 1):
+        assert f"<img alt='scores of patient {i}' src='data:image/png;base64,{_b64(files[f'patient_{i}'])}'>" in page
+
+
+def test_report_page_head_title_banner_and_settings(full_report):
+    page = full_report.page
+    assert page.startswith('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Report &lt;1&gt; &amp; '
+                           f"co</title><style>{report_module.CSS}</style></head>\n<body>\n<h1>Report &lt;1&gt; &amp; co</h1>\n")
+    assert re.search(r'<p class="small">Generated by <code>captum_chefer</code> on \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\n'
+                     r"\(Python \d", page)
+    banner = f"<div class='warning'><b>Warning.</b> {html.escape(BELOW.warning())}</div>"
+    settings = ("<dt>n</dt><dd>3</dd><dt>path</dt><dd>a/b</dd><dt>&lt;k&gt;</dt><dd>x &amp; y</dd><dt>none</dt>"
+                "<dd>None</dd><dt>flag</dt><dd>True</dd><dt>f</dt><dd>0.5</dd>")
+    assert (f"this run.</p>\n{banner}\n<h2>Settings</h2><dl class=\"settings\">{settings}</dl>\n<h2>Results</h2>\n"
+            in page)
+    assert page.endswith("</body></html>\n")
+
+
+def test_report_results_table_rows_cells_and_marks(full_report):
+    assert f'<table class="results">{REPORT_ROWS}</table>\n' in full_report.page
+
+
+def test_report_explains_the_table_below_it(full_report):
+    page = full_report.page
+    note = html.escape(NOTE_INTERVALS + NOTE_DAGGER + ". Bold" + NOTE_MARK + NOTE_TIME)
+    assert "Wilson&#x27;s score" in note  # quotes escaped too
+    assert f'</table>\n<p class="small">{note}</p>\n<h3>How to read the table</h3>\n<dl class="metrics"><dt>' in page
+    metrics = page.split('<dl class="metrics">')[1].split("</dl>")[0]
+    assert re.findall("<dt>(.*?)</dt>", metrics) == ["Deletion AOPC ↑", "Compr. ↑", "AUROC ↑", "ms / sample ↓"]
+    compr = ("drop of the target probability when the top 10% / 25% of the codes are removed, averaged; higher is "
+             "better; -1 to 1")
+    assert f"<dt>Compr. ↑</dt><dd>{compr}</dd>" in metrics
+    assert "The curves run over the fractions\n0, 0.5, 1.</li>" in page
+
+
+def test_report_legend_planted_codes_and_cohort(full_report):
+    page = full_report.page
+    assert ("Legend: " + SWATCHES + "\n" + PLANTED_LEGEND + "</p>\n<ul class=\"small\">") in page
+    time_image = page.index('<img alt="time per patient"')
+    cohort = page.index("<h2>Cohort: the codes each method ranks highest</h2>")
+    assert time_image < cohort < page.index("<h2>Highlighted codes</h2>")
+
+
+def test_report_patients_in_the_order_picked_with_their_names_descriptions_and_true_codes(full_report):
+    page = full_report.page
+    assert "No patients shown" not in page
+    # patients 0 and 2 have the true code x&y: shown first; patient 1 has none. Patient 2's id is empty: its index.
+    assert re.findall(r"<h3>Patient (.*?)</h3>", page) == ["p&lt;0&gt;", "2", "p1"]
+    sections = page.split("<h3>Patient ")[1:]
+    assert re.match(r"p&lt;0&gt;</h3><p class='small'>true label <b>n/a</b>, predicted <b>[01]</b> \(\d\.\d\d\), "
+                    r"explained class <b>[01]</b>; rule &lt;0&gt;</p><table class='codes'>", sections[0])
+    assert "; rule &lt;2&gt;</p><table class='codes'>" in sections[1]
+    assert re.search(r"explained class <b>[01]</b></p><table class='codes'>", sections[2])  # no description
+    for section, planted in zip(sections, (True, True, False)):
+        assert section.count("<td class='method'>Sal&lt;1&gt;</td>") == 1 and section.count("<td class='method'>Random</td>") == 1
+        assert (" [x&amp;y] " in section) is planted and ("class='planted'" in section) is planted
+
+
+def test_report_compares_the_shown_patients_and_draws_them_with_their_true_codes(full_report, tiny):
+    adapter, batch, methods = tiny
+    ((args, kwargs),) = full_report.compare_calls
+    assert args[0] is adapter and args[2] is methods and kwargs == {"target_mode": "predicted", "progress": False}
+    assert args[1]["input"].tolist() == batch["input"][[0, 2, 1]].tolist() and args[1]["patient_id"] == ["p<0>", "", "p1"]
+    truth = (batch["input"] == 2)[[0, 2, 1]]
+    assert [kw["sample"] for _, kw in full_report.plot_calls] == [0, 1, 2]
+    assert [kw["title"] for _, kw in full_report.plot_calls] == [
+        "Patient p<0>: scores per method", "Patient 2: scores per method", "Patient p1: scores per method"]
+    for _, kw in full_report.plot_calls:
+        assert list(kw["planted"]) == ["input"] and kw["planted"]["input"].tolist() == truth.tolist()
+
+
+def test_report_curves_csv_by_hand(full_report):
+    # deletion: the NaN of the second patient is left out of the first column's mean; insertion: 0.5 everywhere
+    with full_report.files["curves_csv"].open(newline="", encoding="utf-8") as f:
+        assert f.read() == ("method,curve,fraction,mean_output\r\n"
+                            "A&B,deletion,0.0,0.0\r\nA&B,deletion,0.5,0.5\r\nA&B,deletion,1.0,0.5\r\n"
+                            "A&B,insertion,0.0,0.5\r\nA&B,insertion,0.5,0.5\r\nA&B,insertion,1.0,0.5\r\n")
+    with full_report.files["csv"].open(newline="", encoding="utf-8") as f:
+        assert [row["method"] for row in csv.DictReader(f)] == ["A&B", "B", "Random"]
+
+
+def test_report_json_settings_and_model_check(full_report):
+    text = full_report.files["json"].read_text(encoding="utf-8")
+    assert text.startswith('{\n  "summary": [\n    {\n      "method": "A&B",')  # indented by 2
+    payload = json.loads(text)
+    # numbers, text, booleans and None as they are; anything else as text
+    assert payload["settings"] == {"n": 3, "path": "a/b", "<k>": "x & y", "none": None, "flag": True, "f": 0.5}
+    assert payload["model_check"] == json.loads(json.dumps(BELOW.as_dict()))
+    assert payload["fractions"] == [0.0, 0.5, 1.0] and [r["method"] for r in payload["summary"]] == ["A&B", "B", "Random"]
+
+
+def test_report_with_the_defaults(plain_report):
+    page, files = plain_report.page, plain_report.files
+    ((batch, truth, n_batch, k),) = plain_report.pick_calls  # no ground truth; 3 patients; 4 shown by default
+    assert list(batch) == ["input"] and (truth, n_batch, k) == (None, 3, 4)
+    assert list(files) == ["deletion_insertion", "metrics", "time", "csv", "curves_csv", "json", "report"]
+    assert "<title>Chefer relevance side by side</title>" in page and "<h1>Chefer relevance side by side</h1>" in page
+    assert "this run.</p>\n\n<h2>Settings</h2><dl class=\"settings\"></dl>\n" in page  # no banner, no settings
+    assert "Legend: " + SWATCHES + "\n</p>" in page and "<mark class='planted'" not in page
+    assert "<h2>Cohort" not in page
+    assert ('<img alt="time per patient" src="data:image/png;base64,' + _b64(files["time"]) + '">\n\n'
+            "<h2>Highlighted codes</h2>") in page
+    assert "</ul>\n<p>No patients shown.</p>\n</body></html>\n" in page
+    payload = json.loads(files["json"].read_text(encoding="utf-8"))
+    assert payload["settings"] == {} and "model_check" not in payload
