@@ -979,3 +979,31 @@ def test_report_with_the_defaults(plain_report):
     assert "</ul>\n<p>No patients shown.</p>\n</body></html>\n" in page
     payload = json.loads(files["json"].read_text(encoding="utf-8"))
     assert payload["settings"] == {} and "model_check" not in payload
+
+
+@pytest.fixture(scope="module")
+def one_patient_report(tiny, tmp_path_factory):
+    """One patient shown, no ground truth, no description, patient ids in a tuple (not read as ids). The three
+    summary figures are stubbed with a 1 x 1 inch figure: only the patient's part of the page is looked at."""
+    from matplotlib.figure import Figure
+
+    adapter, batch, methods = tiny
+    plot_calls = []
+    with pytest.MonkeyPatch.context() as patch:
+        for name in ("curves_figure", "metrics_figure", "time_figure"):
+            patch.setattr(report_module, name, lambda evaluation: Figure(figsize=(1, 1)))
+        patch.setattr(report_module, "plot_methods", _spy(plot_calls, report_module.plot_methods))
+        files = write_report(tmp_path_factory.mktemp("one"), adapter, report_evaluation(),
+                             {**batch, "patient_id": tuple(batch["patient_id"])}, methods, show_patients=1)
+    return SimpleNamespace(files=files, page=files["report"].read_text(encoding="utf-8"), plot_calls=plot_calls)
+
+
+def test_report_of_one_patient_without_ids_truth_or_description(one_patient_report):
+    page = one_patient_report.page
+    assert "patient_0" in one_patient_report.files and "patient_1" not in one_patient_report.files
+    assert re.findall(r"<h3>Patient (.*?)</h3>", page) == ["0"]  # a tuple of ids is not read: the index
+    assert re.search(r"<h3>Patient 0</h3><p class='small'>true label <b>n/a</b>, predicted <b>[01]</b> \(\d\.\d\d\), "
+                     r"explained class <b>[01]</b></p><table class='codes'>", page)  # nothing appended
+    assert "class='planted'" not in page and "No patients shown" not in page
+    ((_, kwargs),) = one_patient_report.plot_calls
+    assert kwargs["planted"] is None and kwargs["title"] == "Patient 0: scores per method" and kwargs["sample"] == 0
