@@ -756,7 +756,14 @@ class Bag(nn.Module):
 
 
 class IdsAdapter(TransformerAdapter):
-    """TransformerAdapter that lets a batch carry ``patient_id`` (the report reads it, the model does not)."""
+    """TransformerAdapter that lets a batch carry ``patient_id`` (the report reads it, the model does not) and
+    remembers the levels its inputs are asked for."""
+
+    levels: list
+
+    def captum_inputs(self, batch, level="embedding"):
+        self.levels.append(level)
+        return super().captum_inputs(batch, level)
 
     def _read_batch(self, batch):
         if isinstance(batch, dict):
@@ -817,6 +824,7 @@ def tiny():
     model = Bag().eval()
     adapter = IdsAdapter(model, embedding=model.embed, pad_id=0, vocabulary=["pad", "a<b", "x&y", "c", "d", "e"])
     batch = {"input": torch.tensor([[1, 2, 0, 0], [3, 4, 5, 0], [2, 3, 0, 0]]), "patient_id": ["p<0>", "p1", ""]}
+    adapter.levels = []
     methods = [("Sal<1>", Saliency(adapter), {}), ("Random", RandomAttribution(adapter, seed=0), {})]
     return adapter, batch, methods
 
@@ -828,6 +836,7 @@ def full_report(tiny, tmp_path_factory):
     adapter, batch, methods = tiny
     out = tmp_path_factory.mktemp("full") / "new" / "folder"
     compare_calls, plot_calls = [], []
+    adapter.levels.clear()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(report_module, "compare_methods", _spy(compare_calls, report_module.compare_methods))
         patch.setattr(report_module, "plot_methods", _spy(plot_calls, report_module.plot_methods))
@@ -837,7 +846,8 @@ def full_report(tiny, tmp_path_factory):
             describe_patient=lambda b, i: "" if i == 1 else f"rule <{i}>", cohort=_cohort(2, None),
         )
     page = files["report"].read_text(encoding="utf-8")
-    return SimpleNamespace(out=out, files=files, page=page, compare_calls=compare_calls, plot_calls=plot_calls)
+    return SimpleNamespace(out=out, files=files, page=page, compare_calls=compare_calls, plot_calls=plot_calls,
+                           levels=list(adapter.levels))
 
 
 @pytest.fixture(scope="module")
@@ -934,6 +944,7 @@ def test_report_patients_in_the_order_picked_with_their_names_descriptions_and_t
 
 def test_report_compares_the_shown_patients_and_draws_them_with_their_true_codes(full_report, tiny):
     adapter, batch, methods = tiny
+    assert full_report.levels[0] == "token"  # the report's own look at the codes, before the comparison
     ((args, kwargs),) = full_report.compare_calls
     assert args[0] is adapter and args[2] is methods and kwargs == {"target_mode": "predicted", "progress": False}
     assert args[1]["input"].tolist() == batch["input"][[0, 2, 1]].tolist() and args[1]["patient_id"] == ["p<0>", "", "p1"]
