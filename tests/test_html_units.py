@@ -19,13 +19,13 @@ from __future__ import annotations
 import base64
 import csv
 import html
-import io
 import json
 import math
 import re
 import struct
 from pathlib import Path
 from types import SimpleNamespace
+from typing import ClassVar
 
 import pytest
 import torch
@@ -179,13 +179,16 @@ def test_cell_marks_the_best_with_bold_or_a_star_and_appends_the_interval():
 def test_table_note_sentences():
     evaluation = three_methods()
     metrics = ["deletion_aopc", "auroc"]
-    assert _table_note(evaluation, True, "*", True, metrics) == NOTE_INTERVALS + NOTE_DAGGER + ". A star" + NOTE_MARK + NOTE_TIME
+    full = NOTE_INTERVALS + NOTE_DAGGER + ". A star" + NOTE_MARK + NOTE_TIME
+    assert _table_note(evaluation, True, "*", True, metrics) == full
     assert _table_note(evaluation, True, "bold", False, metrics) == NOTE_INTERVALS + NOTE_DAGGER + ". Bold" + NOTE_MARK
-    assert _table_note(evaluation, False, "*", True, metrics) == "Means over n = 3 patients. A star" + NOTE_MARK + NOTE_TIME
+    without_intervals = "Means over n = 3 patients. A star" + NOTE_MARK + NOTE_TIME
+    assert _table_note(evaluation, False, "*", True, metrics) == without_intervals
     # by default: time is mentioned, and no metric is looked at for zero-width intervals
     assert _table_note(evaluation, True, "*") == NOTE_INTERVALS + ". A star" + NOTE_MARK + NOTE_TIME
     # only Beta's auroc [0, 3]: no zero-width interval, no dagger sentence
-    assert NOTE_DAGGER not in _table_note(Evaluation({"Beta": {"auroc": _t(0, 0, 3)}}, {}, (), ()), True, "*", True, ["auroc"])
+    beta = Evaluation({"Beta": {"auroc": _t(0, 0, 3)}}, {}, (), ())
+    assert NOTE_DAGGER not in _table_note(beta, True, "*", True, ["auroc"])
 
 
 def test_table_note_reads_the_level_resamples_and_seed_of_the_evaluation():
@@ -250,7 +253,8 @@ def test_headline_with_only_the_time_column_and_a_method_missing_a_metric():
                          "B       n/a           3.000        "]
     only_time = headline_table(Evaluation({"A": {}}, {}, (), (), {"A": 0.004}), intervals=False).split("\n")
     assert only_time[:2] == ["Method  ms / sample ↓", "A       4.000        "]
-    assert headline_table(Evaluation({"A": {}}, {}, (), (), {"A": 0.004}), time=False).split("\n")[:2] == ["Method", "A     "]
+    no_column = headline_table(Evaluation({"A": {}}, {}, (), (), {"A": 0.004}), time=False)
+    assert no_column.split("\n")[:2] == ["Method", "A     "]
 
 
 @pytest.mark.xfail(strict=True, raises=TypeError, reason="headline_table of an evaluation without methods: "
@@ -263,7 +267,7 @@ def test_headline_of_an_evaluation_without_methods_is_its_header_and_note():
 def test_comparison_report_table_passes_its_options_through():
     evaluation = three_methods()
     report = ComparisonReport(evaluation)
-    assert report.table() == "\n".join(TEXT_LINES + [NOTE_INTERVALS + NOTE_DAGGER + ". A star" + NOTE_MARK + NOTE_TIME])
+    assert report.table() == "\n".join([*TEXT_LINES, NOTE_INTERVALS + NOTE_DAGGER + ". A star" + NOTE_MARK + NOTE_TIME])
     assert report.table(markdown=True, intervals=False, time=False) == "\n".join([
         "| Method | Deletion AOPC ↑ | AUROC ↑ |", "|---|---:|---:|", "| Alpha | **0.200** | 1.000 |",
         "| Beta | 0.100 | 1.000 |", "| Random | 0.500 | 0.500 |", "", "Means over n = 3 patients. Bold" + NOTE_MARK])
@@ -276,12 +280,12 @@ def test_comparison_report_html_path_is_the_report_file():
     assert report.html_path == Path("r/report.html")
 
 
-# ---------------------------------------------------------------------------------------------- visualization: one method
+# ------------------------------------------------------------------------------------- visualization: one method
 
 LEGEND = (
     '<div style="border-top:1px solid;margin-top:5px;padding-top:5px"><b>Legend: </b>'
-    '<span style="display:inline-block;width:10px;height:10px;border:1px solid;background-color:hsl(0, 75%, 60%)"></span>'
-    ' Negative &nbsp;'
+    '<span style="display:inline-block;width:10px;height:10px;border:1px solid;background-color:hsl(0, 75%, 60%)">'
+    '</span> Negative &nbsp;'
     '<span style="display:inline-block;width:10px;height:10px;border:1px solid;background-color:hsl(0, 75%, 100%)">'
     '</span> Neutral &nbsp;'
     '<span style="display:inline-block;width:10px;height:10px;border:1px solid;background-color:hsl(120, 75%, 50%)">'
@@ -333,7 +337,7 @@ def test_render_html_page_exactly():
 
 def test_render_html_of_no_records_is_the_header_row_and_refuses_other_objects():
     assert render_html([], legend=False).endswith("<table>" + HEAD_ROW + "</table></body></html>\n")
-    with pytest.raises(TypeError, match="^records must be VisualizationDataRecord objects, got str$"):
+    with pytest.raises(TypeError, match=r"^records must be VisualizationDataRecord objects, got str$"):
         render_html([one_record(), "not a record"])
 
 
@@ -344,7 +348,8 @@ def test_write_html_creates_folders_writes_utf8_and_returns_the_path(tmp_path):
     assert path.read_bytes().decode("utf-8") == render_html([one_record()], title="Ünïcode <x>", legend=False)
     again = write_html([], target.with_name("other.html"))  # the folder exists already
     assert again.read_text(encoding="utf-8") == render_html([])
-    assert LEGEND in again.read_text(encoding="utf-8") and "<title>Attributions</title>" in again.read_text(encoding="utf-8")
+    text = again.read_text(encoding="utf-8")
+    assert LEGEND in text and "<title>Attributions</title>" in text
 
 
 # ---------------------------------------------------------------------------------------------- visualization: methods
@@ -400,7 +405,8 @@ def test_group_by_method_groups_a_flat_list_by_each_records_method_in_order():
 @pytest.mark.parametrize(("records", "error", "message"), [
     ([_record()], ValueError, "a record carries no method name; make records with adapter.visualization_records(..., "
                               "method=name) or pass {method: records}"),
-    ([MethodRecord(torch.tensor([1.0]), 0.5, "1", "1", "1", 1.0, ["w"], None)], ValueError, "a record carries no method"),
+    ([MethodRecord(torch.tensor([1.0]), 0.5, "1", "1", "1", 1.0, ["w"], None)], ValueError,
+     "a record carries no method"),
     ([], ValueError, "every method needs one record per sample, in the same order; got no records"),
     ({}, ValueError, "every method needs one record per sample, in the same order; got no records"),
     ({"a": [_record(), _record()], "b": [_record()]}, ValueError, "got {'a': 2, 'b': 1}"),
@@ -462,8 +468,8 @@ def test_render_methods_html_defaults_name_the_samples_and_show_the_legend():
     page = render_methods_html(two_methods())
     assert page.startswith('<!DOCTYPE html>\n<html><head><meta charset="utf-8"><title>Attributions by method</title>')
     assert "</head><body><h2>Attributions by method</h2>" + LEGEND + UNITS + "<h3>Sample 0</h3>" in page
-    assert [h for h in re.findall(r"<h3>([^<]*)</h3>", page)] == ["Sample 0", "Sample 1"]
-    with pytest.raises(ValueError, match="^sample_names has 1 names for 2 samples$"):
+    assert re.findall(r"<h3>([^<]*)</h3>", page) == ["Sample 0", "Sample 1"]
+    with pytest.raises(ValueError, match=r"^sample_names has 1 names for 2 samples$"):
         render_methods_html(two_methods(), sample_names=["only one"])
     with pytest.raises(ValueError, match="sample_names has 3 names for 2 samples"):
         render_methods_html(two_methods(), sample_names=["a", "b", "c"])
@@ -529,7 +535,7 @@ class CodesAdapter:
     with a vocabulary; its records hold the raw scores of the one sample it is given (no normalisation), with a
     ``<key>`` marker before each stream when there are several, and the batch's own class texts."""
 
-    VOCAB = {1: "a<b", 2: "c", 3: "d&e", 4: "p"}
+    VOCAB: ClassVar[dict[int, str]] = {1: "a<b", 2: "c", 3: "d&e", 4: "p"}
 
     def __init__(self, keys=("cond", "proc"), extra_word=False):
         self.feature_keys = list(keys)
@@ -606,8 +612,9 @@ def test_patient_rows_of_one_stream_mark_without_stream_markers():
     head, table = _patient_rows(adapter, PATIENTS, scores, PATIENT_TRUTH, 0)
     # patient 0: a<b (score 0.5) and c (score -0.25, the true code); sum 0.25
     assert head == "true label <b>t0</b>, predicted <b>p0</b> (0.10), explained class <b>a0</b>"
-    assert table == (CODES_HEAD + "<tr><td class='method'>S</td><td>0.250</td><td>" + _code("a&lt;b", "hsl(120, 75%, 75%)")
-                     + _code("c", "hsl(0, 75%, 90%)", True) + "</td></tr></table>")
+    assert table == (CODES_HEAD + "<tr><td class='method'>S</td><td>0.250</td><td>"
+                     + _code("a&lt;b", "hsl(120, 75%, 75%)") + _code("c", "hsl(0, 75%, 90%)", True)
+                     + "</td></tr></table>")
     _, plain = _patient_rows(adapter, PATIENTS, scores, None, 0)  # no truth: nothing outlined
     assert plain == table.replace(_code("c", "hsl(0, 75%, 90%)", True), _code("c", "hsl(0, 75%, 90%)"))
 
@@ -630,7 +637,7 @@ def _cohort(features: int = 2, check: ModelCheck | None = None, agreement: bool 
     from captum_chefer.cohort import CohortSummary
 
     class Summary(CohortSummary):  # remembers what the section asks its figure for
-        figure_calls: list = []
+        figure_calls: ClassVar[list] = []
 
         def figure(self, k=None, colors=None):
             self.figure_calls.append((k, colors))
@@ -706,7 +713,8 @@ def test_cohort_section_with_one_feature_a_top_of_one_and_a_model_above_chance()
     )
     assert summary.figure_calls[0][0] == 1
     # three codes of the first method: the third one's small mean score in exponent form
-    assert "<tr><td>3</td><td>C3 <span class='small'>1.00e-04 (n=1)</span></td><td></td></tr>" in cohort_section(summary, top=3)
+    third = "<tr><td>3</td><td>C3 <span class='small'>1.00e-04 (n=1)</span></td><td></td></tr>"
+    assert third in cohort_section(summary, top=3)
 
 
 class _WithoutCheck:
@@ -734,7 +742,8 @@ def test_cohort_page_wraps_the_section_in_a_page():
     section = cohort_section(summary)  # the figure is drawn the same way each time
     assert page == (
         '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Cohort &lt;x&gt; &amp; y</title>'
-        f"<style>{report_module.CSS}</style></head>\n<body><h1>Cohort &lt;x&gt; &amp; y</h1>\n{section}\n</body></html>\n"
+        f"<style>{report_module.CSS}</style></head>\n<body><h1>Cohort &lt;x&gt; &amp; y</h1>\n{section}\n"
+        "</body></html>\n"
     )
     assert "<title>Cohort attribution summary</title>" in cohort_page(summary)
     assert "<h1>Cohort attribution summary</h1>" in cohort_page(summary)
@@ -799,7 +808,8 @@ REPORT_ROWS = (
     "<td class=''>0.250<br><span class='ci'>[0.250, 0.250]†</span></td><td class=''>n/a</td><td class=''>n/a</td></tr>"
 )
 SWATCHES = "".join(
-    f"<span style='display:inline-block;width:12px;height:12px;border:1px solid #999;background:{c}'></span> {t} &nbsp; "
+    f"<span style='display:inline-block;width:12px;height:12px;border:1px solid #999;background:{c}'></span> "
+    f"{t} &nbsp; "
     for c, t in (("hsl(0, 75%, 60%)", "negative"), ("hsl(0, 75%, 100%)", "neutral"), ("hsl(120, 75%, 50%)", "positive"))
 )
 PLANTED_LEGEND = (
@@ -829,12 +839,11 @@ def tiny():
     return adapter, batch, methods
 
 
-@pytest.fixture(scope="module")
-def full_report(tiny, tmp_path_factory):
+def write_full_report(tiny, tmp_path):
     """The report with everything: ground truth (code x&y, in patients 0 and 2), three patients shown, settings, a
     model below chance, a cohort, a description per patient (none for patient 1)."""
     adapter, batch, methods = tiny
-    out = tmp_path_factory.mktemp("full") / "new" / "folder"
+    out = tmp_path / "new" / "folder"
     compare_calls, plot_calls = [], []
     adapter.levels.clear()
     with pytest.MonkeyPatch.context() as patch:
@@ -850,12 +859,11 @@ def full_report(tiny, tmp_path_factory):
                            levels=list(adapter.levels))
 
 
-@pytest.fixture(scope="module")
-def plain_report(tiny, tmp_path_factory):
+def write_plain_report(tiny, tmp_path):
     """The report with the defaults: no settings, no ground truth, no model check, no cohort; the patients it would
     show are asked for and none are returned."""
     adapter, batch, methods = tiny
-    out = tmp_path_factory.mktemp("plain")
+    out = tmp_path
     pick_calls = []
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(report_module, "_pick_patients", lambda *args: pick_calls.append(args) or [])
@@ -868,8 +876,8 @@ def _b64(path: Path) -> str:
     return base64.b64encode(path.read_bytes()).decode("ascii")
 
 
-def test_report_writes_its_files_in_order_under_their_names(full_report):
-    out, files = full_report.out, full_report.files
+def check_writes_its_files_in_order_under_their_names(report):
+    out, files = report.out, report.files
     assert list(files) == ["deletion_insertion", "metrics", "time", "patient_0", "patient_2", "patient_1", "csv",
                            "curves_csv", "json", "report"]
     names = ["deletion_insertion.png", "metrics.png", "time.png", "patient_0.png", "patient_2.png", "patient_1.png",
@@ -878,8 +886,8 @@ def test_report_writes_its_files_in_order_under_their_names(full_report):
     assert sorted(p.name for p in out.iterdir()) == sorted(names)
 
 
-def test_report_embeds_each_figure_as_written(full_report):
-    page, files = full_report.page, full_report.files
+def check_embeds_each_figure_as_written(report):
+    page, files = report.page, report.files
     for alt, key in (("deletion and insertion curves", "deletion_insertion"), ("metrics by method", "metrics"),
                      ("time per patient", "time")):
         assert f'<img alt="{alt}" src="data:image/png;base64,{_b64(files[key])}">' in page
@@ -888,10 +896,11 @@ def test_report_embeds_each_figure_as_written(full_report):
         assert f"<img alt='scores of patient {i}' src='data:image/png;base64,{_b64(files[f'patient_{i}'])}'>" in page
 
 
-def test_report_page_head_title_banner_and_settings(full_report):
-    page = full_report.page
+def check_page_head_title_banner_and_settings(report):
+    page = report.page
     assert page.startswith('<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8"><title>Report &lt;1&gt; &amp; '
-                           f"co</title><style>{report_module.CSS}</style></head>\n<body>\n<h1>Report &lt;1&gt; &amp; co</h1>\n")
+                           f"co</title><style>{report_module.CSS}</style></head>\n<body>\n"
+                           "<h1>Report &lt;1&gt; &amp; co</h1>\n")
     assert re.search(r'<p class="small">Generated by <code>captum_chefer</code> on \d{4}-\d\d-\d\d \d\d:\d\d:\d\d\n'
                      r"\(Python \d", page)
     banner = f"<div class='warning'><b>Warning.</b> {html.escape(BELOW.warning())}</div>"
@@ -902,12 +911,12 @@ def test_report_page_head_title_banner_and_settings(full_report):
     assert page.endswith("</body></html>\n")
 
 
-def test_report_results_table_rows_cells_and_marks(full_report):
-    assert f'<table class="results">{REPORT_ROWS}</table>\n' in full_report.page
+def check_results_table_rows_cells_and_marks(report):
+    assert f'<table class="results">{REPORT_ROWS}</table>\n' in report.page
 
 
-def test_report_explains_the_table_below_it(full_report):
-    page = full_report.page
+def check_explains_the_table_below_it(report):
+    page = report.page
     note = html.escape(NOTE_INTERVALS + NOTE_DAGGER + ". Bold" + NOTE_MARK + NOTE_TIME)
     assert "Wilson&#x27;s score" in note  # quotes escaped too
     assert f'</table>\n<p class="small">{note}</p>\n<h3>How to read the table</h3>\n<dl class="metrics"><dt>' in page
@@ -919,16 +928,16 @@ def test_report_explains_the_table_below_it(full_report):
     assert "The curves run over the fractions\n0, 0.5, 1.</li>" in page
 
 
-def test_report_legend_planted_codes_and_cohort(full_report):
-    page = full_report.page
+def check_legend_planted_codes_and_cohort(report):
+    page = report.page
     assert ("Legend: " + SWATCHES + "\n" + PLANTED_LEGEND + "</p>\n<ul class=\"small\">") in page
     time_image = page.index('<img alt="time per patient"')
     cohort = page.index("<h2>Cohort: the codes each method ranks highest</h2>")
     assert time_image < cohort < page.index("<h2>Highlighted codes</h2>")
 
 
-def test_report_patients_in_the_order_picked_with_their_names_descriptions_and_true_codes(full_report):
-    page = full_report.page
+def check_patients_in_the_order_picked_with_their_names_descriptions_and_true_codes(report):
+    page = report.page
     assert "No patients shown" not in page
     # patients 0 and 2 have the true code x&y: shown first; patient 1 has none. Patient 2's id is empty: its index.
     assert re.findall(r"<h3>Patient (.*?)</h3>", page) == ["p&lt;0&gt;", "2", "p1"]
@@ -937,46 +946,67 @@ def test_report_patients_in_the_order_picked_with_their_names_descriptions_and_t
                     r"explained class <b>[01]</b>; rule &lt;0&gt;</p><table class='codes'>", sections[0])
     assert "; rule &lt;2&gt;</p><table class='codes'>" in sections[1]
     assert re.search(r"explained class <b>[01]</b></p><table class='codes'>", sections[2])  # no description
-    for section, planted in zip(sections, (True, True, False)):
-        assert section.count("<td class='method'>Sal&lt;1&gt;</td>") == 1 and section.count("<td class='method'>Random</td>") == 1
+    for section, planted in zip(sections, (True, True, False), strict=True):
+        assert section.count("<td class='method'>Sal&lt;1&gt;</td>") == 1
+        assert section.count("<td class='method'>Random</td>") == 1
         assert (" [x&amp;y] " in section) is planted and ("class='planted'" in section) is planted
 
 
-def test_report_compares_the_shown_patients_and_draws_them_with_their_true_codes(full_report, tiny):
+def check_compares_the_shown_patients_and_draws_them_with_their_true_codes(report, tiny):
     adapter, batch, methods = tiny
-    assert full_report.levels[0] == "token"  # the report's own look at the codes, before the comparison
-    ((args, kwargs),) = full_report.compare_calls
+    assert report.levels[0] == "token"  # the report's own look at the codes, before the comparison
+    ((args, kwargs),) = report.compare_calls
     assert args[0] is adapter and args[2] is methods and kwargs == {"target_mode": "predicted", "progress": False}
-    assert args[1]["input"].tolist() == batch["input"][[0, 2, 1]].tolist() and args[1]["patient_id"] == ["p<0>", "", "p1"]
+    assert args[1]["input"].tolist() == batch["input"][[0, 2, 1]].tolist()
+    assert args[1]["patient_id"] == ["p<0>", "", "p1"]
     truth = (batch["input"] == 2)[[0, 2, 1]]
-    assert [kw["sample"] for _, kw in full_report.plot_calls] == [0, 1, 2]
-    assert [kw["title"] for _, kw in full_report.plot_calls] == [
+    assert [kw["sample"] for _, kw in report.plot_calls] == [0, 1, 2]
+    assert [kw["title"] for _, kw in report.plot_calls] == [
         "Patient p<0>: scores per method", "Patient 2: scores per method", "Patient p1: scores per method"]
-    for _, kw in full_report.plot_calls:
+    for _, kw in report.plot_calls:
         assert list(kw["planted"]) == ["input"] and kw["planted"]["input"].tolist() == truth.tolist()
 
 
-def test_report_curves_csv_by_hand(full_report):
+def check_curves_csv_by_hand(report):
     # deletion: the NaN of the second patient is left out of the first column's mean; insertion: 0.5 everywhere
-    with full_report.files["curves_csv"].open(newline="", encoding="utf-8") as f:
+    with report.files["curves_csv"].open(newline="", encoding="utf-8") as f:
         assert f.read() == ("method,curve,fraction,mean_output\r\n"
                             "A&B,deletion,0.0,0.0\r\nA&B,deletion,0.5,0.5\r\nA&B,deletion,1.0,0.5\r\n"
                             "A&B,insertion,0.0,0.5\r\nA&B,insertion,0.5,0.5\r\nA&B,insertion,1.0,0.5\r\n")
-    with full_report.files["csv"].open(newline="", encoding="utf-8") as f:
+    with report.files["csv"].open(newline="", encoding="utf-8") as f:
         assert [row["method"] for row in csv.DictReader(f)] == ["A&B", "B", "Random"]
 
 
-def test_report_json_settings_and_model_check(full_report):
-    text = full_report.files["json"].read_text(encoding="utf-8")
+def check_json_settings_and_model_check(report):
+    text = report.files["json"].read_text(encoding="utf-8")
     assert text.startswith('{\n  "summary": [\n    {\n      "method": "A&B",')  # indented by 2
     payload = json.loads(text)
     # numbers, text, booleans and None as they are; anything else as text
     assert payload["settings"] == {"n": 3, "path": "a/b", "<k>": "x & y", "none": None, "flag": True, "f": 0.5}
     assert payload["model_check"] == json.loads(json.dumps(BELOW.as_dict()))
-    assert payload["fractions"] == [0.0, 0.5, 1.0] and [r["method"] for r in payload["summary"]] == ["A&B", "B", "Random"]
+    assert payload["fractions"] == [0.0, 0.5, 1.0]
+    assert [r["method"] for r in payload["summary"]] == ["A&B", "B", "Random"]
 
 
-def test_report_with_the_defaults(plain_report):
+
+def test_report(tiny, tmp_path):
+    """One test for the whole report, so that a mutation test run (which runs the tests that call the mutated
+    function) runs every check of the report against each mutant of write_report."""
+    report = write_full_report(tiny, tmp_path)
+    check_writes_its_files_in_order_under_their_names(report)
+    check_embeds_each_figure_as_written(report)
+    check_page_head_title_banner_and_settings(report)
+    check_results_table_rows_cells_and_marks(report)
+    check_explains_the_table_below_it(report)
+    check_legend_planted_codes_and_cohort(report)
+    check_patients_in_the_order_picked_with_their_names_descriptions_and_true_codes(report)
+    check_compares_the_shown_patients_and_draws_them_with_their_true_codes(report, tiny)
+    check_curves_csv_by_hand(report)
+    check_json_settings_and_model_check(report)
+
+
+def test_report_with_the_defaults(tiny, tmp_path):
+    plain_report = write_plain_report(tiny, tmp_path)
     page, files = plain_report.page, plain_report.files
     ((batch, truth, n_batch, k),) = plain_report.pick_calls  # no ground truth; 3 patients; 4 shown by default
     assert list(batch) == ["input"] and (truth, n_batch, k) == (None, 3, 4)
@@ -992,8 +1022,7 @@ def test_report_with_the_defaults(plain_report):
     assert payload["settings"] == {} and "model_check" not in payload
 
 
-@pytest.fixture(scope="module")
-def one_patient_report(tiny, tmp_path_factory):
+def write_one_patient_report(tiny, tmp_path):
     """One patient shown, no ground truth, no description, patient ids in a tuple (not read as ids). The three
     summary figures are stubbed with a 1 x 1 inch figure: only the patient's part of the page is looked at."""
     from matplotlib.figure import Figure
@@ -1004,12 +1033,13 @@ def one_patient_report(tiny, tmp_path_factory):
         for name in ("curves_figure", "metrics_figure", "time_figure"):
             patch.setattr(report_module, name, lambda evaluation: Figure(figsize=(1, 1)))
         patch.setattr(report_module, "plot_methods", _spy(plot_calls, report_module.plot_methods))
-        files = write_report(tmp_path_factory.mktemp("one"), adapter, report_evaluation(),
+        files = write_report(tmp_path, adapter, report_evaluation(),
                              {**batch, "patient_id": tuple(batch["patient_id"])}, methods, show_patients=1)
     return SimpleNamespace(files=files, page=files["report"].read_text(encoding="utf-8"), plot_calls=plot_calls)
 
 
-def test_report_of_one_patient_without_ids_truth_or_description(one_patient_report):
+def test_report_of_one_patient_without_ids_truth_or_description(tiny, tmp_path):
+    one_patient_report = write_one_patient_report(tiny, tmp_path)
     page = one_patient_report.page
     assert "patient_0" in one_patient_report.files and "patient_1" not in one_patient_report.files
     assert re.findall(r"<h3>Patient (.*?)</h3>", page) == ["0"]  # a tuple of ids is not read: the index
