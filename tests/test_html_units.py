@@ -769,10 +769,15 @@ class IdsAdapter(TransformerAdapter):
     remembers the levels its inputs are asked for."""
 
     levels: list
+    mask_calls: list
 
     def captum_inputs(self, batch, level="embedding"):
         self.levels.append(level)
         return super().captum_inputs(batch, level)
+
+    def token_masks(self, additional_forward_args, inputs=None):
+        self.mask_calls.append((additional_forward_args, inputs))
+        return super().token_masks(additional_forward_args, inputs)
 
     def _read_batch(self, batch):
         if isinstance(batch, dict):
@@ -834,7 +839,7 @@ def tiny():
     model = Bag().eval()
     adapter = IdsAdapter(model, embedding=model.embed, pad_id=0, vocabulary=["pad", "a<b", "x&y", "c", "d", "e"])
     batch = {"input": torch.tensor([[1, 2, 0, 0], [3, 4, 5, 0], [2, 3, 0, 0]]), "patient_id": ["p<0>", "p1", ""]}
-    adapter.levels = []
+    adapter.levels, adapter.mask_calls = [], []
     methods = [("Sal<1>", Saliency(adapter), {}), ("Random", RandomAttribution(adapter, seed=0), {})]
     return adapter, batch, methods
 
@@ -846,6 +851,7 @@ def write_full_report(tiny, tmp_path):
     out = tmp_path / "new" / "folder"
     compare_calls, plot_calls = [], []
     adapter.levels.clear()
+    adapter.mask_calls.clear()
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(report_module, "compare_methods", _spy(compare_calls, report_module.compare_methods))
         patch.setattr(report_module, "plot_methods", _spy(plot_calls, report_module.plot_methods))
@@ -856,7 +862,7 @@ def write_full_report(tiny, tmp_path):
         )
     page = files["report"].read_text(encoding="utf-8")
     return SimpleNamespace(out=out, files=files, page=page, compare_calls=compare_calls, plot_calls=plot_calls,
-                           levels=list(adapter.levels))
+                           levels=list(adapter.levels), mask_calls=list(adapter.mask_calls))
 
 
 def write_plain_report(tiny, tmp_path):
@@ -955,6 +961,9 @@ def check_patients_in_the_order_picked_with_their_names_descriptions_and_true_co
 def check_compares_the_shown_patients_and_draws_them_with_their_true_codes(report, tiny):
     adapter, batch, methods = tiny
     assert report.levels[0] == "token"  # the report's own look at the codes, before the comparison
+    masks_args, masks_inputs = report.mask_calls[0]  # the real codes, from the token ids and their arguments
+    assert isinstance(masks_args, tuple) and masks_args[-1].tolist() == batch["input"].tolist()
+    assert isinstance(masks_inputs, tuple) and masks_inputs[0].tolist() == batch["input"].tolist()
     ((args, kwargs),) = report.compare_calls
     assert args[0] is adapter and args[2] is methods and kwargs == {"target_mode": "predicted", "progress": False}
     assert args[1]["input"].tolist() == batch["input"][[0, 2, 1]].tolist()
