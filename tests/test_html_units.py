@@ -341,7 +341,7 @@ def test_render_html_of_no_records_is_the_header_row_and_refuses_other_objects()
         render_html([one_record(), "not a record"])
 
 
-def test_write_html_creates_folders_writes_utf8_and_returns_the_path(tmp_path):
+def test_write_html_creates_folders_writes_utf8_and_returns_the_path(tmp_path, ascii_locale):
     target = tmp_path / "a" / "b" / "page.html"
     path = write_html([one_record()], str(target), title="Ünïcode <x>", legend=False)
     assert isinstance(path, Path) and path == target
@@ -475,7 +475,7 @@ def test_render_methods_html_defaults_name_the_samples_and_show_the_legend():
         render_methods_html(two_methods(), sample_names=["a", "b", "c"])
 
 
-def test_write_methods_html_creates_folders_and_writes_the_page(tmp_path):
+def test_write_methods_html_creates_folders_and_writes_the_page(tmp_path, ascii_locale):
     target = tmp_path / "x" / "y" / "methods.html"
     path = write_methods_html(two_methods(), str(target), title="Ü & T", sample_names=["<p1>", 2], legend=False)
     assert isinstance(path, Path) and path == target
@@ -786,19 +786,20 @@ class IdsAdapter(TransformerAdapter):
 
 
 def report_evaluation() -> Evaluation:
-    """Three patients. Deletion AOPC: A&B 0.2 against B 0.1 everywhere (clear). Comprehensiveness: A&B 0, 0, 3 (mean 1,
-    bootstrap [0, 3]) against B 0.5 everywhere: the differences -0.5, -0.5, 2.5 do not clear zero. AUROC on two
-    patients (n=2 in its header): A&B 1, 1 (Wilson [0.342, 1]) against B 0, 0 (Wilson [0, 0.658]): clear. Random
-    has no AUROC (n/a, no interval) and no time."""
+    """Three patients. Deletion AOPC: A&B 0.2 against Bé 0.1 everywhere (clear). Comprehensiveness: A&B 0, 0, 3 (mean
+    1, bootstrap [0, 3]) against Bé 0.5 everywhere: the differences -0.5, -0.5, 2.5 do not clear zero. AUROC on two
+    patients (n=2 in its header): A&B 1, 1 (Wilson [0.342, 1]) against Bé 0, 0 (Wilson [0, 0.658]): clear. Random
+    has no AUROC (n/a, no interval) and no time. Bé's name is not ASCII."""
     per_sample = {
         "A&B": {"deletion_aopc": _t(0.2, 0.2, 0.2), "comprehensiveness": _t(0, 0, 3), "auroc": _t(1, 1, NAN)},
-        "B": {"deletion_aopc": _t(0.1, 0.1, 0.1), "comprehensiveness": _t(0.5, 0.5, 0.5), "auroc": _t(0, 0, NAN)},
+        "Bé": {"deletion_aopc": _t(0.1, 0.1, 0.1), "comprehensiveness": _t(0.5, 0.5, 0.5), "auroc": _t(0, 0, NAN)},
         "Random": {"deletion_aopc": _t(0.5, 0.5, 0.5), "comprehensiveness": _t(0.25, 0.25, 0.25),
                    "auroc": _t(NAN, NAN, NAN)},
     }
     curves = {"A&B": {"deletion": torch.tensor([[0.0, 1.0, 0.5], [NAN, 0.0, 0.5], [0.0, 0.5, 0.5]]),
-                      "insertion": torch.tensor([[0.25] * 3, [0.75] * 3, [0.5] * 3])}}
-    return Evaluation(per_sample, curves, (0.0, 0.5, 1.0), (0.1, 0.25), {"A&B": 0.002, "B": 4e-7})
+                      "insertion": torch.tensor([[0.25] * 3, [0.75] * 3, [0.5] * 3])},
+              "Bé": {"deletion": torch.ones(3, 3), "insertion": torch.zeros(3, 3)}}
+    return Evaluation(per_sample, curves, (0.0, 0.5, 1.0), (0.1, 0.25), {"A&B": 0.002, "Bé": 4e-7})
 
 
 REPORT_ROWS = (
@@ -806,7 +807,7 @@ REPORT_ROWS = (
     "<tr><td>A&amp;B</td><td class='best'>0.200<br><span class='ci'>[0.200, 0.200]†</span></td>"
     "<td class=''>1.000<br><span class='ci'>[0.000, 3.000]</span></td>"
     "<td class='best'>1.000<br><span class='ci'>[0.342, 1.000]</span></td><td class=''>2.000</td></tr>"
-    "<tr><td>B</td><td class=''>0.100<br><span class='ci'>[0.100, 0.100]†</span></td>"
+    "<tr><td>Bé</td><td class=''>0.100<br><span class='ci'>[0.100, 0.100]†</span></td>"
     "<td class=''>0.500<br><span class='ci'>[0.500, 0.500]†</span></td>"
     "<td class=''>0.000<br><span class='ci'>[0.000, 0.658]</span></td><td class=''>4.00e-04</td></tr>"
     "<tr><td>Random</td><td class=''>0.500<br><span class='ci'>[0.500, 0.500]†</span></td>"
@@ -876,6 +877,20 @@ def write_plain_report(tiny, tmp_path):
         files = write_report(out, adapter, report_evaluation(), {"input": batch["input"]}, methods)
     page = files["report"].read_text(encoding="utf-8")
     return SimpleNamespace(out=out, files=files, page=page, pick_calls=pick_calls)
+
+
+@pytest.fixture
+def ascii_locale():
+    """Text written without an explicit encoding is ASCII during the test (LC_CTYPE "C"), so a dropped
+    ``encoding="utf-8"`` fails on the first non-ASCII character instead of passing under a UTF-8 locale."""
+    import locale
+
+    old = locale.setlocale(locale.LC_CTYPE)
+    locale.setlocale(locale.LC_CTYPE, "C")
+    try:
+        yield
+    finally:
+        locale.setlocale(locale.LC_CTYPE, old)
 
 
 def _b64(path: Path) -> str:
@@ -981,9 +996,11 @@ def check_curves_csv_by_hand(report):
     with report.files["curves_csv"].open(newline="", encoding="utf-8") as f:
         assert f.read() == ("method,curve,fraction,mean_output\r\n"
                             "A&B,deletion,0.0,0.0\r\nA&B,deletion,0.5,0.5\r\nA&B,deletion,1.0,0.5\r\n"
-                            "A&B,insertion,0.0,0.5\r\nA&B,insertion,0.5,0.5\r\nA&B,insertion,1.0,0.5\r\n")
+                            "A&B,insertion,0.0,0.5\r\nA&B,insertion,0.5,0.5\r\nA&B,insertion,1.0,0.5\r\n"
+                            "Bé,deletion,0.0,1.0\r\nBé,deletion,0.5,1.0\r\nBé,deletion,1.0,1.0\r\n"
+                            "Bé,insertion,0.0,0.0\r\nBé,insertion,0.5,0.0\r\nBé,insertion,1.0,0.0\r\n")
     with report.files["csv"].open(newline="", encoding="utf-8") as f:
-        assert [row["method"] for row in csv.DictReader(f)] == ["A&B", "B", "Random"]
+        assert [row["method"] for row in csv.DictReader(f)] == ["A&B", "Bé", "Random"]
 
 
 def check_json_settings_and_model_check(report):
@@ -994,11 +1011,11 @@ def check_json_settings_and_model_check(report):
     assert payload["settings"] == {"n": 3, "path": "a/b", "<k>": "x & y", "none": None, "flag": True, "f": 0.5}
     assert payload["model_check"] == json.loads(json.dumps(BELOW.as_dict()))
     assert payload["fractions"] == [0.0, 0.5, 1.0]
-    assert [r["method"] for r in payload["summary"]] == ["A&B", "B", "Random"]
+    assert [r["method"] for r in payload["summary"]] == ["A&B", "Bé", "Random"]
 
 
 
-def test_report(tiny, tmp_path):
+def test_full_report(tiny, tmp_path, ascii_locale):
     """One test for the whole report, so that a mutation test run (which runs the tests that call the mutated
     function) runs every check of the report against each mutant of write_report."""
     report = write_full_report(tiny, tmp_path)
@@ -1057,3 +1074,14 @@ def test_report_of_one_patient_without_ids_truth_or_description(tiny, tmp_path):
     assert "class='planted'" not in page and "No patients shown" not in page
     ((_, kwargs),) = one_patient_report.plot_calls
     assert kwargs["planted"] is None and kwargs["title"] == "Patient 0: scores per method" and kwargs["sample"] == 0
+
+
+def test_headline_text_table_counts_patients_in_a_header_and_shows_small_and_missing_values():
+    lines = headline_table(report_evaluation(), intervals=False).split("\n")
+    # widths: Method 6, Deletion 15, Compr. 8, AUROC (n=2) 13, time 13; AUROC's best is clear (A&B), Compr.'s is not
+    assert lines[:4] == [
+        "Method  Deletion AOPC ↑  Compr. ↑  AUROC ↑ (n=2)  ms / sample ↓",
+        "A&B" + " " * 5 + "0.200*" + " " * 11 + "1.000" + " " * 5 + "1.000*" + " " * 9 + "2.000" + " " * 8,
+        "Bé" + " " * 6 + "0.100" + " " * 12 + "0.500" + " " * 5 + "0.000" + " " * 10 + "4.00e-04" + " " * 5,
+        "Random" + " " * 2 + "0.500" + " " * 12 + "0.250" + " " * 5 + "n/a" + " " * 12 + "n/a" + " " * 10,
+    ]
