@@ -631,8 +631,10 @@ def test_patient_rows_without_methods_are_an_empty_table():
 # ---------------------------------------------------------------------------------------------- the cohort section
 
 
-def _cohort(features: int = 2, check: ModelCheck | None = None, agreement: bool = True):
+def _cohort(features: int = 2, check: ModelCheck | None = None, agreement: bool = True, cheap: bool = False):
+    """A cohort summary by hand; ``cheap``: its figure is an empty 1 x 1 inch one (for tests of the text only)."""
     import polars as pl
+    from matplotlib.figure import Figure
 
     from captum_chefer.cohort import CohortSummary
 
@@ -641,7 +643,7 @@ def _cohort(features: int = 2, check: ModelCheck | None = None, agreement: bool 
 
         def figure(self, k=None, colors=None):
             self.figure_calls.append((k, colors))
-            return super().figure(k, colors=colors)
+            return Figure(figsize=(1, 1)) if cheap else super().figure(k, colors=colors)
 
     chefer = "Chefer (recommended)"
     codes = pl.DataFrame({
@@ -702,7 +704,7 @@ def test_cohort_section_with_two_features_a_warning_and_the_agreement():
 
 
 def test_cohort_section_with_one_feature_a_top_of_one_and_a_model_above_chance():
-    summary = _cohort(1, ABOVE, agreement=False)
+    summary = _cohort(1, ABOVE, agreement=False, cheap=True)
     text = cohort_section(summary, top=1).split("<img")[0]
     assert text == (
         "<h2>Cohort: the codes each method ranks highest</h2>\n"
@@ -730,14 +732,14 @@ class _WithoutCheck:
 
 
 def test_cohort_section_without_a_model_check_says_nothing_about_the_model():
-    for summary in (_cohort(2, None), _WithoutCheck(_cohort(2, BELOW))):
+    for summary in (_cohort(2, None, cheap=True), _WithoutCheck(_cohort(2, BELOW, cheap=True))):
         section = cohort_section(summary)
         assert section.startswith("<h2>Cohort: the codes each method ranks highest</h2>\n\n" + _section_text())
         assert "warning" not in section and "Model on these samples" not in section
 
 
 def test_cohort_page_wraps_the_section_in_a_page():
-    summary = _cohort(2, None)
+    summary = _cohort(2, None, cheap=True)
     page = cohort_page(summary, title="Cohort <x> & y")
     section = cohort_section(summary)  # the figure is drawn the same way each time
     assert page == (
@@ -745,8 +747,8 @@ def test_cohort_page_wraps_the_section_in_a_page():
         f"<style>{report_module.CSS}</style></head>\n<body><h1>Cohort &lt;x&gt; &amp; y</h1>\n{section}\n"
         "</body></html>\n"
     )
-    assert "<title>Cohort attribution summary</title>" in cohort_page(summary)
-    assert "<h1>Cohort attribution summary</h1>" in cohort_page(summary)
+    default = cohort_page(summary)
+    assert "<title>Cohort attribution summary</title>" in default and "<h1>Cohort attribution summary</h1>" in default
 
 
 # ---------------------------------------------------------------------------------------------- write_report
@@ -868,11 +870,15 @@ def write_full_report(tiny, tmp_path):
 
 def write_plain_report(tiny, tmp_path):
     """The report with the defaults: no settings, no ground truth, no model check, no cohort; the patients it would
-    show are asked for and none are returned."""
+    show are asked for and none are returned. The summary figures are stubbed (empty, 1 x 1 inch)."""
+    from matplotlib.figure import Figure
+
     adapter, batch, methods = tiny
     out = tmp_path
     pick_calls = []
     with pytest.MonkeyPatch.context() as patch:
+        for name in ("curves_figure", "metrics_figure", "time_figure"):
+            patch.setattr(report_module, name, lambda evaluation: Figure(figsize=(1, 1)))
         patch.setattr(report_module, "_pick_patients", lambda *args: pick_calls.append(args) or [])
         files = write_report(out, adapter, report_evaluation(), {"input": batch["input"]}, methods)
     page = files["report"].read_text(encoding="utf-8")
