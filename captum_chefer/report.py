@@ -330,7 +330,7 @@ def headline_table(
     if markdown:
         out = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * len(present)) + "|"]
         return "\n".join(out + ["| " + " | ".join(c) + " |" for c in cells] + ["", note])
-    widths = [max(len(h), *(len(c[i]) for c in cells)) for i, h in enumerate(header)]
+    widths = [max([len(h), *(len(c[i]) for c in cells)]) for i, h in enumerate(header)]
     out = ["  ".join(h.ljust(w) for h, w in zip(header, widths))]
     return "\n".join(out + ["  ".join(v.ljust(w) for v, w in zip(c, widths)) for c in cells] + [note])
 
