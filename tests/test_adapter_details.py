@@ -762,6 +762,31 @@ def test_pools_last_token_reads_the_forwards_source():
     namespace: dict = {}
     exec("class NoFile:\n    def forward(self):\n        return 'last_non_pad_token'\n", namespace)
     assert not hf._pools_last_token(namespace["NoFile"])  # no source file: OSError
+    assert not hf._pools_last_token(object)  # no forward anywhere
+
+
+class _TinyHeadless(transformers.PreTrainedModel):
+    """A transformers model of the user's own, known to the auto mappings under no name."""
+
+    config_class = transformers.PretrainedConfig
+
+    def __init__(self):
+        super().__init__(transformers.PretrainedConfig())
+        self.linear = nn.Linear(2, 2)
+
+    def forward(self, inputs=None):
+        return self.linear(inputs)
+
+
+def test_classifier_kind_of_a_users_own_model_by_its_class_name():
+    """A model in none of transformers' mappings is an image or sequence classifier by its name's suffix."""
+    image = type("TinyForImageClassification", (_TinyHeadless,), {})
+    sequence = type("TinyForSequenceClassification", (_TinyHeadless,), {})
+    assert HuggingFaceAdapter._classifier_kind(image()) == "image"
+    assert HuggingFaceAdapter._classifier_kind(sequence()) == "encoder"  # its forward pools no last token
+    for name in ("TinyForimageclassification", "TinyClassifier"):
+        with pytest.raises(TypeError, match="has no classification head"):
+            HuggingFaceAdapter._classifier_kind(type(name, (_TinyHeadless,), {})())
 
 
 # --------------------------------------------------------------------------------------- HuggingFaceAdapter: batches

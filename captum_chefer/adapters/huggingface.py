@@ -403,5 +403,4 @@ def _pools_last_token(cls: type) -> bool:
             return True
         if "super" not in code.co_names:
             return False
-    return False
-    return False
+    return False  # no class defines a forward
