@@ -494,6 +494,11 @@ def find_killers(part: Part, names: list[str], with_tests: Optional[list[str]] =
     with contextlib.redirect_stdout(open(os.devnull, "w")):  # import and collect once; each mutant forks from here
         pytest.main(["--collect-only", "-q", "-p", "no:cacheprovider", "--rootdir=.", *part.tests])
     for name in names:
+        function = name.rsplit("__mutmut_", 1)[0]
+        if function not in tests_by_function:  # a name as a report heading writes it, without its module
+            full = [f for f in tests_by_function if f.endswith("." + function)]
+            if len(full) == 1:
+                name = full[0] + name[len(function):]
         tests = with_tests or sorted(tests_by_function.get(name.rsplit("__mutmut_", 1)[0], ()),
                                      key=lambda t: durations.get(t, 0.0))
         read_end, write_end = os.pipe()
