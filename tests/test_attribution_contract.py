@@ -14,10 +14,10 @@ import re
 
 import pytest
 import torch
+from test_stacked_toys import A1, A2, StackedToy, _x
 
 from captum_chefer import CheferAttribution
 from captum_chefer.attribution import AttentionForward
-from test_stacked_toys import A1, A2, StackedToy, _x
 
 CLASS0 = [[1.19015625, 0.0, 0.294921875], [0.38572265625, 0.0, 1.61787109375]]
 CLASS1 = [[1.0, 0.173984375, 0.0], [0.0, 0.05625, 1.0]]

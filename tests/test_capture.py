@@ -11,8 +11,14 @@ from captum.attr import IntegratedGradients, Saliency
 from torch import nn
 
 from captum_chefer import CheferAttribution, PyHealthAdapter
-from captum_chefer.capture import AttentionCapture, attention_kind, evaluation_mode, find_attention_modules, multihead_attention
-from tests.conftest import first_batch, make_dataset, make_model
+from captum_chefer.capture import (
+    AttentionCapture,
+    attention_kind,
+    evaluation_mode,
+    find_attention_modules,
+    multihead_attention,
+)
+from tests.conftest import first_batch, make_model
 
 
 def _state(model: nn.Module) -> dict:
@@ -187,7 +193,7 @@ def test_concurrent_calls_give_exactly_the_sequential_results(seq_dataset):
             barrier.wait()
             for j in range(k, len(jobs), 4):
                 results[j] = run(jobs[j])
-        except BaseException as error:  # noqa: BLE001 - reported below
+        except BaseException as error:  # reported below
             errors.append(error)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
@@ -282,8 +288,14 @@ def test_huggingface_sdpa_model_is_captured_and_restored():
 
 
 def _deferred_cases():
-    from transformers import (Gemma2Config, Gemma2ForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
-                              LlamaConfig, LlamaForSequenceClassification)
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForSequenceClassification,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
 
     torch.manual_seed(3)
     small = dict(vocab_size=40, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32)

@@ -38,7 +38,7 @@ def _in_thread(function):
     def run():
         try:
             out["value"] = function()
-        except BaseException as error:  # noqa: BLE001 - re-raised below
+        except BaseException as error:  # re-raised below
             out["error"] = error
 
     thread = threading.Thread(target=run)
@@ -262,9 +262,8 @@ def test_error_messages_name_the_problem_and_the_fix():
     with pytest.raises(TypeError, match=_exactly(
         "StrayAttention has no eager_attention_forward in transformers.models.no_such_model; its attention "
         "probabilities cannot be captured"
-    )):
-        with AttentionCapture({"s": [stray]}):
-            stray(q, q, q, None)
+    )), AttentionCapture({"s": [stray]}):
+        stray(q, q, q, None)
     assert config._attn_implementation_internal != HUGGINGFACE_DISPATCHER
 
 

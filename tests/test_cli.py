@@ -13,7 +13,6 @@ import pytest
 
 from captum_chefer.cli import main
 
-
 METHODS = ["Chefer (recommended)", "Chefer (PyHealth)", "Chefer (PyHealth, exclude_self)", "Integrated Gradients", "Saliency",
            "NoiseTunnel (SmoothGrad)", "Random"]
 

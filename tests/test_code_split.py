@@ -13,10 +13,8 @@ import pytest
 import torch
 
 from captum_chefer import CheferAttribution, PyHealthAdapter
-from captum_chefer.attribution import PRESETS, FixedScaleLayerNorm
-from captum_chefer.attribution import _names_keyword
+from captum_chefer.attribution import PRESETS, FixedScaleLayerNorm, _names_keyword
 from captum_chefer.relevance import layer_norm_fixed_scale, softmax_log_odds, split_over_codes
-
 from conftest import first_batch, make_dataset, make_model
 
 

@@ -19,7 +19,6 @@ from captum_chefer import CheferAttribution, PyHealthAdapter
 from captum_chefer.cli import main
 from captum_chefer.cohort import COLUMNS, MANIFEST, attribute_dataset, read_cohort, summarize
 from captum_chefer.comparison import compare_methods
-
 from conftest import make_samples, points_at
 
 # PyHealth's disk-backed datasets ask for a newer litdata on every open; the test models are untrained, so

@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 from captum.attr import IntegratedGradients, LayerIntegratedGradients, Saliency
+from test_equivalence import assert_matches, pyhealth_reference, with_explicit_masks
 
 from captum_chefer import CheferAttribution, HuggingFaceAdapter, PyHealthAdapter
 from conftest import first_batch, make_dataset, make_model
-from test_equivalence import assert_matches, pyhealth_reference, with_explicit_masks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 ATOL = 1e-4  # the GPU sums in another order
@@ -234,9 +234,9 @@ def test_bert_under_cuda_autocast_gives_float32_relevance_close_to_the_float32_r
 
 def test_bart_under_cuda_autocast_gives_float32_rows_close_to_the_float32_run():
     from captum.attr import TextTokenInput
+    from test_precision import BF16_TOLERANCE, PROMPT, TARGET, WORDS, _bart, assert_close_to_largest
 
     from captum_chefer import CheferLLMAttribution
-    from test_precision import BF16_TOLERANCE, PROMPT, TARGET, WORDS, _bart, assert_close_to_largest
     from captum_chefer.llm import word_tokenizer
 
     tokenizer = word_tokenizer(WORDS)

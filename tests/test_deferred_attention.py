@@ -158,7 +158,7 @@ def test_a_bfloat16_model_gets_float32_relevance(family):
 
 
 def test_too_many_layers_names_every_stream_too_shallow():
-    from tests.test_stacked_toys import A1, A2, X, StackedToy
+    from tests.test_stacked_toys import A1, A2, StackedToy, X
 
     toy = StackedToy([A1, A2], streams=("a", "b"))
     inputs = (torch.tensor([X, X]), torch.tensor([X, X]))

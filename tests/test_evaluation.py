@@ -24,7 +24,6 @@ from captum_chefer.comparison import (
 )
 from tests.conftest import first_batch, make_model
 
-
 WEIGHTS = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])  # one sample, 5 real codes + padding
 REAL = {"x": torch.tensor([[True, True, True, True, True, False]])}
 

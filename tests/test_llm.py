@@ -32,7 +32,7 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*attention_mask.*")
 
-WORDS = "the a patient has fever cough pain chest no and with mild severe left right denies reports".split()
+WORDS = ["the", "a", "patient", "has", "fever", "cough", "pain", "chest", "no", "and", "with", "mild", "severe", "left", "right", "denies", "reports"]
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
 

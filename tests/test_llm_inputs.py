@@ -41,7 +41,7 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 PACKAGE = os.path.dirname(os.path.abspath(captum_chefer.__file__))
-WORDS = "the patient reports fever and a dry cough , ( ) chest pain".split()
+WORDS = ["the", "patient", "reports", "fever", "and", "a", "dry", "cough", ",", "(", ")", "chest", "pain"]
 
 
 @pytest.fixture(scope="module")

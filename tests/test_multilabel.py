@@ -12,12 +12,11 @@ import random
 import pytest
 import torch
 from captum.attr import IntegratedGradients, Saliency
+from test_equivalence import assert_matches, pyhealth_reference
 
-from captum_chefer import CheferAttribution, PyHealthAdapter
-from captum_chefer import ig_baselines
+from captum_chefer import CheferAttribution, PyHealthAdapter, ig_baselines
 from captum_chefer.synthetic import quiet_pyhealth
 from conftest import first_batch
-from test_equivalence import assert_matches, pyhealth_reference
 
 LABELS = ["L0", "L1", "L2", "L3"]
 

@@ -353,7 +353,7 @@ def test_bert_recommended_preset_against_the_model_in_float64(collected):
 
 # ------------------------------------------------------------------------- (c) BART and GPT-2 generating text
 
-WORDS = "the a patient has fever cough pain chest no and with mild severe left right denies reports".split()
+WORDS = ["the", "a", "patient", "has", "fever", "cough", "pain", "chest", "no", "and", "with", "mild", "severe", "left", "right", "denies", "reports"]
 
 
 @pytest.fixture(scope="module")

@@ -67,8 +67,8 @@ def test_tiny_run_verdict_compares_the_recommendation_with_ig(tiny_run):
 
 def test_recommended_row_is_the_preset():
     quality = _load_quality()
-    from captum_chefer.synthetic import toy_model_and_batch
     from captum_chefer import PyHealthAdapter
+    from captum_chefer.synthetic import toy_model_and_batch
 
     model, _ = toy_model_and_batch()
     specs = {name: (method, kwargs) for name, method, kwargs, _ in quality.methods(PyHealthAdapter(model), 0, quality.Settings())}

@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from conftest import points_at
 from captum_chefer.comparison import Evaluation, bootstrap_interval, paired_difference
 from captum_chefer.report import HEADLINE, METRIC_NOTES, ModelCheck, check_model, curves_figure, headline_table
+from conftest import points_at
 
 
 def evaluation_by_hand() -> Evaluation:

@@ -23,7 +23,7 @@ Both samples of a batch hold ``x``; sample 0 pools position 0 and sample 1 posit
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 import torch

@@ -18,7 +18,6 @@ from captum_chefer.synthetic import (
     make_cohort,
 )
 
-
 FLAT = StreamSpec("dx", "sequence", prefix="D", vocab_size=30, length=(3, 8))
 NESTED = StreamSpec("px", "nested_sequence", prefix="P", vocab_size=20, length=(1, 4), codes_per_visit=(1, 3))
 TIMED = StreamSpec("rx", "stagenet", prefix="R", vocab_size=20, length=(1, 4), codes_per_visit=(1, 2))

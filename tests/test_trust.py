@@ -16,7 +16,13 @@ import transformers
 from captum.attr import IntegratedGradients, Saliency, TextTokenInput
 from torch import nn
 
-from captum_chefer import CheferAttribution, CheferLLMAttribution, HuggingFaceAdapter, PyHealthAdapter, TransformerAdapter
+from captum_chefer import (
+    CheferAttribution,
+    CheferLLMAttribution,
+    HuggingFaceAdapter,
+    PyHealthAdapter,
+    TransformerAdapter,
+)
 from captum_chefer.comparison import compare_methods, evaluate_methods, precision_at_k
 from captum_chefer.llm import OutOfVocabularyWarning, word_tokenizer
 
@@ -179,7 +185,7 @@ def test_the_token_boundary_message_shows_where_prompt_and_target_part(byte_bpe)
 
 
 def test_word_level_targets_after_the_prompt_keep_working():
-    tokenizer = word_tokenizer("the patient reports fever and a dry cough since monday".split())
+    tokenizer = word_tokenizer(["the", "patient", "reports", "fever", "and", "a", "dry", "cough", "since", "monday"])
     chefer = CheferLLMAttribution(gpt2_for(tokenizer), tokenizer)
     prompt = TextTokenInput("the patient reports fever", tokenizer, skip_tokens=["<s>"])
     result = chefer.attribute(prompt, target="and a dry cough")
@@ -188,7 +194,7 @@ def test_word_level_targets_after_the_prompt_keep_working():
 
 
 def test_out_of_vocabulary_words_warn():
-    tokenizer = word_tokenizer("the patient reports fever and a dry cough".split())
+    tokenizer = word_tokenizer(["the", "patient", "reports", "fever", "and", "a", "dry", "cough"])
     chefer = CheferLLMAttribution(gpt2_for(tokenizer), tokenizer)
     prompt = TextTokenInput("the patient reports fever", tokenizer)
     with pytest.warns(OutOfVocabularyWarning, match=r"the target's words \['wet', 'with', 'sputum'\] are not in the tokenizer's "
@@ -215,7 +221,7 @@ def test_a_gpt2_style_unknown_token_that_is_also_bos_does_not_warn(byte_bpe):
 
 
 def test_llm_prompts_and_targets_the_model_cannot_read_are_refused():
-    tokenizer = word_tokenizer("the patient reports fever and a cough".split())
+    tokenizer = word_tokenizer(["the", "patient", "reports", "fever", "and", "a", "cough"])
     chefer = CheferLLMAttribution(gpt2_for(tokenizer), tokenizer)
     prompt = TextTokenInput("the patient", tokenizer)
     with pytest.raises(ValueError, match=r"the target holds token id 99, outside the model's vocabulary of 11 tokens"):
@@ -225,7 +231,7 @@ def test_llm_prompts_and_targets_the_model_cannot_read_are_refused():
         CheferLLMAttribution(gpt2_for(no_bos), no_bos).attribute(TextTokenInput("", no_bos), target="the")
     with pytest.raises(TypeError, match="one target per prompt \\(a list\\), not one string"):
         chefer.attribute_batch([prompt, prompt], "ab")  # would have explained 'a' after one and 'b' after the other
-    other = word_tokenizer("fever cough the patient".split())
+    other = word_tokenizer(["fever", "cough", "the", "patient"])
     with pytest.raises(ValueError, match="tokenized by another tokenizer.*same tokenizer"):
         chefer.attribute(TextTokenInput("the patient", other), target="reports")
 

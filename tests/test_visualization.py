@@ -27,7 +27,6 @@ from captum_chefer.visualization import (
 from conftest import make_planted_samples
 
 
-
 @pytest.fixture(scope="module")
 def planted(planted_model):
     from pyhealth.datasets import get_dataloader
