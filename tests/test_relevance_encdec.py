@@ -210,11 +210,11 @@ def matmul(a: Matrix, b: Matrix) -> Matrix:
 
 
 def add(a: Matrix, b: Matrix) -> Matrix:
-    return [[x + y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
+    return [[x + y for x, y in zip(ra, rb, strict=True)] for ra, rb in zip(a, b, strict=True)]
 
 
 def transpose(a: Matrix) -> Matrix:
-    return [list(column) for column in zip(*a)]
+    return [list(column) for column in zip(*a, strict=True)]
 
 
 def normalized(r: Matrix) -> Matrix:
@@ -234,7 +234,7 @@ def plain_relevance(
     for e in encoder:
         r_ii = add(r_ii, matmul(e, r_ii))
     r_qq, r_qi = eye(queries), [[0.0] * inputs for _ in range(queries)]
-    for s, c in zip(selfs, crosses):
+    for s, c in zip(selfs, crosses, strict=True):
         r_qq, r_qi = add(r_qq, matmul(s, r_qq)), add(r_qi, matmul(s, r_qi))
         if c is not None:
             r_qi = add(r_qi, matmul(transpose(normalized(r_qq)), matmul(c, normalized(r_ii))))
@@ -323,7 +323,7 @@ def test_dense_equals_plain_loop_per_sample(skip_cross: int | None) -> None:
         dense = dense_encoder_decoder_relevance(
             [e.unsqueeze(0) for e in sample["encoder"]], [s.unsqueeze(0) for s in sample["selfs"]],
             [None if c is None else c.unsqueeze(0) for c in sample["crosses"]])
-        for got, expected in zip(dense, plain_relevance(*as_lists(sample), tq, ti)):
+        for got, expected in zip(dense, plain_relevance(*as_lists(sample), tq, ti), strict=True):
             assert torch.allclose(got[0], torch.tensor(expected, dtype=D), rtol=1e-10, atol=1e-12)
 
 
@@ -340,7 +340,7 @@ def test_padded_batch_equals_each_sample_alone(skip_cross: int | None) -> None:
         expected_lists = plain_relevance(*as_lists(sample), sample["queries"], sample["inputs"])
         q, i = torch.tensor(positions_q[b]), torch.tensor(positions_i[b])
         blocks = (batch.r_ii[b][i][:, i], batch.r_qq[b][q][:, q], batch.r_qi[b][q][:, i])
-        for got, one, expected in zip(blocks, alone, expected_lists):
+        for got, one, expected in zip(blocks, alone, expected_lists, strict=True):
             assert torch.allclose(got, one[0], rtol=1e-10, atol=1e-12)
             assert torch.allclose(got, torch.tensor(expected, dtype=D), rtol=1e-10, atol=1e-12)
         # padding: identity rows in R_ii and R_qq, zero rows and columns in R_qi, nothing in real rows
