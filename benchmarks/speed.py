@@ -147,6 +147,7 @@ FAMILY_LABELS = {
 
 def transformer_configs(families: list[str], tiny: bool = False) -> list[TransformerConfig]:
     """BERT and GPT-2 at 512 tokens, the ViTs at 224x224, batch 4 (tiny: 16 tokens, 32x32)."""
+
     def length(family: str) -> int:
         if tiny:
             return 32 if family in IMAGE_FAMILIES else 16

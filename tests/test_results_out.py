@@ -77,6 +77,7 @@ def evaluation(planted_model):
 
     adapter = PyHealthAdapter(planted_model)
     loader = list(get_dataloader(planted_model.dataset, batch_size=8, shuffle=False))[:2]
+
     def truth(b):
         planted = adapter.model.dataset.input_processors["conditions"].code_vocab["C0"]
         return {"conditions": b["conditions"] == planted,
