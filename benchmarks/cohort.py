@@ -44,7 +44,8 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 ENV = "CAPTUM_CHEFER_COHORT_BENCH"  # the work folder: settings.json and model.pt
-MODEL = dict(embedding_dim=32, heads=2, num_layers=2, dropout=0.1)  # captum_chefer.synthetic.train_transformer's
+# captum_chefer.synthetic.train_transformer's settings
+MODEL = {"embedding_dim": 32, "heads": 2, "num_layers": 2, "dropout": 0.1}
 
 
 def build() -> tuple[Any, Any]:
@@ -104,8 +105,10 @@ def _run(work: Path, method: str, processes: int, patients: int, args: argparse.
     if processes == 1:
         command = [sys.executable, "-m", "captum_chefer", *cohort_args]
     else:
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "captum_chefer", *cohort_args]
+        command = [
+            sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(processes),
+            "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "captum_chefer", *cohort_args,
+        ]
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **{ENV: str(work)})
     if patients != args.patients:  # the first patients of the same cohort
         settings = json.loads((work / "settings.json").read_text())
@@ -140,17 +143,20 @@ def _run(work: Path, method: str, processes: int, patients: int, args: argparse.
 
 def _table(rows: list[dict[str, Any]]) -> str:
     lines = [
-        "| method | processes | patients | attribution s | patients / s | speed-up | end to end s | peak memory per process (MB) | load (1 min) before / after |",
+        "| method | processes | patients | attribution s | patients / s | speed-up | end to end s "
+        "| peak memory per process (MB) | load (1 min) before / after |",
         "|---|---:|---:|---:|---:|---:|---:|---|---|",
     ]
     single = {(r["method"], r["patients"]): r["patients_per_second"] for r in rows if r["processes"] == 1}
     for r in rows:
-        speedup = r["patients_per_second"] / single[(r["method"], r["patients"])] if (r["method"], r["patients"]) in single else float("nan")
+        key = (r["method"], r["patients"])
+        speedup = r["patients_per_second"] / single[key] if key in single else float("nan")
         memory = ", ".join(f"{m:.0f}" for m in r["peak_mb"])
         if any(c is not None for c in r["peak_cuda_mb"]):
             memory += " (GPU: " + ", ".join(f"{c:.0f}" for c in r["peak_cuda_mb"]) + ")"
         lines.append(
-            f"| {r['method']} | {r['processes']} | {r['patients']} | {r['seconds']:.1f} | {r['patients_per_second']:.1f} | "
+            f"| {r['method']} | {r['processes']} | {r['patients']} | {r['seconds']:.1f} | "
+            f"{r['patients_per_second']:.1f} | "
             f"{speedup:.2f} | {r['end_to_end']:.1f} | {memory} | {r['load_before']:.1f} / {r['load_after']:.1f} |"
         )
     return "\n".join(lines)
@@ -176,7 +182,11 @@ def main() -> int:
         work = Path(tmp)
         started = time.perf_counter()
         accuracy = _prepare(work, args.patients, args.seed, args.epochs)
-        print(f"trained on {args.patients} patients in {time.perf_counter() - started:.0f} s (training accuracy {accuracy:.3f})", flush=True)
+        print(
+            f"trained on {args.patients} patients in {time.perf_counter() - started:.0f} s "
+            f"(training accuracy {accuracy:.3f})",
+            flush=True,
+        )
         rows = []
         for method in methods:
             for n in processes:
@@ -186,14 +196,19 @@ def main() -> int:
             rows.append(_run(work, "chefer", 1, args.patients // 3, args, "third"))
             print(_table(rows[-1:]).splitlines()[-1], flush=True)
 
-    cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
-                if line.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else platform.processor()
+    cpu = platform.processor()
+    if Path("/proc/cpuinfo").exists():
+        cpu = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
+                    if line.startswith("model name")), cpu)
     import torch
+
+    command = " ".join(["benchmarks/cohort.py", *sys.argv[1:]])
+    epochs = args.epochs
 
     text = f"""# Cohort attribution: 1 vs {max(processes)} processes
 
-`{' '.join(['benchmarks/cohort.py'] + sys.argv[1:])}`, {time.strftime('%Y-%m-%d %H:%M')}: {args.patients} synthetic
-patients (`default_cohort`, seed {args.seed}), a PyHealth `Transformer` (2 layers, 2 heads, dim 32) trained {args.epochs}
+`{command}`, {time.strftime('%Y-%m-%d %H:%M')}: {args.patients} synthetic
+patients (`default_cohort`, seed {args.seed}), a PyHealth `Transformer` (2 layers, 2 heads, dim 32) trained {epochs}
 epochs, batches of {args.batch_size}, parts of {args.chunk_size} patients, one torch thread per process, device
 {args.device}; {os.cpu_count()} logical CPUs ({cpu}), torch {torch.__version__}, Python {platform.python_version()}.
 The load columns are the machine's 1-minute load average before and after each run (other work shares it).

@@ -31,6 +31,7 @@ Usage::
 from __future__ import annotations
 
 import argparse
+import contextlib
 import ctypes
 import gc
 import json
@@ -42,18 +43,25 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch  # noqa: E402 (imported after the repository is put on sys.path)
 
 SIZES = {
-    "full": dict(layers=4, width=128, heads=4, words=512, prompt=32, target=64, steps=50, prompts=(8, 16, 24, 32), batch_target=16),
-    "quick": dict(layers=2, width=32, heads=4, words=64, prompt=8, target=8, steps=4, prompts=(3, 5, 7, 9), batch_target=4),
+    "full": {
+        "layers": 4, "width": 128, "heads": 4, "words": 512, "prompt": 32, "target": 64, "steps": 50,
+        "prompts": (8, 16, 24, 32), "batch_target": 16,
+    },
+    "quick": {
+        "layers": 2, "width": 32, "heads": 4, "words": 64, "prompt": 8, "target": 8, "steps": 4,
+        "prompts": (3, 5, 7, 9), "batch_target": 4,
+    },
 }
 
 
@@ -69,10 +77,8 @@ def _status_kib(field: str) -> float:
 
 
 def _fix_mmap_threshold() -> None:
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").mallopt(-3, 64 * 1024)  # M_MMAP_THRESHOLD: freed blocks leave the RSS at once
-    except OSError:
-        pass
 
 
 def peak_mib(call: Callable[[], Any]) -> float:
@@ -130,9 +136,16 @@ def build(size: dict) -> dict[str, Any]:
         max_position_embeddings=256, pad_token_id=0, bos_token_id=1, eos_token_id=2, decoder_start_token_id=2,
         forced_bos_token_id=None, forced_eos_token_id=None)).eval()
     rng = random.Random(0)
-    text = lambda n: " ".join(rng.choice(words) for _ in range(n))  # noqa: E731
-    return dict(tokenizer=tokenizer, gpt2=gpt2, bart=bart, prompt=text(size["prompt"]), target=text(size["target"]),
-                prompts=[text(n) for n in size["prompts"]], batch_targets=[text(size["batch_target"]) for _ in size["prompts"]])
+
+    def text(n: int) -> str:
+        return " ".join(rng.choice(words) for _ in range(n))
+
+    return {
+        "tokenizer": tokenizer, "gpt2": gpt2, "bart": bart,
+        "prompt": text(size["prompt"]), "target": text(size["target"]),
+        "prompts": [text(n) for n in size["prompts"]],
+        "batch_targets": [text(size["batch_target"]) for _ in size["prompts"]],
+    }
 
 
 def run(size_name: str, repeats: int) -> dict[str, Any]:
@@ -150,9 +163,15 @@ def run(size_name: str, repeats: int) -> dict[str, Any]:
     results: dict[str, Any] = {}
     calls = {
         "chefer": lambda: results.__setitem__("chefer", chefer_gpt2.attribute(inp, target=target)),
-        "chefer_loop": lambda: results.__setitem__("chefer_loop", chefer_gpt2.attribute(inp, target=target, chunk_size=1)),
-        "chefer_all": lambda: results.__setitem__("chefer_all", chefer_gpt2.attribute(inp, target=target, chunk_size=None)),
-        "captum_lig": lambda: results.__setitem__("captum_lig", lig.attribute(inp, target=target, n_steps=size["steps"])),
+        "chefer_loop": lambda: results.__setitem__(
+            "chefer_loop", chefer_gpt2.attribute(inp, target=target, chunk_size=1)
+        ),
+        "chefer_all": lambda: results.__setitem__(
+            "chefer_all", chefer_gpt2.attribute(inp, target=target, chunk_size=None)
+        ),
+        "captum_lig": lambda: results.__setitem__(
+            "captum_lig", lig.attribute(inp, target=target, n_steps=size["steps"])
+        ),
         "bart_chefer": lambda: results.__setitem__("bart_chefer", chefer_bart.attribute(inp, target=target)),
     }
     with warnings.catch_warnings():
@@ -169,13 +188,13 @@ def run(size_name: str, repeats: int) -> dict[str, Any]:
     agree = max(float((results[name].token_attr - results["chefer"].token_attr).abs().max())
                 for name in ("chefer_loop", "chefer_all"))
     scale = float(results["chefer"].token_attr.abs().max())
-    return dict(
-        size=size_name, size_spec=size, repeats=repeats, outputs=outputs, prompt_tokens=len(inp.values),
-        seconds=seconds, memory_mib=memory, batch_seconds=batch_seconds, chunking_max_abs_diff=agree,
-        token_attr_max=scale, torch=torch.__version__, threads=torch.get_num_threads(), machine=platform.machine(),
-        processor=platform.processor() or platform.machine(), cpus=os.cpu_count(),
-        load=os.getloadavg() if hasattr(os, "getloadavg") else None,
-    )
+    return {
+        "size": size_name, "size_spec": size, "repeats": repeats, "outputs": outputs, "prompt_tokens": len(inp.values),
+        "seconds": seconds, "memory_mib": memory, "batch_seconds": batch_seconds, "chunking_max_abs_diff": agree,
+        "token_attr_max": scale, "torch": torch.__version__, "threads": torch.get_num_threads(),
+        "machine": platform.machine(), "processor": platform.processor() or platform.machine(), "cpus": os.cpu_count(),
+        "load": os.getloadavg() if hasattr(os, "getloadavg") else None,
+    }
 
 
 LABELS = {
@@ -193,10 +212,11 @@ def markdown(row: dict[str, Any]) -> str:
     lines = [
         "# CheferLLMAttribution against Captum's LLMGradientAttribution",
         "",
-        f"Written by `benchmarks/llm.py`{' --quick' if row['size'] == 'quick' else ''}. Random GPT-2: {s['layers']} layers, "
-        f"width {s['width']}, {s['heads']} heads, vocabulary {s['words']}; BART: {max(s['layers'] - 1, 1)} + "
-        f"{max(s['layers'] - 1, 1)} layers of the same width. Prompt of {row['prompt_tokens']} tokens (BOS included), "
-        f"target of {row['outputs']} tokens. Median of {row['repeats']} interleaved calls after a warm-up (Captum's LIG: "
+        f"Written by `benchmarks/llm.py`{' --quick' if row['size'] == 'quick' else ''}. "
+        f"Random GPT-2: {s['layers']} layers, width {s['width']}, {s['heads']} heads, vocabulary {s['words']}; "
+        f"BART: {max(s['layers'] - 1, 1)} + {max(s['layers'] - 1, 1)} layers of the same width. "
+        f"Prompt of {row['prompt_tokens']} tokens (BOS included), target of {row['outputs']} tokens. "
+        f"Median of {row['repeats']} interleaved calls after a warm-up (Captum's LIG: "
         f"{min(2, row['repeats'])} calls, no warm-up of its own); torch "
         f"{row['torch']}, {row['threads']} thread(s), {row['cpus']} CPUs ({row['processor']}), load average "
         f"{', '.join(f'{x:.1f}' for x in row['load']) if row['load'] else 'n/a'} at the end (other jobs shared the "
@@ -213,7 +233,7 @@ def markdown(row: dict[str, Any]) -> str:
     b = row["batch_seconds"]
     lines += [
         "",
-        f"Captum's `LLMGradientAttribution` calls the model as `model(input_ids)` and reads the last position's "
+        "Captum's `LLMGradientAttribution` calls the model as `model(input_ids)` and reads the last position's "
         "logits: it serves decoder-only models only, so BART has no Captum row.",
         "",
         f"Chunk sizes agree: the largest difference of `token_attr` between the three Chefer variants is "

@@ -14,7 +14,8 @@ The metrics are ``captum_chefer.evaluation``'s: precision@k and AUROC against th
 
 Usage::
 
-    nice -n 10 .venv/bin/python benchmarks/quality.py            # every family, 3 seeds -> benchmarks/QUALITY.md (~40 min)
+    # every family, 3 seeds -> benchmarks/QUALITY.md (~40 min)
+    nice -n 10 .venv/bin/python benchmarks/quality.py
     .venv/bin/python benchmarks/quality.py --tiny --out /tmp/q   # seconds: one tiny family, for the tests
     .venv/bin/python benchmarks/quality.py --families nested-kof,stagenet-kof --seeds 0
 """
@@ -31,18 +32,26 @@ import statistics
 import sys
 import time
 import warnings
-from dataclasses import asdict, dataclass, field, replace
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch  # noqa: E402 (imported after the repository is put on sys.path)
 
-from captum_chefer.synthetic import (  # noqa: E402
-    Interaction, KOf, StreamSpec, SyntheticCohort, Trigger, default_cohort, make_cohort, quiet_pyhealth,
+from captum_chefer.synthetic import (  # noqa: E402 (imported after the repository is put on sys.path)
+    Interaction,
+    KOf,
+    StreamSpec,
+    SyntheticCohort,
+    Trigger,
+    default_cohort,
+    make_cohort,
+    quiet_pyhealth,
 )
 
 # ---------------------------------------------------------------------------------------------- families
@@ -135,8 +144,8 @@ class Trained:
     train_seconds: float
 
 
-def train(family: Family, seed: int, *, n: Optional[int] = None, explain: int = 96, epochs: Optional[int] = None,
-          cache: Optional[Path] = None, progress: bool = False) -> Trained:
+def train(family: Family, seed: int, *, n: int | None = None, explain: int = 96, epochs: int | None = None,
+          cache: Path | None = None, progress: bool = False) -> Trained:
     """Generate the family's cohort for ``seed``, train its model on all but ``explain`` patients."""
     from pyhealth.datasets import get_dataloader
     from pyhealth.models import StageAttentionNet, Transformer
@@ -193,14 +202,15 @@ BASELINE = "Integrated Gradients"
 METRICS = ("precision_at_k", "auroc", "deletion_aopc", "insertion_aopc", "comprehensiveness", "sufficiency")
 HIGHER = {"precision_at_k": True, "auroc": True, "deletion_aopc": True, "insertion_aopc": True,
           "comprehensiveness": True, "sufficiency": False}
-LABELS = {"precision_at_k": "P@k", "auroc": "AUROC", "deletion_aopc": "deletion AOPC", "insertion_aopc": "insertion AOPC",
-          "comprehensiveness": "comprehensiveness", "sufficiency": "sufficiency (lower is better)"}
+LABELS = {"precision_at_k": "P@k", "auroc": "AUROC", "deletion_aopc": "deletion AOPC",
+          "insertion_aopc": "insertion AOPC", "comprehensiveness": "comprehensiveness",
+          "sufficiency": "sufficiency (lower is better)"}
 
 
 @dataclass(frozen=True)
 class Settings:
-    n: Optional[int] = None  # patients per cohort (None: the family's own)
-    epochs: Optional[int] = None
+    n: int | None = None  # patients per cohort (None: the family's own)
+    epochs: int | None = None
     explain: int = 96
     ig_steps: int = 50
     nt_samples: int = 10
@@ -225,7 +235,8 @@ def methods(adapter: Any, seed: int, settings: Settings) -> list[tuple[str, Any,
         ("Chefer", chefer, {}, "PyHealth's CheferRelevance (the default): uniform code split, identity self term"),
         ("Chefer exclude_self", chefer, {"exclude_self": True}, "exclude_self=True"),
         ("Chefer code_split", chefer, {"code_split": "gradient"}, 'code_split="gradient"'),
-        (RECOMMENDED, recommended, {}, 'preset="recommended": ' + ", ".join(f"{k}={v!r}" for k, v in PRESETS["recommended"].items())),
+        (RECOMMENDED, recommended, {},
+         'preset="recommended": ' + ", ".join(f"{k}={v!r}" for k, v in PRESETS["recommended"].items())),
     ]
     if settings.ablations:
         for key in ("code_split", "exclude_self", "layernorm", "score"):
@@ -252,7 +263,7 @@ class Result:
 
     per_sample: dict[str, dict[str, torch.Tensor]]
     seconds: dict[str, float]  # per patient, median of the timing rounds
-    scores: Optional[dict[str, dict[str, torch.Tensor]]] = None
+    scores: dict[str, dict[str, torch.Tensor]] | None = None
     accuracy: float = math.nan
 
 
@@ -264,8 +275,14 @@ def evaluate(trained: Trained, specs: Sequence[tuple], *, timing_rounds: int = 3
 
     from captum_chefer import PyHealthAdapter
     from captum_chefer.comparison import (
-        TokenRemover, comprehensiveness, ig_baselines, localization_auroc, masked_feature_dict, precision_at_k,
-        removal_curves, sufficiency,
+        TokenRemover,
+        comprehensiveness,
+        ig_baselines,
+        localization_auroc,
+        masked_feature_dict,
+        precision_at_k,
+        removal_curves,
+        sufficiency,
     )
 
     batch = trained.test_batch
@@ -377,7 +394,7 @@ def summarize(rows: Sequence[Row]) -> dict[str, Any]:
         verdict = {}
         if rec and ig:
             p_rec, p_ig = _mean_sd(rec["precision_at_k"])[0], _mean_sd(ig["precision_at_k"])[0]
-            ratios = [i / c for i, c in zip(ig["seconds"], rec["seconds"])]
+            ratios = [i / c for i, c in zip(ig["seconds"], rec["seconds"], strict=True)]  # one per seed each
             verdict = {"precision_at_k": p_rec, "ig_precision_at_k": p_ig, "difference": p_rec - p_ig,
                        "reaches_ig": p_rec >= p_ig - 1e-9, "time_ratio": statistics.median(ratios),
                        "time_ratio_min": min(ratios)}
@@ -388,16 +405,16 @@ def summarize(rows: Sequence[Row]) -> dict[str, Any]:
 # ---------------------------------------------------------------------------------------------- report
 
 
-def _table(header: Sequence[str], lines: Sequence[Sequence[str]], align: Optional[str] = None) -> str:
+def _table(header: Sequence[str], lines: Sequence[Sequence[str]], align: str | None = None) -> str:
     align = align or ("---" + "|---:" * (len(header) - 1))
 
     def row(cells: Sequence[str]) -> str:
         return "| " + " | ".join(str(c).replace("|", "\\|") for c in cells) + " |"
 
-    return "\n".join([row(header), "|" + align + "|"] + [row(l) for l in lines])
+    return "\n".join([row(header), "|" + align + "|"] + [row(line) for line in lines])
 
 
-def _verdict(v: dict[str, Any], large_ratio: Optional[float] = None) -> str:
+def _verdict(v: dict[str, Any], large_ratio: float | None = None) -> str:
     """``reached`` when the recommended setting's mean P@k is at least IG's at 40x or more less time per patient.
 
     The time ratio is the large batch's where it was measured (per-call overhead, which IG's batched 50 steps
@@ -419,10 +436,10 @@ def markdown(summary: dict[str, Any], specs: Sequence[tuple], settings: Settings
     parts = ["# Quality benchmark: finding the planted codes", ""]
     parts += [f"`{re.sub(r'(--(?:cache|json|out)) \S+', r'\1 PATH', info['command'])}`", ""]
     training = sum(sum(v) for v in info.get("training", {}).values())
+    cached = (" (the models came from `--cache`, trained by this script's `train` with the same seeds and sizes "
+              "in an earlier run)" if "--cache" in info["command"] else "")
     parts += [f"machine: {info['machine']}; {info['versions']}; {info['threads']} torch thread(s); total run time "
-              f"{info['seconds']:.0f} s, of which training {training:.0f} s"
-              + (" (the models came from `--cache`, trained by this script's `train` with the same seeds and sizes in an "
-                 "earlier run)" if "--cache" in info["command"] else ""), ""]
+              f"{info['seconds']:.0f} s, of which training {training:.0f} s" + cached, ""]
     parts += [
         "Every family is generated with `captum_chefer.synthetic.make_cohort` (the `demo` families with "
         "`default_cohort`, exactly as `make demo`) for each seed; the model is trained on all but "
@@ -435,7 +452,6 @@ def markdown(summary: dict[str, Any], specs: Sequence[tuple], settings: Settings
     parts += ["## Families", ""]
     fam_lines = []
     for f in families:
-        fam = FAMILIES.get(f)
         what = info["families"].get(f, "")
         acc = summary[f]["accuracy"]
         train_s = info.get("training", {}).get(f, [])
@@ -455,8 +471,9 @@ def markdown(summary: dict[str, Any], specs: Sequence[tuple], settings: Settings
         v = summary[f]["verdict"]
         if not v:
             continue
-        per_seed = " / ".join(f"{a:.2f}:{b:.2f}" for a, b in zip(summary[f]["methods"][RECOMMENDED]["precision_at_k"],
-                                                               summary[f]["methods"][BASELINE]["precision_at_k"]))
+        pairs = zip(summary[f]["methods"][RECOMMENDED]["precision_at_k"],
+                    summary[f]["methods"][BASELINE]["precision_at_k"], strict=True)  # one per seed each
+        per_seed = " / ".join(f"{a:.2f}:{b:.2f}" for a, b in pairs)
         large = info.get("large_batch", {}).get(f, {})
         large_ratio = large[BASELINE] / large[RECOMMENDED] if RECOMMENDED in large and BASELINE in large else None
         big = "n/a" if large_ratio is None else f"{large_ratio:.0f}x"
@@ -465,19 +482,25 @@ def markdown(summary: dict[str, Any], specs: Sequence[tuple], settings: Settings
                         _verdict(v, large_ratio)])
     parts += [_table(["family", "P@k recommended", "P@k IG", "difference", "per seed (rec:IG)",
                       f"IG time / rec time, batch {settings.explain}",
-                      f"same, batch {settings.timing_batch}", "verdict"], v_lines, "---|---:|---:|---:|---|---:|---:|---"), ""]
+                      f"same, batch {settings.timing_batch}", "verdict"],
+                     v_lines, "---|---:|---:|---:|---|---:|---:|---"), ""]
     for metric in METRICS:
         parts += [f"## {LABELS[metric]}", ""]
         lines = []
         for n in names:
-            lines.append([n] + [_cell(summary[f]["methods"][n].get(metric, [])) if n in summary[f]["methods"] else "n/a"
-                                for f in families])
-        parts += [_table(["method"] + families, lines), ""]
-    streams = [k for f in families for k in next(iter(summary[f]["methods"].values())) if k.startswith("precision_at_k[")]
+            lines.append([n, *(_cell(summary[f]["methods"][n].get(metric, [])) if n in summary[f]["methods"] else "n/a"
+                               for f in families)])
+        parts += [_table(["method", *families], lines), ""]
+
+    def stream_keys(family: str) -> list[str]:
+        """The per-stream P@k keys of a family's (first method's) metrics."""
+        return [k for k in next(iter(summary[family]["methods"].values())) if k.startswith("precision_at_k[")]
+
+    streams = [k for f in families for k in stream_keys(f)]
     if streams:
         parts += ["## P@k per stream (families with two streams)", ""]
-        multi = [f for f in families if any(k.startswith("precision_at_k[") for k in next(iter(summary[f]["methods"].values())))]
-        cols = [(f, k) for f in multi for k in next(iter(summary[f]["methods"].values())) if k.startswith("precision_at_k[")]
+        multi = [f for f in families if stream_keys(f)]
+        cols = [(f, k) for f in multi for k in stream_keys(f)]
         lines = [[n] + [_cell(summary[f]["methods"][n].get(k, [])) for f, k in cols] for n in names]
         parts += [_table(["method"] + [f"{f} {k[len('precision_at_k'):]}" for f, k in cols], lines), ""]
     parts += ["## Time per patient (ms) and Integrated Gradients' time over each method's", ""]
@@ -491,14 +514,14 @@ def markdown(summary: dict[str, Any], specs: Sequence[tuple], settings: Settings
                 continue
             ms = statistics.median(d["seconds"]) * 1000
             ig = summary[f]["methods"][BASELINE]["seconds"]
-            ratio = statistics.median([i / c for i, c in zip(ig, d["seconds"])])
+            ratio = statistics.median([i / c for i, c in zip(ig, d["seconds"], strict=True)])  # one per seed each
             cells.append(f"{ms:.3f} ({ratio:.0f}x)")
-        lines.append([n] + cells)
-    parts += [_table(["method"] + families, lines), ""]
+        lines.append([n, *cells])
+    parts += [_table(["method", *families], lines), ""]
     large = info.get("large_batch", {})
     if large:
-        parts += [f"## Time per patient (ms) on a batch of {settings.timing_batch} patients (first seed), and IG's time over "
-                  "each method's", "",
+        parts += [f"## Time per patient (ms) on a batch of {settings.timing_batch} patients (first seed), "
+                  "and IG's time over each method's", "",
                   "Integrated Gradients runs its 50 steps as one batch of 50 x B rows, so the per-call overhead that "
                   "dominates a single pass over a small batch is shared by 50 times more rows; on larger batches the "
                   "one-pass methods gain on it.", ""]
@@ -507,7 +530,7 @@ def markdown(summary: dict[str, Any], specs: Sequence[tuple], settings: Settings
         for n in TIMED:
             lines.append([n] + [f"{large[f][n] * 1000:.3f} ({large[f][BASELINE] / large[f][n]:.0f}x)" if n in large[f]
                                 else "n/a" for f in cols])
-        parts += [_table(["method"] + cols, lines), ""]
+        parts += [_table(["method", *cols], lines), ""]
     parts += [NOTES]
     return "\n".join(parts)
 
@@ -542,7 +565,8 @@ with `score="logit"`, so the multiclass column predates the log-odds score):
 | share = abs g.e | 0.900 | 0.918 | 0.997 | 0.919 | 0.966 | 0.980 | 0.891 |
 | share taken at the first layer's value projection | 0.945 | 0.946 | 0.997 | 0.975 | 0.960 | 0.847 | 0.817 |
 | self term 0.5 e_p (between identity and exclude_self) | 0.885 | 0.943 | 0.997 | 0.948 | 0.991 | 0.990 | 0.910 |
-| StageAttentionNet: each state's relevance to its own visit's codes | 0.939 | 0.941 | 0.997 | 0.953 | 0.991 | 0.848 | 0.782 |
+| StageAttentionNet: each state's relevance to its own visit's codes | 0.939 | 0.941 | 0.997 | 0.953 | \
+0.991 | 0.848 | 0.782 |
 | last attention layer only (`layers=1`) | 0.867 | 0.799 | 0.956 | 0.844 | 0.922 | 0.980 | 0.891 |
 | Integrated Gradients, for reference | 0.923 | 0.986 | 0.977 | 0.966 | 0.977 | 0.977 | 1.000 |
 
@@ -578,8 +602,8 @@ TINY_FAMILIES = ("nested-kof", "stagenet-trigger")
 def describe(family: Family, settings: Settings) -> str:
     if family.demo:
         return (f"`default_cohort` ({family.task}): flat conditions + nested procedures; trigger, 2-of-4, "
-                f"cross-stream interaction; decoys; {settings.n or family.n} patients, {settings.epochs or family.epochs} "
-                "epochs; Transformer (2 layers, 2 heads, dim 32)")
+                f"cross-stream interaction; decoys; {settings.n or family.n} patients, "
+                f"{settings.epochs or family.epochs} epochs; Transformer (2 layers, 2 heads, dim 32)")
     stream = family.streams[0]
     model = "Transformer (2 layers, 2 heads, dim 32)" if family.model == "transformer" else \
         f"StageAttentionNet (dim 32, chunk {family.chunk} x 2 levels, 2 heads)"
@@ -600,12 +624,13 @@ def time_large_batch(trained: Trained, specs: Sequence[tuple], size: int, rounds
     from captum_chefer.comparison import ig_baselines
 
     dataset = trained.cohort.dataset()
-    batch = next(iter(get_dataloader(dataset.subset(list(range(min(size, len(dataset))))), batch_size=size, shuffle=False)))
+    first = dataset.subset(list(range(min(size, len(dataset)))))
+    batch = next(iter(get_dataloader(first, batch_size=size, shuffle=False)))
     chosen = [(name, method, dict(kwargs)) for name, method, kwargs, *_ in specs if name in TIMED]
     adapter = chosen[0][1].forward_func
     inputs, args = adapter.captum_inputs(batch)
     target = adapter.captum_target(batch)
-    for name, method, kwargs in chosen:
+    for _name, method, kwargs in chosen:
         if isinstance(method, IntegratedGradients):
             kwargs["baselines"] = ig_baselines(adapter, inputs, args, reference="unk")
     times: dict[str, list[float]] = {name: [] for name, _, _ in chosen}
@@ -619,8 +644,8 @@ def time_large_batch(trained: Trained, specs: Sequence[tuple], size: int, rounds
     return {name: statistics.median(v) / n for name, v in times.items()}
 
 
-def run(families: Sequence[str], seeds: Sequence[int], settings: Settings, *, cache: Optional[Path] = None,
-        progress: bool = True, partial: Optional[Callable[[dict], None]] = None) -> dict[str, Any]:
+def run(families: Sequence[str], seeds: Sequence[int], settings: Settings, *, cache: Path | None = None,
+        progress: bool = True, partial: Callable[[dict], None] | None = None) -> dict[str, Any]:
     """Train, explain and score every (family, seed); returns ``{"rows", "training", "large_batch"}``."""
     from captum_chefer import PyHealthAdapter
 
@@ -644,7 +669,8 @@ def run(families: Sequence[str], seeds: Sequence[int], settings: Settings, *, ca
             if progress:
                 get = {r.method: r for r in rows if r.family == name and r.seed == seed}
                 print(f"{name} seed {seed}: accuracy {trained.accuracy:.3f}, P@k recommended "
-                      f"{get[RECOMMENDED].metrics['precision_at_k']:.3f}, IG {get[BASELINE].metrics['precision_at_k']:.3f}, "
+                      f"{get[RECOMMENDED].metrics['precision_at_k']:.3f}, "
+                      f"IG {get[BASELINE].metrics['precision_at_k']:.3f}, "
                       f"training {trained.train_seconds:.0f} s, all {time.perf_counter() - start:.0f} s", flush=True)
             state = {"rows": rows, "training": training, "large_batch": large, "specs": specs}
             if partial is not None:
@@ -652,7 +678,7 @@ def run(families: Sequence[str], seeds: Sequence[int], settings: Settings, *, ca
     return {"rows": rows, "training": training, "large_batch": large, "specs": specs}
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--tiny", action="store_true", help="a few seconds: tiny cohorts, one seed, few steps")
     parser.add_argument("--families", help=f"comma-separated, from {', '.join(FAMILIES)}")
@@ -687,7 +713,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     info = {
         "command": "benchmarks/quality.py " + " ".join(argv if argv is not None else sys.argv[1:]),
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores",
-        "versions": f"torch {torch.__version__}, pyhealth {getattr(pyhealth, '__version__', '?')}, Python {platform.python_version()}",
+        "versions": f"torch {torch.__version__}, pyhealth {getattr(pyhealth, '__version__', '?')}, "
+                    f"Python {platform.python_version()}",
         "threads": torch.get_num_threads(),
         "families": {f: describe(FAMILIES[f], settings) for f in families},
     }
@@ -719,7 +746,8 @@ def from_json(path: Path, out: Path) -> None:
     settings = Settings(**{k: tuple(v) if isinstance(v, list) else v for k, v in payload["settings"].items()})
     rows = [Row(**r) for r in payload["rows"]]
     info = {**payload["info"], "training": payload["training"], "large_batch": payload["large_batch"]}
-    out.write_text(markdown(summarize(rows), [(n, None, None, w) for n, w in payload["methods"]], settings, info) + "\n")
+    specs = [(n, None, None, w) for n, w in payload["methods"]]
+    out.write_text(markdown(summarize(rows), specs, settings, info) + "\n")
 
 
 if __name__ == "__main__":

@@ -39,7 +39,8 @@ Usage::
     .venv/bin/python benchmarks/speed.py              # the full grid (CPU: tens of minutes)
     .venv/bin/python benchmarks/speed.py --target     # only the configurations the targets read
     .venv/bin/python benchmarks/speed.py --quick      # a tiny grid, a few seconds after the imports
-    .venv/bin/python benchmarks/speed.py --target --nested --methods forward,pyhealth,chefer,chefer-split,chefer-recommended
+    .venv/bin/python benchmarks/speed.py --target --nested \\
+        --methods forward,pyhealth,chefer,chefer-split,chefer-recommended
     .venv/bin/python benchmarks/speed.py --device cuda
     .venv/bin/python benchmarks/speed.py --families transformers           # the transformers grid (CPU: hours)
     .venv/bin/python benchmarks/speed.py --families bert,vit --ig-steps 10
@@ -51,6 +52,7 @@ from __future__ import annotations
 import argparse
 import ctypes
 import gc
+import importlib
 import json
 import math
 import os
@@ -60,15 +62,16 @@ import statistics
 import sys
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-import torch  # noqa: E402
+import torch  # noqa: E402 (imported after the repository is put on sys.path)
 
 METHODS = ("forward", "chefer", "chefer-split", "chefer-recommended", "pyhealth", "saliency", "ig")
 LABELS = {
@@ -98,7 +101,8 @@ class Config:
     @property
     def name(self) -> str:
         nested = " nested" if self.nested else ""
-        return f"L={self.length}+{self.second}{nested} depth={self.depth} heads={self.heads} batch={self.batch} dim={self.embedding_dim}"
+        return (f"L={self.length}+{self.second}{nested} depth={self.depth} heads={self.heads} batch={self.batch} "
+                f"dim={self.embedding_dim}")
 
 
 def full_grid(embedding_dim: int) -> list[Config]:
@@ -108,7 +112,8 @@ def full_grid(embedding_dim: int) -> list[Config]:
 
 def target_configs(embedding_dim: int, nested: bool = False) -> tuple[Config, Config]:
     """The target configuration (1024 codes, 6 layers, 1 head) and its 256-code companion."""
-    return Config(1024, 6, 1, embedding_dim=embedding_dim, nested=nested), Config(256, 6, 1, embedding_dim=embedding_dim, nested=nested)
+    return (Config(1024, 6, 1, embedding_dim=embedding_dim, nested=nested),
+            Config(256, 6, 1, embedding_dim=embedding_dim, nested=nested))
 
 
 QUICK = Config(16, 2, 2, batch=4, second=8, embedding_dim=16)
@@ -142,7 +147,13 @@ FAMILY_LABELS = {
 
 def transformer_configs(families: list[str], tiny: bool = False) -> list[TransformerConfig]:
     """BERT and GPT-2 at 512 tokens, the ViTs at 224x224, batch 4 (tiny: 16 tokens, 32x32)."""
-    return [TransformerConfig(f, (32 if f in IMAGE_FAMILIES else 16) if tiny else (224 if f in IMAGE_FAMILIES else 512), tiny=tiny) for f in families]
+
+    def length(family: str) -> int:
+        if tiny:
+            return 32 if family in IMAGE_FAMILIES else 16
+        return 224 if family in IMAGE_FAMILIES else 512
+
+    return [TransformerConfig(f, length(f), tiny=tiny) for f in families]
 
 
 # ---------------------------------------------------------------------------------------------- workload
@@ -176,7 +187,9 @@ def synthetic_samples(config: Config, seed: int = 0) -> list[dict[str, Any]]:
         second: list = codes(n_second)
         if config.nested:  # visits of 4 codes, the last one shorter
             second = [second[j : j + 4] for j in range(0, len(second), 4)]
-        samples.append({"patient_id": f"p{i}", "visit_id": "v0", "codes": codes(n_first), "second": second, "label": i % 2})
+        samples.append(
+            {"patient_id": f"p{i}", "visit_id": "v0", "codes": codes(n_first), "second": second, "label": i % 2}
+        )
     return samples
 
 
@@ -221,7 +234,10 @@ def build_transformer_workload(config: TransformerConfig, device: str, seed: int
 
     torch.manual_seed(seed)
     rng = random.Random(seed)
-    tiny = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64) if config.tiny else {}
+    tiny = (
+        {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64}
+        if config.tiny else {}
+    )
     family = config.family
     if family in ("pyhealth-vit", "pyhealth-text"):
         model, batch = _pyhealth_transformer(config, rng)
@@ -230,22 +246,28 @@ def build_transformer_workload(config: TransformerConfig, device: str, seed: int
         if family == "pyhealth-vit":
             inputs, args = adapter.captum_inputs(batch)
         else:  # tokenized to config.length tokens (the model's forward would stop at 256)
-            encoding = model.tokenizer(batch["text"], return_tensors="pt", padding=True, truncation=True, max_length=config.length)
+            encoding = model.tokenizer(
+                batch["text"], return_tensors="pt", padding=True, truncation=True, max_length=config.length
+            )
             ids, mask = encoding["input_ids"].to(device), encoding["attention_mask"].to(device)
             with torch.no_grad():
                 inputs = (adapter.embedding_layers[0](ids).detach(),)
             args = (mask, encoding["token_type_ids"].to(device))
         return Workload(config, model, batch, adapter, inputs, args, adapter.captum_target(batch))
     if family == "vit":
-        vit_config = transformers.ViTConfig(image_size=config.length, num_labels=2, **(dict(tiny, patch_size=8) if config.tiny else {}))
+        vit_config = transformers.ViTConfig(
+            image_size=config.length, num_labels=2, **({**tiny, "patch_size": 8} if config.tiny else {})
+        )
         model = transformers.ViTForImageClassification(vit_config)
         batch = {"pixel_values": torch.randn(config.batch, 3, config.length, config.length)}
     else:
         if family == "bert":
             model = transformers.BertForSequenceClassification(transformers.BertConfig(num_labels=2, **tiny))
         elif family == "gpt2":
-            size = dict(n_embd=32, n_layer=2, n_head=2) if config.tiny else {}
-            gpt_config = transformers.GPT2Config(num_labels=2, pad_token_id=0, n_positions=max(1024, config.length), **size)
+            size = {"n_embd": 32, "n_layer": 2, "n_head": 2} if config.tiny else {}
+            gpt_config = transformers.GPT2Config(
+                num_labels=2, pad_token_id=0, n_positions=max(1024, config.length), **size
+            )
             model = transformers.GPT2ForSequenceClassification(gpt_config)
         else:
             raise ValueError(f"unknown family {family!r}; choose from {FAMILIES}")
@@ -273,11 +295,18 @@ def _pyhealth_transformer(config: TransformerConfig, rng: random.Random) -> tupl
     if config.family == "pyhealth-vit":
         generator = torch.Generator().manual_seed(rng.randrange(2**31))
         samples = [
-            {"patient_id": f"p{i}", "image": torch.rand(3, config.length, config.length, generator=generator).tolist(), "label": i % 2}
+            {
+                "patient_id": f"p{i}",
+                "image": torch.rand(3, config.length, config.length, generator=generator).tolist(),
+                "label": i % 2,
+            }
             for i in range(config.batch)
         ]
         with quiet_pyhealth():
-            dataset = create_sample_dataset(samples=samples, input_schema={"image": "tensor"}, output_schema={"label": "binary"}, dataset_name="bench-vit")
+            dataset = create_sample_dataset(
+                samples=samples, input_schema={"image": "tensor"}, output_schema={"label": "binary"},
+                dataset_name="bench-vit",
+            )
             model = TorchvisionModel(dataset, "vit_b_16", {"weights": None, "image_size": config.length})
         if config.tiny:
             model.model.encoder.layers = model.model.encoder.layers[:2]
@@ -291,7 +320,10 @@ def _pyhealth_transformer(config: TransformerConfig, rng: random.Random) -> tupl
             for i, n in enumerate(lengths)
         ]
         with quiet_pyhealth():
-            dataset = create_sample_dataset(samples=samples, input_schema={"text": "text"}, output_schema={"label": "binary"}, dataset_name="bench-text")
+            dataset = create_sample_dataset(
+                samples=samples, input_schema={"text": "text"}, output_schema={"label": "binary"},
+                dataset_name="bench-text",
+            )
             model = TransformersModel(dataset=dataset, model_name=str(folder))
     batch = next(iter(get_dataloader(dataset, batch_size=config.batch, shuffle=False)))
     return model, batch
@@ -308,7 +340,9 @@ def _save_text_encoder(folder: Path, tiny: bool) -> None:
     words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(200)]
     vocab.write_text("\n".join(words) + "\n")
     transformers.BertTokenizerFast(vocab=str(vocab)).save_pretrained(folder)
-    size = dict(hidden_size=32, num_hidden_layers=2, num_attention_heads=2, intermediate_size=64) if tiny else {}
+    size = (
+        {"hidden_size": 32, "num_hidden_layers": 2, "num_attention_heads": 2, "intermediate_size": 64} if tiny else {}
+    )
     torch.manual_seed(0)
     transformers.BertModel(transformers.BertConfig(vocab_size=len(words), **size)).save_pretrained(folder)
 
@@ -330,7 +364,7 @@ def common_methods(w: Workload) -> dict[str, Callable[[], Any]]:
     chefer = CheferAttribution(w.adapter)
     saliency = Saliency(w.adapter)
     ig = IntegratedGradients(w.adapter)
-    kwargs = dict(target=w.target, additional_forward_args=w.args)
+    kwargs = {"target": w.target, "additional_forward_args": w.args}
 
     def forward() -> Any:
         with torch.no_grad():
@@ -340,7 +374,9 @@ def common_methods(w: Workload) -> dict[str, Callable[[], Any]]:
         "forward": forward,
         "chefer": lambda: chefer.attribute(w.inputs, **kwargs),
         "saliency": lambda: saliency.attribute(w.inputs, **kwargs),
-        "ig": lambda: ig.attribute(w.inputs, n_steps=IG_STEPS, internal_batch_size=ig_internal_batch(w.config), **kwargs),
+        "ig": lambda: ig.attribute(
+            w.inputs, n_steps=IG_STEPS, internal_batch_size=ig_internal_batch(w.config), **kwargs
+        ),
     }
 
 
@@ -356,7 +392,7 @@ def make_methods(w: Workload) -> dict[str, Callable[[], Any]]:
     chefer = CheferAttribution(w.adapter)
     recommended = CheferAttribution(w.adapter, preset="recommended")
     reference = CheferRelevance(w.model)
-    kwargs = dict(target=w.target, additional_forward_args=w.args)
+    kwargs = {"target": w.target, "additional_forward_args": w.args}
 
     def pyhealth() -> Any:
         try:
@@ -458,8 +494,10 @@ def _max_difference(w: Workload, ours: tuple, theirs: dict[str, torch.Tensor]) -
     """The largest |ours - PyHealth| on real codes (PyHealth gives a nested visit's padding slots its score too)."""
     scores = w.adapter.to_feature_dict(ours)
     if isinstance(w.config, TransformerConfig):  # the ViT reference: [B, 1, rows, columns] patches
-        return max(float((scores[k].float() - theirs[k].reshape(scores[k].shape).float()).abs().max()) for k in scores)
-    real = dict(zip(w.adapter.feature_keys, w.adapter.token_masks(w.args)))
+        return max(
+            float((scores[k].float() - theirs[k].reshape(scores[k].shape).float()).abs().max()) for k in scores
+        )
+    real = dict(zip(w.adapter.feature_keys, w.adapter.token_masks(w.args), strict=True))  # a mask per feature key
     return max(
         float(((scores[k].float() - theirs[k].to(scores[k].device).float()) * real[k].to(scores[k].device)).abs().max())
         for k in scores
@@ -588,46 +626,53 @@ def machine_line(device: str, threads: int) -> str:
             cpu = next(line.split(":", 1)[1].strip() for line in info if line.startswith("model name"))
     except (OSError, StopIteration):
         cpu = platform.processor() or cpu
-    line = f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} intra-op thread(s)), Python {platform.python_version()}"
+    line = (f"{cpu}, {os.cpu_count()} cores, torch {torch.__version__} ({threads} intra-op thread(s)), "
+            f"Python {platform.python_version()}")
     if device.startswith("cuda"):
         line += f", GPU {torch.cuda.get_device_name(torch.device(device))}"
     return line + f", device {device}"
 
 
-def _fmt(x: Optional[float], digits: int = 2) -> str:
-    return "–" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
+def _fmt(x: float | None, digits: int = 2) -> str:
+    return "\N{EN DASH}" if x is None or (isinstance(x, float) and math.isnan(x)) else f"{x:.{digits}f}"
 
 
 def markdown_table(rows: list[Row]) -> str:
     """The rows as a markdown table."""
     lines = [
-        "| codes | layers | heads | method | median ms | runs | × PyHealth | × forward | peak growth MiB | mem × PyHealth |",
+        "| codes | layers | heads | method | median ms | runs "
+        "| × PyHealth | × forward | peak growth MiB | mem × PyHealth |",  # noqa: RUF001 (the multiplication sign is the printed text)
         "|---:|---:|---:|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         c = r.config
         lines.append(
-            f"| {c.length}+{c.second}{' nested' if c.nested else ''} | {c.depth} | {c.heads} | {LABELS[r.method]} | {r.seconds * 1000:.1f} | {r.runs} | "
-            f"{_fmt(r.ratio_pyhealth)} | {_fmt(r.ratio_forward)} | {_fmt(r.memory_mib, 1)} | {_fmt(r.memory_ratio_pyhealth)} |"
+            f"| {c.length}+{c.second}{' nested' if c.nested else ''} | {c.depth} | {c.heads} | {LABELS[r.method]} | "
+            f"{r.seconds * 1000:.1f} | {r.runs} | {_fmt(r.ratio_pyhealth)} | {_fmt(r.ratio_forward)} | "
+            f"{_fmt(r.memory_mib, 1)} | {_fmt(r.memory_ratio_pyhealth)} |"
         )
     return "\n".join(lines)
 
 
-def _row(rows: list[Row], config: Config, method: str) -> Optional[Row]:
+def _row(rows: list[Row], config: Config, method: str) -> Row | None:
     return next((r for r in rows if r.config == config and r.method == method), None)
 
 
 def target_lines(rows: list[Row], embedding_dim: int, nested: bool = False) -> list[str]:
     """PASS/FAIL per target of the issue, with the measured ratio."""
     big, small = target_configs(embedding_dim, nested)
-    get = lambda config, method: _row(rows, config, method)  # noqa: E731
+
+    def get(config: Config, method: str) -> Row | None:
+        return _row(rows, config, method)
+
     ours, ph, sal, fwd, ig = (get(big, m) for m in ("chefer", "pyhealth", "saliency", "forward", "ig"))
     split, recommended = get(big, "chefer-split"), get(big, "chefer-recommended")
     ours_small, fwd_small = get(small, "chefer"), get(small, "forward")
-    checks: list[tuple[str, Optional[float], str, float]] = []
+    checks: list[tuple[str, float | None, str, float]] = []
     if ours and ph:
         checks.append(("time ours / PyHealth", ours.seconds / ph.seconds, "<=", 0.5))
-        checks.append(("peak memory growth ours / PyHealth", ours.memory_mib / ph.memory_mib if ph.memory_mib else None, "<=", 0.6))
+        memory_ratio = ours.memory_mib / ph.memory_mib if ph.memory_mib else None
+        checks.append(("peak memory growth ours / PyHealth", memory_ratio, "<=", 0.6))
     if ours and sal:
         checks.append(("time ours / Saliency", ours.seconds / sal.seconds, "<=", 1.0))
     if ours and fwd:
@@ -642,7 +687,10 @@ def target_lines(rows: list[Row], embedding_dim: int, nested: bool = False) -> l
         growth = (ours.seconds / fwd.seconds) / (ours_small.seconds / fwd_small.seconds)
         checks.append(("(ours / forward at 1024) / (ours / forward at 256)", growth, "<=", 1.2))
     runs = min((r.runs for r in (ours, ph, sal, fwd, ig) if r), default=0)
-    lines = [f"targets at {big.length}+{big.second} codes, {big.depth} layers, {big.heads} head, batch {big.batch} (>= {runs} runs each):"]
+    lines = [
+        f"targets at {big.length}+{big.second} codes, {big.depth} layers, {big.heads} head, batch {big.batch} "
+        f"(>= {runs} runs each):"
+    ]
     for name, value, op, bound in checks:
         ok = value is not None and (value <= bound if op == "<=" else value >= bound)
         lines.append(f"  {'PASS' if ok else 'FAIL'}  {name} = {_fmt(value)} (target {op} {bound})")
@@ -680,12 +728,13 @@ def method_label(method: str) -> str:
 
 
 def run_transformers(
-    configs: list[TransformerConfig], device: str, repeats: int, ig_repeats: int, threads: int, ig_memory: bool, log=print
+    configs: list[TransformerConfig], device: str, repeats: int, ig_repeats: int, threads: int, ig_memory: bool,
+    log=print,
 ) -> list[TransformerRow]:
     """Memory probes first (each in a process forked before this one runs a tensor op), then the timings."""
     t0 = time.time()
     preload()
-    import transformers  # noqa: F401
+    importlib.import_module("transformers")  # loaded here, before the memory probes fork
 
     log(f"imports: {time.time() - t0:.1f} s")
     cuda = device.startswith("cuda")
@@ -696,7 +745,8 @@ def run_transformers(
                 continue
             t0 = time.time()
             memory[config, method] = measure_memory_forked(config, method, device, threads)  # type: ignore[arg-type]
-            log(f"memory {config.name} {method}: {memory[config, method]['rss_mib']:.1f} MiB ({time.time() - t0:.1f} s)")
+            log(f"memory {config.name} {method}: {memory[config, method]['rss_mib']:.1f} MiB "
+                f"({time.time() - t0:.1f} s)")
     torch.set_num_threads(threads)
     rows: list[TransformerRow] = []
     for config in configs:
@@ -728,16 +778,17 @@ def run_transformers(
 def transformer_table(rows: list[TransformerRow]) -> str:
     """The transformers grid as a markdown table."""
     lines = [
-        "| model | input | method | median ms | runs | × Saliency | × forward | peak growth MiB | mem × Saliency |",
+        "| model | input | method | median ms | runs "
+        "| × Saliency | × forward | peak growth MiB | mem × Saliency |",  # noqa: RUF001 (the multiplication sign is the printed text)
         "|---|---|---|---:|---:|---:|---:|---:|---:|",
     ]
     for r in rows:
         c = r.config
         size = f"{c.length}x{c.length} px" if c.family in IMAGE_FAMILIES else f"{c.length} tokens"
         lines.append(
-            f"| {FAMILY_LABELS[c.family]}{' (tiny)' if c.tiny else ''} | {size}, batch {c.batch} | {method_label(r.method)} | "
-            f"{r.seconds * 1000:.1f} | {r.runs} | {_fmt(r.ratio_saliency)} | {_fmt(r.ratio_forward)} | {_fmt(r.memory_mib, 1)} | "
-            f"{_fmt(r.memory_ratio_saliency)} |"
+            f"| {FAMILY_LABELS[c.family]}{' (tiny)' if c.tiny else ''} | {size}, batch {c.batch} | "
+            f"{method_label(r.method)} | {r.seconds * 1000:.1f} | {r.runs} | {_fmt(r.ratio_saliency)} | "
+            f"{_fmt(r.ratio_forward)} | {_fmt(r.memory_mib, 1)} | {_fmt(r.memory_ratio_saliency)} |"
         )
     return "\n".join(lines)
 
@@ -757,9 +808,13 @@ def transformer_target_lines(rows: list[TransformerRow]) -> list[str]:
         parts = []
         for name, value, bound in checks:
             known = not (isinstance(value, float) and math.isnan(value))
-            parts.append(f"{'PASS' if known and value <= bound else 'FAIL' if known else 'n/a '}  {name} = {_fmt(value)} (target <= {bound})")
+            verdict = ("PASS" if value <= bound else "FAIL") if known else "n/a "
+            parts.append(f"{verdict}  {name} = {_fmt(value)} (target <= {bound})")
         if not math.isnan(ours.max_diff_pyhealth):
-            parts.append(f"max |ours - PyHealth reference| over patches = {ours.max_diff_pyhealth:.2e} (the reference skips pos_embedding and misorders gradients beyond 2 blocks)")
+            parts.append(
+                f"max |ours - PyHealth reference| over patches = {ours.max_diff_pyhealth:.2e} "
+                "(the reference skips pos_embedding and misorders gradients beyond 2 blocks)"
+            )
         lines.append(f"{config.name}:")
         lines += [f"  {part}" for part in parts]
     return lines
@@ -804,7 +859,8 @@ def transformers_main(args: argparse.Namespace, families: list[str]) -> int:
             "```",
             "",
             f"machine: {machine_line(args.device, args.threads)}",
-            f"random weights, batch 4; median of {args.repeats} interleaved runs (IG: {args.ig_repeats}, {IG_STEPS} steps, "
+            f"random weights, batch 4; median of {args.repeats} interleaved runs "
+            f"(IG: {args.ig_repeats}, {IG_STEPS} steps, "
             f"internal batch 4, so IG's time is {IG_STEPS} forward and backward passes); {memory_note}; total run time "
             f"{time.time() - started:.0f} s",
             "",
@@ -828,16 +884,14 @@ def transformers_main(args: argparse.Namespace, families: list[str]) -> int:
 
 def preload() -> None:
     """Import everything the workloads use once, here, so that forked memory probes start at once."""
-    import captum.attr  # noqa: F401
-    import pyhealth.datasets  # noqa: F401
-    import pyhealth.interpret.methods  # noqa: F401
-    import pyhealth.models  # noqa: F401
-
-    import captum_chefer  # noqa: F401
+    modules = ("captum.attr", "pyhealth.datasets", "pyhealth.interpret.methods", "pyhealth.models", "captum_chefer")
+    for module in modules:
+        importlib.import_module(module)
 
 
 def run(
-    configs: list[Config], device: str, repeats: int, ig_repeats: int, threads: int, log=print, methods: tuple[str, ...] = METHODS
+    configs: list[Config], device: str, repeats: int, ig_repeats: int, threads: int, log=print,
+    methods: tuple[str, ...] = METHODS,
 ) -> list[Row]:
     """Memory probes first (forked before this process runs any tensor op), then the timings."""
     t0 = time.time()
@@ -852,12 +906,14 @@ def run(
                 continue  # IG's memory is not a target; measuring it everywhere doubles the grid's time
             t0 = time.time()
             memory[config, method] = measure_memory_forked(config, method, device, threads)
-            log(f"memory {config.name} {method}: {memory[config, method]['rss_mib']:.1f} MiB ({time.time() - t0:.1f} s)")
+            log(f"memory {config.name} {method}: {memory[config, method]['rss_mib']:.1f} MiB "
+                f"({time.time() - t0:.1f} s)")
     torch.set_num_threads(threads)
     rows: list[Row] = []
     for config in configs:
         w = build_workload(config, device)
-        timings, gap = time_methods(w, device, repeats, repeats if config in targets or replace(config, nested=False) == QUICK else ig_repeats, methods)
+        full_ig = config in targets or replace(config, nested=False) == QUICK
+        timings, gap = time_methods(w, device, repeats, repeats if full_ig else ig_repeats, methods)
         if cuda:
             for method in methods:
                 memory[config, method] = measure_cuda_memory(w, method)
@@ -874,29 +930,40 @@ def run(
                     mib / ph_mem if ph_mem else math.nan, gap if method == "chefer" else math.nan,
                 )
             )
-        log(f"timed {config.name}: " + ", ".join(f"{n} {t.seconds * 1000:.1f} ms" for n, t in timings.items()) + f"; max |ours - PyHealth| = {gap:.2e}")
+        log(f"timed {config.name}: " + ", ".join(f"{n} {t.seconds * 1000:.1f} ms" for n, t in timings.items())
+            + f"; max |ours - PyHealth| = {gap:.2e}")
     return rows
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     grid = parser.add_mutually_exclusive_group()
     grid.add_argument("--quick", action="store_true", help="one tiny configuration (for the tests)")
-    grid.add_argument("--target", action="store_true", help="only the 1024- and 256-code configurations the targets read")
+    grid.add_argument(
+        "--target", action="store_true", help="only the 1024- and 256-code configurations the targets read"
+    )
     parser.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     parser.add_argument("--repeats", type=int, default=5, help="timed calls per method (median; default 5)")
     parser.add_argument("--ig-repeats", type=int, default=1, help="timed IG calls outside the target configuration")
-    parser.add_argument("--threads", type=int, default=1, help="torch intra-op threads, the same for every method (default 1)")
+    parser.add_argument(
+        "--threads", type=int, default=1, help="torch intra-op threads, the same for every method (default 1)"
+    )
     parser.add_argument("--embedding-dim", type=int, default=64)
     parser.add_argument("--nested", action="store_true", help="the second stream as nested visits of up to 4 codes")
-    parser.add_argument("--methods", default=None, help=f"a comma list of {', '.join(METHODS)} (forward and pyhealth always run)")
-    parser.add_argument("--results", default=str(Path(__file__).with_name("RESULTS.md")), help="markdown output ('' for none)")
+    parser.add_argument(
+        "--methods", default=None, help=f"a comma list of {', '.join(METHODS)} (forward and pyhealth always run)"
+    )
+    parser.add_argument(
+        "--results", default=str(Path(__file__).with_name("RESULTS.md")), help="markdown output ('' for none)"
+    )
     parser.add_argument("--json", type=Path, default=None, help="also write the rows as JSON here")
     parser.add_argument(
         "--families", default=None,
         help=f"run the transformers grid instead: 'transformers' (all) or a comma list of {', '.join(FAMILIES)}",
     )
-    parser.add_argument("--ig-steps", type=int, default=IG_STEPS, help="IG steps in the transformers grid (default 50)")
+    parser.add_argument(
+        "--ig-steps", type=int, default=IG_STEPS, help="IG steps in the transformers grid (default 50)"
+    )
     parser.add_argument("--ig-memory", action="store_true", help="also measure IG's memory in the transformers grid")
     args = parser.parse_args(argv)
     if args.repeats < 1 or args.ig_repeats < 1 or args.ig_steps < 1:
@@ -904,7 +971,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.device.startswith("cuda") and not torch.cuda.is_available():
         parser.error("--device cuda, but torch sees no CUDA device")
     if args.families is not None:
-        families = list(FAMILIES) if args.families == "transformers" else [f.strip() for f in args.families.split(",") if f.strip()]
+        if args.families == "transformers":
+            families = list(FAMILIES)
+        else:
+            families = [f.strip() for f in args.families.split(",") if f.strip()]
         unknown = [f for f in families if f not in FAMILIES]
         if unknown or not families:
             parser.error(f"--families: unknown {unknown}; choose 'transformers' or from {', '.join(FAMILIES)}")
@@ -947,8 +1017,10 @@ def main(argv: Optional[list[str]] = None) -> int:
     text = "\n".join(
         [
             f"machine: {machine}",
-            f"batch 4, a second stream of 256 codes{' (nested visits of up to 4)' if configs[0].nested else ''}, embedding dim {configs[0].embedding_dim}; median of {args.repeats} "
-            f"interleaved runs (IG: {args.repeats} at the target configurations, {args.ig_repeats} elsewhere); {memory_note}",
+            f"batch 4, a second stream of 256 codes{' (nested visits of up to 4)' if configs[0].nested else ''}, "
+            f"embedding dim {configs[0].embedding_dim}; median of {args.repeats} "
+            f"interleaved runs (IG: {args.repeats} at the target configurations, {args.ig_repeats} elsewhere); "
+            f"{memory_note}",
             f"max |ours - PyHealth| over the grid: {max(gaps):.2e}; total run time {time.time() - started:.0f} s",
             "",
             markdown_table(rows),
@@ -958,7 +1030,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     )
     print(text)
     if args.results:
-        Path(args.results).write_text(f"# Benchmark results ({args.device})\n\n```\n{' '.join(sys.argv)}\n```\n\n{text}\n")
+        Path(args.results).write_text(
+            f"# Benchmark results ({args.device})\n\n```\n{' '.join(sys.argv)}\n```\n\n{text}\n"
+        )
     if args.json:
         args.json.write_text(json.dumps([{**asdict(r), "config": asdict(r.config)} for r in rows], indent=1))
     return 0

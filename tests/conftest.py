@@ -24,7 +24,9 @@ def points_at(warning: warnings.WarningMessage, path: str) -> bool:
     Under mutation testing mutmut calls each mutated function through its trampoline, one frame deeper, so
     there the trampoline stands in for the caller.
     """
-    return warning.filename == path or warning.filename.endswith(("mutmut/mutation/trampoline.py", "mutmut\\mutation\\trampoline.py"))
+    return warning.filename == path or warning.filename.endswith(
+        ("mutmut/mutation/trampoline.py", "mutmut\\mutation\\trampoline.py")
+    )
 
 
 def _codes(rng: random.Random, prefix: str, vocab: int, low: int, high: int) -> list[str]:
@@ -78,7 +80,9 @@ def make_model(dataset, kind: str = "transformer", layers: int = 2, heads: int =
         if kind == "transformer":
             model = Transformer(dataset=dataset, embedding_dim=16, heads=heads, num_layers=layers, **kwargs)
         else:
-            model = StageAttentionNet(dataset=dataset, embedding_dim=16, chunk_size=8, levels=2, num_heads=heads, **kwargs)
+            model = StageAttentionNet(
+                dataset=dataset, embedding_dim=16, chunk_size=8, levels=2, num_heads=heads, **kwargs
+            )
     return model.eval()
 
 

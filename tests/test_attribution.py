@@ -30,12 +30,12 @@ def test_captum_conventions(seq_model, seq_batch):
     inputs, args = adapter.captum_inputs(seq_batch)
     out = method.attribute(inputs, target=None, additional_forward_args=args)
     assert isinstance(out, tuple) and len(out) == len(inputs)
-    for attribution, x in zip(out, inputs):
+    for attribution, x in zip(out, inputs, strict=True):
         assert attribution.shape == x.shape and attribution.dtype == x.dtype
     # spread evenly over the embedding dimension: summing over it gives the token relevance back
     tokens, token_args = adapter.captum_inputs(seq_batch, level="token")
     by_token = method.attribute(tokens, target=None, additional_forward_args=token_args)
-    for attribution, token_attribution in zip(out, by_token):
+    for attribution, token_attribution in zip(out, by_token, strict=True):
         torch.testing.assert_close(attribution.sum(-1), token_attribution)
         assert torch.allclose(attribution, attribution[..., :1].expand_as(attribution))
 
@@ -64,7 +64,9 @@ def test_a_bare_model_is_refused_with_the_fix(seq_model, seq_batch):
     assert [tuple(a.shape) for a in wrapped] == [tuple(x.shape) for x in inputs]
 
 
-@pytest.mark.parametrize("fmt, kind", [("sequence", "transformer"), ("stagenet_nested", "stagenet"), ("stagenet", "stagenet")])
+@pytest.mark.parametrize(
+    "fmt, kind", [("sequence", "transformer"), ("stagenet_nested", "stagenet"), ("stagenet", "stagenet")]
+)
 def test_batch_gives_what_single_samples_give(fmt, kind):
     from pyhealth.datasets import get_dataloader
 
@@ -207,5 +209,5 @@ def test_per_sample_targets_give_per_sample_calls():
     for cls in range(3):
         fixed = CheferAttribution(adapter).attribute(inputs, target=cls, additional_forward_args=args)
         rows = targets == cls
-        for m, f in zip(mixed, fixed):
+        for m, f in zip(mixed, fixed, strict=True):
             torch.testing.assert_close(m[rows], f[rows])

@@ -14,10 +14,10 @@ import re
 
 import pytest
 import torch
+from test_stacked_toys import A1, A2, StackedToy, _x
 
 from captum_chefer import CheferAttribution
 from captum_chefer.attribution import AttentionForward
-from test_stacked_toys import A1, A2, StackedToy, _x
 
 CLASS0 = [[1.19015625, 0.0, 0.294921875], [0.38572265625, 0.0, 1.61787109375]]
 CLASS1 = [[1.0, 0.173984375, 0.0], [0.0, 0.05625, 1.0]]
@@ -81,7 +81,8 @@ def test_inside_no_grad():
         (2, ValueError, "target 2 is out of range: the model has 2 outputs, so targets are class indices 0..1"),
         (-1, ValueError, "target -1 is out of range: the model has 2 outputs, so targets are class indices 0..1"),
         ([0, 2], ValueError, "target 2 is out of range: the model has 2 outputs, so targets are class indices 0..1"),
-        ([3, -1], ValueError, "target [-1, 3] is out of range: the model has 2 outputs, so targets are class indices 0..1"),
+        ([3, -1], ValueError,
+         "target [-1, 3] is out of range: the model has 2 outputs, so targets are class indices 0..1"),
         ([0, 1, 0], ValueError, "target must be one index for the batch or one per sample (2); got shape (3,). "
          "Multi-dimensional (tuple) targets are not supported."),
         (torch.tensor([[0, 1]]), ValueError, "target must be one index for the batch or one per sample (2); got shape "
@@ -99,8 +100,10 @@ def test_bad_targets_are_named(target, error, message):
 def test_one_output_needs_no_target_and_accepts_class_zero():
     method = CheferAttribution(StackedToy([A1, A2]))
     torch.testing.assert_close(method.attribute(_x(), target=0), method.attribute(_x()))
-    with pytest.raises(ValueError, match=re.escape("target 1 is out of range for a model with a single logit (binary): "
-                                                  "that logit is the positive class's score, explained with target=None (or 0)")):
+    with pytest.raises(ValueError, match=re.escape(
+        "target 1 is out of range for a model with a single logit (binary): "
+        "that logit is the positive class's score, explained with target=None (or 0)"
+    )):
         method.attribute(_x(), target=1)
 
 
@@ -129,7 +132,9 @@ def test_bad_options_are_named(options, message):
         CheferAttribution(StackedToy([A1, A2])).attribute(_x(), **options)
 
 
-@pytest.mark.parametrize("inputs", [(), [torch.ones(2, 3)], (torch.ones(2, 3), [1.0])], ids=["empty", "list", "non-tensor"])
+@pytest.mark.parametrize(
+    "inputs", [(), [torch.ones(2, 3)], (torch.ones(2, 3), [1.0])], ids=["empty", "list", "non-tensor"]
+)
 def test_inputs_must_be_tensors(inputs):
     with pytest.raises(TypeError, match=r"^inputs must be a tensor or a non-empty tuple of tensors$"):
         CheferAttribution(StackedToy([A1, A2])).attribute(inputs)
@@ -153,7 +158,7 @@ def test_additional_forward_args_reach_the_model_as_a_tuple():
         assert [name for name, _ in seen] == ["attention_forward", "relevance_to_inputs"]
         for _, got in seen:
             assert isinstance(got, tuple) and len(got) == len(expected)
-            assert all(a is b for a, b in zip(got, expected))
+            assert all(a is b for a, b in zip(got, expected, strict=True))
         seen.clear()
 
 
@@ -251,7 +256,7 @@ def test_require_attention_runs_when_the_method_is_made():
         def require_attention(self):
             raise ValueError("this model has no attention")
 
-    with pytest.raises(ValueError, match="^this model has no attention$"):
+    with pytest.raises(ValueError, match=r"^this model has no attention$"):
         CheferAttribution(NoAttention([A1, A2]))
 
 

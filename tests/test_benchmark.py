@@ -31,7 +31,10 @@ def quick_run(tmp_path_factory):
     # A fresh process: the memory probes fork before any tensor operation, which pytest's process is past.
     out = tmp_path_factory.mktemp("bench")
     proc = subprocess.run(
-        [sys.executable, str(SCRIPT), "--quick", "--results", str(out / "RESULTS.md"), "--json", str(out / "rows.json")],
+        [
+            sys.executable, str(SCRIPT), "--quick", "--results", str(out / "RESULTS.md"),
+            "--json", str(out / "rows.json"),
+        ],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -39,7 +42,7 @@ def quick_run(tmp_path_factory):
 
 
 def test_quick_rows_are_finite_and_positive(quick_run):
-    stdout, rows, results = quick_run
+    _, rows, _ = quick_run
     speed = _load_speed()
     assert [r["method"] for r in rows] == list(speed.METHODS)
     for r in rows:

@@ -11,8 +11,14 @@ from captum.attr import IntegratedGradients, Saliency
 from torch import nn
 
 from captum_chefer import CheferAttribution, PyHealthAdapter
-from captum_chefer.capture import AttentionCapture, attention_kind, evaluation_mode, find_attention_modules, multihead_attention
-from tests.conftest import first_batch, make_dataset, make_model
+from captum_chefer.capture import (
+    AttentionCapture,
+    attention_kind,
+    evaluation_mode,
+    find_attention_modules,
+    multihead_attention,
+)
+from tests.conftest import first_batch, make_model
 
 
 def _state(model: nn.Module) -> dict:
@@ -52,7 +58,9 @@ def test_multihead_attention_written_out_equals_torch(batch_first, masks):
         kwargs["is_causal"] = True
     for need_weights, average in ((True, True), (True, False), (False, True)):
         expected, expected_weights = mha(x, x, x, need_weights=need_weights, average_attn_weights=average, **kwargs)
-        out, weights, probabilities = multihead_attention(mha, x, x, x, need_weights=need_weights, average_attn_weights=average, **kwargs)
+        out, weights, probabilities = multihead_attention(
+            mha, x, x, x, need_weights=need_weights, average_attn_weights=average, **kwargs
+        )
         torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
         if need_weights:
             torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-5)
@@ -69,7 +77,7 @@ def test_multihead_attention_kdim_vdim_and_unbatched():
     torch.testing.assert_close(multihead_attention(mha, q, k, v)[0], mha(q, k, v)[0], atol=1e-5, rtol=1e-5)
     square = nn.MultiheadAttention(8, 2).eval()
     x = torch.randn(5, 8)
-    out, weights, probabilities = multihead_attention(square, x, x, x)
+    out, weights, _ = multihead_attention(square, x, x, x)
     expected, expected_weights = square(x, x, x)
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-5)
@@ -92,7 +100,8 @@ def test_captured_probabilities_are_on_the_gradient_path():
     with torch.no_grad():
         p = attention.detach().clone()
         p[0, 1, 0, 2] += eps
-        v = torch.nn.functional.linear(x, *[t.chunk(3)[2] for t in (layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias)])
+        projection = (layer.self_attn.in_proj_weight, layer.self_attn.in_proj_bias)
+        v = torch.nn.functional.linear(x, *[t.chunk(3)[2] for t in projection])
         v = v.view(1, 4, 2, 4).transpose(1, 2)
 
         def block_output(probabilities):
@@ -135,10 +144,10 @@ def test_model_left_exactly_as_found_also_after_an_exception(seq_dataset):
         raise Boom("inside the model")
 
     block = model.transformer["conditions"].transformer[-1]
-    with pytest.raises(Boom):
-        with AttentionCapture({"c": find_attention_modules(block)}, model=model, overrides={block.feed_forward: lambda original, *a, **k: explode()}):
-            assert not any(m.training for m in model.modules())
-            adapter.attention_forward(inputs, args)
+    overrides = {block.feed_forward: lambda original, *a, **k: explode()}
+    with pytest.raises(Boom), AttentionCapture({"c": find_attention_modules(block)}, model=model, overrides=overrides):
+        assert not any(m.training for m in model.modules())
+        adapter.attention_forward(inputs, args)
     assert _state(model) == before
     with pytest.raises(RuntimeError, match="already open"):
         capture = AttentionCapture({})
@@ -187,7 +196,7 @@ def test_concurrent_calls_give_exactly_the_sequential_results(seq_dataset):
             barrier.wait()
             for j in range(k, len(jobs), 4):
                 results[j] = run(jobs[j])
-        except BaseException as error:  # noqa: BLE001 - reported below
+        except BaseException as error:  # reported below
             errors.append(error)
 
     threads = [threading.Thread(target=worker, args=(k,)) for k in range(4)]
@@ -197,7 +206,7 @@ def test_concurrent_calls_give_exactly_the_sequential_results(seq_dataset):
         t.join()
     assert not errors, errors
     for j, expected in enumerate(sequential):
-        for got, want in zip(results[j], expected):
+        for got, want in zip(results[j], expected, strict=True):
             assert torch.equal(got, want), jobs[j]
     assert _state(model) == _state(make_model(seq_dataset, layers=2, heads=2))
 
@@ -230,7 +239,7 @@ def test_a_concurrent_training_step_keeps_its_parameter_gradients(seq_dataset):
     finally:
         release.set()
         thread.join()
-    for g, e in zip(got["grads"], expected):
+    for g, e in zip(got["grads"], expected, strict=True):
         assert (g is None) == (e is None)
         if g is not None:
             assert torch.equal(g, e)
@@ -273,7 +282,9 @@ def test_huggingface_sdpa_model_is_captured_and_restored():
     inside = threading.Event()
     with AttentionCapture({"text": modules}, model=model) as capture:
         inside.set()
-        thread = threading.Thread(target=lambda: other.setdefault("logits", model(inputs_embeds=embeds, attention_mask=mask).logits))
+        thread = threading.Thread(
+            target=lambda: other.setdefault("logits", model(inputs_embeds=embeds, attention_mask=mask).logits)
+        )
         thread.start()
         thread.join()
     assert torch.equal(other["logits"], reference)
@@ -282,17 +293,25 @@ def test_huggingface_sdpa_model_is_captured_and_restored():
 
 
 def _deferred_cases():
-    from transformers import (Gemma2Config, Gemma2ForSequenceClassification, GPT2Config, GPT2ForSequenceClassification,
-                              LlamaConfig, LlamaForSequenceClassification)
+    from transformers import (
+        Gemma2Config,
+        Gemma2ForSequenceClassification,
+        GPT2Config,
+        GPT2ForSequenceClassification,
+        LlamaConfig,
+        LlamaForSequenceClassification,
+    )
 
     torch.manual_seed(3)
-    small = dict(vocab_size=40, num_hidden_layers=2, num_attention_heads=4, intermediate_size=32)
+    small = {"vocab_size": 40, "num_hidden_layers": 2, "num_attention_heads": 4, "intermediate_size": 32}
     yield "bert", _tiny_bert(), True
-    yield "gpt2", GPT2ForSequenceClassification(GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, pad_token_id=0)).eval(), True
+    yield "gpt2", GPT2ForSequenceClassification(
+        GPT2Config(vocab_size=40, n_embd=16, n_layer=2, n_head=2, pad_token_id=0)).eval(), True
     yield "llama (grouped-query)", LlamaForSequenceClassification(
         LlamaConfig(hidden_size=16, num_key_value_heads=2, pad_token_id=0, **small)).eval(), True
     yield "gemma2 (soft-capped: kept as tensors)", Gemma2ForSequenceClassification(
-        Gemma2Config(hidden_size=16, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=20.0, pad_token_id=0, **small)).eval(), False
+        Gemma2Config(hidden_size=16, num_key_value_heads=2, head_dim=8, attn_logit_softcapping=20.0, pad_token_id=0,
+                     **small)).eval(), False
 
 
 def test_deferred_huggingface_attention_equals_the_eager_capture():
@@ -317,16 +336,22 @@ def test_deferred_huggingface_attention_equals_the_eager_capture():
         assert all(not isinstance(layer, torch.Tensor) for layer in layers), name
         outputs = torch.autograd.grad(logits[:, 0].sum(), [layer.graph_tensor for layer in layers])
         rows = torch.tensor([5, 3])
-        for layer, attention, grad, d_output in zip(layers, maps, eager_grads, outputs):
+        for layer, attention, grad, d_output in zip(layers, maps, eager_grads, outputs, strict=True):
             assert layer.shape == attention.shape and layer.dtype == attention.dtype, name
             torch.testing.assert_close(layer.probabilities(), attention.detach(), atol=1e-6, rtol=1e-5, msg=name)
             torch.testing.assert_close(layer.gradient(d_output), grad, atol=1e-6, rtol=1e-4, msg=name)
             # a group of heads, and one query row per sample, as the relevance asks for them
             heads = slice(1, 3)
-            torch.testing.assert_close(layer.probabilities(heads), attention.detach()[:, heads], atol=1e-6, rtol=1e-5, msg=name)
+            torch.testing.assert_close(
+                layer.probabilities(heads), attention.detach()[:, heads], atol=1e-6, rtol=1e-5, msg=name
+            )
             torch.testing.assert_close(layer.gradient(d_output, heads), grad[:, heads], atol=1e-6, rtol=1e-4, msg=name)
             picked = attention.detach()[torch.arange(2), :, rows].unsqueeze(2)
-            torch.testing.assert_close(layer.probabilities(heads, rows), picked[:, heads], atol=1e-6, rtol=1e-5, msg=name)
+            torch.testing.assert_close(
+                layer.probabilities(heads, rows), picked[:, heads], atol=1e-6, rtol=1e-5, msg=name
+            )
             picked_grad = grad[torch.arange(2), :, rows].unsqueeze(2)
-            torch.testing.assert_close(layer.gradient(d_output, heads, rows), picked_grad[:, heads], atol=1e-6, rtol=1e-4, msg=name)
+            torch.testing.assert_close(
+                layer.gradient(d_output, heads, rows), picked_grad[:, heads], atol=1e-6, rtol=1e-4, msg=name
+            )
         assert _state(model)["implementation"][0] == "sdpa"

@@ -38,7 +38,7 @@ def _in_thread(function):
     def run():
         try:
             out["value"] = function()
-        except BaseException as error:  # noqa: BLE001 - re-raised below
+        except BaseException as error:  # re-raised below
             out["error"] = error
 
     thread = threading.Thread(target=run)
@@ -93,7 +93,8 @@ def test_an_instance_forward_is_called_by_the_handler_and_others_and_restored():
     linear.forward = own
     x = torch.randn(4, 3)
     expected = x @ linear.weight.T + linear.bias
-    with AttentionCapture({}, overrides={linear: lambda original, *a, **k: 2 * original(*a, **k)}, detach_parameters=False):
+    doubled = {linear: lambda original, *a, **k: 2 * original(*a, **k)}
+    with AttentionCapture({}, overrides=doubled, detach_parameters=False):
         torch.testing.assert_close(linear(x), 2 * expected)  # the handler got the instance forward as the original
         torch.testing.assert_close(_in_thread(lambda: linear(x)), expected)  # other threads call it unchanged
     assert vars(linear)["forward"] is own and len(calls) == 2
@@ -124,7 +125,8 @@ def test_nested_captures_the_innermost_records_and_the_outer_again_after_it():
     assert "forward" not in vars(layer.self_attn)
     assert len(outer.attention["s"]) == 2 and len(inner.attention["s"]) == 1 and len(inner.attention["t"]) == 1
     assert [(stream, module) for stream, module, _ in inner.calls] == [("s", layer.self_attn), ("t", other)]
-    assert all(tensor is recorded for (_, _, tensor), recorded in zip(inner.calls, [*inner.attention["s"], *inner.attention["t"]]))
+    recorded_maps = [*inner.attention["s"], *inner.attention["t"]]
+    assert all(tensor is recorded for (_, _, tensor), recorded in zip(inner.calls, recorded_maps, strict=True))
     assert inner.records(other) and not outer.records(other)
 
 
@@ -154,9 +156,12 @@ def test_a_capture_can_be_opened_again_once_closed():
 def test_a_failed_enter_leaves_the_model_as_found():
     model = nn.TransformerEncoder(nn.TransformerEncoderLayer(8, 2, dim_feedforward=16, batch_first=True), 2).train()
     first, second = (layer.self_attn for layer in model.layers)
-    with pytest.raises(ValueError, match=_exactly("MultiheadAttention is both captured and overridden")):
-        with AttentionCapture({"s": [first, second]}, overrides={second: lambda original, *a, **k: original(*a, **k)}, model=model):
-            pass
+    overrides = {second: lambda original, *a, **k: original(*a, **k)}
+    with (
+        pytest.raises(ValueError, match=_exactly("MultiheadAttention is both captured and overridden")),
+        AttentionCapture({"s": [first, second]}, overrides=overrides, model=model),
+    ):
+        pass
     assert all(m.training for m in model.modules())
     assert not any("forward" in vars(m) for m in model.modules())
     x = torch.randn(1, 3, 8)
@@ -230,7 +235,9 @@ def test_attention_kinds_need_every_condition():
     assert _kind_of(Attention, "transformers.models.mine") is None  # does not dispatch
     namespace: dict = {}
     exec("def forward(self, x):\n    return ALL_ATTENTION_FUNCTIONS", namespace)  # no source to read
-    sourceless = type("Sourceless", (nn.Module,), {"__module__": "transformers.models.mine", "forward": namespace["forward"]})
+    sourceless = type(
+        "Sourceless", (nn.Module,), {"__module__": "transformers.models.mine", "forward": namespace["forward"]}
+    )
     module = sourceless()
     module.config = config
     assert attention_kind(module) is None
@@ -248,9 +255,9 @@ def test_error_messages_name_the_problem_and_the_fix():
     with pytest.raises(ValueError, match=_exactly("MultiheadAttention is listed under streams 'a' and 'b'")):
         AttentionCapture({"a": [mha], "b": [mha]})
     capture = AttentionCapture({})
-    with capture:
-        with pytest.raises(RuntimeError, match=_exactly("this AttentionCapture is already open; make a new one for each call")):
-            capture.__enter__()
+    already_open = _exactly("this AttentionCapture is already open; make a new one for each call")
+    with capture, pytest.raises(RuntimeError, match=already_open):
+        capture.__enter__()
     x = torch.randn(3, 8)
     message = _exactly("MultiheadAttention with add_bias_kv or add_zero_attn is not supported by attention capture")
     for module in (nn.MultiheadAttention(8, 2, add_bias_kv=True), nn.MultiheadAttention(8, 2, add_zero_attn=True)):
@@ -262,9 +269,8 @@ def test_error_messages_name_the_problem_and_the_fix():
     with pytest.raises(TypeError, match=_exactly(
         "StrayAttention has no eager_attention_forward in transformers.models.no_such_model; its attention "
         "probabilities cannot be captured"
-    )):
-        with AttentionCapture({"s": [stray]}):
-            stray(q, q, q, None)
+    )), AttentionCapture({"s": [stray]}):
+        stray(q, q, q, None)
     assert config._attn_implementation_internal != HUGGINGFACE_DISPATCHER
 
 
@@ -324,7 +330,8 @@ def test_multihead_attention_causal_flag_alone_means_the_causal_mask():
     expected, expected_weights = mha(x, x, x, attn_mask=nn.Transformer.generate_square_subsequent_mask(4))
     torch.testing.assert_close(out, expected, atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(weights, expected_weights, atol=1e-6, rtol=1e-5)
-    assert bool((probabilities.triu(1) == 0).all()) and bool((probabilities[..., torch.ones(4, 4, dtype=torch.bool).tril()] > 0).all())
+    assert bool((probabilities.triu(1) == 0).all())
+    assert bool((probabilities[..., torch.ones(4, 4, dtype=torch.bool).tril()] > 0).all())
 
 
 def test_multihead_attention_casts_a_float_mask_to_the_scores_dtype():
@@ -384,8 +391,9 @@ def test_which_calls_are_deferred():
     extra = torch.zeros(4)
     cases = [
         ({}, mask, True), ({"dropout": 0.0}, mask, True), ({"softcap": None}, mask, True),
-        ({}, None, True), ({"dropout": 0.1}, mask, False), ({"softcap": 30.0}, mask, False), ({"sinks": extra}, mask, False),
-        ({"s_aux": extra}, mask, False), ({"position_bias": extra}, mask, False), ({"head_mask": extra}, mask, False),
+        ({}, None, True), ({"dropout": 0.1}, mask, False), ({"softcap": 30.0}, mask, False),
+        ({"sinks": extra}, mask, False), ({"s_aux": extra}, mask, False), ({"position_bias": extra}, mask, False),
+        ({"head_mask": extra}, mask, False),
         ({}, mask.bool(), False),
     ]
     for kwargs, case_mask, deferred in cases:
@@ -397,7 +405,9 @@ def test_which_calls_are_deferred():
         if case_mask is None or case_mask.is_floating_point():
             probabilities, expected = _softmax_attention(q, k, v, case_mask, module.scaling)
             torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
-            torch.testing.assert_close(layer.probabilities() if deferred else layer, probabilities, atol=1e-6, rtol=1e-5)
+            torch.testing.assert_close(
+                layer.probabilities() if deferred else layer, probabilities, atol=1e-6, rtol=1e-5
+            )
     # without deferred=True, in training mode, or a causal module given no mask: the eager tensor
     for deferred_capture, training, causal in ((False, False, False), (True, True, False), (True, False, True)):
         module.train(training)
@@ -428,7 +438,8 @@ def test_deferred_maps_and_gradients_of_head_groups_and_rows_for_every_mask_shap
     with AttentionCapture({"s": [module]}, deferred=True) as capture:
         output, _ = ALL_ATTENTION_FUNCTIONS[HUGGINGFACE_DISPATCHER](module, q, k, v, mask, scaling=module.scaling)
     (layer,) = capture.attention["s"]
-    assert isinstance(layer, DeferredHuggingFaceAttention) and layer.shape == (2, 4, 5, 5) and layer.dtype == torch.float32
+    assert isinstance(layer, DeferredHuggingFaceAttention)
+    assert layer.shape == (2, 4, 5, 5) and layer.dtype == torch.float32
     assert layer.graph_tensor is output
     probabilities, expected = _softmax_attention(q, k, v, mask, module.scaling)
     probabilities = probabilities.requires_grad_(True)
@@ -442,10 +453,10 @@ def test_deferred_maps_and_gradients_of_head_groups_and_rows_for_every_mask_shap
         chosen = slice(None) if heads is None else heads
         torch.testing.assert_close(layer.probabilities(heads), probabilities[:, chosen], atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(layer.gradient(d_output, heads), d_probabilities[:, chosen], atol=1e-5, rtol=1e-5)
-        torch.testing.assert_close(layer.probabilities(heads, rows), probabilities[samples, :, rows].unsqueeze(2)[:, chosen],
-                                   atol=1e-6, rtol=1e-5)
-        torch.testing.assert_close(layer.gradient(d_output, heads, rows), d_probabilities[samples, :, rows].unsqueeze(2)[:, chosen],
-                                   atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(layer.probabilities(heads, rows),
+                                   probabilities[samples, :, rows].unsqueeze(2)[:, chosen], atol=1e-6, rtol=1e-5)
+        torch.testing.assert_close(layer.gradient(d_output, heads, rows),
+                                   d_probabilities[samples, :, rows].unsqueeze(2)[:, chosen], atol=1e-5, rtol=1e-5)
 
 
 @pytest.mark.parametrize("implementation", ["sdpa", "eager"])
@@ -486,7 +497,7 @@ def test_the_dispatcher_passes_the_call_arguments_on_in_every_path():
         probabilities, expected = _softmax_attention(q, k, v, None, 0.3)
         with AttentionCapture({"s": [module]}, deferred=True) as capture:
             output, _ = dispatcher(module, q, k, v, None, scaling=0.3)
-            elsewhere, _ = _in_thread(lambda: dispatcher(module, q, k, v, None, scaling=0.3))
+            elsewhere, _ = _in_thread(lambda module=module: dispatcher(module, q, k, v, None, scaling=0.3))
         torch.testing.assert_close(output, expected, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(capture.attention["s"][0].probabilities(), probabilities, atol=1e-6, rtol=1e-5)
         torch.testing.assert_close(elsewhere, expected, atol=1e-5, rtol=1e-5, msg=implementation)  # not causal either

@@ -13,9 +13,8 @@ import pytest
 
 from captum_chefer.cli import main
 
-
-METHODS = ["Chefer (recommended)", "Chefer (PyHealth)", "Chefer (PyHealth, exclude_self)", "Integrated Gradients", "Saliency",
-           "NoiseTunnel (SmoothGrad)", "Random"]
+METHODS = ["Chefer (recommended)", "Chefer (PyHealth)", "Chefer (PyHealth, exclude_self)", "Integrated Gradients",
+           "Saliency", "NoiseTunnel (SmoothGrad)", "Random"]
 
 
 @pytest.fixture(scope="module")
@@ -34,7 +33,8 @@ def test_compare_writes_report_figures_csv_json(small_run):
     code, out, stdout, _ = small_run
     assert code == 0
     assert f"report: {(out / 'report.html').resolve()}" in stdout
-    for name in ("report.html", "results.csv", "curves.csv", "results.json", "deletion_insertion.png", "metrics.png", "time.png"):
+    for name in ("report.html", "results.csv", "curves.csv", "results.json", "deletion_insertion.png", "metrics.png",
+                 "time.png"):
         assert (out / name).stat().st_size > 0, name
     assert len(list(out.glob("patient_*.png"))) == 2  # --small shows two patients
 
@@ -72,11 +72,13 @@ def test_a_chance_level_model_is_flagged(small_run):
     assert check["majority_rate"] == 0.5 and check["p_value"] == pytest.approx(3302 / 4096)
     # 5 of 12 and Wilson's interval (hand-computed in tests/test_report.py)
     assert "model: accuracy 0.417 (5 of 12 explained patients, 95% interval [0.193, 0.680])" in stdout
-    assert check["accuracy_low"] == pytest.approx(0.19326, abs=1e-5) and check["accuracy_high"] == pytest.approx(0.68049, abs=1e-5)
+    assert check["accuracy_low"] == pytest.approx(0.19326, abs=1e-5)
+    assert check["accuracy_high"] == pytest.approx(0.68049, abs=1e-5)
     # said once, as the command's own line: not also as a Python warning from each step of the run
     (warning,) = [line for line in stderr.splitlines() if "not better than chance" in line]
     assert warning.startswith(
-        "captum-chefer: warning: The model is not better than chance on the explained patients: accuracy 0.417 (5 of 12 "
+        "captum-chefer: warning: The model is not better than chance on the explained patients: "
+        "accuracy 0.417 (5 of 12 "
     )
     assert "train it further" in warning and "ChanceLevelWarning" not in stderr
     page = (out / "report.html").read_text()
@@ -92,7 +94,7 @@ def test_compare_as_a_function_warns_in_python(monkeypatch, tmp_path):
         model_check = ModelCheck.from_counts(5, 12, {0: 6, 1: 6})
 
     def steps(*args, **kwargs):  # the run's own steps would warn too: compare() says it once
-        warnings.warn(ChanceLevelWarning("from a step"))
+        warnings.warn(ChanceLevelWarning("from a step"), stacklevel=2)
         return Report()
 
     monkeypatch.setattr(cli, "_compare", steps)
@@ -105,7 +107,8 @@ def test_compare_as_a_function_warns_in_python(monkeypatch, tmp_path):
 def test_report_is_self_contained(small_run):
     _, out, _, _ = small_run
     page = (out / "report.html").read_text()
-    assert page.count("data:image/png;base64,") == 3 + 2 + 1  # three summary figures, one per shown patient, the cohort's
+    # three summary figures, one per shown patient, the cohort's
+    assert page.count("data:image/png;base64,") == 3 + 2 + 1
     assert "<table class=\"results\">" in page and "Chefer (PyHealth, exclude_self)" in page
     assert "http://" not in page and "https://" not in page and "<script" not in page
     # planted ground-truth codes are outlined and bracketed, with a legend line
@@ -119,7 +122,9 @@ def test_report_is_self_contained(small_run):
 
 
 def test_module_help_and_console_script():
-    result = subprocess.run([sys.executable, "-m", "captum_chefer", "compare", "--help"], capture_output=True, text=True, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "captum_chefer", "compare", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert result.returncode == 0 and "--out" in result.stdout and "--ig-steps" in result.stdout
     scripts = {e.name: e.value for e in entry_points(group="console_scripts")}
     assert scripts.get("captum-chefer") == "captum_chefer.cli:main"
@@ -147,7 +152,7 @@ def no_training(monkeypatch):
 )
 def test_bad_arguments_exit_with_a_message(argv, message, tmp_path, capsys, no_training):
     with pytest.raises(SystemExit) as exit_info:
-        main(argv + ["--out", str(tmp_path)])
+        main([*argv, "--out", str(tmp_path)])
     assert exit_info.value.code == 2
     (line,) = capsys.readouterr().err.splitlines()
     assert line.startswith("captum-chefer: error: ") and message in line

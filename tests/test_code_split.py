@@ -13,10 +13,8 @@ import pytest
 import torch
 
 from captum_chefer import CheferAttribution, PyHealthAdapter
-from captum_chefer.attribution import PRESETS, FixedScaleLayerNorm
-from captum_chefer.attribution import _names_keyword
+from captum_chefer.attribution import PRESETS, FixedScaleLayerNorm, _names_keyword
 from captum_chefer.relevance import layer_norm_fixed_scale, softmax_log_odds, split_over_codes
-
 from conftest import first_batch, make_dataset, make_model
 
 
@@ -31,7 +29,7 @@ def _setup(fmt: str, kind: str, seed: int = 0, n_classes: int = 2):
 
 def _codes(adapter, attributions):
     """``{key: [B, V, C] or [B, L]}``: the per-code relevance (summed over the embedding)."""
-    return {key: a.sum(-1) for key, a in zip(adapter.feature_keys, attributions)}
+    return {key: a.sum(-1) for key, a in zip(adapter.feature_keys, attributions, strict=True)}
 
 
 # ------------------------------------------------------------------------------------ the pure split
@@ -54,7 +52,9 @@ def test_split_keeps_negative_visit_relevance_and_checks_shapes():
     with pytest.raises(ValueError, match=r"\[B, V\].*got \(1, 2\), \(1, 3, 2\), \(1, 3, 2\)"):
         split_over_codes(torch.zeros(1, 2), torch.zeros(1, 3, 2), torch.ones(1, 3, 2, dtype=torch.bool))
     # the split comes in the relevance's dtype, whatever the shares'
-    split = split_over_codes(torch.tensor([[1.0]]), torch.tensor([[[1.0, 2.0]]], dtype=torch.float64), torch.ones(1, 1, 2) > 0)
+    split = split_over_codes(
+        torch.tensor([[1.0]]), torch.tensor([[[1.0, 2.0]]], dtype=torch.float64), torch.ones(1, 1, 2) > 0
+    )
     assert split.dtype == torch.float32
 
 
@@ -83,7 +83,9 @@ def test_fixed_scale_layer_norm_values_and_jacobian():
     out = layer_norm_fixed_scale(x, (4,), weight, bias, 1e-5)
     assert torch.allclose(out, torch.nn.functional.layer_norm(x, (4,), weight, bias, 1e-5), atol=1e-6)
     # the scale s held fixed: the Jacobian is diag(weight) (I - 11^T / D) / s
-    jacobian = torch.autograd.functional.jacobian(lambda v: layer_norm_fixed_scale(v, (4,), weight, bias, 1e-5), x)[0, :, 0, :]
+    jacobian = torch.autograd.functional.jacobian(
+        lambda v: layer_norm_fixed_scale(v, (4,), weight, bias, 1e-5), x
+    )[0, :, 0, :]
     s = math.sqrt(float(x.var(unbiased=False)) + 1e-5)
     expected = torch.diag(weight) @ (torch.eye(4) - torch.full((4, 4), 0.25)) / s
     assert torch.allclose(jacobian, expected, atol=1e-6)
@@ -130,7 +132,7 @@ def test_transformer_split_conserves_visits_pads_zero_and_keeps_flat_codes(exclu
     chefer = CheferAttribution(adapter)
     uniform = _codes(adapter, chefer.attribute(inputs, None, args, exclude_self=exclude_self))
     split = _codes(adapter, chefer.attribute(inputs, None, args, exclude_self=exclude_self, code_split="gradient"))
-    flat_mask, nested_mask = adapter.token_masks(args)
+    _, nested_mask = adapter.token_masks(args)
     assert torch.equal(split["conditions"], uniform["conditions"])  # flat codes: unchanged
     # uniform gives every real code its visit's relevance: that is the visit's relevance
     visit = (uniform["procedures"] * nested_mask).sum(-1) / nested_mask.sum(-1).clamp(min=1)
@@ -166,7 +168,9 @@ def _two_nested_streams(seed: int, **model_kwargs):
     rng = random.Random(seed)
     samples = make_samples("sequence", n=8, seed=seed)
     for sample in samples:
-        sample["diagnoses"] = [[f"D{rng.randrange(7)}" for _ in range(rng.randint(1, 3))] for _ in range(rng.randint(1, 5))]
+        sample["diagnoses"] = [
+            [f"D{rng.randrange(7)}" for _ in range(rng.randint(1, 3))] for _ in range(rng.randint(1, 5))
+        ]
     schema = {"conditions": "sequence", "procedures": "nested_sequence", "diagnoses": "nested_sequence"}
     with quiet_pyhealth():
         dataset = create_sample_dataset(samples=samples, input_schema=schema, output_schema={"label": "binary"},
@@ -184,18 +188,20 @@ def test_every_nested_stream_is_split_by_its_own_gradient():
     embedded = [x.clone().requires_grad_(True) for x in inputs]
     grads = torch.autograd.grad(adapter(*embedded, *args)[:, 0].sum(), embedded[1:])
     masks = adapter.token_masks(args)[1:]
-    for key, x, grad, mask in zip(("procedures", "diagnoses"), inputs[1:], grads, masks):
+    for key, x, grad, mask in zip(("procedures", "diagnoses"), inputs[1:], grads, masks, strict=True):
         shares = ((grad * x).sum(-1) * mask).clamp(min=0)
         visit = (uniform[key] * mask).sum(-1) / mask.sum(-1).clamp(min=1)
         total = shares.sum(-1, keepdim=True)
-        fraction = torch.where(total > 0, shares / total.clamp(min=1e-30), mask / mask.sum(-1, keepdim=True).clamp(min=1))
+        fraction = torch.where(
+            total > 0, shares / total.clamp(min=1e-30), mask / mask.sum(-1, keepdim=True).clamp(min=1)
+        )
         assert torch.allclose(split[key], visit.unsqueeze(-1) * fraction * mask, atol=1e-6), key
         assert not torch.allclose(split[key], uniform[key]), key
 
 
 def test_visits_the_model_truncated_away_get_zero_and_kept_visits_keep_their_sum():
     adapter, inputs, args = _two_nested_streams(seed=8, max_seq_len=2)
-    masks = dict(zip(adapter.feature_keys, adapter.token_masks(args)))
+    masks = dict(zip(adapter.feature_keys, adapter.token_masks(args), strict=True))
     assert masks["diagnoses"][:, 2:].any(), "the fixture must hold visits beyond max_seq_len"
     split = _codes(adapter, CheferAttribution(adapter).attribute(inputs, None, args, code_split="gradient"))
     uniform = _codes(adapter, CheferAttribution(adapter).attribute(inputs, None, args))
@@ -214,7 +220,7 @@ def test_split_is_batch_invariant(kwargs):
     whole = chefer.attribute(inputs, None, args, **kwargs)
     for i in (0, 3):
         one = chefer.attribute(tuple(x[i : i + 1] for x in inputs), None, tuple(a[i : i + 1] for a in args), **kwargs)
-        for w, o in zip(whole, one):
+        for w, o in zip(whole, one, strict=True):
             assert torch.allclose(w[i : i + 1], o, atol=1e-6)
 
 
@@ -235,7 +241,7 @@ def test_stagenet_split_conserves_each_patient_and_pads_zero():
     chefer = CheferAttribution(adapter)
     uniform = _codes(adapter, chefer.attribute(inputs, None, args, exclude_self=True))
     split = _codes(adapter, chefer.attribute(inputs, None, args, exclude_self=True, code_split="gradient"))
-    masks = dict(zip(adapter.feature_keys, adapter.token_masks(args)))
+    masks = dict(zip(adapter.feature_keys, adapter.token_masks(args), strict=True))
     assert torch.equal(split["labs"], uniform["labs"])  # flat codes: unchanged
     mask = masks["codes"]
     states = (uniform["codes"] * mask).sum(-1) / mask.sum(-1).clamp(min=1)  # each state's relevance
@@ -266,8 +272,11 @@ def test_stagenet_split_follows_the_value_path_computed_independently():
 
 
 class _Rewired:
-    """The adapter with its ``AttentionForward`` changed by ``change`` (a test double for other models); its
-    ``attention_forward`` has no ``layernorm`` keyword, so ``layernorm="detach"`` reaches it as a torch-function mode."""
+    """The adapter with its ``AttentionForward`` changed by ``change`` (a test double for other models).
+
+    Its ``attention_forward`` has no ``layernorm`` keyword, so ``layernorm="detach"`` reaches it as a
+    torch-function mode.
+    """
 
     def __init__(self, adapter, change=lambda out: out):
         self.adapter, self.change = adapter, change
@@ -295,7 +304,7 @@ def test_stagenet_split_is_the_same_on_every_propagation_path(propagation):
         other = CheferAttribution(adapter).attribute(inputs, None, args, code_split="gradient", propagation="dense")
     else:
         other = CheferAttribution(_Rewired(adapter, _unstacked)).attribute(inputs, None, args, code_split="gradient")
-    for a, b in zip(fused, other):
+    for a, b in zip(fused, other, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -311,7 +320,7 @@ def _embedding_off_the_path(out):
 def test_codes_no_gradient_reaches_split_evenly(fmt, kind):
     _, adapter, _, inputs, args = _setup(fmt, kind, seed=2)
     key = "procedures" if kind == "transformer" else "codes"
-    mask = dict(zip(adapter.feature_keys, adapter.token_masks(args)))[key]
+    mask = dict(zip(adapter.feature_keys, adapter.token_masks(args), strict=True))[key]
     uniform = _codes(adapter, CheferAttribution(adapter).attribute(inputs, None, args))[key]
     split = _codes(adapter, CheferAttribution(_Rewired(adapter, _embedding_off_the_path)).attribute(
         inputs, None, args, code_split="gradient"))[key]
@@ -384,8 +393,10 @@ def test_log_odds_score_of_a_multiclass_model():
     _, adapter, _, inputs, args = _setup("sequence", "transformer", seed=2, n_classes=3)
     target = torch.tensor([0, 1, 2, 0, 1, 2])
     ours = CheferAttribution(adapter).attribute(inputs, target, args, score="log_odds", code_split="gradient")
-    reference = CheferAttribution(_Rewired(adapter, _log_odds_logits)).attribute(inputs, target, args, code_split="gradient")
-    for a, b in zip(ours, reference):
+    reference = CheferAttribution(_Rewired(adapter, _log_odds_logits)).attribute(
+        inputs, target, args, code_split="gradient"
+    )
+    for a, b in zip(ours, reference, strict=True):
         assert torch.allclose(a, b, atol=1e-5)
     logit = CheferAttribution(adapter).attribute(inputs, target, args, code_split="gradient")
     assert not torch.allclose(ours[0], logit[0])
@@ -394,21 +405,26 @@ def test_log_odds_score_of_a_multiclass_model():
 def test_log_odds_of_a_single_logit_is_the_logit():
     _, adapter, _, inputs, args = _setup("sequence", "transformer", seed=2)
     chefer = CheferAttribution(adapter)
-    for a, b in zip(chefer.attribute(inputs, None, args, score="log_odds"), chefer.attribute(inputs, None, args)):
+    log_odds, logit = chefer.attribute(inputs, None, args, score="log_odds"), chefer.attribute(inputs, None, args)
+    for a, b in zip(log_odds, logit, strict=True):
         assert torch.equal(a, b)
 
 
 def test_recommended_preset_equals_its_keywords_and_keywords_win():
     _, adapter, _, inputs, args = _setup("sequence", "transformer", seed=3)
-    assert PRESETS["recommended"] == {"exclude_self": True, "code_split": "gradient", "layernorm": "detach", "score": "log_odds"}
+    assert PRESETS["recommended"] == {
+        "exclude_self": True, "code_split": "gradient", "layernorm": "detach", "score": "log_odds",
+    }
     preset = CheferAttribution(adapter, preset="recommended")
     explicit = CheferAttribution(adapter).attribute(inputs, None, args, exclude_self=True, code_split="gradient",
                                                     layernorm="detach", score="log_odds")
-    for a, b in zip(preset.attribute(inputs, None, args), explicit):
+    for a, b in zip(preset.attribute(inputs, None, args), explicit, strict=True):
         assert torch.equal(a, b)
     default = CheferAttribution(adapter).attribute(inputs, None, args)
-    overridden = preset.attribute(inputs, None, args, exclude_self=False, code_split="uniform", layernorm="exact", score="logit")
-    for a, b in zip(overridden, default):
+    overridden = preset.attribute(
+        inputs, None, args, exclude_self=False, code_split="uniform", layernorm="exact", score="logit"
+    )
+    for a, b in zip(overridden, default, strict=True):
         assert torch.equal(a, b)
 
 
@@ -461,7 +477,7 @@ def test_log_odds_of_two_softmax_classes_is_the_logit_difference():
 
     ours = CheferAttribution(TwoClasses(adapter, first_two)).attribute(inputs, 1, args, score="log_odds")
     reference = CheferAttribution(_Rewired(adapter, difference)).attribute(inputs, None, args)
-    for a, b in zip(ours, reference):
+    for a, b in zip(ours, reference, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
 
 
@@ -487,8 +503,8 @@ def test_layernorm_detach_is_the_same_through_the_adapter_and_through_torch_func
     _, adapter, _, inputs, args = _setup(fmt, kind, seed=6)
     through_adapter = CheferAttribution(adapter, preset="recommended").attribute(inputs, None, args)
     through_mode = CheferAttribution(_Rewired(adapter), preset="recommended").attribute(inputs, None, args)
-    for a, b in zip(through_adapter, through_mode):
+    for a, b in zip(through_adapter, through_mode, strict=True):
         assert torch.allclose(a, b, atol=1e-6)
     exact = CheferAttribution(adapter, preset="recommended").attribute(inputs, None, args, layernorm="exact")
     if kind == "transformer":  # StageAttentionNet's only layer norm is after its attention, and may change nothing
-        assert not all(torch.allclose(a, b) for a, b in zip(through_adapter, exact))
+        assert not all(torch.allclose(a, b) for a, b in zip(through_adapter, exact, strict=True))

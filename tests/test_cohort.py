@@ -19,7 +19,6 @@ from captum_chefer import CheferAttribution, PyHealthAdapter
 from captum_chefer.cli import main
 from captum_chefer.cohort import COLUMNS, MANIFEST, attribute_dataset, read_cohort, summarize
 from captum_chefer.comparison import compare_methods
-
 from conftest import make_samples, points_at
 
 # PyHealth's disk-backed datasets ask for a newer litdata on every open; the test models are untrained, so
@@ -70,7 +69,8 @@ def built(disk_dataset):
     adapter = PyHealthAdapter(model)
     from captum_chefer.report import default_methods
 
-    wanted = {"Chefer (recommended)", "Integrated Gradients", "NoiseTunnel (SmoothGrad)"}  # --methods chefer,ig,smoothgrad
+    # --methods chefer,ig,smoothgrad
+    wanted = {"Chefer (recommended)", "Integrated Gradients", "NoiseTunnel (SmoothGrad)"}
     specs = [s for s in default_methods(adapter, ig_steps=4, nt_samples=2) if s[0] in wanted]
     return adapter, dataset, specs
 
@@ -111,7 +111,7 @@ def test_single_process_run_covers_every_real_code_once_per_method(single, disk_
         keys = list(rows.select("sample", "feature", "visit", "position", "code").iter_rows())
         assert len(keys) == len(set(keys)) == len(expected)
         assert set(keys) == expected
-    ids = dict(zip(table["sample"], table["patient_id"]))
+    ids = dict(zip(table["sample"], table["patient_id"], strict=True))
     assert all(ids[i] == samples[i]["patient_id"] for i in ids)
     # a single-logit model: its positive class is explained, and y_prob is that class's probability
     assert set(table["target"]) == {1}
@@ -129,13 +129,14 @@ def test_scores_equal_compare_methods_over_a_loader(built, single):
     reference = compare_methods(adapter, loader, deterministic, progress=False)
     for name, _, _ in deterministic:
         rows = table.filter(pl.col("method") == name)
-        for sample, feature, visit, position, score in rows.select("sample", "feature", "visit", "position", "score").iter_rows():
+        selected = rows.select("sample", "feature", "visit", "position", "score")
+        for sample, feature, visit, position, score in selected.iter_rows():
             index = (sample, position) if visit is None else (sample, visit, position)
             assert score == pytest.approx(float(reference.scores[name][feature][index]), abs=1e-5, rel=1e-4)
     with torch.no_grad():
         batch = next(iter(get_dataloader(dataset, batch_size=N, shuffle=False)))
         y_prob = adapter.model(**batch)["y_prob"][:, 0]
-    probability = dict(zip(table["sample"], table["probability"]))
+    probability = dict(zip(table["sample"], table["probability"], strict=True))
     assert [probability[i] for i in range(N)] == pytest.approx(y_prob.tolist(), abs=1e-6)
 
 
@@ -192,7 +193,7 @@ def test_the_manifest_checks_the_model_against_chance(built, single, disk_datase
         batch = next(iter(get_dataloader(dataset, batch_size=N, shuffle=False)))
         predicted = (adapter.model(**batch)["y_prob"][:, 0] >= 0.5).long().tolist()
     labels = [int(s["label"]) for s in samples]
-    correct = sum(p == y for p, y in zip(predicted, labels))
+    correct = sum(p == y for p, y in zip(predicted, labels, strict=True))
     majority = max(labels.count(0), labels.count(1)) / N
     check = run.model_check
     assert (check.n, check.correct, check.majority_rate, check.unit) == (N, correct, majority, "samples")
@@ -222,7 +223,8 @@ def test_rerun_skips_complete_parts_and_redoes_broken_ones(toy, tmp_path):
     part.write_bytes(part.read_bytes()[:-9])  # the end of the footer is missing
     (tmp_path / ".part-000001.parquet.99.tmp").write_bytes(b"")
     (tmp_path / MANIFEST).unlink()
-    third = attribute_dataset(adapter, dataset, methods, tmp_path, 3, chunk_size=4, progress=False)  # another batch size
+    # another batch size
+    third = attribute_dataset(adapter, dataset, methods, tmp_path, 3, chunk_size=4, progress=False)
     assert third.computed == [0, 2] and third.skipped == [1]
     after = read_cohort(tmp_path)
     floats = ["score", "probability"]  # other batches pad differently: equal up to rounding
@@ -248,7 +250,7 @@ def test_a_loader_gives_its_batch_size_and_the_dataset_order(toy, tmp_path):
 def test_a_run_with_other_settings_is_refused_not_mixed(toy, tmp_path):
     adapter, dataset, methods = toy
     attribute_dataset(adapter, dataset, methods, tmp_path, chunk_size=4, progress=False)
-    with pytest.raises(ValueError, match="another run .*differs in methods.*overwrite=True"):
+    with pytest.raises(ValueError, match=r"another run .*differs in methods.*overwrite=True"):
         attribute_dataset(adapter, dataset, methods[:1], tmp_path, chunk_size=4, progress=False)
     with pytest.raises(ValueError, match=r"differs in chunk_size\)"):
         attribute_dataset(adapter, dataset, methods, tmp_path, chunk_size=5, progress=False)
@@ -277,7 +279,7 @@ def test_an_existing_file_as_out_fails_before_any_work(toy, tmp_path):
         def __getitem__(self, index):
             raise AssertionError("the dataset was read")
 
-    with pytest.raises(NotADirectoryError, match="is an existing file.*pass a directory"):
+    with pytest.raises(NotADirectoryError, match=r"is an existing file.*pass a directory"):
         attribute_dataset(adapter, Untouchable(), methods, target)
     assert target.read_text() == "not a directory"
 
@@ -285,7 +287,9 @@ def test_an_existing_file_as_out_fails_before_any_work(toy, tmp_path):
 def test_cli_refuses_an_existing_file_as_out_in_one_line(tmp_path, capsys):
     marker = tmp_path / "built"
     build = tmp_path / "build.py"
-    build.write_text(f"from pathlib import Path\nPath({str(marker)!r}).touch()\ndef build():\n    raise AssertionError\n")
+    build.write_text(
+        f"from pathlib import Path\nPath({str(marker)!r}).touch()\ndef build():\n    raise AssertionError\n"
+    )
     target = tmp_path / "taken.parquet"
     target.write_text("x")
     assert main(["cohort", "--build", str(build), "--out", str(target)]) == 2
@@ -319,9 +323,12 @@ def test_cli_synthetic_cohort_writes_parts_summary_and_resumes(tmp_path, capsys)
     # P(X >= 29) for X ~ Binomial(40, 0.6), summed here by hand
     from math import comb
 
-    assert check["p_value"] == pytest.approx(sum(comb(40, i) * 0.6**i * 0.4 ** (40 - i) for i in range(29, 41)), rel=1e-9)
+    assert check["p_value"] == pytest.approx(
+        sum(comb(40, i) * 0.6**i * 0.4 ** (40 - i) for i in range(29, 41)), rel=1e-9
+    )
     warning = ("The model is not better than chance on the samples: accuracy 0.725 (29 of 40 samples, 95% interval "
-               "[0.572, 0.839]); always predicting the most frequent class scores 0.600 (one-sided binomial p = 0.0709)")
+               "[0.572, 0.839]); always predicting the most frequent class scores 0.600 "
+               "(one-sided binomial p = 0.0709)")
     assert stdout.splitlines()[2].startswith(f"warning: {warning}")  # the summary table's first line
     (line,) = [line for line in captured.err.splitlines() if "not better than chance" in line]
     assert line.startswith(f"captum-chefer cohort: warning: {warning}") and "ChanceLevelWarning" not in captured.err
@@ -337,7 +344,8 @@ def test_cli_synthetic_cohort_writes_parts_summary_and_resumes(tmp_path, capsys)
 def test_cli_method_names_say_which_chefer_and_old_names_still_work(tmp_path, capsys):
     from captum_chefer.cli import COHORT_METHODS
 
-    assert COHORT_METHODS["chefer"] == "Chefer (recommended)" and COHORT_METHODS["chefer-pyhealth"] == "Chefer (PyHealth)"
+    assert COHORT_METHODS["chefer"] == "Chefer (recommended)"
+    assert COHORT_METHODS["chefer-pyhealth"] == "Chefer (PyHealth)"
     out = tmp_path / "cohort"
     argv = ["cohort", "--synthetic", "12", "--epochs", "1", "--out", str(out), "--no-summary", "--no-progress",
             "--methods", "chefer-recommended,chefer-exclude-self,chefer-pyhealth"]
@@ -350,7 +358,9 @@ def test_cli_method_names_say_which_chefer_and_old_names_still_work(tmp_path, ca
         "name is accepted until the next release",
     ]
     methods = json.loads((out / MANIFEST).read_text())["methods"]
-    assert [m["name"] for m in methods] == ["Chefer (recommended)", "Chefer (PyHealth, exclude_self)", "Chefer (PyHealth)"]
+    assert [m["name"] for m in methods] == [
+        "Chefer (recommended)", "Chefer (PyHealth, exclude_self)", "Chefer (PyHealth)",
+    ]
     # the recommended preset, PyHealth's setting with exclude_self, and PyHealth's setting: the options tell them apart
     assert methods[0]["options"] == "{'preset': 'recommended'}" and methods[0]["kwargs"] == "{}"
     assert methods[1]["options"] == methods[2]["options"] == "{'preset': 'pyhealth'}"
@@ -384,8 +394,10 @@ def _write_run(out: Path, rows: list[tuple], methods: list[str], n_samples: int)
     import pyarrow.parquet as pq
 
     out.mkdir()
-    columns = ["sample", "patient_id", "feature", "code", "visit", "position", "method", "score", "target", "probability"]
-    table = pa.Table.from_pylist([dict(zip(columns, r)) for r in rows])
+    columns = [
+        "sample", "patient_id", "feature", "code", "visit", "position", "method", "score", "target", "probability",
+    ]
+    table = pa.Table.from_pylist([dict(zip(columns, r, strict=True)) for r in rows])
     pq.write_table(table, out / "part-000000.parquet")
     manifest = {"format": "captum_chefer.cohort/1", "n_samples": n_samples, "methods": [{"name": m} for m in methods],
                 "parts": [{"file": "part-000000.parquet"}], "rows": len(rows)}
@@ -395,11 +407,16 @@ def _write_run(out: Path, rows: list[tuple], methods: list[str], n_samples: int)
 def test_summarize_hand_computed(tmp_path):
     # Samples 0 and 1 belong to patient pA, sample 2 to pB. Code A occurs twice in sample 0 (two visits).
     scores = {
-        "M1": {(0, "A", 0): 1.0, (0, "A", 1): 0.5, (0, "B", 0): 2.0, (1, "A", 0): 0.5, (1, "C", 0): 3.0, (2, "B", 0): -1.0, (2, "C", 0): 1.0},
-        "M2": {(0, "A", 0): 0.0, (0, "A", 1): 0.0, (0, "B", 0): 1.0, (1, "A", 0): 2.0, (1, "C", 0): 0.5, (2, "B", 0): 3.0, (2, "C", 0): 0.1},
+        "M1": {(0, "A", 0): 1.0, (0, "A", 1): 0.5, (0, "B", 0): 2.0, (1, "A", 0): 0.5, (1, "C", 0): 3.0,
+               (2, "B", 0): -1.0, (2, "C", 0): 1.0},
+        "M2": {(0, "A", 0): 0.0, (0, "A", 1): 0.0, (0, "B", 0): 1.0, (1, "A", 0): 2.0, (1, "C", 0): 0.5,
+               (2, "B", 0): 3.0, (2, "C", 0): 0.1},
     }
     patient = {0: "pA", 1: "pA", 2: "pB"}
-    rows = [(s, patient[s], "dx", code, visit, 0, m, score, 1, 0.5) for m, by in scores.items() for (s, code, visit), score in by.items()]
+    rows = [
+        (s, patient[s], "dx", code, visit, 0, m, score, 1, 0.5)
+        for m, by in scores.items() for (s, code, visit), score in by.items()
+    ]
     _write_run(tmp_path / "run", rows, ["M1", "M2"], 3)
     summary = summarize(tmp_path / "run", top_k=2)
     # M1: A (1.5 + 0.5) / 2 = 1.0; B (2 - 1) / 2 = 0.5; C (3 + 1) / 2 = 2.0. M2: A 1.0, B 2.0, C 0.3.
@@ -429,7 +446,8 @@ def test_summarize_reads_the_model_check(tmp_path):
     (tmp_path / "run" / MANIFEST).write_text(json.dumps(manifest))
     summary = summarize(tmp_path / "run")
     assert summary.model_check == good and summary.table().splitlines()[0] == f"model: {good.describe()}"
-    assert good.describe().startswith("accuracy 1.000 (30 of 30 samples, 95% interval [0.886, 1.000])")  # 30 / (30 + z^2)
+    # 30 / (30 + z^2)
+    assert good.describe().startswith("accuracy 1.000 (30 of 30 samples, 95% interval [0.886, 1.000])")
 
 
 def test_summarize_spearman_with_ties_matches_scipy(single, tmp_path):

@@ -67,7 +67,10 @@ def test_table_by_hand():
         "Saliency  0.125               2.167       2.333       0.4167        ",
     ]
     assert _comparison().table() == "\n".join(expected)
-    assert _comparison().table(digits=2).splitlines()[1] == "A         0.5                 1.1         1.2         0.42          "
+    assert _comparison().table(digits=2).splitlines()[1] == (
+        "A         0.5                 1.1         1.2         "
+        "0.42          "
+    )
     assert Comparison(scores={}, seconds_per_sample={}).table() == ""
 
 
@@ -162,7 +165,8 @@ def test_default_methods_names_methods_and_settings():
     assert [type(method) for _, method, _ in specs] == kinds
     assert [method.preset for _, method, _ in specs[:3]] == ["recommended", "pyhealth", "pyhealth"]
     assert all(method.forward_func is adapter for _, method, _ in specs if not isinstance(method, NoiseTunnel))
-    assert isinstance(specs[5][1].attribution_method, Saliency) and specs[5][1].attribution_method.forward_func is adapter
+    assert isinstance(specs[5][1].attribution_method, Saliency)
+    assert specs[5][1].attribution_method.forward_func is adapter
     assert [kwargs for _, _, kwargs in specs] == [
         {}, {}, {"exclude_self": True}, {"n_steps": 50}, {},
         {"nt_type": "smoothgrad", "nt_samples": 10, "stdevs": 0.1}, {},

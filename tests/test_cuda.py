@@ -9,10 +9,10 @@ from __future__ import annotations
 import pytest
 import torch
 from captum.attr import IntegratedGradients, LayerIntegratedGradients, Saliency
+from test_equivalence import assert_matches, pyhealth_reference, with_explicit_masks
 
 from captum_chefer import CheferAttribution, HuggingFaceAdapter, PyHealthAdapter
 from conftest import first_batch, make_dataset, make_model
-from test_equivalence import assert_matches, pyhealth_reference, with_explicit_masks
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA device")
 ATOL = 1e-4  # the GPU sums in another order
@@ -28,7 +28,8 @@ def exact_matmul():
 
 
 @pytest.mark.parametrize(
-    "fmt, kind", [("sequence", "transformer"), ("stagenet_nested", "stagenet")], ids=["Transformer", "StageAttentionNet"]
+    "fmt, kind", [("sequence", "transformer"), ("stagenet_nested", "stagenet")],
+    ids=["Transformer", "StageAttentionNet"],
 )
 @pytest.mark.parametrize("level", ["embedding", "token"])
 def test_chefer_on_cuda_matches_pyhealth_on_cuda(fmt, kind, level):
@@ -41,7 +42,7 @@ def test_chefer_on_cuda_matches_pyhealth_on_cuda(fmt, kind, level):
     attributions = CheferAttribution(adapter).attribute(
         inputs, target=adapter.captum_target(batch), additional_forward_args=args
     )
-    assert all(a.device.type == "cuda" and a.shape == x.shape for a, x in zip(attributions, inputs))
+    assert all(a.device.type == "cuda" and a.shape == x.shape for a, x in zip(attributions, inputs, strict=True))
     reference = pyhealth_reference(model, with_explicit_masks(batch) if kind == "stagenet" else batch)
     result = {k: v.cpu() for k, v in adapter.to_feature_dict(attributions).items()}
     assert_matches(result, {k: v.cpu() for k, v in reference.items()}, batch)
@@ -56,11 +57,13 @@ def test_captum_methods_through_the_adapter_on_cuda_match_the_cpu():
         adapter = PyHealthAdapter(model.to(device))
         inputs, args = adapter.captum_inputs(batch)
         ids, _ = adapter.captum_inputs(batch, level="token")
-        kwargs = dict(target=adapter.captum_target(batch), additional_forward_args=args)
+        kwargs = {"target": adapter.captum_target(batch), "additional_forward_args": args}
         return {
             "saliency": Saliency(adapter).attribute(inputs, **kwargs),
             "ig": IntegratedGradients(adapter).attribute(inputs, n_steps=16, **kwargs),
-            "layer_ig": LayerIntegratedGradients(adapter, adapter.embedding_layers).attribute(ids, n_steps=16, **kwargs),
+            "layer_ig": LayerIntegratedGradients(adapter, adapter.embedding_layers).attribute(
+                ids, n_steps=16, **kwargs
+            ),
         }
 
     try:
@@ -69,7 +72,7 @@ def test_captum_methods_through_the_adapter_on_cuda_match_the_cpu():
     finally:
         model.to("cpu")
     for name, attributions in on_gpu.items():
-        for gpu, cpu in zip(attributions, on_cpu[name]):
+        for gpu, cpu in zip(attributions, on_cpu[name], strict=True):
             assert gpu.device.type == "cuda", name
             assert cpu.abs().sum() > 0, name
             torch.testing.assert_close(gpu.cpu(), cpu, atol=ATOL, rtol=1e-3, msg=name)
@@ -91,8 +94,8 @@ def test_int_and_list_targets_on_cuda_match_the_cpu():
         on_gpu = [run("cuda", target) for target in targets]
     finally:
         model.to("cpu")
-    for target, gpu in zip(targets, on_gpu):
-        for a, b in zip(gpu, run("cpu", target)):
+    for target, gpu in zip(targets, on_gpu, strict=True):
+        for a, b in zip(gpu, run("cpu", target), strict=True):
             assert a.device.type == "cuda"
             torch.testing.assert_close(a.cpu(), b, atol=ATOL, rtol=1e-3, msg=repr(target))
 
@@ -117,7 +120,7 @@ def test_recommended_preset_on_cuda_matches_the_cpu(fmt, kind):
         masks_on_cpu = run("cuda", "cpu")
     finally:
         model.to("cpu")
-    for gpu, mixed, cpu in zip(on_gpu, masks_on_cpu, run("cpu", "cpu")):
+    for gpu, mixed, cpu in zip(on_gpu, masks_on_cpu, run("cpu", "cpu"), strict=True):
         assert gpu.device.type == "cuda"
         torch.testing.assert_close(gpu.cpu(), cpu, atol=ATOL, rtol=1e-3)
         torch.testing.assert_close(mixed.cpu(), cpu, atol=ATOL, rtol=1e-3)
@@ -139,7 +142,9 @@ def test_huggingface_deferred_attention_on_cuda_matches_the_cpu(family, preset):
     def run(device: str) -> torch.Tensor:
         adapter = HuggingFaceAdapter(model.to(device))
         tokens, args = adapter.captum_inputs({k: v.to(device) for k, v in encoding.items()}, level="token")
-        return CheferAttribution(adapter, preset=preset).attribute(tokens, target=target, additional_forward_args=args)[0]
+        return CheferAttribution(adapter, preset=preset).attribute(
+            tokens, target=target, additional_forward_args=args
+        )[0]
 
     try:
         on_gpu = run("cuda")
@@ -164,12 +169,15 @@ def test_inputs_elsewhere_are_refused_and_batches_elsewhere_are_moved():
     cuda_batch = {k: v.to("cuda") if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
     moved, moved_args = adapter.captum_inputs(cuda_batch)
     assert all(t.device.type == "cpu" for t in moved + moved_args)
-    for a, b in zip(CheferAttribution(adapter).attribute(moved, target=target, additional_forward_args=moved_args), on_cpu):
+    moved_attributions = CheferAttribution(adapter).attribute(moved, target=target, additional_forward_args=moved_args)
+    for a, b in zip(moved_attributions, on_cpu, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     try:
         adapter = PyHealthAdapter(model.to("cuda"))
         for method in (CheferAttribution(adapter), Saliency(adapter)):
-            with pytest.raises(ValueError, match=r"input 'conditions', input 'procedures' are on cpu but the model is on cuda"):
+            with pytest.raises(
+                ValueError, match=r"input 'conditions', input 'procedures' are on cpu but the model is on cuda"
+            ):
                 method.attribute(inputs, target=target.to("cuda"), additional_forward_args=args)
     finally:
         model.to("cpu")
@@ -179,7 +187,10 @@ def test_huggingface_mask_on_the_cpu_is_moved_and_inputs_on_the_cpu_are_refused(
     from test_huggingface import _bert
 
     model = _bert().to("cuda")
-    encoding = {"input_ids": torch.tensor([[2, 7, 9, 3], [2, 8, 3, 0]]), "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]])}
+    encoding = {
+        "input_ids": torch.tensor([[2, 7, 9, 3], [2, 8, 3, 0]]),
+        "attention_mask": torch.tensor([[1, 1, 1, 1], [1, 1, 1, 0]]),
+    }
     adapter = HuggingFaceAdapter(model)
     tokens, args = adapter.captum_inputs(encoding, level="token")
     target = torch.tensor([2, 0], device="cuda")
@@ -187,7 +198,9 @@ def test_huggingface_mask_on_the_cpu_is_moved_and_inputs_on_the_cpu_are_refused(
     mask_on_cpu = CheferAttribution(adapter).attribute(tokens, target=target, additional_forward_args=(args[0].cpu(),))
     torch.testing.assert_close(mask_on_cpu, together, rtol=1e-5, atol=1e-6)  # GPU backward kernels may sum in any order
     with pytest.raises(ValueError, match=r"input 'input_ids' is on cpu but the model is on cuda"):
-        Saliency(adapter).attribute(adapter.captum_inputs(encoding)[0][0].cpu(), target=target, additional_forward_args=args)
+        Saliency(adapter).attribute(
+            adapter.captum_inputs(encoding)[0][0].cpu(), target=target, additional_forward_args=args
+        )
 
 
 def test_binary_target_1_on_cuda_is_refused_before_captum_indexes_the_logits():
@@ -200,8 +213,11 @@ def test_binary_target_1_on_cuda_is_refused_before_captum_indexes_the_logits():
         inputs, args = adapter.captum_inputs(first_batch(dataset, batch_size=6))
         for method in (Saliency(adapter), IntegratedGradients(adapter)):
             with pytest.raises(ValueError, match=r"single logit \(binary\).*target=None \(or 0\)"):
-                method.attribute(inputs, target=torch.ones(6, dtype=torch.long, device="cuda"), additional_forward_args=args)
-        assert Saliency(adapter).attribute(inputs, additional_forward_args=args)[0].device.type == "cuda"  # still usable
+                method.attribute(
+                    inputs, target=torch.ones(6, dtype=torch.long, device="cuda"), additional_forward_args=args
+                )
+        # still usable
+        assert Saliency(adapter).attribute(inputs, additional_forward_args=args)[0].device.type == "cuda"
         torch.cuda.synchronize()
     finally:
         model.to("cpu")
@@ -234,9 +250,9 @@ def test_bert_under_cuda_autocast_gives_float32_relevance_close_to_the_float32_r
 
 def test_bart_under_cuda_autocast_gives_float32_rows_close_to_the_float32_run():
     from captum.attr import TextTokenInput
+    from test_precision import BF16_TOLERANCE, PROMPT, TARGET, WORDS, _bart, assert_close_to_largest
 
     from captum_chefer import CheferLLMAttribution
-    from test_precision import BF16_TOLERANCE, PROMPT, TARGET, WORDS, _bart, assert_close_to_largest
     from captum_chefer.llm import word_tokenizer
 
     tokenizer = word_tokenizer(WORDS)
@@ -257,8 +273,12 @@ def test_a_half_precision_model_on_cuda_gets_float32_relevance():
     adapter = HuggingFaceAdapter(model)
     tokens, args = adapter.captum_inputs({"input_ids": IDS.cuda(), "attention_mask": MASK.cuda()}, level="token")
     target = torch.tensor([1, 2, 0], device="cuda")
-    (full,) = CheferAttribution(adapter).attribute(tokens, target=target, additional_forward_args=args, exclude_self=True)
+    (full,) = CheferAttribution(adapter).attribute(
+        tokens, target=target, additional_forward_args=args, exclude_self=True
+    )
     model.half()
-    (half,) = CheferAttribution(adapter).attribute(tokens, target=target, additional_forward_args=args, exclude_self=True)
+    (half,) = CheferAttribution(adapter).attribute(
+        tokens, target=target, additional_forward_args=args, exclude_self=True
+    )
     assert half.dtype == torch.float32
     assert_close_to_largest(half.cpu(), full.cpu(), 0.05)

@@ -56,7 +56,7 @@ def _rule(maps, grads, pools, *, use_gradients=True, clamp=True, head_reduction=
     """Chefer's rule written out densely: R = I, R += reduce_h(clamp(A_h * dA_h)) R per layer, row ``p`` of R."""
     length = maps[0].shape[-1]
     relevance = torch.eye(length, dtype=maps[0].dtype).expand(len(pools), length, length)
-    chosen = list(zip(maps, grads))[-layers:] if layers else list(zip(maps, grads))
+    chosen = list(zip(maps, grads, strict=True))[-layers:] if layers else list(zip(maps, grads, strict=True))
     for attention, grad in chosen:
         weighted = attention * grad if use_gradients else attention
         weighted = weighted.clamp(min=0) if clamp else weighted
@@ -69,10 +69,11 @@ def _rule(maps, grads, pools, *, use_gradients=True, clamp=True, head_reduction=
 
 
 OPTIONS = [
-    dict(zip(("use_gradients", "clamp", "head_reduction"), values))
+    dict(zip(("use_gradients", "clamp", "head_reduction"), values, strict=True))
     for values in itertools.product((True, False), (True, False), ("mean", "max"))
 ] + [
-    {"layers": 1}, {"layers": 2, "head_reduction": "max"}, {"exclude_self": True}, {"exclude_self": True, "clamp": False},
+    {"layers": 1}, {"layers": 2, "head_reduction": "max"},
+    {"exclude_self": True}, {"exclude_self": True, "clamp": False},
     {"propagation": "dense"}, {"propagation": "dense", "head_reduction": "max", "clamp": False},
     {"propagation": "dense", "use_gradients": False}, {"propagation": "dense", "layers": 2},
 ]
@@ -130,14 +131,18 @@ def test_on_the_cpu_a_layers_maps_are_formed_a_group_of_heads_at_a_time(monkeypa
     assert seen == [slice(0, 2), slice(2, 4), slice(4, 5)] * 3  # three layers
 
 
-@pytest.mark.parametrize("options", [{}, {"use_gradients": False}, {"clamp": False, "head_reduction": "max"}, {"layers": 2}])
+@pytest.mark.parametrize(
+    "options", [{}, {"use_gradients": False}, {"clamp": False, "head_reduction": "max"}, {"layers": 2}]
+)
 def test_deferred_layers_of_a_model_that_is_not_a_stack(options):
     """stacked=False: every gradient first, then the row recursion, on maps formed from the deferred layers."""
     model = _model("gpt2")
     maps, grads = _eager(model)
     adapter = HuggingFaceAdapter(model)
     tokens, args = adapter.captum_inputs({"input_ids": IDS, "attention_mask": MASK}, level="token")
-    (scores,) = CheferAttribution(_NotStacked(adapter)).attribute(tokens, target=TARGET, additional_forward_args=args, **options)
+    (scores,) = CheferAttribution(_NotStacked(adapter)).attribute(
+        tokens, target=TARGET, additional_forward_args=args, **options
+    )
     torch.testing.assert_close(scores, _rule(maps, grads, _pools("gpt2"), **options), atol=1e-5, rtol=1e-4)
 
 
@@ -158,7 +163,7 @@ def test_a_bfloat16_model_gets_float32_relevance(family):
 
 
 def test_too_many_layers_names_every_stream_too_shallow():
-    from tests.test_stacked_toys import A1, A2, X, StackedToy
+    from tests.test_stacked_toys import A1, A2, StackedToy, X
 
     toy = StackedToy([A1, A2], streams=("a", "b"))
     inputs = (torch.tensor([X, X]), torch.tensor([X, X]))

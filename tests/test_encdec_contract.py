@@ -42,8 +42,8 @@ def test_normalize_relevance_refuses_what_is_not_a_batch_of_square_matrices():
 
 def test_self_update_refuses_each_mismatch_alone():
     good = {"r_qq": torch.eye(3).expand(2, 3, 3), "r_qi": torch.zeros(2, 3, 4), "weighted": torch.ones(2, 3, 3)}
-    bad = [("r_qq", torch.eye(3)), ("r_qi", torch.zeros(3, 4)), ("weighted", torch.ones(2, 3, 4)), ("r_qi", torch.zeros(2, 2, 4)),
-           ("r_qi", torch.zeros(1, 3, 4))]
+    bad = [("r_qq", torch.eye(3)), ("r_qi", torch.zeros(3, 4)), ("weighted", torch.ones(2, 3, 4)),
+           ("r_qi", torch.zeros(2, 2, 4)), ("r_qi", torch.zeros(1, 3, 4))]
     cases = [{**good, name: value} for name, value in bad] + [
         {"r_qq": torch.eye(3), "r_qi": torch.zeros(3, 3, 4), "weighted": torch.ones(3, 3)},  # only R_qq is not 3-D
         {"r_qq": torch.eye(3).expand(2, 3, 3), "r_qi": torch.zeros(2, 3), "weighted": torch.ones(2, 3, 3)},  # only R_qi
@@ -60,13 +60,13 @@ def test_self_update_refuses_each_mismatch_alone():
 def test_cross_update_refuses_each_mismatch_alone():
     good = {"r_qq": torch.eye(3).expand(2, 3, 3), "r_qi": torch.zeros(2, 3, 4), "r_ii": torch.eye(4).expand(2, 4, 4),
             "weighted": torch.ones(2, 3, 4)}
-    bad = [("r_qq", torch.eye(3).expand(2, 3, 3)[:, :2]), ("r_ii", torch.eye(4)[:3].expand(2, 3, 4)), ("weighted", torch.ones(2, 3, 3)),
-           ("r_qq", torch.eye(3).expand(1, 3, 3))]
+    bad = [("r_qq", torch.eye(3).expand(2, 3, 3)[:, :2]), ("r_ii", torch.eye(4)[:3].expand(2, 3, 4)),
+           ("weighted", torch.ones(2, 3, 3)), ("r_qq", torch.eye(3).expand(1, 3, 3))]
     for name, value in bad:
         args = {**good, name: value}
         shapes = ", ".join(str(tuple(args[k].shape)) for k in ("r_qq", "r_qi", "r_ii"))
-        message = (f"expected R_qq [B, Tq, Tq], R_qi [B, Tq, Ti], R_ii [B, Ti, Ti] and cross-attention A_bar [B, Tq, Ti]; "
-                   f"got {shapes} and {tuple(args['weighted'].shape)}")
+        message = ("expected R_qq [B, Tq, Tq], R_qi [B, Tq, Ti], R_ii [B, Ti, Ti] and cross-attention A_bar "
+                   f"[B, Tq, Ti]; got {shapes} and {tuple(args['weighted'].shape)}")
         with pytest.raises(ValueError, match=_exactly(message)):
             propagate_cross_attention(args["r_qq"], args["r_qi"], args["r_ii"], args["weighted"])
     propagate_cross_attention(**good)
@@ -87,18 +87,24 @@ def test_stacks_of_layers_are_checked_with_messages_that_name_the_layer():
         )):
             function(encoder, selfs, [None, None])
         cases = [
-            (([torch.zeros(1, 2, 2), torch.zeros(1, 3, 3)], selfs, crosses), "encoder self-attention A_bar of layer 1 is (1, 3, 3), expected (1, 2, 2)"),
-            ((encoder, [selfs[0], torch.zeros(1, 2, 2)], crosses), "decoder self-attention A_bar of layer 1 is (1, 2, 2), expected (1, 3, 3)"),
-            ((encoder, selfs, [crosses[0], torch.zeros(1, 3, 4)]), "decoder cross-attention A_bar of layer 1 is (1, 3, 4), expected (1, 3, 2)"),
+            (([torch.zeros(1, 2, 2), torch.zeros(1, 3, 3)], selfs, crosses),
+             "encoder self-attention A_bar of layer 1 is (1, 3, 3), expected (1, 2, 2)"),
+            ((encoder, [selfs[0], torch.zeros(1, 2, 2)], crosses),
+             "decoder self-attention A_bar of layer 1 is (1, 2, 2), expected (1, 3, 3)"),
+            ((encoder, selfs, [crosses[0], torch.zeros(1, 3, 4)]),
+             "decoder cross-attention A_bar of layer 1 is (1, 3, 4), expected (1, 3, 2)"),
         ]
         for args, start in cases:
-            with pytest.raises(ValueError, match=_exactly(start + " ([B, Tq, Ti] from the first cross-attention layer)")):
+            message = start + " ([B, Tq, Ti] from the first cross-attention layer)"
+            with pytest.raises(ValueError, match=_exactly(message)):
                 function(*args)
 
 
 def test_rows_check_the_query_positions():
     encoder, selfs, crosses = [torch.zeros(2, 2, 2)], [torch.zeros(2, 3, 3)], [torch.zeros(2, 3, 2)]
-    with pytest.raises(ValueError, match=_exactly("query_index must be [B] = (2,), one query position per sample; got (1,)")):
+    with pytest.raises(
+        ValueError, match=_exactly("query_index must be [B] = (2,), one query position per sample; got (1,)")
+    ):
         encoder_decoder_rows(encoder, selfs, crosses, torch.tensor([0]))
     for index in ([0, 3], [-1, 0], [5, -2]):
         with pytest.raises(ValueError, match=_exactly(f"query_index must lie in [0, 3); got {index}")):
@@ -107,7 +113,9 @@ def test_rows_check_the_query_positions():
     with pytest.raises(ValueError, match=_exactly(
         "query_mask must be [B, T] = (2, 3) with True on real tokens and False on padding; got (2, 2)"
     )):
-        encoder_decoder_rows(encoder, selfs, crosses, torch.tensor([0, 0]), query_mask=torch.ones(2, 2, dtype=torch.bool))
+        encoder_decoder_rows(
+            encoder, selfs, crosses, torch.tensor([0, 0]), query_mask=torch.ones(2, 2, dtype=torch.bool)
+        )
     padded = torch.tensor([[True, True, True], [True, True, False]])
     with pytest.raises(ValueError, match=_exactly(
         "query_index points at a padded query position: give the position of a real token"
@@ -140,7 +148,10 @@ def test_bfloat16_layers_give_float32_relevance(with_encoder):
     encoder = [torch.rand(2, 4, 4, generator=generator) / 4 for _ in range(2)] if with_encoder else []
     selfs = [torch.rand(2, 3, 3, generator=generator).tril() / 3 for _ in range(2)]
     crosses = [torch.rand(2, 3, 4, generator=generator) / 4, None]
-    low = lambda layers: [None if w is None else w.bfloat16() for w in layers]  # noqa: E731
+
+    def low(layers):
+        return [None if w is None else w.bfloat16() for w in layers]
+
     index = torch.tensor([2, 1])
     exact = dense_encoder_decoder_relevance([w.double() for w in encoder], [w.double() for w in selfs],
                                             [None if w is None else w.double() for w in crosses])
@@ -150,7 +161,9 @@ def test_bfloat16_layers_give_float32_relevance(with_encoder):
     assert rows.r_qi.dtype == rows.r_qq.dtype == torch.float32
     torch.testing.assert_close(dense.r_qi.double(), exact.r_qi, atol=0.05, rtol=0.03)
     torch.testing.assert_close(rows.r_qi.double(), exact.r_qi[torch.arange(2), index], atol=0.05, rtol=0.03)
-    torch.testing.assert_close(normalize_relevance(exact.r_qq.bfloat16()).double(), normalize_relevance(exact.r_qq), atol=0.05, rtol=0.03)
+    torch.testing.assert_close(
+        normalize_relevance(exact.r_qq.bfloat16()).double(), normalize_relevance(exact.r_qq), atol=0.05, rtol=0.03
+    )
     assert normalize_relevance(exact.r_qq.bfloat16()).dtype == torch.float32
 
 
@@ -158,9 +171,12 @@ def test_the_dense_rules_stay_on_the_device_of_their_layers():
     """On PyTorch's ``meta`` device (shapes without data) nothing may be created on the default device, and
     masks given on the CPU are moved to the layers."""
     meta = torch.device("meta")
-    encoder, selfs, crosses = [torch.empty(2, 4, 4, device=meta)], [torch.empty(2, 3, 3, device=meta)], [torch.empty(2, 3, 4, device=meta)]
+    encoder, selfs, crosses = (
+        [torch.empty(2, 4, 4, device=meta)], [torch.empty(2, 3, 3, device=meta)], [torch.empty(2, 3, 4, device=meta)]
+    )
     masks = {"input_mask": torch.ones(2, 4, dtype=torch.bool), "query_mask": torch.ones(2, 3, dtype=torch.bool)}
-    outputs = [*dense_encoder_decoder_relevance(encoder, selfs, crosses, **masks), *dense_encoder_decoder_relevance([], selfs, crosses),
+    outputs = [*dense_encoder_decoder_relevance(encoder, selfs, crosses, **masks),
+               *dense_encoder_decoder_relevance([], selfs, crosses),
                normalize_relevance(torch.empty(2, 3, 3, device=meta), masks["query_mask"]),
                mask_padding(crosses[0], masks["query_mask"], masks["input_mask"])]
     assert [out.device for out in outputs] == [meta] * len(outputs)

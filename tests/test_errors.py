@@ -58,7 +58,7 @@ def test_pyhealth_model_without_attention_runs_gradient_methods_but_not_chefer()
     inputs, args = adapter.captum_inputs(batch)
     assert torch.allclose(adapter(*inputs, *args), mlp(**batch)["logit"])
     assert Saliency(adapter).attribute(inputs, additional_forward_args=args)[0].shape == inputs[0].shape
-    with pytest.raises(ValueError, match="no attention layers.*IntegratedGradients"):
+    with pytest.raises(ValueError, match=r"no attention layers.*IntegratedGradients"):
         CheferAttribution(adapter)
     del dataset
 
@@ -120,7 +120,7 @@ def test_stagenet_feature_without_times(stage_dataset):
 
 def test_label_asked_for_but_absent(adapter, seq_batch):
     batch = {k: v for k, v in seq_batch.items() if k != "label"}
-    with pytest.raises(ValueError, match="needs the label 'label'.*mode='predicted'"):
+    with pytest.raises(ValueError, match=r"needs the label 'label'.*mode='predicted'"):
         adapter.captum_target(batch, mode="label")
     assert adapter.captum_target(batch) is None  # binary: the one logit, no label needed
 
@@ -146,7 +146,7 @@ def test_unknown_level(adapter, seq_batch):
 
 def test_wrong_number_of_input_tensors(adapter, seq_batch):
     inputs, args = adapter.captum_inputs(seq_batch)
-    with pytest.raises(ValueError, match="expected 2 input tensors.*captum_inputs"):
+    with pytest.raises(ValueError, match=r"expected 2 input tensors.*captum_inputs"):
         attribute(adapter, inputs[:1], args)
     with pytest.raises(ValueError, match="expected 2 input tensors"):
         adapter(*inputs)  # additional forward args forgotten
@@ -157,7 +157,9 @@ def test_inputs_with_different_batch_sizes(adapter, seq_batch):
     message = r"different batch sizes \(input 'conditions' 3, mask of 'conditions' 6, .*one adapter.captum_inputs"
     with pytest.raises(ValueError, match=message):
         attribute(adapter, (inputs[0][:3], inputs[1]), args)
-    with pytest.raises(ValueError, match=r"'conditions' 3, mask of 'conditions' 3, input 'procedures' 6, mask of 'procedures' 6"):
+    with pytest.raises(
+        ValueError, match=r"'conditions' 3, mask of 'conditions' 3, input 'procedures' 6, mask of 'procedures' 6"
+    ):
         attribute(adapter, (inputs[0][:3], inputs[1]), (args[0][:3], args[1]))
     from captum.attr import Saliency
 
@@ -170,14 +172,14 @@ def test_inputs_with_different_batch_sizes(adapter, seq_batch):
 
 def test_inputs_and_masks_of_different_shapes(adapter, seq_batch):
     inputs, args = adapter.captum_inputs(seq_batch)
-    with pytest.raises(ValueError, match="'conditions' has shape .* mask implies"):
+    with pytest.raises(ValueError, match=r"'conditions' has shape .* mask implies"):
         attribute(adapter, (inputs[0][:, :2], inputs[1]), args)
 
 
 @pytest.mark.parametrize("target", [1, 5, -1, [0, 0], torch.tensor([0, 1, 0, 0, 0, 0])])
 def test_target_out_of_range_or_misshapen(adapter, seq_batch, target):
     inputs, args = adapter.captum_inputs(seq_batch)
-    with pytest.raises(ValueError, match="out of range|one per sample"):
+    with pytest.raises(ValueError, match=r"out of range|one per sample"):
         attribute(adapter, inputs, args, target=target)
 
 
@@ -187,7 +189,7 @@ def test_target_required_for_multiclass_and_must_be_integer():
     dataset = make_dataset("sequence", n=6, n_classes=3)
     adapter = PyHealthAdapter(make_model(dataset))
     inputs, args = adapter.captum_inputs(first_batch(dataset))
-    with pytest.raises(ValueError, match="target is required.*captum_target"):
+    with pytest.raises(ValueError, match=r"target is required.*captum_target"):
         attribute(adapter, inputs, args, target=None)
     with pytest.raises(TypeError, match="integer class indices"):
         attribute(adapter, inputs, args, target=torch.ones(6))
@@ -236,36 +238,50 @@ def test_zero_baseline_warning_fires_once_per_adapter_and_not_with_proper_baseli
     inputs, args = adapter.captum_inputs(seq_batch)
     ids, _ = adapter.captum_inputs(seq_batch, level="token")
     ig = IntegratedGradients(adapter)
-    proper = lambda: ig.attribute(inputs, baselines=ig_baselines(adapter, inputs, args), additional_forward_args=args, n_steps=4)
-    lig_proper = lambda: LayerIntegratedGradients(adapter, adapter.embedding_layers).attribute(
-        ids, baselines=ig_baselines(adapter, ids, args), additional_forward_args=args, n_steps=4)
-    others = lambda: (Saliency(adapter).attribute(inputs, additional_forward_args=args),
-                      CheferAttribution(adapter).attribute(inputs, additional_forward_args=args))
+
+    def proper():
+        return ig.attribute(inputs, baselines=ig_baselines(adapter, inputs, args), additional_forward_args=args,
+                            n_steps=4)
+
+    def lig_proper():
+        return LayerIntegratedGradients(adapter, adapter.embedding_layers).attribute(
+            ids, baselines=ig_baselines(adapter, ids, args), additional_forward_args=args, n_steps=4)
+
+    def others():
+        return (Saliency(adapter).attribute(inputs, additional_forward_args=args),
+                CheferAttribution(adapter).attribute(inputs, additional_forward_args=args))
+
     assert zero_baseline_warnings(proper) == [] and zero_baseline_warnings(lig_proper) == []
     assert zero_baseline_warnings(others) == []
 
-    default = lambda: ig.attribute(inputs, additional_forward_args=args, n_steps=4, internal_batch_size=8)
+    def default():
+        return ig.attribute(inputs, additional_forward_args=args, n_steps=4, internal_batch_size=8)
+
     (warning,) = zero_baseline_warnings(default)
     assert "all-zero baseline" in str(warning.message) and "ig_baselines(adapter, inputs" in str(warning.message)
     assert zero_baseline_warnings(default) == []  # once per adapter
-    assert zero_baseline_warnings(lambda: ig.attribute(inputs, baselines=(0.0, 0), additional_forward_args=args, n_steps=4)) == []
+    assert zero_baseline_warnings(
+        lambda: ig.attribute(inputs, baselines=(0.0, 0), additional_forward_args=args, n_steps=4)
+    ) == []
 
     # a fresh adapter warns again; so do the zero baselines of LayerIntegratedGradients and NoiseTunnel(IG)
     for run in (
-        lambda a: LayerIntegratedGradients(a, a.embedding_layers).attribute(ids, additional_forward_args=args, n_steps=4),
+        lambda a: LayerIntegratedGradients(a, a.embedding_layers).attribute(
+            ids, additional_forward_args=args, n_steps=4
+        ),
         lambda a: NoiseTunnel(IntegratedGradients(a)).attribute(inputs, additional_forward_args=args, n_steps=4,
                                                                  nt_samples=2, stdevs=0.01),
         lambda a: IntegratedGradients(a).attribute(inputs, baselines=tuple(torch.zeros_like(x) for x in inputs),
                                                    additional_forward_args=args, n_steps=4),
     ):
         fresh = PyHealthAdapter(seq_model)
-        assert len(zero_baseline_warnings(lambda: run(fresh))) == 1
+        assert len(zero_baseline_warnings(lambda run=run, fresh=fresh: run(fresh))) == 1
 
 
 @pytest.mark.parametrize("target", [True, False])
 def test_bool_target(adapter, seq_batch, target):
     inputs, args = adapter.captum_inputs(seq_batch)
-    with pytest.raises(TypeError, match="^target must be an int, a sequence of ints or a tensor, not a bool$"):
+    with pytest.raises(TypeError, match=r"^target must be an int, a sequence of ints or a tensor, not a bool$"):
         attribute(adapter, inputs, args, target=target)
 
 
@@ -288,9 +304,9 @@ def test_pooling_that_cannot_be_inferred(seq_dataset, seq_batch):
     model = CustomAttention(seq_dataset)
     adapter = PyHealthAdapter(model, pooling=None)
     assert adapter.pooling is None
-    with pytest.raises(ValueError, match="^pass pooling='first' or 'last' to PyHealthAdapter for CustomAttention$"):
+    with pytest.raises(ValueError, match=r"^pass pooling='first' or 'last' to PyHealthAdapter for CustomAttention$"):
         CheferAttribution(adapter)
-    with pytest.raises(ValueError, match="^pass pooling='first' or 'last' to PyHealthAdapter for CustomAttention$"):
+    with pytest.raises(ValueError, match=r"^pass pooling='first' or 'last' to PyHealthAdapter for CustomAttention$"):
         adapter.attention_forward(*adapter.captum_inputs(seq_batch, level="token"))
     assert PyHealthAdapter(model, pooling="first").pooling == "first"
     CheferAttribution(PyHealthAdapter(model, pooling="last"))  # told the pooling, the model is accepted

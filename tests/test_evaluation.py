@@ -24,7 +24,6 @@ from captum_chefer.comparison import (
 )
 from tests.conftest import first_batch, make_model
 
-
 WEIGHTS = torch.tensor([[5.0, 4.0, 3.0, 2.0, 1.0, 0.0]])  # one sample, 5 real codes + padding
 REAL = {"x": torch.tensor([[True, True, True, True, True, False]])}
 
@@ -203,7 +202,7 @@ def test_random_attribution_is_seeded_and_shaped(trained):
     inputs, args = adapter.captum_inputs(batch)
     a = RandomAttribution(adapter, seed=3).attribute(inputs, additional_forward_args=args)
     b = RandomAttribution(adapter, seed=3).attribute(inputs, additional_forward_args=args)
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
+    assert all(torch.equal(x, y) for x, y in zip(a, b, strict=True))
     assert [x.shape for x in a] == [x.shape for x in inputs]
     tokens, _ = adapter.captum_inputs(batch, level="token")
     t = RandomAttribution(adapter).attribute(tokens)
@@ -266,12 +265,16 @@ def test_same_seed_same_numbers_even_for_noisetunnel(trained):
     for draws in (1, 5):
         torch.rand(draws)  # the caller's global random state differs between the runs
         state = torch.get_rng_state()
-        evaluation = evaluate_methods(adapter, batch, methods, infidelity_samples=2, sensitivity_samples=2, progress=False)
+        evaluation = evaluate_methods(
+            adapter, batch, methods, infidelity_samples=2, sensitivity_samples=2, progress=False
+        )
         assert torch.equal(torch.get_rng_state(), state)  # and is given back untouched
         runs.append(evaluation.per_sample["SmoothGrad"])
     for metric in ("deletion_aopc", "insertion_aopc", "infidelity", "sensitivity"):
         assert torch.equal(runs[0][metric], runs[1][metric]), metric
-    other = evaluate_methods(adapter, batch, methods, infidelity_samples=2, sensitivity_samples=2, seed=1, progress=False)
+    other = evaluate_methods(
+        adapter, batch, methods, infidelity_samples=2, sensitivity_samples=2, seed=1, progress=False
+    )
     assert not torch.equal(other.per_sample["SmoothGrad"]["sensitivity"], runs[0]["sensitivity"])
 
 

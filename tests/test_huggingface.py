@@ -18,7 +18,7 @@ from torch import nn
 
 from captum_chefer import CheferAttribution, HuggingFaceAdapter, adapter_for, compare_methods
 
-SMALL = dict(hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
+SMALL = {"hidden_size": 16, "num_hidden_layers": 3, "num_attention_heads": 2, "intermediate_size": 32}
 WORDS = ["fever", "cough", "rash", "pain", "no", "history", "of", "chest", "sepsis", "stable"]
 
 
@@ -31,7 +31,9 @@ def _state(model: nn.Module) -> dict:
     }
 
 
-def eager_reference(model: nn.Module, target: torch.Tensor, pool: torch.Tensor, **inputs) -> tuple[torch.Tensor, torch.Tensor]:
+def eager_reference(
+    model: nn.Module, target: torch.Tensor, pool: torch.Tensor, **inputs
+) -> tuple[torch.Tensor, torch.Tensor]:
     """Logits and the pooled relevance rows of an eager copy of ``model``, from its returned attentions."""
     twin = copy.deepcopy(model).eval()
     twin.set_attn_implementation("eager")
@@ -64,7 +66,9 @@ TEXTS = ["fever cough rash pain", "no history of chest pain sepsis", "stable"]
 
 def _bert(**config):
     torch.manual_seed(0)
-    return transformers.BertForSequenceClassification(transformers.BertConfig(vocab_size=15, num_labels=3, **SMALL, **config)).eval()
+    return transformers.BertForSequenceClassification(
+        transformers.BertConfig(vocab_size=15, num_labels=3, **SMALL, **config)
+    ).eval()
 
 
 def _gpt2():
@@ -109,7 +113,9 @@ def test_other_encoders_equal_the_eager_computation(family):
         model = transformers.RobertaForSequenceClassification(config).eval()
         ids = torch.tensor([[0, 5, 6, 7, 2], [0, 8, 2, 1, 1]])
     else:
-        config = transformers.DistilBertConfig(vocab_size=15, num_labels=2, dim=16, n_layers=3, n_heads=2, hidden_dim=32)
+        config = transformers.DistilBertConfig(
+            vocab_size=15, num_labels=2, dim=16, n_layers=3, n_heads=2, hidden_dim=32
+        )
         model = transformers.DistilBertForSequenceClassification(config).eval()
         ids = torch.tensor([[2, 5, 6, 7, 3], [2, 8, 3, 0, 0]])
     encoding = {"input_ids": ids, "attention_mask": (torch.arange(5) < torch.tensor([[5], [3]])).long()}
@@ -175,7 +181,9 @@ def test_gpt2_pools_the_last_real_token(side):
         for i in range(3):
             alone = {k: v[i : i + 1, : lengths[i]] for k, v in encoding.items()}
             alone_tokens, alone_args = adapter.captum_inputs(alone, level="token")
-            (one,) = CheferAttribution(adapter).attribute(alone_tokens, target=target[i : i + 1], additional_forward_args=alone_args)
+            (one,) = CheferAttribution(adapter).attribute(
+                alone_tokens, target=target[i : i + 1], additional_forward_args=alone_args
+            )
             torch.testing.assert_close(scores[i, : lengths[i]], one[0], atol=1e-5, rtol=1e-4)
 
 
@@ -221,7 +229,9 @@ def test_image_classifiers_equal_the_eager_computation(family):
     patches = adapter.to_feature_dict(attributions)["pixel_values"]
     torch.testing.assert_close(patches, rows[:, prefix:], atol=1e-5, rtol=1e-4)  # [CLS] (and distillation) dropped
     # each patch's relevance is spread evenly over its pixels and channels
-    torch.testing.assert_close(attributions[0, :, :8, :8], torch.full((3, 8, 8), float(rows[0, prefix]) / 192), atol=1e-6, rtol=1e-4)
+    torch.testing.assert_close(
+        attributions[0, :, :8, :8], torch.full((3, 8, 8), float(rows[0, prefix]) / 192), atol=1e-6, rtol=1e-4
+    )
 
 
 def test_image_gradient_methods_and_heads_reading_two_positions():
@@ -235,8 +245,10 @@ def test_image_gradient_methods_and_heads_reading_two_positions():
     smooth = NoiseTunnel(Saliency(adapter)).attribute(inputs[0], target=0, nt_samples=2, stdevs=0.1)
     assert ig.shape == smooth.shape == pixels.shape
     assert adapter.to_feature_dict(ig)["pixel_values"].shape == (2, 16)
-    teacher = transformers.DeiTForImageClassificationWithTeacher(transformers.DeiTConfig(image_size=32, patch_size=8, **SMALL))
-    with pytest.raises(ValueError, match="distillation-token head.*pool=0"):
+    teacher = transformers.DeiTForImageClassificationWithTeacher(
+        transformers.DeiTConfig(image_size=32, patch_size=8, **SMALL)
+    )
+    with pytest.raises(ValueError, match=r"distillation-token head.*pool=0"):
         HuggingFaceAdapter(teacher)
     assert HuggingFaceAdapter(teacher, pool=0).pool == 0
 
@@ -297,7 +309,7 @@ def test_removal_masks_tokens_out_and_compacts(tokenizer):
 
 def test_models_without_a_head_or_attention_are_refused():
     base = transformers.BertModel(transformers.BertConfig(vocab_size=15, **SMALL))
-    with pytest.raises(TypeError, match="no classification head.*AutoModelForSequenceClassification"):
+    with pytest.raises(TypeError, match=r"no classification head.*AutoModelForSequenceClassification"):
         HuggingFaceAdapter(base)
     with pytest.raises(TypeError, match="no classification head"):
         adapter_for(base)
@@ -308,7 +320,7 @@ def test_models_without_a_head_or_attention_are_refused():
     ).eval()
     adapter = HuggingFaceAdapter(convnext)  # fine for gradient methods
     assert Saliency(adapter).attribute(torch.randn(1, 3, 32, 32), target=0).shape == (1, 3, 32, 32)
-    with pytest.raises(ValueError, match="no attention module.*IntegratedGradients"):
+    with pytest.raises(ValueError, match=r"no attention module.*IntegratedGradients"):
         CheferAttribution(adapter)
     with pytest.raises(TypeError, match="encoding"):
         HuggingFaceAdapter(_bert()).captum_inputs(torch.ones(2, 3, dtype=torch.long))
@@ -348,13 +360,14 @@ def test_options_through_deferred_layers(tokenizer):
     def rule(use_gradients=True, clamp=True, head_reduction="mean", layers=None, exclude_self=False, propagation="row"):
         length = maps[0].shape[-1]
         relevance = torch.eye(length).expand(3, length, length)
-        chosen = list(zip(maps, grads))[-layers:] if layers else list(zip(maps, grads))
+        chosen = list(zip(maps, grads, strict=True))[-layers:] if layers else list(zip(maps, grads, strict=True))
         for attention, grad in chosen:
             weighted = attention.detach() * grad if use_gradients else attention.detach()
             weighted = weighted.clamp(min=0) if clamp else weighted
             weighted = weighted.mean(1) if head_reduction == "mean" else weighted.amax(1)
             relevance = relevance + weighted @ relevance
-        row = relevance[:, 0] - (torch.nn.functional.one_hot(torch.zeros(3, dtype=torch.long), length) if exclude_self else 0)
+        self_term = torch.nn.functional.one_hot(torch.zeros(3, dtype=torch.long), length) if exclude_self else 0
+        row = relevance[:, 0] - self_term
         return row * encoding["attention_mask"]
 
     for options in ({"head_reduction": "max"}, {"use_gradients": False}, {"clamp": False}, {"layers": 2},

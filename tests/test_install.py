@@ -20,7 +20,9 @@ def _fake_python(folder: Path, version: tuple[int, int, int]) -> Path:
     """An executable that behaves like this interpreter but reports ``version``."""
     path = folder / f"python{version[0]}.{version[1]}"
     patch = f"import sys; sys.version_info = ({version[0]}, {version[1]}, {version[2]}, 'final', 0)"
-    path.write_text(f'#!/bin/sh\n[ "$1" = -c ] && exec "{sys.executable}" -c "{patch}; $2"\nexec "{sys.executable}" "$@"\n')
+    path.write_text(
+        f'#!/bin/sh\n[ "$1" = -c ] && exec "{sys.executable}" -c "{patch}; $2"\nexec "{sys.executable}" "$@"\n'
+    )
     path.chmod(path.stat().st_mode | stat.S_IEXEC)
     return path
 

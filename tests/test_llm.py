@@ -32,7 +32,10 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 warnings.filterwarnings("ignore", message=".*attention_mask.*")
 
-WORDS = "the a patient has fever cough pain chest no and with mild severe left right denies reports".split()
+WORDS = [
+    "the", "a", "patient", "has", "fever", "cough", "pain", "chest", "no", "and", "with", "mild", "severe", "left",
+    "right", "denies", "reports",
+]
 SPECIAL = ["<pad>", "<s>", "</s>", "<unk>"]
 
 
@@ -47,11 +50,13 @@ def tokenizer(tmp_path_factory):
     backend.pre_tokenizer = pre_tokenizers.Whitespace()
     backend.decoder = decoders.WordPiece(prefix="##")
     backend.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
-    return PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>")
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, bos_token="<s>", eos_token="</s>", pad_token="<pad>", unk_token="<unk>"
+    )
 
 
 VOCAB = len(SPECIAL) + len(WORDS)
-IDS = dict(pad_token_id=0, bos_token_id=1, eos_token_id=2)
+IDS = {"pad_token_id": 0, "bos_token_id": 1, "eos_token_id": 2}
 
 
 def gpt2(layers=3, seed=0, heads=4):
@@ -116,7 +121,9 @@ def _norm(r):
     eye = torch.eye(r.shape[0])
     extra = r - eye
     total = extra.sum(dim=1, keepdim=True)
-    scaled = torch.where(total != 0, extra / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(extra))
+    scaled = torch.where(
+        total != 0, extra / torch.where(total != 0, total, torch.ones_like(total)), torch.zeros_like(extra)
+    )
     return scaled + eye
 
 
@@ -138,7 +145,7 @@ def reference_decoder_only(model, prompt, target, kind="logit"):
     for j in range(len(target)):
         grads = torch.autograd.grad(y[j], maps, retain_graph=True, allow_unused=True)
         relevance = torch.eye(T)
-        for a, g in zip(maps, grads):
+        for a, g in zip(maps, grads, strict=True):
             if g is not None:  # a layer no gradient reaches adds nothing
                 relevance = relevance + _a_bar(a, g) @ relevance
         p = P - 1 + j
@@ -167,10 +174,10 @@ def reference_encoder_decoder(model, target, kind="logit", without_cross=(), **e
         grads = torch.autograd.grad(y[j], enc + dec + cross, retain_graph=True)
         g_enc, g_dec, g_cross = grads[: len(enc)], grads[len(enc) : len(enc) + len(dec)], grads[len(enc) + len(dec) :]
         r_ii = torch.eye(Ti)
-        for a, g in zip(enc, g_enc):
+        for a, g in zip(enc, g_enc, strict=True):
             r_ii = r_ii + _a_bar(a, g) @ r_ii
         r_qq, r_qi = torch.eye(Tq), torch.zeros(Tq, Ti)
-        for layer, (a_s, g_s, a_c, g_c) in enumerate(zip(dec, g_dec, cross, g_cross)):
+        for layer, (a_s, g_s, a_c, g_c) in enumerate(zip(dec, g_dec, cross, g_cross, strict=True)):
             s = _a_bar(a_s, g_s)
             r_qq, r_qi = r_qq + s @ r_qq, r_qi + s @ r_qi
             if layer not in without_cross:
@@ -262,7 +269,7 @@ def test_a_padded_batch_equals_one_prompt_at_a_time(tokenizer, make):
     targets = ["and cough", "no fever", "with severe left chest pain"]
     inps = [TextTokenInput(p, tokenizer) for p in prompts]
     together = chefer.attribute_batch(inps, targets, chunk_size=3, batch_size=None)
-    for inp, target, batched in zip(inps, targets, together):
+    for inp, target, batched in zip(inps, targets, together, strict=True):
         alone = chefer.attribute(inp, target=target)
         assert batched.input_tokens == alone.input_tokens and batched.output_tokens == alone.output_tokens
         assert_matches(batched.token_attr, alone.token_attr)
@@ -276,7 +283,7 @@ def test_a_batch_of_images_equals_one_image_at_a_time(tokenizer):
     images = [torch.randn(3, 16, 16) for _ in range(2)]
     targets = ["left chest pain", "no"]
     together = chefer.attribute_batch(images, targets, batch_size=None)
-    for image, target, batched in zip(images, targets, together):
+    for image, target, batched in zip(images, targets, together, strict=True):
         alone = chefer.attribute(image, target=target)
         assert_matches(batched.token_attr, alone.token_attr)
         torch.testing.assert_close(batched.image_attr, alone.image_attr, rtol=1e-4, atol=1e-9)
@@ -288,7 +295,9 @@ def test_generated_target_is_the_greedy_output(tokenizer):
     result = CheferLLMAttribution(model, tokenizer).attribute(inp, gen_args={"max_new_tokens": 4, "do_sample": False})
     with torch.no_grad():
         ids = inp.inp_tensor
-        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False)[0, ids.shape[1]:]
+        greedy = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=4, do_sample=False
+        )[0, ids.shape[1]:]
     assert result.output_tokens == tokenizer.convert_ids_to_tokens(greedy.tolist())
     assert_matches(result.token_attr, reference_decoder_only(model, ids[0], greedy))
 
@@ -370,7 +379,9 @@ def test_same_format_as_captums_llm_gradient_attribution(tokenizer):
 def test_plots_render(tokenizer):
     import matplotlib.pyplot as plt
 
-    result = CheferLLMAttribution(gpt2(), tokenizer).attribute(TextTokenInput("the patient has fever", tokenizer), target="and cough")
+    result = CheferLLMAttribution(gpt2(), tokenizer).attribute(
+        TextTokenInput("the patient has fever", tokenizer), target="and cough"
+    )
     image = CheferLLMAttribution(vit_gpt2(), tokenizer).attribute(torch.randn(3, 16, 16), target="chest pain")
     for fig, _ in (result.plot_token_attr(show=False), result.plot_seq_attr(show=False),
                    image.plot_token_attr(show=False), image.plot_image_attr(1, show=False)):
@@ -383,10 +394,11 @@ def test_plots_render(tokenizer):
 @pytest.mark.parametrize("name", ["GPT2Model", "BartModel"])
 def test_a_model_without_a_language_model_head_is_refused(tokenizer, name):
     config = transformers.GPT2Config(vocab_size=VOCAB, n_embd=32, n_layer=1, n_head=4) if name == "GPT2Model" else \
-        transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1, encoder_attention_heads=4,
-                                decoder_attention_heads=4, encoder_ffn_dim=32, decoder_ffn_dim=32)
+        transformers.BartConfig(vocab_size=VOCAB, d_model=32, encoder_layers=1, decoder_layers=1,
+                                encoder_attention_heads=4, decoder_attention_heads=4, encoder_ffn_dim=32,
+                                decoder_ffn_dim=32)
     model = getattr(transformers, name)(config)
-    with pytest.raises(TypeError, match="no language-model head.*AutoModelFor"):
+    with pytest.raises(TypeError, match=r"no language-model head.*AutoModelFor"):
         CheferLLMAttribution(model, tokenizer)
 
 
@@ -396,7 +408,9 @@ def test_half_precision_models_give_float32_relevance_close_to_float32_models(to
     full = CheferLLMAttribution(model, tokenizer).attribute(inp, target="and cough")
     half = CheferLLMAttribution(copy.deepcopy(model).to(torch.bfloat16), tokenizer).attribute(inp, target="and cough")
     assert half.token_attr.dtype == torch.float32
-    torch.testing.assert_close(half.token_attr, full.token_attr, rtol=0.1, atol=0.05 * float(full.token_attr.abs().max()))
+    torch.testing.assert_close(
+        half.token_attr, full.token_attr, rtol=0.1, atol=0.05 * float(full.token_attr.abs().max())
+    )
 
 
 def test_other_misuse_is_refused_with_the_fix(tokenizer):
@@ -447,7 +461,7 @@ def test_one_layer_and_one_head_one_token_per_backward_pass_in_a_batch(tokenizer
     inps = [TextTokenInput("the patient has fever", tokenizer), TextTokenInput("a cough", tokenizer)]
     targets = [torch.tensor(tokenizer.encode(t, add_special_tokens=False)) for t in ("and mild cough", "with pain")]
     together = chefer.attribute_batch(inps, targets, chunk_size=1, batch_size=None)
-    for inp, target, result in zip(inps, targets, together):
+    for inp, target, result in zip(inps, targets, together, strict=True):
         assert_matches(result.token_attr, reference_decoder_only(model, inp.inp_tensor[0], target))
 
 
@@ -501,7 +515,9 @@ def test_a_layer_whose_cross_attention_is_not_captured_adds_no_cross_term(tokeni
     inp = TextTokenInput("patient reports severe chest pain", tokenizer)
     target = torch.tensor(tokenizer.encode("chest pain cough", add_special_tokens=False))
     result = chefer.attribute(inp, target=target)
-    assert_matches(result.token_attr, reference_encoder_decoder(model, target, without_cross=(0,), input_ids=inp.inp_tensor))
+    assert_matches(
+        result.token_attr, reference_encoder_decoder(model, target, without_cross=(0,), input_ids=inp.inp_tensor)
+    )
 
 
 def test_modules_read_in_the_wrong_roles_are_refused(tokenizer):
@@ -529,7 +545,9 @@ def test_the_default_generation_is_captums_greedy_25_tokens(tokenizer):
     result = CheferLLMAttribution(model, tokenizer).attribute(inp, chunk_size=None)
     ids = inp.inp_tensor
     with torch.no_grad():
-        greedy = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=25, do_sample=False)[0, ids.shape[1]:]
+        greedy = model.generate(
+            ids, attention_mask=torch.ones_like(ids), max_new_tokens=25, do_sample=False
+        )[0, ids.shape[1]:]
     assert len(result.output_tokens) == 25
     assert result.output_tokens == tokenizer.convert_ids_to_tokens(greedy.tolist())
 
@@ -561,8 +579,8 @@ def test_generation_reads_every_prompt_token_as_real(tokenizer):
 
 def test_generation_runs_without_dropout_and_leaves_the_model_training(tokenizer):
     torch.manual_seed(0)
-    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4, initializer_range=0.3,
-                                     resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5, **IDS)
+    config = transformers.GPT2Config(vocab_size=VOCAB, n_positions=64, n_embd=32, n_layer=2, n_head=4,
+                                     initializer_range=0.3, resid_pdrop=0.5, embd_pdrop=0.5, attn_pdrop=0.5, **IDS)
     model = transformers.GPT2LMHeadModel(config).eval()
     inp = TextTokenInput("the patient has", tokenizer)
     options = {"max_new_tokens": 6, "do_sample": False}
@@ -593,7 +611,9 @@ def test_the_decoder_starts_from_the_generation_configs_start_token(tokenizer):
     handle = model.register_forward_pre_hook(lambda module, args, kwargs: seen.append(kwargs["decoder_input_ids"]),
                                              with_kwargs=True)
     try:
-        CheferLLMAttribution(model, tokenizer).attribute(TextTokenInput("patient reports pain", tokenizer), target="chest pain")
+        CheferLLMAttribution(model, tokenizer).attribute(
+            TextTokenInput("patient reports pain", tokenizer), target="chest pain"
+        )
     finally:
         handle.remove()
     assert seen[0].tolist() == [[1, tokenizer.convert_tokens_to_ids("chest")]]
@@ -657,8 +677,8 @@ def test_tokens_before_the_patches_and_patch_sizes_as_pairs(tokenizer, encoder, 
     assert result.input_tokens[:3] == names and len(result.input_tokens) == extra + 16
     assert_matches(result.token_attr, expected)
     patch = expected[:, extra:].reshape(3, 4, 4)
-    torch.testing.assert_close(result.image_attr, (patch / 48).repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1)
-                               .expand(3, 3, 16, 16), rtol=1e-4, atol=1e-7 * float(expected.abs().max()))
+    spread = (patch / 48).repeat_interleave(4, 1).repeat_interleave(4, 2).unsqueeze(1).expand(3, 3, 16, 16)
+    torch.testing.assert_close(result.image_attr, spread, rtol=1e-4, atol=1e-7 * float(expected.abs().max()))
 
 
 def test_an_image_encoder_without_a_class_token(tokenizer):

@@ -17,7 +17,10 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_quick_benchmark_writes_sane_numbers(tmp_path):
     results, rows = tmp_path / "LLM-RESULTS.md", tmp_path / "llm.json"
     proc = subprocess.run(
-        [sys.executable, str(ROOT / "benchmarks" / "llm.py"), "--quick", "--results", str(results), "--json", str(rows)],
+        [
+            sys.executable, str(ROOT / "benchmarks" / "llm.py"),
+            "--quick", "--results", str(results), "--json", str(rows),
+        ],
         capture_output=True, text=True, timeout=600, cwd=ROOT,
     )
     assert proc.returncode == 0, proc.stderr[-3000:]

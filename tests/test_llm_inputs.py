@@ -41,7 +41,7 @@ transformers = pytest.importorskip("transformers")
 transformers.logging.set_verbosity_error()
 
 PACKAGE = os.path.dirname(os.path.abspath(captum_chefer.__file__))
-WORDS = "the patient reports fever and a dry cough , ( ) chest pain".split()
+WORDS = ["the", "patient", "reports", "fever", "and", "a", "dry", "cough", ",", "(", ")", "chest", "pain"]
 
 
 @pytest.fixture(scope="module")
@@ -124,15 +124,16 @@ def test_objects_that_are_not_language_models_are_refused(tokenizer):
                 f"got {type(model).__name__}; for other models use CheferAttribution with an adapter",
                 CheferLLMAttribution, model, tokenizer)
     body = transformers.GPT2Model(transformers.GPT2Config(vocab_size=8, n_embd=8, n_layer=1, n_head=2))
-    refused(TypeError, "GPT2Model has no language-model head (get_output_embeddings() is None), so it has no logits over "
-            "the vocabulary to explain; load the model with its generation head instead, e.g. AutoModelForCausalLM / "
-            "GPT2LMHeadModel or AutoModelForSeq2SeqLM / BartForConditionalGeneration", CheferLLMAttribution, body, tokenizer)
+    refused(TypeError, "GPT2Model has no language-model head (get_output_embeddings() is None), so it has no "
+            "logits over the vocabulary to explain; load the model with its generation head instead, e.g. "
+            "AutoModelForCausalLM / GPT2LMHeadModel or AutoModelForSeq2SeqLM / BartForConditionalGeneration",
+            CheferLLMAttribution, body, tokenizer)
 
 
 def test_a_model_without_capturable_attention_is_refused(tokenizer):
     """A config without ``is_encoder_decoder`` reads as decoder-only; its decoder is the whole model."""
-    refused(TypeError, "_LinearHead: no attention module that this package can capture was found in its decoder; supported "
-            "are transformers attention modules that dispatch through AttentionInterface (models with an "
+    refused(TypeError, "_LinearHead: no attention module that this package can capture was found in its decoder; "
+            "supported are transformers attention modules that dispatch through AttentionInterface (models with an "
             "eager_attention_forward)", CheferLLMAttribution, _LinearHead(types.SimpleNamespace()), tokenizer)
 
 
@@ -211,8 +212,9 @@ def test_an_encoder_decoder_without_a_decoder_start_token_is_refused(tokenizer):
     model = vit_gpt2(len(tokenizer))
     del model.config.decoder_start_token_id  # neither it nor the generation config names one now
     model.generation_config.decoder_start_token_id = None
-    refused(ValueError, "VisionEncoderDecoderModel has no decoder_start_token_id; set model.config.decoder_start_token_id "
-            "(the token the decoder starts from, e.g. the tokenizer's BOS or CLS id)",
+    refused(ValueError, "VisionEncoderDecoderModel has no decoder_start_token_id; "
+            "set model.config.decoder_start_token_id (the token the decoder starts from, e.g. the tokenizer's BOS "
+            "or CLS id)",
             CheferLLMAttribution(model, tokenizer).attribute, torch.zeros(3, 8, 8), target="fever")
 
 
@@ -223,8 +225,9 @@ def test_prompts_of_the_wrong_kind_are_refused(tokenizer, chefer):
     refused(TypeError, "GPT2LMHeadModel reads text: pass captum.attr.TextTokenInput(prompt, tokenizer), not str",
             chefer.attribute, "the patient", target="fever")
     image_model = CheferLLMAttribution(vit_gpt2(len(tokenizer)), tokenizer)
-    refused(TypeError, "VisionEncoderDecoderModel reads an image: pass its pixel values [C, H, W] (from the image processor) "
-            "as the input, not TextTokenInput", image_model.attribute, TextTokenInput("the", tokenizer), target="fever")
+    refused(TypeError, "VisionEncoderDecoderModel reads an image: pass its pixel values [C, H, W] "
+            "(from the image processor) as the input, not TextTokenInput",
+            image_model.attribute, TextTokenInput("the", tokenizer), target="fever")
     refused(ValueError, "pass one image's pixel values [C, H, W] (or [1, C, H, W]); got (2, 3, 8, 8)",
             image_model.attribute, torch.zeros(2, 3, 8, 8), target="fever")
     refused(ValueError, "pass one image's pixel values [C, H, W] (or [1, C, H, W]); got (8, 8)",
@@ -253,13 +256,14 @@ def test_pixels_are_cast_to_the_models_dtype(tokenizer):
 
 def test_a_prompt_from_another_tokenizer_or_without_tokens_is_refused(tokenizer, chefer):
     other = word_tokenizer(["fever", "the", "patient"])
-    refused(ValueError, "the prompt was tokenized by another tokenizer than the one CheferLLMAttribution was given (their "
-            "vocabularies differ), so the model would read other tokens than the prompt shows; make the TextTokenInput "
-            "with the same tokenizer", chefer.attribute, TextTokenInput("the patient", other), target="fever")
+    refused(ValueError, "the prompt was tokenized by another tokenizer than the one CheferLLMAttribution was given "
+            "(their vocabularies differ), so the model would read other tokens than the prompt shows; make the "
+            "TextTokenInput with the same tokenizer",
+            chefer.attribute, TextTokenInput("the patient", other), target="fever")
     no_bos = word_tokenizer(WORDS, bos=False)
-    refused(ValueError, "the prompt has no tokens (an empty text, and the tokenizer adds no special token); give a prompt of "
-            "at least one token", CheferLLMAttribution(gpt2(len(no_bos)), no_bos).attribute, TextTokenInput("", no_bos),
-            target="fever")
+    refused(ValueError, "the prompt has no tokens (an empty text, and the tokenizer adds no special token); "
+            "give a prompt of at least one token",
+            CheferLLMAttribution(gpt2(len(no_bos)), no_bos).attribute, TextTokenInput("", no_bos), target="fever")
 
 
 def test_a_prompt_of_one_token_is_explained(tokenizer, chefer):
@@ -347,7 +351,8 @@ def test_what_joins_a_prompt_and_the_text_that_follows(prompt, target, expected)
     ("\u548c", True), ("\uff21", True),  # wide (CJK) and fullwidth
     ("\ud55c", False),  # Hangul is wide, but Korean puts spaces between words
     ("\U0002fffd", True),  # a wide code point without a name
-    ("\u0e01", True), ("\u0e81", True), ("\u1780", True), ("\u1000", True), ("\u0f40", True),  # Thai Lao Khmer Myanmar Tibetan
+    # Thai, Lao, Khmer, Myanmar, Tibetan
+    ("\u0e01", True), ("\u0e81", True), ("\u1780", True), ("\u1000", True), ("\u0f40", True),
     ("a", False), ("\x00", False),  # a narrow character without a name
 ])
 def test_scripts_written_without_spaces(char, expected):
@@ -360,7 +365,8 @@ def test_tokenizers_are_the_same_when_their_vocabularies_are(tokenizer):
     assert _same_vocabulary(tokenizer, tokenizer) and _same_vocabulary(tokenizer, copy_)
     assert not _same_vocabulary(tokenizer, other) and not _same_vocabulary(other, tokenizer)
     blind = object()  # cannot tell: assumed the same
-    assert _same_vocabulary(blind, tokenizer) and _same_vocabulary(tokenizer, blind) and _same_vocabulary(blind, object())
+    assert _same_vocabulary(blind, tokenizer) and _same_vocabulary(tokenizer, blind)
+    assert _same_vocabulary(blind, object())
 
 
 class _PlainDecoder:
@@ -421,15 +427,18 @@ def test_captured_maps_of_the_wrong_shape_are_refused():
     ok = torch.zeros(1, 2, 3, 3)
     _check_shapes(maps(self=[ok], cross=[None]), "decoder-only", 3, 3, "M")
     _check_shapes(maps([torch.zeros(1, 2, 4, 4)], [ok], [torch.zeros(1, 2, 3, 4)]), "encoder-decoder", 3, 4, "M")
-    refused(RuntimeError, "M: no decoder self-attention was recorded in the forward pass", _check_shapes, maps(), "decoder-only", 3, 3, "M")
+    refused(RuntimeError, "M: no decoder self-attention was recorded in the forward pass",
+            _check_shapes, maps(), "decoder-only", 3, 3, "M")
     refused(RuntimeError, "M: no cross-attention was recorded in the forward pass",
             _check_shapes, maps(self=[ok], cross=[None]), "encoder-decoder", 3, 4, "M")
     refused(RuntimeError, "M: self attention of layer 1 has shape (2, 3, 3), expected [B, H, 3, 3]",
             _check_shapes, maps(self=[ok, torch.zeros(2, 3, 3)], cross=[None, None]), "decoder-only", 3, 3, "M")
     refused(RuntimeError, "M: cross attention of layer 0 has shape (1, 2, 3, 5), expected [B, H, 3, 4]",
-            _check_shapes, maps([torch.zeros(1, 2, 4, 4)], [ok], [torch.zeros(1, 2, 3, 5)]), "encoder-decoder", 3, 4, "M")
+            _check_shapes, maps([torch.zeros(1, 2, 4, 4)], [ok], [torch.zeros(1, 2, 3, 5)]),
+            "encoder-decoder", 3, 4, "M")
     refused(RuntimeError, "M: encoder attention of layer 0 has shape (1, 2, 4, 3), expected [B, H, 4, 4]",
-            _check_shapes, maps([torch.zeros(1, 2, 4, 3)], [ok], [torch.zeros(1, 2, 3, 4)]), "encoder-decoder", 3, 4, "M")
+            _check_shapes, maps([torch.zeros(1, 2, 4, 3)], [ok], [torch.zeros(1, 2, 3, 4)]),
+            "encoder-decoder", 3, 4, "M")
 
 
 # ---------------------------------------------------------------------------------------------- words it does not know
@@ -482,7 +491,8 @@ def test_tokenizers_without_an_unknown_token_never_warn():
 
 def test_a_tokenizer_without_special_tokens_warns_of_unknown_prompt_words():
     bare = types.SimpleNamespace(unk_token_id=3, unk_token="?")  # no bos, eos, pad, ... ids at all
-    with pytest.warns(OutOfVocabularyWarning, match=r"^the prompt holds 1 word\(s\) .* unknown token '\?' \(token position\(s\) \[1\]\)"):
+    with pytest.warns(OutOfVocabularyWarning,
+                      match=r"^the prompt holds 1 word\(s\) .* unknown token '\?' \(token position\(s\) \[1\]\)"):
         _warn_unknown_prompt(bare, torch.tensor([4, 3]), None)
 
 
@@ -512,7 +522,8 @@ def test_the_warning_on_unknown_prompt_words(tokenizer):
         "has them"]
     assert not record[0].filename.startswith(PACKAGE)
     many = torch.tensor([tokenizer.unk_token_id] * 12)
-    with pytest.warns(OutOfVocabularyWarning, match=r"holds 12 word\(s\).*position\(s\) \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\]\)"):
+    with pytest.warns(OutOfVocabularyWarning,
+                      match=r"holds 12 word\(s\).*position\(s\) \[0, 1, 2, 3, 4, 5, 6, 7, 8, 9\]\)"):
         _warn_unknown_prompt(tokenizer, many, None)
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -546,7 +557,8 @@ def test_skipped_unknown_tokens_do_not_warn_in_an_attribution(tokenizer, chefer)
 def test_the_word_tokenizer():
     words = ["fever", "cough", "fever"]
     plain = word_tokenizer(words)
-    assert len(plain) == 6 and plain.convert_ids_to_tokens(list(range(6))) == ["<pad>", "<s>", "</s>", "<unk>", "fever", "cough"]
+    assert len(plain) == 6
+    assert plain.convert_ids_to_tokens(list(range(6))) == ["<pad>", "<s>", "</s>", "<unk>", "fever", "cough"]
     assert (plain.pad_token, plain.bos_token, plain.eos_token, plain.unk_token) == ("<pad>", "<s>", "</s>", "<unk>")
     assert (plain.pad_token_id, plain.bos_token_id, plain.eos_token_id, plain.unk_token_id) == (0, 1, 2, 3)
     assert plain.encode("fever and cough") == [1, 4, 3, 5]  # <s> first by default, unknown words as <unk>

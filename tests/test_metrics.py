@@ -75,7 +75,10 @@ class BagOfCodes(Adapter):
     def token_masks(self, additional_forward_args, inputs=None):
         if inputs is None:
             raise TypeError("BagOfCodes reads the masks from the inputs")
-        return tuple(x != 0 if not x.is_floating_point() else m.clone() for x, m in zip(inputs, additional_forward_args))
+        return tuple(
+            x != 0 if not x.is_floating_point() else m.clone()
+            for x, m in zip(inputs, additional_forward_args, strict=True)
+        )
 
     def split_inputs(self, inputs_and_args):
         n = len(self.feature_keys)
@@ -83,7 +86,7 @@ class BagOfCodes(Adapter):
 
     def remove_tokens(self, tokens, additional_forward_args, keep, *, compact=True):
         out = []
-        for key, ids in zip(self.feature_keys, tokens):
+        for key, ids in zip(self.feature_keys, tokens, strict=True):
             kept = torch.where(keep[key] & (ids != 0), ids, torch.zeros_like(ids))
             if compact:  # the kept codes to the front, in their order
                 kept = kept.gather(1, torch.argsort((kept == 0).to(torch.int8), dim=1, stable=True))
@@ -92,18 +95,20 @@ class BagOfCodes(Adapter):
 
     def to_feature_dict(self, attributions):
         attributions = attributions if isinstance(attributions, tuple) else (attributions,)
-        return {k: a.sum(-1) if a.dim() == 3 else a for k, a in zip(self.feature_keys, attributions)}
+        return {k: a.sum(-1) if a.dim() == 3 else a for k, a in zip(self.feature_keys, attributions, strict=True)}
 
     def baselines(self, inputs, additional_forward_args, reference="unk"):
         if reference not in ("unk", "zero"):
             raise ValueError(f"unknown reference {reference!r}")
         value = E[1] if reference == "unk" else torch.zeros(2)
-        return tuple(torch.where(m.unsqueeze(-1), value, x) for x, m in zip(inputs, additional_forward_args))
+        return tuple(
+            torch.where(m.unsqueeze(-1), value, x) for x, m in zip(inputs, additional_forward_args, strict=True)
+        )
 
     def forward(self, *inputs_and_args):
         inputs, masks = self.split_inputs(inputs_and_args)
         logits = torch.zeros(inputs[0].shape[0], U.shape[1])
-        for x, m in zip(inputs, masks):
+        for x, m in zip(inputs, masks, strict=True):
             emb = x if x.is_floating_point() else E[x]
             logits = logits + (emb * m.unsqueeze(-1)).sum(1) @ U + self.penalty * (~m[:, 0]).float().unsqueeze(1)
         return logits
@@ -312,7 +317,8 @@ def test_token_remover_multilabel_uses_a_sigmoid_per_label():
     assert multilabel.full.tolist() == pytest.approx(torch.sigmoid(chosen).tolist())
     softmax = logits.softmax(1)[[0, 1, 2], target].tolist()
     assert TokenRemover(BagOfCodes(model=Mode("multiclass")), batch(), target).full.tolist() == pytest.approx(softmax)
-    assert TokenRemover(BagOfCodes(model=torch.nn.Linear(1, 1)), batch(), target).full.tolist() == pytest.approx(softmax)
+    linear = BagOfCodes(model=torch.nn.Linear(1, 1))
+    assert TokenRemover(linear, batch(), target).full.tolist() == pytest.approx(softmax)
     assert TokenRemover(BagOfCodes(), batch(), target).full.tolist() == pytest.approx(softmax)
 
 
@@ -400,12 +406,12 @@ def test_token_removal_draws_come_from_its_generator():
     for draws in (1, 7):
         torch.rand(draws)
         runs.append(TokenRemoval(adapter, 0.5, torch.Generator().manual_seed(4))(big)[0])
-    assert all(torch.equal(x, y) for x, y in zip(*runs))
+    assert all(torch.equal(x, y) for x, y in zip(*runs, strict=True))
     other = TokenRemoval(adapter, 0.5, torch.Generator().manual_seed(5))(big)[0]
-    assert not all(torch.equal(x, y) for x, y in zip(runs[0], other))
+    assert not all(torch.equal(x, y) for x, y in zip(runs[0], other, strict=True))
     with torch.device("meta"):  # a default device other than the generator's (as torch.set_default_device("cuda"))
         again = TokenRemoval(adapter, 0.5, torch.Generator().manual_seed(4))(big)[0]
-    assert all(torch.equal(x, y) for x, y in zip(runs[0], again))
+    assert all(torch.equal(x, y) for x, y in zip(runs[0], again, strict=True))
 
 
 # ---------------------------------------------------------------------------------------------- token_infidelity
@@ -469,8 +475,11 @@ class Recorder(Attribution):
 
     def attribute(self, inputs, target=None, additional_forward_args=None, **kwargs):
         self.calls.append({"rows": inputs[0].shape[0], "target": target, "kwargs": kwargs})
-        warnings.warn("Input Tensor 0 did not already require gradients, required_grads has been set automatically.")
-        warnings.warn("the method's own warning", RuntimeWarning)
+        warnings.warn(
+            "Input Tensor 0 did not already require gradients, required_grads has been set automatically.",
+            stacklevel=2,
+        )
+        warnings.warn("the method's own warning", RuntimeWarning, stacklevel=2)
         return tuple(x.clone() for x in inputs)
 
 
@@ -498,7 +507,9 @@ def test_sensitivity_passes_target_kwargs_and_sample_count_to_the_method():
 
 def _ig_sensitivity(adapter, target, **kwargs):
     torch.manual_seed(0)  # Captum draws the noise from the global generator: the same draws for every call
-    return attribution_sensitivity(adapter, IntegratedGradients(adapter), batch(), target, n_perturb_samples=3, **kwargs)
+    return attribution_sensitivity(
+        adapter, IntegratedGradients(adapter), batch(), target, n_perturb_samples=3, **kwargs
+    )
 
 
 def test_sensitivity_of_integrated_gradients_against_its_closed_form():

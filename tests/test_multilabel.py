@@ -12,12 +12,11 @@ import random
 import pytest
 import torch
 from captum.attr import IntegratedGradients, Saliency
+from test_equivalence import assert_matches, pyhealth_reference
 
-from captum_chefer import CheferAttribution, PyHealthAdapter
-from captum_chefer import ig_baselines
+from captum_chefer import CheferAttribution, PyHealthAdapter, ig_baselines
 from captum_chefer.synthetic import quiet_pyhealth
 from conftest import first_batch
-from test_equivalence import assert_matches, pyhealth_reference
 
 LABELS = ["L0", "L1", "L2", "L3"]
 
@@ -33,7 +32,9 @@ def multilabel():
         {
             "patient_id": f"p{i}", "visit_id": "v0",
             "conditions": [f"C{rng.randrange(12)}" for _ in range(rng.randint(1, 6))],
-            "procedures": [[f"P{rng.randrange(6)}" for _ in range(rng.randint(1, 3))] for _ in range(rng.randint(1, 3))],
+            "procedures": [
+                [f"P{rng.randrange(6)}" for _ in range(rng.randint(1, 3))] for _ in range(rng.randint(1, 3))
+            ],
             "label": rng.sample(LABELS, rng.randint(1, 3)),
         }
         for i in range(8)
@@ -56,7 +57,9 @@ def test_the_model_is_multilabel(multilabel):
     with torch.no_grad():
         expected = model(**batch)["logit"].argmax(dim=1)
     assert torch.equal(adapter.captum_target(batch), expected)
-    with pytest.raises(ValueError, match="^a multilabel model has several true classes per sample; pass target=class index$"):
+    with pytest.raises(
+        ValueError, match=r"^a multilabel model has several true classes per sample; pass target=class index$"
+    ):
         adapter.captum_target(batch, mode="label")
 
 
@@ -66,7 +69,8 @@ def test_chefer_with_a_class_per_sample_matches_pyhealth(multilabel, level):
     adapter = PyHealthAdapter(model)
     inputs, args = adapter.captum_inputs(batch, level=level)
     target = torch.tensor([0, 1, 2, 3, 3, 2, 1, 0])
-    ours = adapter.to_feature_dict(CheferAttribution(adapter).attribute(inputs, target=target, additional_forward_args=args))
+    attributions = CheferAttribution(adapter).attribute(inputs, target=target, additional_forward_args=args)
+    ours = adapter.to_feature_dict(attributions)
     for cls in range(len(LABELS)):
         rows = target == cls
         reference = pyhealth_reference(model, batch, cls)
@@ -86,7 +90,7 @@ def test_saliency_is_the_gradient_of_each_samples_class(multilabel):
     saliency = Saliency(adapter).attribute(inputs, target=target, additional_forward_args=args)
     leaves = tuple(x.clone().requires_grad_(True) for x in inputs)
     chosen = adapter(*leaves, *args).gather(1, target.view(-1, 1)).sum()
-    for got, grad in zip(saliency, torch.autograd.grad(chosen, leaves)):
+    for got, grad in zip(saliency, torch.autograd.grad(chosen, leaves), strict=True):
         torch.testing.assert_close(got, grad.abs())
     for key, scores in adapter.to_feature_dict(saliency).items():
         real = batch[key] != 0
@@ -122,7 +126,7 @@ def test_log_odds_of_a_sigmoid_label_is_its_logit(multilabel):
     chefer = CheferAttribution(adapter)
     log_odds = chefer.attribute(inputs, target=target, additional_forward_args=args, score="log_odds")
     logit = chefer.attribute(inputs, target=target, additional_forward_args=args, score="logit")
-    for a, b in zip(log_odds, logit):
+    for a, b in zip(log_odds, logit, strict=True):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
     # and it differs from the softmax log-odds, so the check above can fail
     from captum_chefer.relevance import softmax_log_odds

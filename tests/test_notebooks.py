@@ -30,14 +30,18 @@ NOTEBOOKS = run_notebooks.all_notebooks()
 
 
 def test_the_notebooks_are_there():
-    assert [p.stem for p in NOTEBOOKS] == ["01_quickstart", "02_side_by_side", "03_ablation", "04_images_and_text", "05_generation"]
+    assert [p.stem for p in NOTEBOOKS] == [
+        "01_quickstart", "02_side_by_side", "03_ablation", "04_images_and_text", "05_generation",
+    ]
 
 
 @pytest.mark.parametrize("path", NOTEBOOKS, ids=lambda p: p.stem)
 def test_notebook_is_saved_with_outputs_of_the_small_run(path):
     notebook = nbformat.read(path, as_version=4)
     code = [cell for cell in notebook.cells if cell.cell_type == "code"]
-    assert all(cell.execution_count is not None for cell in code), f"{path.name}: run tools/run_notebooks.py {path.name}"
+    assert all(cell.execution_count is not None for cell in code), (
+        f"{path.name}: run tools/run_notebooks.py {path.name}"
+    )
     first = "".join(output.get("text", "") for output in code[0].outputs)
     assert "small run" in first, f"{path.name}: save it executed at the small size (tools/run_notebooks.py)"
     assert run_notebooks.problems(notebook) == [], f"{path.name}: saved with errors or stderr output"

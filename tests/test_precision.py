@@ -63,7 +63,9 @@ def relative_error(actual: Tensor, expected: Tensor) -> float:
 
 def assert_close_to_largest(actual: Tensor, expected: Tensor, tolerance: float = TOLERANCE) -> None:
     error = relative_error(actual, expected)
-    assert error <= tolerance, f"float32 differs from float64 by {error:.2e} of the largest score (allowed {tolerance:.0e})"
+    assert error <= tolerance, (
+        f"float32 differs from float64 by {error:.2e} of the largest score (allowed {tolerance:.0e})"
+    )
 
 
 # ------------------------------------------------------------------------- float64 rules, written out here
@@ -103,7 +105,7 @@ def encoder_decoder64(encoder: list[Tensor], selfs: list[Tensor], crosses: list[
     for weighted in encoder:
         r_ii = r_ii + weighted.double() @ r_ii
     r_qq, r_qi = eye64(queries), torch.zeros(queries, inputs, dtype=torch.float64)
-    for s, c in zip(selfs, crosses):
+    for s, c in zip(selfs, crosses, strict=True):
         r_qq, r_qi = r_qq + s.double() @ r_qq, r_qi + s.double() @ r_qi
         r_qi = r_qi + norm64(r_qq).T @ c.double() @ norm64(r_ii)
     return r_qi
@@ -142,17 +144,24 @@ def test_the_row_increment_keeps_what_the_row_form_rounds_away():
 def test_the_weighted_increment_for_every_option(reduction, clamp, pooled_row_alone):
     generator = torch.Generator().manual_seed(1)
     batch, heads, length, depth = 3, 5, 6, 3
-    maps = [torch.randn(batch, heads, length, length, generator=generator, dtype=torch.float64).softmax(-1) for _ in range(depth)]
-    grads = [torch.randn(batch, heads, length, length, generator=generator, dtype=torch.float64) * TINY for _ in range(depth)]
+    maps = [
+        torch.randn(batch, heads, length, length, generator=generator, dtype=torch.float64).softmax(-1)
+        for _ in range(depth)
+    ]
+    grads = [
+        torch.randn(batch, heads, length, length, generator=generator, dtype=torch.float64) * TINY
+        for _ in range(depth)
+    ]
     pool = torch.tensor([1, 0, 4])
-    expected = (dense64([a_bar64(a, g, clamp, reduction) for a, g in zip(maps, grads)]) - eye64(length))[torch.arange(batch), pool]
-    options = dict(clamp=clamp, head_reduction=reduction)
+    dense = dense64([a_bar64(a, g, clamp, reduction) for a, g in zip(maps, grads, strict=True)])
+    expected = (dense - eye64(length))[torch.arange(batch), pool]
+    options = {"clamp": clamp, "head_reduction": reduction}
     top_map, top_grad = maps[-1].float(), grads[-1].float()
     if pooled_row_alone:  # the last layer given for row p alone, [B, H, 1, L]
         rows = (torch.arange(batch), slice(None), pool)
         top_map, top_grad = top_map[rows].unsqueeze(2), top_grad[rows].unsqueeze(2)
     increment = propagate_weighted_increment(None, top_map, top_grad, pool, **options)
-    for attention, gradient in zip(reversed(maps[:-1]), reversed(grads[:-1])):
+    for attention, gradient in zip(reversed(maps[:-1]), reversed(grads[:-1]), strict=True):
         increment = propagate_weighted_increment(increment, attention.float(), gradient.float(), pool, **options)
     assert_close_to_largest(increment, expected)
 
@@ -189,7 +198,9 @@ def test_one_decoder_layer_on_increments():
     assert_close_to_largest(updated, r_qi + self_weighted @ r_qi)
     crossed = propagate_cross_attention_increment(d_qq, updated, d_ii.float(), cross.float())
     r_qq, r_ii = self_weighted + eye64(3), d_ii + eye64(4)
-    expected = torch.stack([r_qi[b] + self_weighted[b] @ r_qi[b] + norm64(r_qq[b]).T @ cross[b] @ norm64(r_ii[b]) for b in range(2)])
+    expected = torch.stack(
+        [r_qi[b] + self_weighted[b] @ r_qi[b] + norm64(r_qq[b]).T @ cross[b] @ norm64(r_ii[b]) for b in range(2)]
+    )
     assert_close_to_largest(crossed, expected)
 
 
@@ -214,7 +225,10 @@ def test_encoder_decoder_rows_and_dense_rules(with_padding):
                                  [no_cross if c is None else c[b, :tq, :ti] for c in crosses])
         expected.append(torch.nn.functional.pad(rows, (0, inputs - ti, 0, queries - tq)))
     expected = torch.stack(expected)
-    low = lambda layers: [None if w is None else w.float() for w in layers]  # noqa: E731
+
+    def low(layers):
+        return [None if w is None else w.float() for w in layers]
+
     dense = dense_encoder_decoder_relevance(low(encoder), low(selfs), low(crosses), **masks)
     assert_close_to_largest(dense.r_qi, expected)
     for p in range(queries - 1):
@@ -248,14 +262,16 @@ def captured_rule(toy, x: Tensor, *, exclude_self: bool, clamp: bool = True, red
     maps = captured.attention["x"]
     grads = torch.autograd.grad(captured.logits.sum(), maps)
     pool = captured.pool_index["x"]
-    relevance = dense64([a_bar64(a, g, clamp, reduction) for a, g in zip(maps, grads)])
+    relevance = dense64([a_bar64(a, g, clamp, reduction) for a, g in zip(maps, grads, strict=True)])
     row = relevance[torch.arange(len(pool)), pool]
     return row - eye64(row.shape[1])[pool] if exclude_self else row
 
 
 @pytest.mark.parametrize("options", [{}, {"head_reduction": "max"}, {"clamp": False}, {"exclude_self": False}])
 @pytest.mark.parametrize("propagation", ["row", "dense"])
-@pytest.mark.parametrize("make", [StackedToy, FullMapsStackedToy, _collected_toy], ids=["fused", "full-maps", "collected"])
+@pytest.mark.parametrize(
+    "make", [StackedToy, FullMapsStackedToy, _collected_toy], ids=["fused", "full-maps", "collected"]
+)
 def test_every_path_of_the_attribution_on_a_toy_with_tiny_gradients(make, propagation, options):
     """``x`` of ``1e-8`` makes every attention gradient ``1e-8`` times that of tests/test_stacked_toys.py."""
     x = torch.tensor([[1.0, -1.0, 2.0], [0.5, 2.0, -1.0]]) * TINY
@@ -320,7 +336,8 @@ def _bert_rule64(model, target, *, exclude_self, reduction="mean") -> Tensor:
     output = twin(input_ids=IDS, attention_mask=MASK, output_attentions=True)
     maps = list(output.attentions)
     grads = torch.autograd.grad(output.logits.gather(1, target.view(-1, 1)).sum(), maps)
-    row = dense64([a_bar64(a, g, reduction=reduction) for a, g in zip(maps, grads)])[:, 0]  # BERT pools [CLS]
+    # BERT pools [CLS]
+    row = dense64([a_bar64(a, g, reduction=reduction) for a, g in zip(maps, grads, strict=True)])[:, 0]
     if exclude_self:
         row = row - eye64(row.shape[1])[0]
     return (row * MASK).detach()
@@ -353,7 +370,10 @@ def test_bert_recommended_preset_against_the_model_in_float64(collected):
 
 # ------------------------------------------------------------------------- (c) BART and GPT-2 generating text
 
-WORDS = "the a patient has fever cough pain chest no and with mild severe left right denies reports".split()
+WORDS = [
+    "the", "a", "patient", "has", "fever", "cough", "pain", "chest", "no", "and", "with", "mild", "severe", "left",
+    "right", "denies", "reports",
+]
 
 
 @pytest.fixture(scope="module")
@@ -397,7 +417,9 @@ def _attribute_recording(monkeypatch, model, tokenizer, prompt, target, **option
         return weighted(attention, gradient, owners)
 
     monkeypatch.setattr(llm, "_weighted", spy)
-    result = CheferLLMAttribution(model, tokenizer).attribute(TextTokenInput(prompt, tokenizer), target=target, **options)
+    result = CheferLLMAttribution(model, tokenizer).attribute(
+        TextTokenInput(prompt, tokenizer), target=target, **options
+    )
     monkeypatch.setattr(llm, "_weighted", weighted)
     return result, calls
 
@@ -476,7 +498,9 @@ def _pyhealth_scores(model, batch, preset="pyhealth", **options) -> tuple[Tensor
     adapter = PyHealthAdapter(model)
     inputs, args = adapter.captum_inputs(batch, level="token")
     target = adapter.captum_target(batch)
-    return CheferAttribution(adapter, preset=preset).attribute(inputs, target=target, additional_forward_args=args, **options)
+    return CheferAttribution(adapter, preset=preset).attribute(
+        inputs, target=target, additional_forward_args=args, **options
+    )
 
 
 @pytest.mark.parametrize("options", [
@@ -487,7 +511,7 @@ def test_pyhealth_transformer_against_the_model_in_float64(pyhealth_model_and_ba
     model, batch = pyhealth_model_and_batch
     scores = _pyhealth_scores(model, batch, **options)
     expected = _pyhealth_scores(copy.deepcopy(model).double(), batch, **options)
-    for stream, (ours, reference) in enumerate(zip(scores, expected)):
+    for stream, (ours, reference) in enumerate(zip(scores, expected, strict=True)):
         assert ours.dtype == torch.float32 and reference.dtype == torch.float64
         if options.get("preset") == "recommended" or options.get("exclude_self"):
             assert float(reference.abs().max()) < 1e-7, stream  # small gradients indeed
@@ -511,7 +535,7 @@ def test_pyhealth_transformer_under_autocast(pyhealth_model_and_batch, options):
     with _autocast():
         scores = _pyhealth_scores(model, batch, **options)
     reference = _pyhealth_scores(model, batch, **options)
-    for ours, full in zip(scores, reference):
+    for ours, full in zip(scores, reference, strict=True):
         assert ours.dtype == torch.float32
         assert_close_to_largest(ours, full, BF16_TOLERANCE)
 
@@ -555,7 +579,7 @@ def test_the_relevance_math_runs_in_float32_under_autocast(monkeypatch, make, pr
         full_grad = torch.zeros_like(full)
         full[torch.arange(2), :, pool], full_grad[torch.arange(2), :, pool] = maps[-1][:, :, 0], grads[-1][:, :, 0]
         maps[-1], grads[-1] = full, full_grad
-    relevance = dense64([a_bar64(a, g) for a, g in zip(maps, grads)])
+    relevance = dense64([a_bar64(a, g) for a, g in zip(maps, grads, strict=True)])
     expected = relevance[torch.arange(2), pool] - eye64(3)[pool]
     assert_close_to_largest(scores, expected)
 

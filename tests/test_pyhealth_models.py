@@ -21,7 +21,9 @@ def _plain_codes_dataset(n_classes: int = 2, seed: int = 0):
         {
             "patient_id": f"p{i}", "visit_id": "v", "label": i % n_classes,
             "conditions": [f"C{rng.randrange(9)}" for _ in range(rng.randint(1, 6))],
-            "procedures": [[f"P{rng.randrange(5)}" for _ in range(rng.randint(1, 3))] for _ in range(rng.randint(1, 4))],
+            "procedures": [
+                [f"P{rng.randrange(5)}" for _ in range(rng.randint(1, 3))] for _ in range(rng.randint(1, 4))
+            ],
         }
         for i in range(10)
     ]
@@ -50,7 +52,8 @@ def test_stageattentionnet_on_plain_codes_matches_pyhealths_reference(heads, n_c
     adapter = PyHealthAdapter(model)
     target = adapter.captum_target(batch)
     inputs, args = adapter.captum_inputs(batch, level=level)
-    scores = adapter.to_feature_dict(CheferAttribution(adapter).attribute(inputs, target=target, additional_forward_args=args))
+    attributions = CheferAttribution(adapter).attribute(inputs, target=target, additional_forward_args=args)
+    scores = adapter.to_feature_dict(attributions)
 
     model.set_attention_hooks(True)
     try:
@@ -80,5 +83,5 @@ def test_compiled_model_is_accepted_and_gives_the_uncompiled_numbers():
     expected = CheferAttribution(reference).attribute(inputs, additional_forward_args=args)
     compiled_inputs, compiled_args = adapter.captum_inputs(batch)
     got = CheferAttribution(adapter).attribute(compiled_inputs, additional_forward_args=compiled_args)
-    for a, b in zip(got, expected):
+    for a, b in zip(got, expected, strict=True):
         assert torch.equal(a, b)

@@ -34,7 +34,11 @@ def image_dataset(channels: int = 3, n: int = 6, classes: int = 3):
 
     generator = torch.Generator().manual_seed(0)
     samples = [
-        {"patient_id": f"p{i}", "image": torch.rand(channels, 32, 32, generator=generator).tolist(), "label": i % classes}
+        {
+            "patient_id": f"p{i}",
+            "image": torch.rand(channels, 32, 32, generator=generator).tolist(),
+            "label": i % classes,
+        }
         for i in range(n)
     ]
     with quiet_pyhealth():
@@ -113,7 +117,9 @@ def test_vit_equals_pyhealth_reference_where_it_is_right(vit_model, images, bloc
     batch = batch_of(images)
     target = torch.tensor([0, 2, 1, 2])
     with shrunk(vit_model, blocks, zero_positions=True) as model:
-        torch.testing.assert_close(chefer_patches(model, batch, target), reference_patches(model, batch, target), atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(
+            chefer_patches(model, batch, target), reference_patches(model, batch, target), atol=1e-5, rtol=1e-5
+        )
 
 
 def test_pyhealth_vit_reference_is_right_only_there(vit_model, images):
@@ -133,7 +139,10 @@ def test_pyhealth_vit_reference_is_right_only_there(vit_model, images):
 
 
 def test_vit_with_position_embeddings_equals_the_independent_rule(vit_model):
-    batch = {"image": torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)), "label": torch.tensor([0, 1, 2, 0])}
+    batch = {
+        "image": torch.rand(4, 3, 32, 32, generator=torch.Generator().manual_seed(3)),
+        "label": torch.tensor([0, 1, 2, 0]),
+    }
     target = torch.tensor([1, 1, 0, 2])
     adapter = PyHealthAdapter(vit_model)
     inputs, args = adapter.captum_inputs(batch)
@@ -184,7 +193,9 @@ def test_one_channel_images_gradient_methods_and_captum_display(vit_model, image
         for attributions in (chefer, ig, saliency, smooth):
             assert attributions[0].shape == inputs[0].shape
             assert adapter.to_feature_dict(attributions)["image"].shape == (4, 4)
-        comparison = compare_methods(adapter, batch, [CheferAttribution(adapter), Saliency(adapter)], baseline="zero", progress=False)
+        comparison = compare_methods(
+            adapter, batch, [CheferAttribution(adapter), Saliency(adapter)], baseline="zero", progress=False
+        )
         records = adapter.visualization_records(batch, chefer, method="Chefer")
     figure, _ = viz.visualize_image_attr(
         chefer[0][0].permute(1, 2, 0).numpy(), inputs[0][0].permute(1, 2, 0).numpy(),
@@ -260,11 +271,16 @@ def text_model(tmp_path_factory):
     vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
     transformers.BertTokenizerFast(vocab=str(vocab)).save_pretrained(directory)
     torch.manual_seed(0)
-    config = transformers.BertConfig(vocab_size=15, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32)
+    config = transformers.BertConfig(
+        vocab_size=15, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32
+    )
     transformers.BertModel(config).save_pretrained(directory)
     samples = [{"patient_id": f"p{i}", "text": text, "label": i % 3} for i, text in enumerate(TEXTS)]
     with quiet_pyhealth():
-        dataset = create_sample_dataset(samples=samples, input_schema={"text": "text"}, output_schema={"label": "multiclass"}, dataset_name="notes")
+        dataset = create_sample_dataset(
+            samples=samples, input_schema={"text": "text"}, output_schema={"label": "multiclass"},
+            dataset_name="notes",
+        )
         model = TransformersModel(dataset=dataset, model_name=str(directory))
     return model.eval(), dataset
 
@@ -278,7 +294,8 @@ def eager_text_reference(model, batch, target):
     for attention in maps:
         attention.retain_grad()
     logits = twin.fc(twin.dropout(output.pooler_output))
-    return independent_rows(logits, maps, target, torch.zeros(len(target), dtype=torch.long)) * encoding["attention_mask"], logits.detach()
+    rows = independent_rows(logits, maps, target, torch.zeros(len(target), dtype=torch.long))
+    return rows * encoding["attention_mask"], logits.detach()
 
 
 def test_text_model_equals_the_eager_computation(text_model):
@@ -308,7 +325,7 @@ def test_text_model_methods_records_and_removal(text_model):
     model, dataset = text_model
     batch = batch_of(dataset)
     adapter = PyHealthAdapter(model)
-    embeddings, args = adapter.captum_inputs(batch)
+    _, args = adapter.captum_inputs(batch)
     tokens, _ = adapter.captum_inputs(batch, level="token")
     target = adapter.captum_target(batch)
     assert torch.equal(adapter.captum_target(batch, mode="label"), batch["label"].view(-1))
@@ -318,14 +335,16 @@ def test_text_model_methods_records_and_removal(text_model):
         tokens, baselines=(unk,), target=target, additional_forward_args=args, n_steps=16
     )
     assert adapter.to_feature_dict(lig)["text"].shape == tokens[0].shape
-    comparison = compare_methods(adapter, batch, [CheferAttribution(adapter), Saliency(adapter), IntegratedGradients(adapter)], progress=False)
+    comparison = compare_methods(
+        adapter, batch, [CheferAttribution(adapter), Saliency(adapter), IntegratedGradients(adapter)], progress=False
+    )
     assert set(comparison.methods) == {"Chefer", "Saliency", "Integrated Gradients"}
     records = adapter.visualization_records(batch, comparison.scores["Chefer"], method="Chefer")
     assert records[0].raw_input_ids == ["[CLS]", "fever", "cough", "rash", "[SEP]"]
     assert records[0].true_class == "0"
     keep = {"text": torch.zeros_like(tokens[0], dtype=torch.bool)}
     keep["text"][:, :2] = True
-    (kept,), kept_args = adapter.remove_tokens(tokens, args, keep)
+    (_,), kept_args = adapter.remove_tokens(tokens, args, keep)
     assert torch.equal(kept_args[0][:, :2], args[0][:, :2]) and not kept_args[0][:, 2:].any()
 
 

@@ -59,7 +59,7 @@ def test_tiny_run_verdict_compares_the_recommendation_with_ig(tiny_run):
         ig = get[quality.BASELINE]["metrics"]["precision_at_k"]
         ratio = get[quality.BASELINE]["seconds"] / get[quality.RECOMMENDED]["seconds"]
         verdicts = report.split("## Verdict", 1)[1].split("\n## ", 1)[0]
-        line = next(l for l in verdicts.splitlines() if l.startswith(f"| {family} |"))
+        line = next(row for row in verdicts.splitlines() if row.startswith(f"| {family} |"))
         assert f"{rec:.3f}" in line and f"{ig:.3f}" in line
         assert ("below IG" in line) == (rec < ig - 1e-9)
         assert ("reached" in line) == (rec >= ig - 1e-9 and ratio >= 40)
@@ -67,10 +67,11 @@ def test_tiny_run_verdict_compares_the_recommendation_with_ig(tiny_run):
 
 def test_recommended_row_is_the_preset():
     quality = _load_quality()
-    from captum_chefer.synthetic import toy_model_and_batch
     from captum_chefer import PyHealthAdapter
+    from captum_chefer.synthetic import toy_model_and_batch
 
     model, _ = toy_model_and_batch()
-    specs = {name: (method, kwargs) for name, method, kwargs, _ in quality.methods(PyHealthAdapter(model), 0, quality.Settings())}
+    methods = quality.methods(PyHealthAdapter(model), 0, quality.Settings())
+    specs = {name: (method, kwargs) for name, method, kwargs, _ in methods}
     method, kwargs = specs[quality.RECOMMENDED]
     assert method.preset == "recommended" and kwargs == {}

@@ -7,7 +7,7 @@ expected number below was worked out by hand from those formulas (the arithmetic
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import pytest
 import torch

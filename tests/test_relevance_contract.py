@@ -46,7 +46,8 @@ def test_one_head_without_a_head_dimension():
     assert torch.equal(propagate_weighted_row(None, a, g, unit_index=torch.tensor([0])), torch.tensor([[2.0, 0.0]]))
     assert torch.equal(propagate_weighted_row(None, a, g, unit_index=torch.tensor([1])), torch.tensor([[0.0, 2.0]]))
     assert torch.equal(
-        propagate_weighted_row(None, a, None, use_gradient=False, unit_index=torch.tensor([1])), torch.tensor([[0.0, 2.0]])
+        propagate_weighted_row(None, a, None, use_gradient=False, unit_index=torch.tensor([1])),
+        torch.tensor([[0.0, 2.0]]),
     )
     # the pooled row alone, [B, 1, L]
     assert torch.equal(
@@ -59,7 +60,9 @@ def test_defaults_are_the_papers_clamped_head_mean():
     assert torch.equal(propagate_weighted_row(ROW, ATTENTION, GRADIENT), torch.tensor([[3.0, 5.5]]))
     # unclamped: [1, 2] + [1 + 2 * .25, 1.5 + 2 * .5] = [2.5, 4.5]; max: [1, 2] + [2 + 2, 3 + 4] = [5, 9]
     assert torch.equal(propagate_weighted_row(ROW, ATTENTION, GRADIENT, clamp=False), torch.tensor([[2.5, 4.5]]))
-    assert torch.equal(propagate_weighted_row(ROW, ATTENTION, GRADIENT, head_reduction="max"), torch.tensor([[5.0, 9.0]]))
+    assert torch.equal(
+        propagate_weighted_row(ROW, ATTENTION, GRADIENT, head_reduction="max"), torch.tensor([[5.0, 9.0]])
+    )
     # attention alone: [1, 2] + [1.5, 1.5]
     assert torch.equal(propagate_weighted_row(ROW, ATTENTION, None, use_gradient=False), torch.tensor([[2.5, 3.5]]))
     # unit row p = 1: e_1 + A_bar[1] = [.5, 2] (mean), [1, 3] (max); p = 0: [1 + 1, 1.5] = [2, 1.5]
@@ -67,7 +70,8 @@ def test_defaults_are_the_papers_clamped_head_mean():
     assert torch.equal(propagate_weighted_row(None, ATTENTION, GRADIENT, unit_index=p1), torch.tensor([[0.5, 2.0]]))
     assert torch.equal(propagate_weighted_row(None, ATTENTION, GRADIENT, unit_index=p0), torch.tensor([[2.0, 1.5]]))
     assert torch.equal(
-        propagate_weighted_row(None, ATTENTION, GRADIENT, unit_index=p1, head_reduction="max"), torch.tensor([[1.0, 3.0]])
+        propagate_weighted_row(None, ATTENTION, GRADIENT, unit_index=p1, head_reduction="max"),
+        torch.tensor([[1.0, 3.0]]),
     )
     assert torch.equal(
         propagate_weighted_row(None, ATTENTION, GRADIENT, unit_index=p1, clamp=False), torch.tensor([[0.25, 1.5]])
@@ -98,7 +102,8 @@ def test_dtypes_follow_the_attention_in_float32_at_least():
     small increments away)."""
     assert pooling_rows(torch.tensor([0]), 2).dtype == torch.float32
     assert pooling_rows(torch.tensor([0]), 2, torch.float64).dtype == torch.float64
-    for dtype, computed in ((torch.float64, torch.float64), (torch.bfloat16, torch.float32), (torch.float16, torch.float32)):
+    cases = ((torch.float64, torch.float64), (torch.bfloat16, torch.float32), (torch.float16, torch.float32))
+    for dtype, computed in cases:
         a, g = ATTENTION.to(dtype), GRADIENT.to(dtype)
         weighted = weighted_attention(a, g)
         assert weighted.dtype == computed
@@ -141,10 +146,12 @@ def test_error_messages_name_the_shapes():
         propagate_weighted_row(ROW, torch.ones(2, 2), None)
     with pytest.raises(ValueError, match=both + r"\(1, 2, 2, 2\) and \(1, 2, 2, 3\)$"):
         propagate_weighted_row(ROW, ATTENTION, torch.ones(1, 2, 2, 3))
-    with pytest.raises(ValueError, match=r"^attention must be \[B, H, L, L\] or \[B, H, 1, L\] \(row p alone\); got \(1, 2, 3, 2\)$"):
+    with pytest.raises(
+        ValueError, match=r"^attention must be \[B, H, L, L\] or \[B, H, 1, L\] \(row p alone\); got \(1, 2, 3, 2\)$"
+    ):
         propagate_weighted_row(None, torch.ones(1, 2, 3, 2), torch.ones(1, 2, 3, 2), unit_index=torch.tensor([0]))
-    with pytest.raises(ValueError, match=r"^attention of shape \(1, 2, 1, 2\) is not square: only the last layer may be "
-                       r"given for the pooled row alone$"):
+    with pytest.raises(ValueError, match=r"^attention of shape \(1, 2, 1, 2\) is not square: "
+                       r"only the last layer may be given for the pooled row alone$"):
         propagate_weighted_row(ROW, ATTENTION[:, :, :1], GRADIENT[:, :, :1])
     with pytest.raises(ValueError, match=r"^dense_relevance needs at least one layer$"):
         dense_relevance([])
@@ -163,7 +170,9 @@ def test_the_head_mean_is_folded_into_one_product(monkeypatch):
 
     monkeypatch.setattr(relevance, "weighted_attention", recording)
     assert torch.equal(relevance.propagate_weighted_row(ROW, ATTENTION, GRADIENT), torch.tensor([[3.0, 5.5]]))
-    assert torch.equal(relevance.propagate_weighted_row(ROW, ATTENTION, GRADIENT, clamp=False), torch.tensor([[2.5, 4.5]]))
+    assert torch.equal(
+        relevance.propagate_weighted_row(ROW, ATTENTION, GRADIENT, clamp=False), torch.tensor([[2.5, 4.5]])
+    )
     assert formed == []
     relevance.propagate_weighted_row(ROW, ATTENTION, GRADIENT, head_reduction="max")
     relevance.propagate_weighted_row(ROW, ATTENTION, None, use_gradient=False)

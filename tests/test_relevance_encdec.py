@@ -7,7 +7,6 @@ compare against ``plain_relevance``, a loop over Python lists written here witho
 from __future__ import annotations
 
 import random
-from typing import Optional
 
 import pytest
 import torch
@@ -211,11 +210,11 @@ def matmul(a: Matrix, b: Matrix) -> Matrix:
 
 
 def add(a: Matrix, b: Matrix) -> Matrix:
-    return [[x + y for x, y in zip(ra, rb)] for ra, rb in zip(a, b)]
+    return [[x + y for x, y in zip(ra, rb, strict=True)] for ra, rb in zip(a, b, strict=True)]
 
 
 def transpose(a: Matrix) -> Matrix:
-    return [list(column) for column in zip(*a)]
+    return [list(column) for column in zip(*a, strict=True)]
 
 
 def normalized(r: Matrix) -> Matrix:
@@ -229,13 +228,13 @@ def normalized(r: Matrix) -> Matrix:
 
 
 def plain_relevance(
-    encoder: list[Matrix], selfs: list[Matrix], crosses: list[Optional[Matrix]], queries: int, inputs: int
+    encoder: list[Matrix], selfs: list[Matrix], crosses: list[Matrix | None], queries: int, inputs: int
 ) -> tuple[Matrix, Matrix, Matrix]:
     r_ii = eye(inputs)
     for e in encoder:
         r_ii = add(r_ii, matmul(e, r_ii))
     r_qq, r_qi = eye(queries), [[0.0] * inputs for _ in range(queries)]
-    for s, c in zip(selfs, crosses):
+    for s, c in zip(selfs, crosses, strict=True):
         r_qq, r_qi = add(r_qq, matmul(s, r_qq)), add(r_qi, matmul(s, r_qi))
         if c is not None:
             r_qi = add(r_qi, matmul(transpose(normalized(r_qq)), matmul(c, normalized(r_ii))))
@@ -258,7 +257,7 @@ def random_weighted(
 
 
 def random_sample(seed: int, queries: int, inputs: int, encoder_layers: int = 2, decoder_layers: int = 3,
-                  skip_cross: Optional[int] = None) -> dict:
+                  skip_cross: int | None = None) -> dict:
     generator = torch.Generator().manual_seed(seed)
     return {
         "queries": queries,
@@ -278,7 +277,7 @@ def pad_batch(
     """The samples placed at the given real positions of a padded batch; padding holds junk (some nan)."""
     junk = torch.Generator().manual_seed(99)
 
-    def place(matrices: list, rows: list, columns: list, shape: tuple) -> Optional[Tensor]:
+    def place(matrices: list, rows: list, columns: list, shape: tuple) -> Tensor | None:
         if all(m is None for m in matrices):
             return None
         out = torch.rand(len(matrices), *shape, generator=junk, dtype=D) * 50.0
@@ -303,7 +302,7 @@ def pad_batch(
     return encoder, selfs, crosses, query_mask, input_mask
 
 
-def padded_case(skip_cross: Optional[int] = None):
+def padded_case(skip_cross: int | None = None):
     # sample 0 right-padded, sample 1 left-padded, sample 2 fills the batch
     samples = [random_sample(0, 3, 2, skip_cross=skip_cross), random_sample(1, 2, 4, skip_cross=skip_cross),
                random_sample(2, 4, 5, skip_cross=skip_cross)]
@@ -318,18 +317,18 @@ def as_lists(sample: dict) -> tuple:
 
 
 @pytest.mark.parametrize("skip_cross", [None, 1])
-def test_dense_equals_plain_loop_per_sample(skip_cross: Optional[int]) -> None:
+def test_dense_equals_plain_loop_per_sample(skip_cross: int | None) -> None:
     for seed, (tq, ti) in enumerate([(3, 2), (2, 4), (4, 5)]):
         sample = random_sample(seed, tq, ti, skip_cross=skip_cross)
         dense = dense_encoder_decoder_relevance(
             [e.unsqueeze(0) for e in sample["encoder"]], [s.unsqueeze(0) for s in sample["selfs"]],
             [None if c is None else c.unsqueeze(0) for c in sample["crosses"]])
-        for got, expected in zip(dense, plain_relevance(*as_lists(sample), tq, ti)):
+        for got, expected in zip(dense, plain_relevance(*as_lists(sample), tq, ti), strict=True):
             assert torch.allclose(got[0], torch.tensor(expected, dtype=D), rtol=1e-10, atol=1e-12)
 
 
 @pytest.mark.parametrize("skip_cross", [None, 1])
-def test_padded_batch_equals_each_sample_alone(skip_cross: Optional[int]) -> None:
+def test_padded_batch_equals_each_sample_alone(skip_cross: int | None) -> None:
     samples, positions_q, positions_i, padded = padded_case(skip_cross)
     encoder, selfs, crosses, query_mask, input_mask = padded
     masks = {"input_mask": input_mask, "query_mask": query_mask}
@@ -341,7 +340,7 @@ def test_padded_batch_equals_each_sample_alone(skip_cross: Optional[int]) -> Non
         expected_lists = plain_relevance(*as_lists(sample), sample["queries"], sample["inputs"])
         q, i = torch.tensor(positions_q[b]), torch.tensor(positions_i[b])
         blocks = (batch.r_ii[b][i][:, i], batch.r_qq[b][q][:, q], batch.r_qi[b][q][:, i])
-        for got, one, expected in zip(blocks, alone, expected_lists):
+        for got, one, expected in zip(blocks, alone, expected_lists, strict=True):
             assert torch.allclose(got, one[0], rtol=1e-10, atol=1e-12)
             assert torch.allclose(got, torch.tensor(expected, dtype=D), rtol=1e-10, atol=1e-12)
         # padding: identity rows in R_ii and R_qq, zero rows and columns in R_qi, nothing in real rows
@@ -353,7 +352,7 @@ def test_padded_batch_equals_each_sample_alone(skip_cross: Optional[int]) -> Non
 
 
 @pytest.mark.parametrize("skip_cross", [None, 1])
-def test_rows_equal_dense_multi_head_multi_layer_padded(skip_cross: Optional[int]) -> None:
+def test_rows_equal_dense_multi_head_multi_layer_padded(skip_cross: int | None) -> None:
     _, _, _, (encoder, selfs, crosses, query_mask, input_mask) = padded_case(skip_cross)
     masks = {"input_mask": input_mask, "query_mask": query_mask}
     dense = dense_encoder_decoder_relevance(encoder, selfs, crosses, **masks)

@@ -8,9 +8,9 @@ import warnings
 import pytest
 import torch
 
-from conftest import points_at
 from captum_chefer.comparison import Evaluation, bootstrap_interval, paired_difference
 from captum_chefer.report import HEADLINE, METRIC_NOTES, ModelCheck, check_model, curves_figure, headline_table
+from conftest import points_at
 
 
 def evaluation_by_hand() -> Evaluation:
@@ -118,7 +118,9 @@ def test_model_check_from_counts_by_hand():
     # P(X >= 11) for X ~ Binomial(12, 7/12): 12 (7/12)^11 (5/12) + (7/12)^12
     assert above.p_value == pytest.approx(12 * (7 / 12) ** 11 * (5 / 12) + (7 / 12) ** 12, rel=1e-12)
     assert not ModelCheck.from_counts(10, 12, {0: 2, 1: 3, 2: 7}).above_chance
-    same = ModelCheck.from_predictions(torch.tensor([2] * 7 + [1] * 3 + [0] * 2), torch.tensor([2] * 7 + [1] * 3 + [1, 0]))
+    same = ModelCheck.from_predictions(
+        torch.tensor([2] * 7 + [1] * 3 + [0] * 2), torch.tensor([2] * 7 + [1] * 3 + [1, 0])
+    )
     assert same == above
     with pytest.raises(ValueError, match="summing to n"):
         ModelCheck.from_counts(3, 12, {0: 5, 1: 5})
@@ -133,8 +135,11 @@ def test_run_comparison_warns_on_a_chance_level_model_only(planted_model):
 
     adapter = PyHealthAdapter(planted_model)
     batch = next(iter(get_dataloader(planted_model.dataset, batch_size=16, shuffle=False)))
-    methods = [("Chefer (recommended)", CheferAttribution(adapter, preset="recommended"), {}), ("Saliency", Saliency(adapter), {})]
-    options = dict(methods=methods, infidelity_samples=0, sensitivity_samples=0, progress=False)
+    methods = [
+        ("Chefer (recommended)", CheferAttribution(adapter, preset="recommended"), {}),
+        ("Saliency", Saliency(adapter), {}),
+    ]
+    options = {"methods": methods, "infidelity_samples": 0, "sensitivity_samples": 0, "progress": False}
     with warnings.catch_warnings():
         warnings.simplefilter("error", ChanceLevelWarning)
         assert run_comparison(adapter, batch, **options).model_check.above_chance  # 16 of 16 right: no warning
@@ -172,7 +177,8 @@ def test_bar_charts_carry_the_table_intervals_and_every_figure_one_colour_per_me
     from captum_chefer.visualization import METHOD_COLORS
 
     per = {"Chefer (recommended)": {"precision_at_k": torch.ones(8), "auroc": torch.linspace(0.6, 0.95, 8)},
-           "Integrated Gradients": {"precision_at_k": torch.tensor([1.0, 0, 1, 1, 0, 1, 1, 1]), "auroc": torch.linspace(0.5, 0.9, 8)},
+           "Integrated Gradients": {"precision_at_k": torch.tensor([1.0, 0, 1, 1, 0, 1, 1, 1]),
+                                    "auroc": torch.linspace(0.5, 0.9, 8)},
            "Random": {"precision_at_k": torch.tensor([0.0, 1, 0, 0, 0, 0, 0, 1]), "auroc": torch.linspace(0.3, 0.7, 8)}}
     curves = {name: {"deletion": torch.rand(8, 2), "insertion": torch.rand(8, 2)} for name in per}
     evaluation = Evaluation(per, curves, (0.0, 1.0), (), {name: 0.001 * (i + 1) for i, name in enumerate(per)})
@@ -183,7 +189,7 @@ def test_bar_charts_carry_the_table_intervals_and_every_figure_one_colour_per_me
         name = bar.get_label()
         assert all(p.get_facecolor() == to_rgba(METHOD_COLORS[name]) for p in bar.patches)
         segments = bar.errorbar.lines[2][0].get_segments()  # one vertical error bar per metric
-        for (metric, _), segment in zip((("precision_at_k", 0), ("auroc", 1)), segments):
+        for (metric, _), segment in zip((("precision_at_k", 0), ("auroc", 1)), segments, strict=True):
             interval = evaluation.interval(name, metric)
             assert segment[0][1] == pytest.approx(interval.low) and segment[1][1] == pytest.approx(interval.high)
     assert bars[0].errorbar.lines[2][0].get_segments()[0][0][1] == pytest.approx(8 / (8 + 1.959964**2), abs=1e-6)
@@ -194,7 +200,7 @@ def test_bar_charts_carry_the_table_intervals_and_every_figure_one_colour_per_me
     assert "no interval" in time_ax.get_title()
     chosen = metrics_figure(evaluation, metrics=["auroc"], title="AUROC alone").axes[0]
     assert [t.get_text() for t in chosen.get_xticklabels()] == ["AUROC ↑"] and chosen.get_title() == "AUROC alone"
-    only = [c for c in chosen.containers if type(c).__name__ == "BarContainer"][0]
+    only = next(c for c in chosen.containers if type(c).__name__ == "BarContainer")
     assert [p.get_height() for p in only.patches] == [pytest.approx(float(per["Chefer (recommended)"]["auroc"].mean()))]
     with pytest.raises(ValueError, match=r"unknown metrics \['aurok'\]; use some of"):
         metrics_figure(evaluation, metrics=["aurok"])

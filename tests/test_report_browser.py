@@ -12,7 +12,6 @@ import tempfile
 
 import pytest
 
-
 CHROMIUM = shutil.which("chromium")
 IN_CI = bool(os.environ.get("CI"))
 

@@ -20,7 +20,8 @@ FORMATS = (".csv", ".json", ".parquet")
 def nested_comparison():
     dataset = make_dataset("sequence", n=10)
     adapter = PyHealthAdapter(make_model(dataset))
-    loader = [first_batch(dataset, 6), {k: (v[6:] if hasattr(v, "__getitem__") else v) for k, v in first_batch(dataset, 10).items()}]
+    rest = {k: (v[6:] if hasattr(v, "__getitem__") else v) for k, v in first_batch(dataset, 10).items()}
+    loader = [first_batch(dataset, 6), rest]
     methods = [CheferAttribution(adapter), ("IG", IntegratedGradients(adapter), {"n_steps": 4})]
     return adapter, loader, compare_methods(adapter, loader, methods, progress=False)
 
@@ -30,7 +31,8 @@ def test_code_rows_carry_patient_and_decoded_code(nested_comparison):
     rows = result.code_rows()
     assert result.patient_ids == [f"p{i}" for i in range(10)]
     assert len(rows) == 2 * sum(int(m.sum()) for m in result.masks.values())
-    vocab = {key: {i: c for c, i in adapter.model.dataset.input_processors[key].code_vocab.items()} for key in adapter.feature_keys}
+    processors = adapter.model.dataset.input_processors
+    vocab = {key: {i: c for c, i in processors[key].code_vocab.items()} for key in adapter.feature_keys}
     for row in rows:
         key, sample = row["feature"], row["sample"]
         index = (sample, row["position"]) if row["visit"] is None else (sample, row["visit"], row["position"])
@@ -63,9 +65,9 @@ def test_comparison_round_trip(nested_comparison, tmp_path, suffix):
 
 def test_comparison_load_rejects_other_files(tmp_path):
     write_rows([{"method": "x", "deletion_aopc": 0.1}], tmp_path / "summary.csv")
-    with pytest.raises(ValueError, match="no comparison rows; write it with Comparison.save"):
+    with pytest.raises(ValueError, match=r"no comparison rows; write it with Comparison\.save"):
         Comparison.load(tmp_path / "summary.csv")
-    with pytest.raises(ValueError, match="name the file .csv, .json or .parquet"):
+    with pytest.raises(ValueError, match=r"name the file \.csv, \.json or \.parquet"):
         Comparison.load(tmp_path / "summary.xlsx")
 
 
@@ -75,9 +77,15 @@ def evaluation(planted_model):
 
     adapter = PyHealthAdapter(planted_model)
     loader = list(get_dataloader(planted_model.dataset, batch_size=8, shuffle=False))[:2]
-    truth = lambda b: {"conditions": b["conditions"] == adapter.model.dataset.input_processors["conditions"].code_vocab["C0"],
-                       "procedures": torch.zeros_like(b["procedures"], dtype=torch.bool)}
-    methods = [CheferAttribution(adapter), ("Saliency", Saliency(adapter), {}), ("Random", RandomAttribution(adapter), {})]
+
+    def truth(b):
+        planted = adapter.model.dataset.input_processors["conditions"].code_vocab["C0"]
+        return {"conditions": b["conditions"] == planted,
+                "procedures": torch.zeros_like(b["procedures"], dtype=torch.bool)}
+
+    methods = [
+        CheferAttribution(adapter), ("Saliency", Saliency(adapter), {}), ("Random", RandomAttribution(adapter), {}),
+    ]
     return evaluate_methods(adapter, loader, methods, ground_truth=truth, infidelity_samples=2, progress=False)
 
 
@@ -99,16 +107,20 @@ def test_evaluation_round_trip(evaluation, tmp_path, suffix):
             assert same_tensors(again.per_sample[name][metric], values), (name, metric)
         for kind in ("deletion", "insertion"):
             assert torch.equal(again.curves[name][kind], evaluation.curves[name][kind])
-    for got, want in zip(again.summary(intervals=True), evaluation.summary(intervals=True)):
+    for got, want in zip(again.summary(intervals=True), evaluation.summary(intervals=True), strict=True):
         assert got.keys() == want.keys() and got["method"] == want["method"]
-        assert [got[k] for k in got if k != "method"] == pytest.approx([want[k] for k in want if k != "method"], nan_ok=True)
+        assert [got[k] for k in got if k != "method"] == pytest.approx(
+            [want[k] for k in want if k != "method"], nan_ok=True
+        )
 
 
 def test_results_json_loads_and_the_summary_csv_is_refused(evaluation, tmp_path):
     evaluation.to_json(tmp_path / "results.json")
     assert Evaluation.load(tmp_path / "results.json").per_sample.keys() == evaluation.per_sample.keys()
     evaluation.to_csv(tmp_path / "results.csv")
-    with pytest.raises(ValueError, match=r"summary only\); load the file Evaluation.save wrote, or the report's results.json"):
+    with pytest.raises(
+        ValueError, match=r"summary only\); load the file Evaluation.save wrote, or the report's results.json"
+    ):
         Evaluation.load(tmp_path / "results.csv")
 
 

@@ -69,7 +69,10 @@ def test_adapter_forward_ignores_padding_embeddings(planted):
     also on padded code slots inside real visits, which PyHealth's visit sum would otherwise reach."""
     adapter, batch = planted
     inputs, args = adapter.captum_inputs(batch)
-    noisy = tuple(x + 3.0 * torch.randn_like(x) * (batch[k] == 0).unsqueeze(-1) for k, x in zip(adapter.feature_keys, inputs))
+    noisy = tuple(
+        x + 3.0 * torch.randn_like(x) * (batch[k] == 0).unsqueeze(-1)
+        for k, x in zip(adapter.feature_keys, inputs, strict=True)
+    )
     with torch.no_grad():
         torch.testing.assert_close(adapter(*noisy, *args), adapter(*inputs, *args))
     grads = adapter.to_feature_dict(Saliency(adapter).attribute(noisy, target=0, additional_forward_args=args))
@@ -89,16 +92,16 @@ def test_per_sample_tensor_targets_match_per_example_calls(planted):
         (Saliency(adapter), {}),
         (IntegratedGradients(adapter), {"n_steps": 8}),
     ]:
-        extra = lambda i: {"baselines": _slice(base, i)} if "n_steps" in kwargs else {}  # noqa: E731
         together = method.attribute(
             inputs, target=target, additional_forward_args=args, **kwargs,
             **({"baselines": base} if "n_steps" in kwargs else {}),
         )
         for i in range(0, inputs[0].shape[0], 5):
+            extra = {"baselines": _slice(base, i)} if "n_steps" in kwargs else {}
             alone = method.attribute(
-                _slice(inputs, i), target=int(target[i]), additional_forward_args=_slice(args, i), **kwargs, **extra(i)
+                _slice(inputs, i), target=int(target[i]), additional_forward_args=_slice(args, i), **kwargs, **extra
             )
-            for a, b in zip(together, alone):
+            for a, b in zip(together, alone, strict=True):
                 torch.testing.assert_close(a[i : i + 1], b, rtol=1e-4, atol=1e-5)
 
 
@@ -138,13 +141,13 @@ def test_ig_baselines_keep_padding_and_use_the_reference(planted):
     }
     for reference in ("unk", "zero"):
         baselines = ig_baselines(adapter, inputs, args, reference=reference)
-        for key, x, b in zip(adapter.feature_keys, inputs, baselines):
+        for key, x, b in zip(adapter.feature_keys, inputs, baselines, strict=True):
             real = batch[key] != 0
             assert torch.equal(b[~real], x[~real])
             expected = unk[key] if reference == "unk" else torch.zeros_like(unk[key])
             assert torch.allclose(b[real], expected.expand_as(b[real]))
     tokens, targs = adapter.captum_inputs(batch, level="token")
-    for key, ids in zip(adapter.feature_keys, ig_baselines(adapter, tokens, targs, reference="unk")):
+    for key, ids in zip(adapter.feature_keys, ig_baselines(adapter, tokens, targs, reference="unk"), strict=True):
         real = batch[key] != 0
         assert torch.all(ids[real] == 1) and torch.all(ids[~real] == 0)
     with pytest.raises(ValueError, match="reference"):
@@ -158,11 +161,11 @@ def test_noise_tunnel_over_chefer(planted):
     plain = CheferAttribution(adapter).attribute(inputs, target=target, additional_forward_args=args)
     tunnel = NoiseTunnel(CheferAttribution(adapter))
     quiet = tunnel.attribute(inputs, nt_samples=3, stdevs=1e-7, target=target, additional_forward_args=args)
-    for a, b in zip(quiet, plain):
+    for a, b in zip(quiet, plain, strict=True):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6)
     noisy = tunnel.attribute(inputs, nt_samples=4, stdevs=0.5, target=target, additional_forward_args=args)
-    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(noisy, plain))
-    for key, a in zip(adapter.feature_keys, noisy):
+    assert any(not torch.allclose(a, b, atol=1e-4) for a, b in zip(noisy, plain, strict=True))
+    for key, a in zip(adapter.feature_keys, noisy, strict=True):
         assert torch.all(a[batch[key] == 0] == 0)
 
 
@@ -179,7 +182,8 @@ def test_layer_integrated_gradients_agrees_with_ig_on_embeddings(planted):
         tokens, baselines=ig_baselines(adapter, tokens, args), target=target, additional_forward_args=args,
         n_steps=128, internal_batch_size=512,
     )
-    for key, a, b in zip(adapter.feature_keys, adapter.to_feature_dict(ig).values(), adapter.to_feature_dict(tuple(lig)).values()):
+    ig_scores, lig_scores = adapter.to_feature_dict(ig).values(), adapter.to_feature_dict(tuple(lig)).values()
+    for key, a, b in zip(adapter.feature_keys, ig_scores, lig_scores, strict=True):
         scale = a.abs().max()
         assert scale > 0
         assert (a - b).abs().max() < 0.02 * scale, key
@@ -197,9 +201,11 @@ def test_infidelity_tells_chefer_from_random(planted):
     tokens, args = adapter.captum_inputs(batch, level="token")
     target = adapter.captum_target(batch)
     chefer = CheferAttribution(adapter).attribute(tokens, target=target, additional_forward_args=args)
-    no_self = CheferAttribution(adapter).attribute(tokens, target=target, additional_forward_args=args, exclude_self=True)
+    no_self = CheferAttribution(adapter).attribute(
+        tokens, target=target, additional_forward_args=args, exclude_self=True
+    )
     generator = torch.Generator().manual_seed(0)
-    random = tuple(_random_like(c, t != 0, generator) for c, t in zip(chefer, tokens))
+    random = tuple(_random_like(c, t != 0, generator) for c, t in zip(chefer, tokens, strict=True))
     values = {}
     for name, attributions in (("chefer", chefer), ("exclude_self", no_self), ("random", random)):
         removal = token_removal_perturbation(adapter, 0.3, torch.Generator().manual_seed(1))
@@ -242,7 +248,7 @@ def test_token_removal_makes_removed_codes_absent(planted):
     tokens, args = adapter.captum_inputs(batch, level="token")
     removal = token_removal_perturbation(adapter, 0.5, torch.Generator().manual_seed(0))
     perturbations, perturbed = removal(tokens)
-    for key, ids, p, q in zip(adapter.feature_keys, tokens, perturbations, perturbed):
+    for _key, ids, p, q in zip(adapter.feature_keys, tokens, perturbations, perturbed, strict=True):
         removed = p.bool()
         assert removed.any() and torch.all(ids[removed] != 0)  # only real codes are removed
         assert torch.all(q[removed] == 0) and torch.equal(q[~removed], ids[~removed])
@@ -257,9 +263,10 @@ def test_token_removal_makes_removed_codes_absent(planted):
         return out
 
     with torch.no_grad():
-        expected = adapter.model(**{**batch, **{k: compacted(q) for k, q in zip(adapter.feature_keys, perturbed)}})["logit"]
+        compacted_batch = {k: compacted(q) for k, q in zip(adapter.feature_keys, perturbed, strict=True)}
+        expected = adapter.model(**{**batch, **compacted_batch})["logit"]
         got = removal.forward_func(*perturbed, *args)
-        in_place = adapter.model(**{**batch, **dict(zip(adapter.feature_keys, perturbed))})["logit"]
+        in_place = adapter.model(**{**batch, **dict(zip(adapter.feature_keys, perturbed, strict=True))})["logit"]
         got_in_place = token_removal_perturbation(adapter, 0.5, compact=False).forward_func(*perturbed, *args)
         plain = adapter(*perturbed, *args)  # masks still True on removed codes: not the same model input
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
@@ -334,7 +341,8 @@ def test_evaluator_method_in_pyhealths_evaluator(planted, planted_batches, capsy
     random = evaluator.evaluate(batch, random_scores, metrics=["comprehensiveness"])["comprehensiveness"]
     ig = evaluator.evaluate(batch, scores, metrics=["comprehensiveness"])["comprehensiveness"]
     capsys.readouterr()
-    print(f"PyHealth comprehensiveness (10%, 20%): IG {ig[0][ig[1]].mean():.3f}, random {random[0][random[1]].mean():.3f}, "
+    print(f"PyHealth comprehensiveness (10%, 20%): IG {ig[0][ig[1]].mean():.3f}, "
+          f"random {random[0][random[1]].mean():.3f}, "
           f"IG over two batches {results['IG']['comprehensiveness']:.3f}")
     assert results["IG"]["comprehensiveness"] == pytest.approx(results["IG"]["comprehensiveness"])  # not NaN
     assert ig[0][ig[1]].mean() > random[0][random[1]].mean() + 0.1

@@ -48,7 +48,7 @@ def test_fused_equals_dense(three_layer_four_head, options):
     assert len(model.feature_keys) >= 2 and model.num_layers == 3 and model.heads == 4
     inputs, fused, dense = _fused_and_dense(model, batch, 3, **options)
     assert len(fused) == len(inputs) == len(dense)
-    for a, b in zip(fused, dense):
+    for a, b in zip(fused, dense, strict=True):
         assert a.shape == b.shape
         assert a.abs().sum() > 0  # something was propagated
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
@@ -107,7 +107,7 @@ def test_propagate_weighted_row_matches_the_two_step_rule(heads, clamp, reductio
 
 
 def test_propagate_weighted_row_rejects_mismatched_shapes():
-    with pytest.raises(ValueError, match="same|must both"):
+    with pytest.raises(ValueError, match=r"same|must both"):
         propagate_weighted_row(torch.ones(1, 2), torch.ones(1, 1, 2, 2), torch.ones(1, 1, 2, 3))
 
 
@@ -123,7 +123,7 @@ def test_last_block_for_the_first_position_alone(three_layer_four_head):
         *lower, last = pooled.attention[key]
         assert last.shape == full.attention[key][-1][:, :, :1].shape  # [B, H, 1, L]
         torch.testing.assert_close(last, full.attention[key][-1][:, :, :1])
-        for a, b in zip(lower, full.attention[key][:-1]):
+        for a, b in zip(lower, full.attention[key][:-1], strict=True):
             torch.testing.assert_close(a, b)
         assert "forward" not in vars(model.transformer[key].transformer[-1])  # the class's forward again
 
@@ -148,13 +148,13 @@ def test_last_block_is_restored_when_the_forward_fails(three_layer_four_head):
 @pytest.mark.parametrize("options", [{}, {"exclude_self": True}], ids=["default", "exclude_self"])
 def test_fused_equals_dense_on_cuda(three_layer_four_head, options):
     model, batch = three_layer_four_head
-    cpu_inputs, cpu_fused, _ = _fused_and_dense(model, batch, 3, **options)
+    _, cpu_fused, _ = _fused_and_dense(model, batch, 3, **options)
     model.to("cuda")
     try:
-        inputs, fused, dense = _fused_and_dense(model, batch, 3, **options)
+        _, fused, dense = _fused_and_dense(model, batch, 3, **options)
     finally:
         model.to("cpu")
-    for a, b, c in zip(fused, dense, cpu_fused):
+    for a, b, c in zip(fused, dense, cpu_fused, strict=True):
         assert a.device.type == "cuda" and b.device.type == "cuda"
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
         torch.testing.assert_close(a.cpu(), c, atol=1e-4, rtol=1e-4)

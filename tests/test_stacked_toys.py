@@ -23,7 +23,7 @@ Both samples of a batch hold ``x``; sample 0 pools position 0 and sample 1 posit
 
 from __future__ import annotations
 
-from typing import Mapping, Sequence
+from collections.abc import Mapping, Sequence
 
 import pytest
 import torch
@@ -55,9 +55,9 @@ class StackedToy(torch.nn.Module):
     """
 
     def __init__(
-        self, layers: Sequence, pools: Sequence[int] | Mapping[str, Sequence[int]] = POOLS, *, classes: int = 1, three_dim: bool = False,
-        streams: Sequence[str] = ("x",), unused: Sequence[str] = (), dtype: torch.dtype = torch.float32,
-        leaves: bool = False, stacked: bool = True,
+        self, layers: Sequence, pools: Sequence[int] | Mapping[str, Sequence[int]] = POOLS, *, classes: int = 1,
+        three_dim: bool = False, streams: Sequence[str] = ("x",), unused: Sequence[str] = (),
+        dtype: torch.dtype = torch.float32, leaves: bool = False, stacked: bool = True,
     ) -> None:
         super().__init__()
         self.leaves, self.stacked = leaves, stacked
@@ -90,7 +90,7 @@ class StackedToy(torch.nn.Module):
     def _run(self, inputs: tuple[Tensor, ...], pooled_row_only: bool) -> AttentionForward:
         score = torch.zeros(inputs[0].shape[0], dtype=self.dtype)
         attention, pool_index = {}, {}
-        for key, x in zip(self.streams, inputs):
+        for key, x in zip(self.streams, inputs, strict=True):
             pool_index[key] = torch.tensor(self.pools[key])
             s, attention[key] = self._stream(x.to(self.dtype), pool_index[key], pooled_row_only)
             if key not in self.unused:
@@ -128,7 +128,8 @@ def _x(batch: int = 2) -> Tensor:
 
 
 def _attribute(toy, propagation, **options):
-    return CheferAttribution(toy).attribute(_x(), target=options.pop("target", None), propagation=propagation, **options)
+    target = options.pop("target", None)
+    return CheferAttribution(toy).attribute(_x(), target=target, propagation=propagation, **options)
 
 
 def test_the_toy_is_an_attention_model_and_a_stack():
@@ -159,7 +160,8 @@ TWO_LAYER_CASES = [
     #   r = [.078125, 0, 1.35625]
     #   A1a * grad clamped: rows [.0625, 0, .0625], 0, [.075, 0, .375]; A1b: rows [0, 0, .125], 0, [.375, 0, 0]
     #   A_bar1 = [[.03125, 0, .09375], [0, 0, 0], [.225, 0, .1875]]
-    #   r A_bar1 = [.078125 * .03125 + 1.35625 * .225, 0, .078125 * .09375 + 1.35625 * .1875] = [.30759765625, 0, .26162109375]
+    #   r A_bar1 = [.078125 * .03125 + 1.35625 * .225, 0, .078125 * .09375 + 1.35625 * .1875]
+    #            = [.30759765625, 0, .26162109375]
     #   r = [.38572265625, 0, 1.61787109375]
     ({}, [[1.19015625, 0.0, 0.294921875], [0.38572265625, 0.0, 1.61787109375]]),
     # exclude_self: the same less e_p
@@ -172,7 +174,8 @@ TWO_LAYER_CASES = [
     #   gains [-.046875, 0, -.05625]: r A_bar1 column 1 = .078125 * -.046875 + 1.35625 * -.05625 = -.079951171875
     ({"clamp": False}, [[1.186328125, -0.1626171875, 0.294921875], [0.38572265625, -0.079951171875, 1.61787109375]]),
     # use_gradients=False: r = e_p (I + M2)(I + M1).
-    #   p=0: [1.4, .35, .25] + [1.4 * .25 + .35 * .25 + .25 * .6, 1.4 * .375 + .35 * .75 + .25 * .15, 1.4 * .375 + .25 * .25]
+    #   p=0: [1.4, .35, .25]
+    #      + [1.4 * .25 + .35 * .25 + .25 * .6, 1.4 * .375 + .35 * .75 + .25 * .15, 1.4 * .375 + .25 * .25]
     #      = [1.4, .35, .25] + [.5875, .825, .5875] = [1.9875, 1.175, .8375]
     #   p=2: [.25, 0, 1.75] + [.25 * .25 + 1.75 * .6, .25 * .375 + 1.75 * .15, .25 * .375 + 1.75 * .25]
     #      = [.25, 0, 1.75] + [1.1125, .35625, .53125] = [1.3625, .35625, 2.28125]
@@ -199,7 +202,9 @@ TWO_LAYER_CASES = [
 ]
 
 
-@pytest.mark.parametrize("options, expected", TWO_LAYER_CASES, ids=lambda v: ",".join(v) if isinstance(v, dict) else None)
+@pytest.mark.parametrize(
+    "options, expected", TWO_LAYER_CASES, ids=lambda v: ",".join(v) if isinstance(v, dict) else None
+)
 @pytest.mark.parametrize("propagation", PROPAGATIONS)
 @pytest.mark.parametrize("toy", TOYS)
 def test_two_layers_two_heads_by_hand(toy, propagation, options, expected):
@@ -261,7 +266,8 @@ def test_several_streams_and_one_no_gradient_reaches(toy, propagation, use_gradi
         expected = [[1.125, 0.0, 0.11875], [0.078125, 0.0, 1.35625]] if layers else [
             [1.19015625, 0.0, 0.294921875], [0.38572265625, 0.0, 1.61787109375]]
     else:  # layers=1: e_p + M2[p]
-        expected = [[1.4, 0.35, 0.25], [0.25, 0.0, 1.75]] if layers else [[1.9875, 1.175, 0.8375], [1.3625, 0.35625, 2.28125]]
+        expected = [[1.4, 0.35, 0.25], [0.25, 0.0, 1.75]] if layers else [
+            [1.9875, 1.175, 0.8375], [1.3625, 0.35625, 2.28125]]
     torch.testing.assert_close(a, torch.tensor(expected))
     torch.testing.assert_close(b, torch.tensor(expected[::-1]))
     # c: no gradient reaches it, so A_bar = 0 in every layer and r = e_p, unless attention alone is used

@@ -18,7 +18,6 @@ from captum_chefer.synthetic import (
     make_cohort,
 )
 
-
 FLAT = StreamSpec("dx", "sequence", prefix="D", vocab_size=30, length=(3, 8))
 NESTED = StreamSpec("px", "nested_sequence", prefix="P", vocab_size=20, length=(1, 4), codes_per_visit=(1, 3))
 TIMED = StreamSpec("rx", "stagenet", prefix="R", vocab_size=20, length=(1, 4), codes_per_visit=(1, 2))
@@ -40,7 +39,7 @@ def test_trigger_decides_the_label_and_is_the_ground_truth():
     cohort = make_cohort(400, streams=[FLAT], rules=[Trigger("dx", "D_T")], decoys=[("dx", "D_DECOY")], seed=1)
     labels = [s["label"] for s in cohort.samples]
     assert 0.35 < sum(labels) / len(labels) < 0.65
-    for sample, truth in zip(cohort.samples, cohort.relevant):
+    for sample, truth in zip(cohort.samples, cohort.relevant, strict=True):
         has = "D_T" in sample["dx"]
         assert sample["label"] == int(has)
         assert truth == (frozenset({("dx", "D_T")}) if has else frozenset())
@@ -50,7 +49,7 @@ def test_k_of_a_risk_set_with_near_misses_in_negatives():
     risk = ("D_R1", "D_R2", "D_R3", "D_R4")
     cohort = make_cohort(400, streams=[FLAT], rules=[KOf("dx", risk, k=3)], near_miss_rate=1.0, seed=2)
     partial = 0
-    for sample, truth in zip(cohort.samples, cohort.relevant):
+    for sample, truth in zip(cohort.samples, cohort.relevant, strict=True):
         present = {c for c in sample["dx"] if c in risk}
         assert sample["label"] == int(len(present) >= 3)
         if sample["label"]:
@@ -65,7 +64,7 @@ def test_interaction_across_a_flat_and_a_nested_stream():
     rule = Interaction(("dx", "D_A"), ("px", "P_B"))
     cohort = make_cohort(400, streams=[FLAT, NESTED], rules=[rule], near_miss_rate=1.0, seed=3)
     only_one = 0
-    for sample, truth in zip(cohort.samples, cohort.relevant):
+    for sample, truth in zip(cohort.samples, cohort.relevant, strict=True):
         a = "D_A" in sample["dx"]
         b = any("P_B" in visit for visit in sample["px"])
         assert sample["label"] == int(a and b)
@@ -175,13 +174,13 @@ def test_ground_truth_masks_mark_exactly_the_relevant_codes():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(rules=[Trigger("dx", "D_T"), KOf("dx", ("D_T", "D_X"), 1)]), "read by two rules"),
-        (dict(rules=[Trigger("nope", "D_T")]), "not among"),
-        (dict(rules=[Trigger("dx", "D007")]), "looks like a background code"),
-        (dict(rules=[Trigger("dx", "D_T")], decoys=[("dx", "D_T")]), "also read by rule"),
-        (dict(rules=[Trigger("dx", "D_T")], task="regression"), "task must be"),
-        (dict(rules=[]), "at least one rule"),
-        (dict(rules=[Trigger("dx", "D_T")], positive_rate=1.0), "positive_rate"),
+        ({"rules": [Trigger("dx", "D_T"), KOf("dx", ("D_T", "D_X"), 1)]}, "read by two rules"),
+        ({"rules": [Trigger("nope", "D_T")]}, "not among"),
+        ({"rules": [Trigger("dx", "D007")]}, "looks like a background code"),
+        ({"rules": [Trigger("dx", "D_T")], "decoys": [("dx", "D_T")]}, "also read by rule"),
+        ({"rules": [Trigger("dx", "D_T")], "task": "regression"}, "task must be"),
+        ({"rules": []}, "at least one rule"),
+        ({"rules": [Trigger("dx", "D_T")], "positive_rate": 1.0}, "positive_rate"),
     ],
 )
 def test_bad_cohorts_are_refused(kwargs, match):

@@ -23,7 +23,9 @@ class EncoderClassifier(nn.Module):
     last real token pooled, as a decoder classifier does.
     """
 
-    def __init__(self, layers: int = 3, heads: int = 2, dim: int = 16, vocab: int = 30, classes: int = 3, causal: bool = False):
+    def __init__(
+        self, layers: int = 3, heads: int = 2, dim: int = 16, vocab: int = 30, classes: int = 3, causal: bool = False
+    ):
         super().__init__()
         self.causal = causal
         self.embed = nn.Embedding(vocab, dim, padding_idx=0)
@@ -78,7 +80,9 @@ def manual_encoder_forward(model: EncoderClassifier, ids: torch.Tensor) -> tuple
     return model.head(model.pool(x, ids)), maps
 
 
-def independent_rows(logits: torch.Tensor, maps: list[torch.Tensor], target: torch.Tensor, pool: torch.Tensor) -> torch.Tensor:
+def independent_rows(
+    logits: torch.Tensor, maps: list[torch.Tensor], target: torch.Tensor, pool: torch.Tensor
+) -> torch.Tensor:
     """The dense rule on the maps' own gradients: R = I; R <- R + mean_h(clamp(A dA, 0)) R; row ``pool``."""
     logits.gather(1, target.view(-1, 1)).sum().backward()
     length = maps[0].shape[-1]
@@ -170,11 +174,14 @@ def test_gradient_methods_run_through_the_same_adapter():
     assert torch.equal(baselines[0][IDS == 0], embeddings[0][IDS == 0])  # padding stays padding
     assert (baselines[0][IDS != 0] == 0).all()
     ig, delta = IntegratedGradients(adapter).attribute(
-        embeddings, baselines=baselines, target=target, additional_forward_args=args, n_steps=64, return_convergence_delta=True
+        embeddings, baselines=baselines, target=target, additional_forward_args=args, n_steps=64,
+        return_convergence_delta=True,
     )
     assert ig[0].shape == embeddings[0].shape and float(delta.abs().max()) < 5e-2
     saliency = Saliency(adapter).attribute(embeddings, target=target, additional_forward_args=args)
-    smooth = NoiseTunnel(Saliency(adapter)).attribute(embeddings, target=target, additional_forward_args=args, nt_samples=3, stdevs=0.1)
+    smooth = NoiseTunnel(Saliency(adapter)).attribute(
+        embeddings, target=target, additional_forward_args=args, nt_samples=3, stdevs=0.1
+    )
     lig = LayerIntegratedGradients(adapter, adapter.embedding_layers).attribute(
         tokens, baselines=adapter.baselines(tokens, args), target=target, additional_forward_args=args, n_steps=16
     )
@@ -182,7 +189,9 @@ def test_gradient_methods_run_through_the_same_adapter():
         scores = adapter.to_feature_dict(attributions)["input"]
         assert scores.shape == IDS.shape and torch.isfinite(scores).all()
     # padding embeddings are exactly the padding row (zero): gradients there do not leak into real tokens
-    comparison = compare_methods(adapter, {"input": IDS}, [CheferAttribution(adapter), Saliency(adapter)], progress=False)
+    comparison = compare_methods(
+        adapter, {"input": IDS}, [CheferAttribution(adapter), Saliency(adapter)], progress=False
+    )
     assert comparison.scores["Chefer"]["input"].shape == IDS.shape
     assert (comparison.scores["Saliency"]["input"][IDS == 0] == 0).all()
 
@@ -191,7 +200,9 @@ def test_removal_decoding_and_records():
     torch.manual_seed(4)
     model = EncoderClassifier(layers=2, heads=2).eval()
     vocabulary = [f"w{i}" for i in range(30)]
-    adapter = TransformerAdapter(model, pool="first", prefix_tokens=1, embedding=model.embed, pad_id=0, vocabulary=vocabulary)
+    adapter = TransformerAdapter(
+        model, pool="first", prefix_tokens=1, embedding=model.embed, pad_id=0, vocabulary=vocabulary
+    )
     tokens, args = adapter.captum_inputs(IDS, level="token")
     (mask,) = adapter.token_masks(args, tokens)
     assert torch.equal(mask, IDS != 0)
@@ -245,7 +256,7 @@ def test_errors_say_what_to_pass():
     with pytest.raises(ValueError, match="embedding=model"):
         no_embedding.captum_inputs(IDS, level="embedding")
     without_attention = TransformerAdapter(nn.Sequential(nn.Embedding(30, 4), nn.Flatten(), nn.Linear(24, 2)))
-    with pytest.raises(ValueError, match="no attention module.*IntegratedGradients"):
+    with pytest.raises(ValueError, match=r"no attention module.*IntegratedGradients"):
         CheferAttribution(without_attention)
     with pytest.raises(ValueError, match="pool must be"):
         TransformerAdapter(model, pool="middle")
@@ -345,7 +356,8 @@ def test_vit_pooled_row_shortcut_gives_the_same_logits_and_relevance(vit):
     for name in ("int", "callable"):  # pools other than "first": no shortcut, full last block
         pool = 0 if name == "int" else (lambda inputs, args: torch.zeros(len(inputs[0]), dtype=torch.long))
         other = TransformerAdapter(vit, pool=pool, prefix_tokens=1)
-        assert other.attention_forward(inputs, args, pooled_row_only=True).attention["input"][-1].shape == (3, 4, 10, 10)
+        captured = other.attention_forward(inputs, args, pooled_row_only=True)
+        assert captured.attention["input"][-1].shape == (3, 4, 10, 10)
         torch.testing.assert_close(CheferAttribution(other).attribute(inputs[0], target=1), row, atol=1e-6, rtol=1e-5)
 
 

@@ -16,7 +16,13 @@ import transformers
 from captum.attr import IntegratedGradients, Saliency, TextTokenInput
 from torch import nn
 
-from captum_chefer import CheferAttribution, CheferLLMAttribution, HuggingFaceAdapter, PyHealthAdapter, TransformerAdapter
+from captum_chefer import (
+    CheferAttribution,
+    CheferLLMAttribution,
+    HuggingFaceAdapter,
+    PyHealthAdapter,
+    TransformerAdapter,
+)
 from captum_chefer.comparison import compare_methods, evaluate_methods, precision_at_k
 from captum_chefer.llm import OutOfVocabularyWarning, word_tokenizer
 
@@ -67,8 +73,10 @@ def byte_bpe():
 
 def test_huggingface_encoding_with_unknown_keys_is_refused():
     adapter = HuggingFaceAdapter(bert())
-    with pytest.raises(KeyError, match=r"keys \['mask'\] that HuggingFaceAdapter does not pass to BertForSequenceClassification.*"
-                                       r"reads \['input_ids', 'attention_mask', 'token_type_ids', 'labels'\].*'mask' -> 'attention_mask'"):
+    with pytest.raises(KeyError, match=r"keys \['mask'\] that HuggingFaceAdapter does not pass to "
+                                       r"BertForSequenceClassification.*"
+                                       r"reads \['input_ids', 'attention_mask', 'token_type_ids', 'labels'\].*"
+                                       r"'mask' -> 'attention_mask'"):
         adapter.captum_inputs({"input_ids": IDS, "mask": MASK})
     with pytest.raises(KeyError, match=r"\['position_ids'\]"):
         adapter.captum_inputs({"input_ids": IDS, "attention_mask": MASK, "position_ids": MASK})
@@ -76,7 +84,7 @@ def test_huggingface_encoding_with_unknown_keys_is_refused():
     plain = adapter.captum_inputs({"input_ids": IDS, "attention_mask": MASK}, level="token")
     extras = adapter.captum_inputs({"input_ids": IDS, "attention_mask": MASK, "special_tokens_mask": MASK,
                                     "length": torch.tensor([4, 3])}, level="token")
-    assert all(torch.equal(a, b) for a, b in zip(plain[0] + plain[1], extras[0] + extras[1]))
+    assert all(torch.equal(a, b) for a, b in zip(plain[0] + plain[1], extras[0] + extras[1], strict=True))
 
 
 def test_transformer_adapter_dict_batch_with_unknown_keys_is_refused():
@@ -116,7 +124,8 @@ def test_padding_ids_the_adapter_was_not_told_of_warn():
             return self.head(self.embed(ids).sum(1))
 
     model = Padded()
-    with pytest.warns(UserWarning, match="the token ids hold 0, the padding_idx of the model's embedding.*pass pad_id=0"):
+    with pytest.warns(UserWarning,
+                      match="the token ids hold 0, the padding_idx of the model's embedding.*pass pad_id=0"):
         TransformerAdapter(model, embedding=model.embed).captum_inputs(torch.tensor([[1, 2, 3], [4, 5, 0]]))
     with warnings.catch_warnings():
         warnings.simplefilter("error")
@@ -130,11 +139,14 @@ def test_one_image_without_a_batch_dimension_is_refused():
 
     vit = torchvision.models.VisionTransformer(image_size=16, patch_size=8, num_layers=1, num_heads=2, hidden_dim=8,
                                                mlp_dim=16, num_classes=2).eval()
-    with pytest.raises(ValueError, match=r"image model \(patch_size=8\).*got \(3, 16, 16\). For one image add the batch dimension"):
-        TransformerAdapter(vit, prefix_tokens=1).captum_inputs(torch.rand(3, 16, 16))  # read as 3 sequences of embeddings
+    with pytest.raises(ValueError,
+                       match=r"image model \(patch_size=8\).*got \(3, 16, 16\). For one image add the batch dimension"):
+        # read as 3 sequences of embeddings
+        TransformerAdapter(vit, prefix_tokens=1).captum_inputs(torch.rand(3, 16, 16))
     torch.manual_seed(0)
     hf = HuggingFaceAdapter(transformers.ViTForImageClassification(transformers.ViTConfig(
-        image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16)).eval())
+        image_size=16, patch_size=8, hidden_size=8, num_hidden_layers=1, num_attention_heads=2, intermediate_size=16,
+    )).eval())
     with pytest.raises(ValueError, match=r"pixel_values must be a tensor \[B, C, H, W\].*pixels\[None\]"):
         hf.captum_inputs(torch.rand(3, 16, 16))
 
@@ -161,8 +173,10 @@ def test_string_target_is_tokenized_as_it_follows_the_prompt(byte_bpe):
 
 def test_string_target_off_a_token_boundary_is_refused(byte_bpe):
     chefer = CheferLLMAttribution(gpt2_for(byte_bpe), byte_bpe)
-    with pytest.raises(ValueError, match=r"does not start on a token boundary after the prompt: the prompt ends in tokens \['Ġ'\], "
-                                         r"but prompt and target together tokenize as \['Ġand'.*without trailing whitespace"):
+    with pytest.raises(ValueError, match=r"does not start on a token boundary after the prompt: "
+                                         r"the prompt ends in tokens \['Ġ'\], "
+                                         r"but prompt and target together tokenize as \['Ġand'.*"
+                                         r"without trailing whitespace"):
         chefer.attribute(TextTokenInput("the patient has a fever ", byte_bpe), target="and a dry cough")
 
 
@@ -174,28 +188,30 @@ def test_the_token_boundary_message_shows_where_prompt_and_target_part(byte_bpe)
     assert str(raised.value) == (
         "the target 'and a dry cough' does not start on a token boundary after the prompt: the prompt ends in tokens "
         "['Ġ'], but prompt and target together tokenize as ['Ġand', 'Ġa', 'Ġdry'] there: the tokenizer does not cut "
-        "the text where the prompt ends. End the prompt at a word boundary without trailing whitespace (the target gets "
-        "its leading space), or pass the target as token ids")
+        "the text where the prompt ends. End the prompt at a word boundary without trailing whitespace "
+        "(the target gets its leading space), or pass the target as token ids")
 
 
 def test_word_level_targets_after_the_prompt_keep_working():
-    tokenizer = word_tokenizer("the patient reports fever and a dry cough since monday".split())
+    tokenizer = word_tokenizer(["the", "patient", "reports", "fever", "and", "a", "dry", "cough", "since", "monday"])
     chefer = CheferLLMAttribution(gpt2_for(tokenizer), tokenizer)
     prompt = TextTokenInput("the patient reports fever", tokenizer, skip_tokens=["<s>"])
     result = chefer.attribute(prompt, target="and a dry cough")
     assert result.output_tokens == ["and", "a", "dry", "cough"]
-    assert torch.equal(result.token_attr, chefer.attribute(prompt, target=tokenizer.convert_tokens_to_ids(["and", "a", "dry", "cough"])).token_attr)
+    by_ids = chefer.attribute(prompt, target=tokenizer.convert_tokens_to_ids(["and", "a", "dry", "cough"]))
+    assert torch.equal(result.token_attr, by_ids.token_attr)
 
 
 def test_out_of_vocabulary_words_warn():
-    tokenizer = word_tokenizer("the patient reports fever and a dry cough".split())
+    tokenizer = word_tokenizer(["the", "patient", "reports", "fever", "and", "a", "dry", "cough"])
     chefer = CheferLLMAttribution(gpt2_for(tokenizer), tokenizer)
     prompt = TextTokenInput("the patient reports fever", tokenizer)
-    with pytest.warns(OutOfVocabularyWarning, match=r"the target's words \['wet', 'with', 'sputum'\] are not in the tokenizer's "
-                                                    r"vocabulary and become its unknown token '<unk>'"):
+    with pytest.warns(OutOfVocabularyWarning, match=r"the target's words \['wet', 'with', 'sputum'\] are not in "
+                                                    r"the tokenizer's vocabulary and become its unknown token '<unk>'"):
         result = chefer.attribute(prompt, target="and a wet cough with sputum")
     assert result.output_tokens == ["and", "a", "<unk>", "cough", "<unk>", "<unk>"]
-    with pytest.warns(OutOfVocabularyWarning, match=r"the prompt holds 1 word\(s\) the tokenizer does not know.*position\(s\) \[3\]"):
+    with pytest.warns(OutOfVocabularyWarning,
+                      match=r"the prompt holds 1 word\(s\) the tokenizer does not know.*position\(s\) \[3\]"):
         chefer.attribute(TextTokenInput("the patient has fever", tokenizer), target="and a cough")
     with warnings.catch_warnings():
         warnings.simplefilter("error", OutOfVocabularyWarning)
@@ -210,12 +226,14 @@ def test_a_gpt2_style_unknown_token_that_is_also_bos_does_not_warn(byte_bpe):
     chefer = CheferLLMAttribution(gpt2_for(like_gpt2), like_gpt2)
     with warnings.catch_warnings():
         warnings.simplefilter("error", OutOfVocabularyWarning)
-        result = chefer.attribute(TextTokenInput("<|endoftext|>the patient has a fever", like_gpt2), target="and a dry cough")
+        result = chefer.attribute(
+            TextTokenInput("<|endoftext|>the patient has a fever", like_gpt2), target="and a dry cough"
+        )
     assert result.input_tokens[0] == "<|endoftext|>"
 
 
 def test_llm_prompts_and_targets_the_model_cannot_read_are_refused():
-    tokenizer = word_tokenizer("the patient reports fever and a cough".split())
+    tokenizer = word_tokenizer(["the", "patient", "reports", "fever", "and", "a", "cough"])
     chefer = CheferLLMAttribution(gpt2_for(tokenizer), tokenizer)
     prompt = TextTokenInput("the patient", tokenizer)
     with pytest.raises(ValueError, match=r"the target holds token id 99, outside the model's vocabulary of 11 tokens"):
@@ -225,8 +243,8 @@ def test_llm_prompts_and_targets_the_model_cannot_read_are_refused():
         CheferLLMAttribution(gpt2_for(no_bos), no_bos).attribute(TextTokenInput("", no_bos), target="the")
     with pytest.raises(TypeError, match="one target per prompt \\(a list\\), not one string"):
         chefer.attribute_batch([prompt, prompt], "ab")  # would have explained 'a' after one and 'b' after the other
-    other = word_tokenizer("fever cough the patient".split())
-    with pytest.raises(ValueError, match="tokenized by another tokenizer.*same tokenizer"):
+    other = word_tokenizer(["fever", "cough", "the", "patient"])
+    with pytest.raises(ValueError, match=r"tokenized by another tokenizer.*same tokenizer"):
         chefer.attribute(TextTokenInput("the patient", other), target="reports")
 
 
@@ -250,18 +268,21 @@ def test_wrong_feature_and_method_names_say_which_exist(adapter, seq_batch):
 
 
 def test_wrong_ground_truth_says_which_keys_it_returned(adapter, seq_batch):
-    real = {k: m for k, m in zip(adapter.feature_keys, adapter.token_masks(adapter.captum_inputs(seq_batch)[1]))}
+    masks = adapter.token_masks(adapter.captum_inputs(seq_batch)[1])
+    real = dict(zip(adapter.feature_keys, masks, strict=True))
 
     def run(truth):
         evaluate_methods(adapter, seq_batch, [Saliency(adapter)], ground_truth=lambda b: truth, infidelity_samples=0,
                          progress=False)
 
-    with pytest.raises(KeyError, match=r"ground_truth returned masks for \['diagnoses'\], but the model's feature keys are "
-                                       r"\['conditions', 'procedures'\] \(missing \['conditions', 'procedures'\], unknown \['diagnoses'\]\)"):
+    with pytest.raises(KeyError, match=r"ground_truth returned masks for \['diagnoses'\], "
+                                       r"but the model's feature keys are \['conditions', 'procedures'\] "
+                                       r"\(missing \['conditions', 'procedures'\], unknown \['diagnoses'\]\)"):
         run({"diagnoses": real["conditions"]})
-    with pytest.raises(ValueError, match=r"mask for 'procedures' has shape \(6, 3\), but the batch's codes of 'procedures' are"):
+    with pytest.raises(ValueError,
+                       match=r"mask for 'procedures' has shape \(6, 3\), but the batch's codes of 'procedures' are"):
         run({"conditions": real["conditions"], "procedures": real["procedures"][:, 0]})
-    with pytest.raises(ValueError, match="values other than 0 and 1.*not scores"):
+    with pytest.raises(ValueError, match=r"values other than 0 and 1.*not scores"):
         run({k: m.float() * 0.5 for k, m in real.items()})
     with pytest.raises(KeyError, match=r"no entry for feature\(s\) \['procedures'\]: got entries for \['conditions'\]"):
         precision_at_k({k: m.float() for k, m in real.items()}, {"conditions": real["conditions"]}, real)
@@ -288,7 +309,8 @@ def test_empty_batches_reaching_a_method_are_refused(adapter, seq_batch):
 
 def test_a_text_sample_without_a_real_token_is_refused():
     adapter = HuggingFaceAdapter(bert())
-    with pytest.raises(ValueError, match=r"sample\(s\) \[1\] of the batch have no real token \(all padding\).*drop them"):
+    with pytest.raises(ValueError,
+                       match=r"sample\(s\) \[1\] of the batch have no real token \(all padding\).*drop them"):
         adapter.captum_inputs({"input_ids": IDS, "attention_mask": torch.tensor([[1, 1, 1, 1], [0, 0, 0, 0]])})
 
 
@@ -315,7 +337,8 @@ def test_a_sample_without_codes_gets_no_relevance_and_leaves_the_others_alone(ad
 
 def test_binary_model_target_1_says_to_explain_the_one_logit(adapter, seq_batch):
     inputs, args = adapter.captum_inputs(seq_batch)
-    message = r"^target 1 is out of range for a model with a single logit \(binary\): that logit is the positive class's score, explained with target=None \(or 0\)$"
+    message = (r"^target 1 is out of range for a model with a single logit \(binary\): "
+               r"that logit is the positive class's score, explained with target=None \(or 0\)$")
     for method in (CheferAttribution(adapter), Saliency(adapter), IntegratedGradients(adapter)):
         with pytest.raises(ValueError, match=message):
             method.attribute(inputs, target=1, additional_forward_args=args)
@@ -335,7 +358,8 @@ def test_binary_records_name_the_class_the_logit_explains(adapter, seq_batch):
     for target in (None, 0, 1):  # 0 is Captum's index of the one logit: the positive class's score
         records = adapter.visualization_records(seq_batch, attributions, target)
         assert [r.attr_class for r in records] == [positive] * 6
-    with pytest.raises(ValueError, match=r"target 5 is not a class of a model with a single logit \(binary\).*None, 0 or 1"):
+    with pytest.raises(ValueError,
+                       match=r"target 5 is not a class of a model with a single logit \(binary\).*None, 0 or 1"):
         adapter.visualization_records(seq_batch, attributions, 5)
 
 
@@ -343,7 +367,8 @@ def test_targets_beyond_the_classes_are_refused_for_captums_methods_too():
     hf = HuggingFaceAdapter(bert(num_labels=3))
     embeddings, args = hf.captum_inputs({"input_ids": IDS, "attention_mask": MASK})
     for target in (3, -1, [0, 3]):  # -1 would silently select the last class in Captum
-        with pytest.raises(ValueError, match=r"out of range: the model has 3 outputs, so targets are class indices 0\.\.2"):
+        with pytest.raises(ValueError,
+                           match=r"out of range: the model has 3 outputs, so targets are class indices 0\.\.2"):
             Saliency(hf).attribute(embeddings, target=target, additional_forward_args=args)
     with pytest.raises(ValueError, match=r"target 3 is out of range: the model has 3 classes \(0\.\.2\)"):
         hf.visualization_records({"input_ids": IDS, "attention_mask": MASK}, embeddings, 3)
@@ -354,10 +379,12 @@ def test_ids_beyond_the_vocabulary_are_refused(adapter, seq_batch):
     batch = dict(seq_batch)
     batch["conditions"] = seq_batch["conditions"].clone()
     batch["conditions"][0, 0] = 999
-    with pytest.raises(ValueError, match=r"feature 'conditions' holds code id 999, outside the model's vocabulary of \d+ codes"):
+    with pytest.raises(ValueError,
+                       match=r"feature 'conditions' holds code id 999, outside the model's vocabulary of \d+ codes"):
         adapter.captum_inputs(batch)
     hf = HuggingFaceAdapter(bert())
-    with pytest.raises(ValueError, match=r"token id 29, outside the model's vocabulary of 15 tokens.*model's own tokenizer"):
+    with pytest.raises(ValueError,
+                       match=r"token id 29, outside the model's vocabulary of 15 tokens.*model's own tokenizer"):
         hf.captum_inputs({"input_ids": IDS + 20, "attention_mask": MASK})
 
 
@@ -372,7 +399,8 @@ def test_nan_outputs_and_nan_embeddings_are_refused(seq_dataset, seq_batch):
         model.fc.weight[0, 0] = float("nan")
     adapter = PyHealthAdapter(model)
     inputs, args = adapter.captum_inputs(seq_batch)
-    with pytest.raises(ValueError, match=r"the explained output is NaN or infinite for sample\(s\) \[0, 1, 2, 3, 4, 5\].*model's weights"):
+    with pytest.raises(ValueError, match=r"the explained output is NaN or infinite for sample\(s\) "
+                                         r"\[0, 1, 2, 3, 4, 5\].*model's weights"):
         CheferAttribution(adapter).attribute(inputs, additional_forward_args=args)
     hf = HuggingFaceAdapter(bert())
     embeddings, hf_args = hf.captum_inputs({"input_ids": IDS, "attention_mask": MASK})
@@ -396,7 +424,8 @@ def test_attention_masks_of_another_batch_size_are_refused():
 def test_inputs_on_another_device_than_the_model_are_refused(adapter, seq_batch):
     inputs, args = adapter.captum_inputs(seq_batch)
     elsewhere = tuple(x.to("meta") for x in inputs)
-    message = r"input 'conditions', input 'procedures' are on meta but the model is on cpu; make the inputs with adapter.captum_inputs\(batch\)"
+    message = (r"input 'conditions', input 'procedures' are on meta but the model is on cpu; "
+               r"make the inputs with adapter.captum_inputs\(batch\)")
     for method in (CheferAttribution(adapter), Saliency(adapter)):
         with pytest.raises(ValueError, match=message):
             method.attribute(elsewhere, additional_forward_args=args)
@@ -414,5 +443,7 @@ def test_a_huggingface_model_in_training_mode_is_explained_without_dropout():
     first = CheferAttribution(adapter).attribute(tokens, target=1, additional_forward_args=args)
     assert model.training and all(m.training for m in model.modules())
     reference = bert(hidden_dropout_prob=0.5, attention_probs_dropout_prob=0.5)  # the same weights, in eval mode
-    expected = CheferAttribution(HuggingFaceAdapter(reference)).attribute(tokens, target=1, additional_forward_args=args)
+    expected = CheferAttribution(HuggingFaceAdapter(reference)).attribute(
+        tokens, target=1, additional_forward_args=args
+    )
     torch.testing.assert_close(first, expected, rtol=0, atol=0)

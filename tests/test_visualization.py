@@ -27,7 +27,6 @@ from captum_chefer.visualization import (
 from conftest import make_planted_samples
 
 
-
 @pytest.fixture(scope="module")
 def planted(planted_model):
     from pyhealth.datasets import get_dataloader
@@ -55,11 +54,11 @@ def _expected_tokens(sample: dict) -> list[str]:
 
 
 def test_records_carry_the_decoded_codes(planted, chefer_records):
-    adapter, batch = planted
+    _, batch = planted
     _, records = chefer_records
     samples = {s["patient_id"]: s for s in make_planted_samples()}
     assert len(records) == batch["conditions"].shape[0]
-    for record, patient in zip(records, batch["patient_id"]):
+    for record, patient in zip(records, batch["patient_id"], strict=True):
         assert record.raw_input_ids == _expected_tokens(samples[patient])
         assert len(record.word_attributions) == len(record.raw_input_ids)
 
@@ -107,7 +106,6 @@ def test_captum_visualize_text_renders_the_records(chefer_records):
 
 
 def test_html_file_highlights_the_tokens(planted, chefer_records, tmp_path):
-    adapter, batch = planted
     _, records = chefer_records
     path = write_html(records, tmp_path / "out" / "chefer.html", title="Chefer <planted>")
     text = path.read_text()
@@ -119,7 +117,8 @@ def test_html_file_highlights_the_tokens(planted, chefer_records, tmp_path):
     positive = [i for i, r in enumerate(records) if r.pred_class == "1"]
     assert positive
     row = text.split("<tr>")[2 + positive[0]]
-    colours = dict((w, c) for c, w in re.findall(r'background-color: (hsl\([^)]*\))[^>]*><font color="black">\s*([^<\s]+)', row))
+    colour_and_word = r'background-color: (hsl\([^)]*\))[^>]*><font color="black">\s*([^<\s]+)'
+    colours = {w: c for c, w in re.findall(colour_and_word, row)}
     assert colours["C0"] == "hsl(120, 75%, 50%)"
     assert colours["#conditions"] == "hsl(0, 75%, 100%)"
 
@@ -135,14 +134,15 @@ def test_html_escapes_codes():
 def test_plot_methods_heat_maps(planted):
     adapter, batch = planted
     result = compare_methods(
-        adapter, batch, [CheferAttribution(adapter), ("IG", IntegratedGradients(adapter), {"n_steps": 8}), Saliency(adapter)]
+        adapter, batch,
+        [CheferAttribution(adapter), ("IG", IntegratedGradients(adapter), {"n_steps": 8}), Saliency(adapter)],
     )
     sample = 1
     fig = plot_methods(adapter, batch, result, sample=sample)
     panels = [ax for ax in fig.axes if ax.get_title()]
     assert [ax.get_title() for ax in panels] == ["conditions", "procedures"]
     n_codes = [int((batch[k][sample] != 0).sum()) for k in ("conditions", "procedures")]
-    for ax, n in zip(panels, n_codes):
+    for ax, n in zip(panels, n_codes, strict=True):
         image = ax.get_images()[0].get_array()
         assert image.shape == (3, n)
         assert len(ax.get_xticklabels()) == n
@@ -174,18 +174,19 @@ def test_captum_timeseries_plot_needs_and_gets_the_fix():
 def test_several_methods_on_one_page(planted, tmp_path):
     adapter, batch = planted
     inputs, args = adapter.captum_inputs(batch)
+    target = adapter.captum_target(batch)
     chefer = adapter.visualization_records(
-        batch, CheferAttribution(adapter).attribute(inputs, additional_forward_args=args, target=adapter.captum_target(batch)),
+        batch, CheferAttribution(adapter).attribute(inputs, additional_forward_args=args, target=target),
         method="Chefer")
     ig = adapter.visualization_records(
-        batch, IntegratedGradients(adapter).attribute(inputs, additional_forward_args=args, target=adapter.captum_target(batch),
-                                                      n_steps=4), method="IG")
+        batch, IntegratedGradients(adapter).attribute(inputs, additional_forward_args=args, target=target, n_steps=4),
+        method="IG")
     assert {r.method for r in chefer} == {"Chefer"} and {r.method for r in ig} == {"IG"}
     page = render_methods_html(chefer + ig, sample_names=batch["patient_id"])  # a flat list, grouped by method
     assert page == render_methods_html({"Chefer": chefer, "IG": ig}, sample_names=batch["patient_id"])
     sections = page.split("<h3>")[1:]
     assert [s.split("</h3>")[0] for s in sections] == list(batch["patient_id"])
-    for section, c, i in zip(sections, chefer, ig):
+    for section, c, i in zip(sections, chefer, ig, strict=True):
         rows = section.split("<tr>")[2:]
         assert [r.split("</td>")[0] for r in rows] == ["<td class='method'>Chefer", "<td class='method'>IG"]
         assert f"{c.attr_score:.2f}" in rows[0] and f"{i.attr_score:.2f}" in rows[1]
@@ -253,7 +254,8 @@ def test_method_colors_are_fixed_for_known_methods_and_stable_for_others():
     assert len(set(colors.values())) == len(names) and colors["Random"] == "#7f7f7f"
     assert all(to_rgba(c) for c in colors.values())  # matplotlib colours
     # short names share the colour of the method they name; order and company do not change a colour
-    assert method_color("IG") == colors["Integrated Gradients"] and method_color("SmoothGrad") == colors["NoiseTunnel (SmoothGrad)"]
+    assert method_color("IG") == colors["Integrated Gradients"]
+    assert method_color("SmoothGrad") == colors["NoiseTunnel (SmoothGrad)"]
     assert method_color("Chefer") == colors["Chefer (PyHealth)"] and method_color("random (seed 3)") == "#7f7f7f"
     assert method_colors(reversed(names)) == colors and method_colors(["Saliency"])["Saliency"] == colors["Saliency"]
     # unknown names: the same colour in every call, none of the known colours, distinct within a figure

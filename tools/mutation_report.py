@@ -16,11 +16,11 @@ Each part is a section of ``setup.cfg``:
 
 Each part runs in its own directory, ``mutants/<part>/`` (a copy of the package and the tests, with the
 part's settings as its ``setup.cfg``; mutmut's own working directory is ``mutants/<part>/mutants/``), so the
-results of one part stay while another runs (``--estimate`` uses ``mutants/<part>-sample/``). Why a surviving mutant cannot be caught (it computes the same
-thing), or which test kills a mutant the suite once let survive, is written in the part's notes file
-(``tools/mutation_notes.toml`` for ``math``, ``tools/mutation_notes_<part>.toml`` otherwise), which this
-script merges into the part's report, ``benchmarks/MUTATION-<part>.md``, so a rerun keeps it. Every report
-also updates the summary of all parts, ``benchmarks/MUTATION.md``.
+results of one part stay while another runs (``--estimate`` uses ``mutants/<part>-sample/``). Why a surviving
+mutant cannot be caught (it computes the same thing), or which test kills a mutant the suite once let survive, is
+written in the part's notes file (``tools/mutation_notes.toml`` for ``math``, ``tools/mutation_notes_<part>.toml``
+otherwise), which this script merges into the part's report, ``benchmarks/MUTATION-<part>.md``, so a rerun keeps
+it. Every report also updates the summary of all parts, ``benchmarks/MUTATION.md``.
 
 Usage (from the repository root, with the project's Python)::
 
@@ -60,15 +60,16 @@ from collections import Counter
 from dataclasses import dataclass, field
 from importlib import metadata
 from pathlib import Path
-from typing import Optional
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIG = ROOT / "setup.cfg"
 SUMMARY = ROOT / "benchmarks" / "MUTATION.md"
 DEFAULT_PART = "math"
 CLASS_SEPARATOR = "ǁ"
-STATUS_ORDER = ["killed", "timeout", "survived", "no tests", "suspicious", "skipped", "segfault", "caught by type check",
-                "not checked"]
+STATUS_ORDER = [
+    "killed", "timeout", "survived", "no tests", "suspicious", "skipped", "segfault", "caught by type check",
+    "not checked",
+]
 # keys of a part's section that describe the part; every other key is a mutmut setting
 PART_KEYS = ("part", "title", "notes", "report", "mutants", "estimate")
 # what a part's directory holds: mutmut copies these (and also_copy) into its own working directory
@@ -168,7 +169,10 @@ class Mutant:
 
     @property
     def function(self) -> str:
-        """``module.qualname`` of the mutated function, e.g. ``captum_chefer.attribution.CheferAttribution.attribute``."""
+        """``module.qualname`` of the mutated function.
+
+        E.g. ``captum_chefer.attribution.CheferAttribution.attribute``.
+        """
         mangled = self.name.rsplit(".", 1)[1].rsplit("__mutmut_", 1)[0]
         if mangled.startswith("x" + CLASS_SEPARATOR):
             qualname = ".".join(mangled[2:].split(CLASS_SEPARATOR))
@@ -179,8 +183,9 @@ class Mutant:
     @property
     def change(self) -> tuple[str, str]:
         """The changed source lines, stripped: (before, after), several lines joined by newlines."""
-        before = [line[1:].strip() for line in self.diff.splitlines() if line.startswith("-") and not line.startswith("---")]
-        after = [line[1:].strip() for line in self.diff.splitlines() if line.startswith("+") and not line.startswith("+++")]
+        lines = self.diff.splitlines()
+        before = [line[1:].strip() for line in lines if line.startswith("-") and not line.startswith("---")]
+        after = [line[1:].strip() for line in lines if line.startswith("+") and not line.startswith("+++")]
         return "\n".join(before), "\n".join(after)
 
 
@@ -189,9 +194,9 @@ class Note:
     function: str
     before: str
     after: str
-    equivalent: Optional[str] = None
-    killed_by: Optional[str] = None
-    killed_after: Optional[str] = None  # a survivor of the reported run, killed by a test added after it
+    equivalent: str | None = None
+    killed_by: str | None = None
+    killed_after: str | None = None  # a survivor of the reported run, killed by a test added after it
     matches: list[Mutant] = field(default_factory=list)
 
     def match(self, mutant: Mutant) -> bool:
@@ -224,10 +229,10 @@ def prepare_workdir(part: Part) -> None:
         config.write(f)
 
 
-def run_mutmut(part: Part, jobs: int, names: Optional[list[str]] = None, note: str = "") -> float:
+def run_mutmut(part: Part, jobs: int, names: list[str] | None = None, note: str = "") -> float:
     """A fresh run of the part (or of the mutants ``names`` matches): nothing cached from an earlier run."""
     prepare_workdir(part)
-    started, start = dt.datetime.now(dt.timezone.utc), time.perf_counter()
+    started, start = dt.datetime.now(dt.UTC), time.perf_counter()
     selection = names if names is not None else part.patterns
     command = [sys.executable, "-m", "mutmut", "run", "--max-children", str(jobs), *selection]
     proc = subprocess.Popen(command, cwd=part.workdir, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
@@ -366,7 +371,8 @@ def write_report(part: Part, mutants: list[Mutant], notes: list[Note], min_score
         SUMMARY_TAG + json.dumps(summary) + " -->",
         f"# {part.title}",
         "",
-        f"Generated by `make mutation PART={part.name}` (`tools/mutation_report.py`); do not edit by hand: explanations",
+        f"Generated by `make mutation PART={part.name}` (`tools/mutation_report.py`); "
+        "do not edit by hand: explanations",
         f"go in `{_rel(part.notes)}`, the mutated modules and the tests in `setup.cfg` "
         f"(`[{'mutmut' if part.name == DEFAULT_PART else 'mutmut:' + part.name}]`). All parts: "
         f"[{SUMMARY.name}]({SUMMARY.name}).",
@@ -374,12 +380,13 @@ def write_report(part: Part, mutants: list[Mutant], notes: list[Note], min_score
         f"- date: {info.get('started', 'unknown (report regenerated without a run)')}",
         f"- tool: mutmut {metadata.version('mutmut')} (Python {sys.version.split()[0]}, torch "
         f"{metadata.version('torch')})",
-        f"- run: {info['seconds'] / 60:.1f} min wall time, {info['jobs']} parallel worker{'s' if info['jobs'] != 1 else ''} on {info['cpus']} cores"
+        f"- run: {info['seconds'] / 60:.1f} min wall time, "
+        f"{info['jobs']} parallel worker{'s' if info['jobs'] != 1 else ''} on {info['cpus']} cores"
         if info else "- run: unknown",
         *([f"- note: {info['note']}"] if info.get("note") else []),
-        *([f"- mutated functions: only the mutants matching " + ", ".join(f"`{p}`" for p in part.patterns)]
+        *(["- mutated functions: only the mutants matching " + ", ".join(f"`{p}`" for p in part.patterns)]
           if part.patterns else []),
-        f"- tests (the fast ones; each mutant runs only those that reach the mutated function): "
+        "- tests (the fast ones; each mutant runs only those that reach the mutated function): "
         + ", ".join(f"`{t}`" for t in part.tests),
         f"- score: **{score_text}** killed (threshold {100 * min_score:.0f}%); every mutant not killed counts "
         "against it, timeouts and mutants no test reaches included",
@@ -427,7 +434,7 @@ def _cell(code: str) -> str:
     return f"`{text}`" if text else "(removed)"
 
 
-def report_summary(report: Path) -> Optional[dict]:
+def report_summary(report: Path) -> dict | None:
     """The figures a part's report carries on its first line (None when the part has no report yet)."""
     if not report.exists():
         return None
@@ -460,8 +467,10 @@ def write_summary(parts: dict[str, Part], min_score: float = 0.90) -> None:
         figures = report_summary(part.report)
         if figures and figures.get("mutants"):
             score = figures["killed"] / figures["mutants"]
-            wall = (f"{figures['minutes']:.0f} min, {figures['jobs']} worker{'s' if figures['jobs'] != 1 else ''}" if figures.get("minutes") is not None
-                    else "unknown")
+            if figures.get("minutes") is not None:
+                wall = f"{figures['minutes']:.0f} min, {figures['jobs']} worker{'s' if figures['jobs'] != 1 else ''}"
+            else:
+                wall = "unknown"
             lines.append(
                 f"| `{part.name}` | {mutated} | {figures['mutants']} | {figures['killed']} | **{100 * score:.1f}%** | "
                 f"{figures['unexplained']} | {(figures['date'] or 'unknown')[:10]} | {wall} | "
@@ -476,7 +485,7 @@ def write_summary(parts: dict[str, Part], min_score: float = 0.90) -> None:
 # ---------------------------------------------------------------------------------------------- helpers
 
 
-def find_killers(part: Part, names: list[str], with_tests: Optional[list[str]] = None) -> None:
+def find_killers(part: Part, names: list[str], with_tests: list[str] | None = None) -> None:
     """For each mutant, the first test (fastest first, as mutmut orders them) that fails with it.
 
     The tests are copied afresh into the run's directory first, so a test written after the run counts;
@@ -506,15 +515,19 @@ def find_killers(part: Part, names: list[str], with_tests: Optional[list[str]] =
         if pid == 0:
             os.close(read_end)
             os.environ["MUTANT_UNDER_TEST"] = name
-            failed: list[str] = []
 
             class Recorder:
+                def __init__(self) -> None:
+                    self.failed: list[str] = []
+
                 def pytest_runtest_logreport(self, report):
                     if report.failed:
-                        failed.append(report.nodeid)
+                        self.failed.append(report.nodeid)
 
+            recorder = Recorder()
             with contextlib.redirect_stdout(open(os.devnull, "w")):
-                pytest.main(["-x", "-q", "-p", "no:cacheprovider", "--rootdir=.", *tests], plugins=[Recorder()])
+                pytest.main(["-x", "-q", "-p", "no:cacheprovider", "--rootdir=.", *tests], plugins=[recorder])
+            failed = recorder.failed
             os.write(write_end, (failed[0] if failed else "").encode())
             os._exit(0)
         os.close(write_end)
@@ -583,9 +596,11 @@ def estimate(part: Part, jobs: int, number: str) -> None:
     print(f"sampled score {100 * counts['killed'] / len(sampled):.0f}%")
 
 
-def main(argv: Optional[list[str]] = None) -> int:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--part", default=DEFAULT_PART, help=f"the part to run or report, or 'all' (default {DEFAULT_PART})")
+    parser.add_argument(
+        "--part", default=DEFAULT_PART, help=f"the part to run or report, or 'all' (default {DEFAULT_PART})"
+    )
     parser.add_argument("--report-only", action="store_true", help="no new run: report the last one")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel mutmut workers")
     parser.add_argument("--min-score", type=float, default=0.90, help="the share of mutants that must be killed")
@@ -600,7 +615,8 @@ def main(argv: Optional[list[str]] = None) -> int:
     parts = load_parts()
     if args.list:
         for part in parts.values():
-            print(f"{part.name}: {', '.join(part.module_files())}" + (f" (mutants {part.patterns})" if part.patterns else ""))
+            patterns = f" (mutants {part.patterns})" if part.patterns else ""
+            print(f"{part.name}: {', '.join(part.module_files())}{patterns}")
             print(f"    tests: {' '.join(part.tests)}")
         return 0
     if args.summary:

@@ -17,9 +17,10 @@ same to the last bit.
 On x86-64 the kernel also takes one vector code path whatever the CPU offers (:data:`PINNED_CPU`):
 ``ATEN_CPU_CAPABILITY=avx2`` (torch's own kernels), ``MKL_CBWR=AVX2`` (MKL's reproducible mode) and
 ``ONEDNN_MAX_CPU_ISA=AVX2`` (oneDNN). Without the pins, a model trained in a notebook on an AVX-512 CPU and on
-an AVX2-only one differs in its last bits from the first steps, and the difference grows with training: the
-hit counts of notebook 05 moved from 31 to 26 of 32 (17 to 31 over four code paths). With them, the AVX-512 CPU reproduces the AVX2 one's
-outputs exactly. A variable already set in the environment is kept, so another code path can be imitated.
+an AVX2-only one differs in its last bits from the first steps, and the difference grows with training: the hit
+counts of notebook 05 moved from 31 to 26 of 32 (17 to 31 over four code paths). With them, the AVX-512 CPU
+reproduces the AVX2 one's outputs exactly. A variable already set in the environment is kept, so another code
+path can be imitated.
 
 Two variables change what the kernel does, to show that the comparison below holds on another machine
 (``make test`` leaves them unset):
@@ -90,10 +91,11 @@ import platform
 import re
 import sys
 import tempfile
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Optional, Sequence
+from typing import Any
 
 import nbformat
 from nbclient import NotebookClient
@@ -111,7 +113,7 @@ PINNED_CPU = {"ATEN_CPU_CAPABILITY": "avx2", "MKL_CBWR": "AVX2", "ONEDNN_MAX_CPU
 TEXT_TYPES = ("text/plain", "text/html", "text/markdown")
 
 # Runs in the kernel before the first cell (an IPython startup file of a profile made for the run).
-KERNEL_SETUP = '''
+KERNEL_SETUP = f'''
 import os as _os
 import random as _random
 
@@ -120,8 +122,8 @@ import torch as _torch
 
 def _captum_chefer_settings(*_ignored):
     """Threads and last-bit settings, applied before every cell (a notebook may set its own threads)."""
-    _torch.set_num_threads(int(_os.environ.get("{threads}") or 1))
-    for _setting in filter(None, (_os.environ.get("{torch}") or "").split(",")):
+    _torch.set_num_threads(int(_os.environ.get("{THREADS}") or 1))
+    for _setting in filter(None, (_os.environ.get("{TORCH_SETTINGS}") or "").split(",")):
         _name, _, _value = _setting.strip().partition("=")
         if _name == "no-mkldnn":
             _torch.backends.mkldnn.enabled = False
@@ -130,7 +132,9 @@ def _captum_chefer_settings(*_ignored):
         elif _name == "matmul":
             _torch.set_float32_matmul_precision(_value)
         else:
-            raise ValueError(f"unknown setting {{_setting!r}} in {torch}: use no-mkldnn, flush-denormal, matmul=high")
+            raise ValueError(
+                f"unknown setting {{_setting!r}} in {TORCH_SETTINGS}: use no-mkldnn, flush-denormal, matmul=high"
+            )
 
 
 _torch.use_deterministic_algorithms(True)
@@ -144,7 +148,7 @@ except ImportError:
     pass
 _captum_chefer_settings()
 get_ipython().events.register("pre_run_cell", _captum_chefer_settings)
-'''.format(threads=THREADS, torch=TORCH_SETTINGS)
+'''
 
 
 def all_notebooks() -> list[Path]:
@@ -185,7 +189,8 @@ def execute(path: Path, timeout: int = 900, small: bool = True) -> Any:
         (startup / "00-deterministic.py").write_text(KERNEL_SETUP)
         pinned = PINNED_CPU if platform.machine().lower() in ("x86_64", "amd64") else {}
         extra = {
-            **{key: os.environ.get(key) or value for key, value in pinned.items()}, **ENVIRONMENT, "CAPTUM_CHEFER_SMALL": "1" if small else "0", "PYTHONPATH": python_path,
+            **{key: os.environ.get(key) or value for key, value in pinned.items()}, **ENVIRONMENT,
+            "CAPTUM_CHEFER_SMALL": "1" if small else "0", "PYTHONPATH": python_path,
             "IPYTHONDIR": ipython_dir, "OMP_NUM_THREADS": threads,
         }
         with _environment(extra):
@@ -273,13 +278,13 @@ def split_numbers(text: str) -> tuple[str, list[str]]:
     return SPACES.sub(" ", template), numbers
 
 
-def comparable_outputs(notebook: Any) -> list[Optional[list[tuple[str, str]]]]:
+def comparable_outputs(notebook: Any) -> list[list[tuple[str, str]] | None]:
     """Per code cell, its outputs as ``(kind, text)``: ``None`` for cells tagged ``unseeded``.
 
     Kinds: ``stream:stdout`` (consecutive chunks of a stream merged), the text MIME types, ``image`` (the
     text ``an image``: that an image is there, not its bytes) and ``error``.
     """
-    cells: list[Optional[list[tuple[str, str]]]] = []
+    cells: list[list[tuple[str, str]] | None] = []
     for cell in notebook.cells:
         if cell.cell_type != "code":
             continue
@@ -316,7 +321,7 @@ def _merge_streams(outputs: list[tuple[str, str]]) -> list[tuple[str, str]]:
     return merged
 
 
-def text_difference(saved: str, fresh: str, tolerance: Tolerance = Tolerance()) -> Optional[str]:
+def text_difference(saved: str, fresh: str, tolerance: Tolerance = Tolerance()) -> str | None:
     """Where ``fresh`` departs from ``saved`` under the rule of the module docstring; ``None`` if it does not.
 
     Example:
@@ -333,7 +338,7 @@ def text_difference(saved: str, fresh: str, tolerance: Tolerance = Tolerance()) 
         return f"the text differs: {_first_difference(saved_text, fresh_text)}"
     far = [
         f"number {i + 1}: saved {a}, now {b}"
-        for i, (a, b) in enumerate(zip(saved_numbers, fresh_numbers))
+        for i, (a, b) in enumerate(zip(saved_numbers, fresh_numbers, strict=True))  # same template, same count
         if not tolerance.allows(a, b)
     ]
     return "; ".join(far) or None
@@ -341,7 +346,7 @@ def text_difference(saved: str, fresh: str, tolerance: Tolerance = Tolerance()) 
 
 def _first_difference(a: str, b: str) -> str:
     """The line where two texts first differ, as saved and as now."""
-    for x, y in zip(a.splitlines(), b.splitlines()):
+    for x, y in zip(a.splitlines(), b.splitlines(), strict=False):  # one text may have more lines
         if x != y:
             return f"saved {x.strip()[:300]!r}, now {y.strip()[:300]!r}"
     return f"saved {len(a.splitlines())} lines, now {len(b.splitlines())}"
@@ -375,34 +380,39 @@ def differences(saved: Any, fresh: Any) -> list[str]:
         return [f"{len(a)} code cells saved, {len(b)} executed"]
     tolerances = [cell_tolerance(cell) for cell in saved.cells if cell.cell_type == "code"]
     out = []
-    for index, (x, y, tolerance) in enumerate(zip(a, b, tolerances)):
+    for index, (x, y, tolerance) in enumerate(zip(a, b, tolerances, strict=True)):
         if x is None and y is None:
             continue
         if x is None or y is None or [kind for kind, _ in x] != [kind for kind, _ in y]:
-            kinds = lambda outputs: None if outputs is None else [kind for kind, _ in outputs]  # noqa: E731
-            out.append(f"code cell {index}: saved outputs {kinds(x)}, now {kinds(y)}")
+            out.append(f"code cell {index}: saved outputs {_kinds(x)}, now {_kinds(y)}")
             continue
-        for (kind, saved_text), (_, fresh_text) in zip(x, y):
+        for (kind, saved_text), (_, fresh_text) in zip(x, y, strict=True):  # the same kinds, checked above
             found = text_difference(saved_text, fresh_text, tolerance)
             if found:
                 out.append(f"code cell {index} ({kind}): {found}")
     return out
 
 
+def _kinds(outputs: list[tuple[str, str]] | None) -> list[str] | None:
+    """The kinds of a cell's compared outputs (``None`` for an unseeded cell)."""
+    return None if outputs is None else [kind for kind, _ in outputs]
+
+
 def moved_numbers(saved: Any, fresh: Any) -> tuple[int, int]:
     """How many compared numbers are written differently in ``fresh`` than in ``saved``, and how many there are
     (outputs whose text differs apart from the numbers are left out: :func:`differences` reports them)."""
     moved = total = 0
-    for x, y in zip(comparable_outputs(saved), comparable_outputs(fresh)):
-        for (_, a), (_, b) in zip(x or [], y or []):
+    # the cells and their outputs may differ in number (differences reports that): compare those both have
+    for x, y in zip(comparable_outputs(saved), comparable_outputs(fresh), strict=False):
+        for (_, a), (_, b) in zip(x or [], y or [], strict=False):
             (a_text, a_numbers), (b_text, b_numbers) = split_numbers(a), split_numbers(b)
             if a_text == b_text:
                 total += len(a_numbers)
-                moved += sum(p != q for p, q in zip(a_numbers, b_numbers))
+                moved += sum(p != q for p, q in zip(a_numbers, b_numbers, strict=True))  # same template
     return moved, total
 
 
-def main(argv: Optional[Sequence[str]] = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("notebooks", nargs="*", type=Path, help="notebooks to run (default: every notebooks/*.ipynb)")
     parser.add_argument("--check", action="store_true", help="compare with the saved outputs instead of saving")
