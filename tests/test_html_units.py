@@ -718,6 +718,24 @@ def test_cohort_section_with_one_feature_a_top_of_one_and_a_model_above_chance()
     assert third in cohort_section(summary, top=3)
 
 
+def test_cohort_section_lists_every_pair_of_methods_row_after_row():
+    import polars as pl
+
+    summary = _cohort(2, None, cheap=True)
+    summary.agreement = pl.concat([summary.agreement, summary.agreement.with_columns(pl.lit("B").alias("method_b"))])
+    rows = AGREEMENT.split("<th>Codes</th></tr>")[1].split("</table>")[0]
+    assert rows + rows.replace("S&amp;al", "B") + "</table>" in cohort_section(summary)
+
+
+def test_cohort_section_embeds_a_png_whatever_matplotlibs_default_format():
+    import matplotlib
+
+    with matplotlib.rc_context({"savefig.format": "svg"}):
+        section = cohort_section(_cohort(2, None))
+    image = section.split('src="data:image/png;base64,')[1].split('"')[0]
+    assert _png_size(base64.b64decode(image)) == (792, 242)
+
+
 class _WithoutCheck:
     """A cohort summary object that has no ``model_check`` attribute at all (an older summary)."""
 
@@ -948,6 +966,7 @@ def check_explains_the_table_below_it(report):
     assert f'</table>\n<p class="small">{note}</p>\n<h3>How to read the table</h3>\n<dl class="metrics"><dt>' in page
     metrics = page.split('<dl class="metrics">')[1].split("</dl>")[0]
     assert re.findall("<dt>(.*?)</dt>", metrics) == ["Deletion AOPC ↑", "Compr. ↑", "AUROC ↑", "ms / sample ↓"]
+    assert re.fullmatch("(<dt>[^<]*</dt><dd>[^<]*</dd>)+", metrics)  # term after definition, nothing between
     compr = ("drop of the target probability when the top 10% / 25% of the codes are removed, averaged; higher is "
              "better; -1 to 1")
     assert f"<dt>Compr. ↑</dt><dd>{compr}</dd>" in metrics
@@ -967,6 +986,9 @@ def check_patients_in_the_order_picked_with_their_names_descriptions_and_true_co
     assert "No patients shown" not in page
     # patients 0 and 2 have the true code x&y: shown first; patient 1 has none. Patient 2's id is empty: its index.
     assert re.findall(r"<h3>Patient (.*?)</h3>", page) == ["p&lt;0&gt;", "2", "p1"]
+    # one patient's figure, then straight on to the next patient
+    assert re.findall(r"src='data:image/png;base64,[^']*'>(<h3>Patient [^<]*</h3>)", page) == [
+        "<h3>Patient 2</h3>", "<h3>Patient p1</h3>"]
     sections = page.split("<h3>Patient ")[1:]
     assert re.match(r"p&lt;0&gt;</h3><p class='small'>true label <b>n/a</b>, predicted <b>[01]</b> \(\d\.\d\d\), "
                     r"explained class <b>[01]</b>; rule &lt;0&gt;</p><table class='codes'>", sections[0])
