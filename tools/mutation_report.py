@@ -279,6 +279,59 @@ def collect(part: Part) -> list[Mutant]:
     return mutants
 
 
+def from_report(part: Part) -> tuple[list[Mutant], dict]:
+    """The mutants of the part's last report and its run's figures, for notes written after the run's directory
+    (``mutants/<part>/``) is gone: the survivors with their status and diff as the report shows them, and one
+    placeholder per killed mutant (the report keeps only their number, per module).
+    """
+    if not part.report.exists():
+        raise SystemExit(f"neither a run of the part {part.name!r} in {part.mutants.relative_to(ROOT)} nor a report "
+                         f"{_rel(part.report)}: run `make mutation PART={part.name}` first")
+    text = part.report.read_text()
+    figures = report_summary(part.report) or {}
+    info: dict = {}
+    run = re.search(r"^- run: ([0-9.]+) min wall time, ([0-9]+) parallel workers? on ([0-9]+) cores$", text, re.M)
+    if run and figures.get("date"):
+        info = {"started": figures["date"], "seconds": float(run[1]) * 60, "jobs": int(run[2]), "cpus": int(run[3])}
+    note = re.search(r"^- note: (.*)$", text, re.M)
+    if note:
+        info["note"] = note[1]
+    header = re.search(r"^\| module \| mutants \| (.*) \| killed \|$", text, re.M)
+    if not header:
+        raise SystemExit(f"{_rel(part.report)} has no table of mutants per module")
+    statuses = header[1].split(" | ")
+    mutants: list[Mutant] = []
+    for path, cells in re.findall(r"^\| `([^`]+)` \| [0-9]+ \| (.*) \| [^|]* \|$", text, re.M):
+        module = path.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+        killed = int(dict(zip(statuses, cells.split(" | "), strict=True)).get("killed", 0))
+        mutants += [Mutant(f"{module}.x_killed_in_the_report__mutmut_{i}", "killed") for i in range(killed)]
+    for function, status, name, diff in re.findall(
+        r"^### `([^`]+)` \(([a-z ]+), `([^`]+)`\)\n.*?^```diff\n(.*?)\n```$", text, re.M | re.S
+    ):
+        mutants.append(Mutant(f"{_module_of(function)}.{name}", status, diff))
+    # the killed mutants a killed_by note names, as the report's last table shows them (in the notes' order)
+    killers = [n for n in load_notes(part) if n.killed_by]
+    table = text.split("## Mutants the suite once let survive", 1)[-1]
+    now = [row.rsplit(" | ", 1)[1].removesuffix(" |") for row in re.findall(r"^\| `.*\|$", table, re.M)]
+    for k, (note, statuses) in enumerate(zip(killers, now if len(now) == len(killers) else [], strict=False)):
+        if "killed" not in statuses.split(", "):
+            continue
+        module = _module_of(note.function)
+        qualname = note.function[len(module) + 1:].split(".")
+        mangled = "x" + CLASS_SEPARATOR + CLASS_SEPARATOR.join(qualname) if len(qualname) > 1 else "x_" + qualname[0]
+        placeholder = next(i for i, m in enumerate(mutants)
+                           if m.module == module and m.status == "killed" and not m.diff)
+        diff = "--- original\n+++ mutant\n" + "".join(f"-{line}\n" for line in note.before.splitlines()) + "".join(
+            f"+{line}\n" for line in note.after.splitlines())
+        mutants[placeholder] = Mutant(f"{module}.{mangled}__mutmut_killer{k}", "killed", diff.rstrip("\n"))
+    return mutants, info
+
+
+def _module_of(function: str) -> str:
+    """The module of a dotted function (``module.function`` or ``module.Class.method``)."""
+    return next(m for m in (function.rsplit(".", k)[0] for k in (1, 2)) if Path(ROOT, module_path(m)).exists())
+
+
 def load_diffs(part: Part, mutants: list[Mutant]) -> None:
     """Each mutant's diff against the original function, read from the generated files under the part's mutants/.
 
@@ -346,8 +399,9 @@ def _rel(path: Path) -> str:
     return path.relative_to(ROOT).as_posix()
 
 
-def write_report(part: Part, mutants: list[Mutant], notes: list[Note], min_score: float) -> tuple[float, list[Mutant]]:
-    info = run_info(part)
+def write_report(part: Part, mutants: list[Mutant], notes: list[Note], min_score: float,
+                 info: dict | None = None) -> tuple[float, list[Mutant]]:
+    info = run_info(part) if info is None else info
     by_module = {path: Counter() for path in part.module_files()}
     for m in mutants:
         by_module.setdefault(module_path(m.module), Counter())[m.status] += 1
@@ -637,19 +691,26 @@ def main(argv: list[str] | None = None) -> int:
         if args.estimate:
             estimate(part, args.jobs, args.estimate)
             return 0
+        info = None
         if not (args.report_only or args.template):
             run_mutmut(part, args.jobs)
         elif run_info(part).get("sample"):
-            raise SystemExit(f"the last run of {part.name!r} was a sample (--estimate): run the whole part first")
-        mutants = collect(part)
-        if not mutants:
-            raise SystemExit(f"no mutants found: run `make mutation PART={part.name}` first")
-        load_diffs(part, mutants)
+            raise SystemExit(f"the last run of {part.name!r} was a sample (--estimate or --killers' preparation): "
+                             "run the whole part first")
+        if not part.mutants.exists() and (args.report_only or args.template):
+            mutants, info = from_report(part)  # the run's directory is gone: its report still holds its results
+            print(f"no run of {part.name!r} in {_rel(part.mutants)}: notes merged into the results of "
+                  f"{_rel(part.report)}")
+        else:
+            mutants = collect(part)
+            if not mutants:
+                raise SystemExit(f"no mutants found: run `make mutation PART={part.name}` first")
+            load_diffs(part, mutants)
         notes = load_notes(part)
         if args.template:
             print(template(mutants, notes))
             return 0
-        score, unexplained = write_report(part, mutants, notes, args.min_score)
+        score, unexplained = write_report(part, mutants, notes, args.min_score, info)
         write_summary(parts, args.min_score)
         print(f"wrote {_rel(part.report)}: {100 * score:.1f}% of {len(mutants)} mutants killed, "
               f"{len(unexplained)} not killed without an explanation")

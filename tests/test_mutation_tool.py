@@ -1,0 +1,48 @@
+"""tools/mutation_report.py reads its own reports back, so notes written after a run's directory is gone still count."""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib.util
+import sys
+from collections import Counter
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+_spec = importlib.util.spec_from_file_location("mutation_report", ROOT / "tools" / "mutation_report.py")
+mutation_report = importlib.util.module_from_spec(_spec)
+sys.modules["mutation_report"] = mutation_report
+_spec.loader.exec_module(mutation_report)
+
+PARTS = {name: part for name, part in mutation_report.load_parts().items() if part.report.exists()}
+
+
+@pytest.mark.parametrize("name", sorted(PARTS))
+def test_a_report_read_back_has_the_counts_its_first_line_states(name):
+    part = PARTS[name]
+    mutants, info = mutation_report.from_report(part)
+    figures = mutation_report.report_summary(part.report)
+    counts = Counter(m.status for m in mutants)
+    assert len(mutants) == figures["mutants"]
+    assert counts["killed"] == figures["killed"]
+    survivors = [m for m in mutants if m.status != "killed"]
+    assert survivors and all(m.diff.startswith("--- original\n+++ mutant") for m in survivors)
+    assert all(m.change[0] != m.change[1] for m in survivors)
+    assert info["jobs"] == figures["jobs"] and info["seconds"] / 60 == pytest.approx(figures["minutes"], abs=0.05)
+
+
+@pytest.mark.parametrize("name", sorted(PARTS))
+def test_a_report_written_again_from_itself_is_the_same_report(name, tmp_path, monkeypatch):
+    part = PARTS[name]
+    mutants, info = mutation_report.from_report(part)
+    copy = dataclasses.replace(part, report=tmp_path / part.report.name)
+    versions = {"mutmut": "0", "torch": "0"}
+    monkeypatch.setattr(mutation_report.metadata, "version", versions.get)
+    mutation_report.write_report(copy, mutants, mutation_report.load_notes(part), 0.90, info)
+
+    def without_tool_line(text):
+        return [line for line in text.splitlines() if not line.startswith("- tool: ")]
+
+    assert without_tool_line(copy.report.read_text()) == without_tool_line(part.report.read_text())
