@@ -32,7 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 import torch
-from captum.attr import Attribution
+from captum.attr import Attribution, LayerIntegratedGradients
 from torch import nn
 from torch.utils.data import DataLoader
 
@@ -374,8 +374,10 @@ def test_run_manifest(toy_run):
 
 
 def test_run_model_check_and_its_warning(tmp_path):
-    with pytest.warns(ChanceLevelWarning) as caught:
-        run = run_toy(tmp_path / "run")
+    adapter = Toy()
+    with pytest.warns(ChanceLevelWarning) as caught:  # called here, not through run_toy: the warning names this line
+        run = attribute_dataset(adapter, SAMPLES, toy_methods(adapter), tmp_path / "run", chunk_size=2,
+                                collate_fn=collate, progress=False)
     expected = ModelCheck.from_counts(3, 5, {0: 2, 1: 3}, unit="samples")
     assert run.model_check == expected
     (warning,) = [w for w in caught if w.category is ChanceLevelWarning]
@@ -661,6 +663,46 @@ def test_batch_rows_of_a_single_logit_model():
     cohort._batch_rows(adapter, collate(SAMPLES[4:]), specs, 4, "predicted", "unk", seconds, columns)
     expected = toy_rows("A", 1.0, SAMPLES[1:3], 7) + toy_rows("A", 1.0, SAMPLES[4:], 4)
     assert as_rows(columns["A"]) == approx_rows(expected)
+
+
+def test_batch_rows_run_the_model_once_per_batch():
+    """The logits of the rows' probabilities also give the model check's predictions: one forward pass."""
+
+    class Counting(Toy):
+        calls = 0
+
+        def forward(self, *args):
+            Counting.calls += 1
+            return super().forward(*args)
+
+    adapter = Counting()
+    labels, predicted = cohort._batch_rows(adapter, collate(SAMPLES[:3]), [("A", Scores(adapter), {})], 0,
+                                           "predicted", "unk", {"A": 0.0}, empty_columns("A"))
+    assert Counting.calls == 1
+    assert labels.tolist() == [1, 0, 1] and predicted.tolist() == [0, 0, 1]  # logits -5, -8, 1
+
+
+class TokenScores(LayerIntegratedGradients):
+    """A method on code ids, as LayerIntegratedGradients is: each id's score is the sum of its embedding, id + 1."""
+
+    def __init__(self, adapter) -> None:
+        super().__init__(adapter, adapter.head)
+        self.inputs: list = []
+
+    def attribute(self, inputs, target=None, additional_forward_args=None, baselines=None):
+        self.inputs.append(inputs)
+        return tuple(embed(ids) for ids in inputs)
+
+
+def test_batch_rows_give_a_method_on_code_ids_the_ids():
+    adapter = Toy()
+    method = TokenScores(adapter)
+    batch = collate(SAMPLES[:2])
+    columns = empty_columns("T")
+    cohort._batch_rows(adapter, batch, [("T", method, {})], 0, "predicted", "unk", {"T": 0.0}, columns)
+    ((dx, px),) = method.inputs
+    assert dx.tolist() == batch["dx"].tolist() and px.tolist() == batch["px"].tolist()
+    assert as_rows(columns["T"]) == approx_rows(toy_rows("T", 1.0, SAMPLES[:2]))
 
 
 def test_batch_rows_name_patients_by_sample_index_without_ids():
