@@ -46,3 +46,23 @@ def test_a_report_written_again_from_itself_is_the_same_report(name, tmp_path, m
         return [line for line in text.splitlines() if not line.startswith("- tool: ")]
 
     assert without_tool_line(copy.report.read_text()) == without_tool_line(part.report.read_text())
+
+
+def test_a_note_follows_its_function_to_another_module_only_where_the_move_is_unambiguous():
+    Mutant, Note = mutation_report.Mutant, mutation_report.Note
+    diff = "--- original\n+++ mutant\n-    return a + b\n+    return a - b"
+    moved = Mutant("captum_chefer.report.html.x__cell__mutmut_3", "survived", diff)
+    method = Mutant("captum_chefer.store.xǁStoreǁrows__mutmut_1", "survived", diff)
+    notes = [
+        Note("captum_chefer.report._cell", "return a + b", "return a - b", equivalent="..."),  # cell moved
+        Note("captum_chefer.cohort.Store.rows", "return a + b", "return a - b", equivalent="..."),  # class moved
+        Note("captum_chefer.report._other", "return a + b", "return a - b", equivalent="..."),  # no such function
+        Note("captum_chefer.report._cell", "return a + b", "return a * b", equivalent="..."),  # another change
+    ]
+    moves = mutation_report.follow_moves(notes, [moved, method])
+    assert moves == [
+        ("captum_chefer.report._cell", "captum_chefer.report.html._cell"),
+        ("captum_chefer.cohort.Store.rows", "captum_chefer.store.Store.rows"),
+    ]
+    assert notes[0].match(moved) and notes[1].match(method)
+    assert not notes[2].match(moved) and not notes[3].match(moved)

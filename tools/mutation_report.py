@@ -203,6 +203,27 @@ class Note:
         return (mutant.function, *mutant.change) == (self.function, self.before.strip(), self.after.strip())
 
 
+def follow_moves(notes: list[Note], mutants: list[Mutant]) -> list[tuple[str, str]]:
+    """Notes whose function moved to another module (a refactoring) follow it, where the move is unambiguous.
+
+    A note that matches no mutant of its own function but the same change in one function of the same
+    qualified name (``Class.method`` or ``function``) in another module takes that function. Returns the moves
+    (old, new), for the notes file to be updated.
+    """
+    moves = []
+    for note in notes:
+        if any(note.match(m) for m in mutants):
+            continue
+        change = (note.before.strip(), note.after.strip())
+        found = {m.function for m in mutants if m.change == change
+                 and note.function.endswith("." + m.function[len(m.module) + 1:])}
+        if len(found) == 1:
+            new = found.pop()
+            moves.append((note.function, new))
+            note.function = new
+    return moves
+
+
 # ---------------------------------------------------------------------------------------------- running mutmut
 
 
@@ -707,6 +728,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise SystemExit(f"no mutants found: run `make mutation PART={part.name}` first")
             load_diffs(part, mutants)
         notes = load_notes(part)
+        for old, new in follow_moves(notes, mutants):
+            print(f"  MOVED NOTE {old} -> {new}: write the new function into {_rel(part.notes)}")
         if args.template:
             print(template(mutants, notes))
             return 0
