@@ -28,6 +28,8 @@ Usage (from the repository root, with the project's Python)::
     python tools/mutation_report.py                       # the same for the default part, math
     python tools/mutation_report.py --part all            # every part in turn (hours)
     python tools/mutation_report.py --part metrics --report-only  # the report of the last run (after editing notes)
+    python tools/mutation_report.py --part metrics --rerun-survivors  # only the last report's survivors, after
+                                                                      # tests were added (the code unchanged)
     python tools/mutation_report.py --part metrics --killers NAME [NAME ...]  # first failing test per mutant
         [--with-tests tests/test_x.py::test_y]                    # (of these tests, e.g. ones added after the run)
     python tools/mutation_report.py --part metrics --template     # note stubs for the survivors without one
@@ -581,6 +583,9 @@ def find_killers(part: Part, names: list[str], with_tests: list[str] | None = No
         function = name.rsplit("__mutmut_", 1)[0]
         if function not in tests_by_function:  # a name as a report heading writes it, without its module
             full = [f for f in tests_by_function if f.endswith("." + function)]
+            if len(full) > 1:  # e.g. _fmt in two modules: the short name does not say which
+                print(f"{name}\tAMBIGUOUS: give the module too ({', '.join(sorted(full))})", flush=True)
+                continue
             if len(full) == 1:
                 name = full[0] + name[len(function):]
         tests = with_tests or sorted(tests_by_function.get(name.rsplit("__mutmut_", 1)[0], ()),
@@ -671,12 +676,48 @@ def estimate(part: Part, jobs: int, number: str) -> None:
     print(f"sampled score {100 * counts['killed'] / len(sampled):.0f}%")
 
 
+def rerun_survivors(part: Part, jobs: int) -> tuple[list[Mutant], dict]:
+    """Run again only the mutants the part's last report shows not killed; the others keep their ``killed``.
+
+    For tests added since that run: a test added cannot revive a killed mutant, so this gives what a whole run
+    would, in the time of the survivors alone. Refused where the mutated code changed since (another number
+    of mutants, or a survivor whose change differs from the report's): then run the whole part.
+    """
+    reported, old = from_report(part)
+    survivors = {m.name: m for m in reported if m.status != "killed"}
+    seconds = run_mutmut(part, jobs, sorted(survivors))
+    mutants = collect(part)
+    load_diffs(part, mutants)
+    changed = [m.name for m in mutants if m.name in survivors and m.change != survivors[m.name].change]
+    missing = survivors.keys() - {m.name for m in mutants}
+    if len(mutants) != len(reported) or missing or changed:
+        example = f", e.g. {(changed or sorted(missing))[0]}" if changed or missing else ""
+        raise SystemExit(f"the mutated code of {part.name!r} changed since {_rel(part.report)} was written "
+                         f"({len(mutants)} mutants now, {len(reported)} then{example}): "
+                         f"run the whole part (`make mutation PART={part.name}`)")
+    for m in mutants:
+        if m.name not in survivors:
+            m.status = "killed"
+    info = {**run_info(part), "started": old.get("started", ""), "seconds": old.get("seconds", 0.0) + seconds,
+            "jobs": old.get("jobs", jobs), "cpus": old.get("cpus", os.cpu_count())}
+    info.pop("sample", None)
+    today = dt.datetime.now(dt.UTC).date()
+    info["note"] = (f"the {len(survivors)} mutants the run of {old.get('started', 'unknown')[:10]} did not kill were "
+                    f"run again on {today} with the tests added since ({seconds / 60:.1f} min, "
+                    f"{jobs} worker{'s' if jobs != 1 else ''}; the wall time above is both runs together); the others "
+                    "were killed in that run")
+    part.run_info.write_text(json.dumps(info))
+    return mutants, info
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument(
         "--part", default=DEFAULT_PART, help=f"the part to run or report, or 'all' (default {DEFAULT_PART})"
     )
     parser.add_argument("--report-only", action="store_true", help="no new run: report the last one")
+    parser.add_argument("--rerun-survivors", action="store_true",
+                        help="run again only the mutants the last report did not see killed (after tests were added)")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel mutmut workers")
     parser.add_argument("--min-score", type=float, default=0.90, help="the share of mutants that must be killed")
     parser.add_argument("--killers", nargs="+", metavar="NAME", help="print the first failing test for each mutant")
@@ -713,12 +754,16 @@ def main(argv: list[str] | None = None) -> int:
             estimate(part, args.jobs, args.estimate)
             return 0
         info = None
-        if not (args.report_only or args.template):
+        if args.rerun_survivors:
+            mutants, info = rerun_survivors(part, args.jobs)
+        elif not (args.report_only or args.template):
             run_mutmut(part, args.jobs)
         elif run_info(part).get("sample"):
             raise SystemExit(f"the last run of {part.name!r} was a sample (--estimate or --killers' preparation): "
                              "run the whole part first")
-        if not part.mutants.exists() and (args.report_only or args.template):
+        if args.rerun_survivors:
+            pass
+        elif not part.mutants.exists() and (args.report_only or args.template):
             mutants, info = from_report(part)  # the run's directory is gone: its report still holds its results
             print(f"no run of {part.name!r} in {_rel(part.mutants)}: notes merged into the results of "
                   f"{_rel(part.report)}")
