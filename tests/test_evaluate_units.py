@@ -180,8 +180,7 @@ def test_leader_clear_on_a_single_shared_patient():
 
 
 def test_leader_passes_level_resamples_and_seed():
-    per = {"a": {"m": _t(3.0, 1.0, 4.0, 1.0, 5.0, 9.0)}, "b": {"m": _t(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)}}
-    per = {k: {"auroc": v["m"]} for k, v in per.items()}
+    per = {"a": {"auroc": _t(3.0, 1.0, 4.0, 1.0, 5.0, 9.0)}, "b": {"auroc": _t(0.0, 0.0, 0.0, 0.0, 0.0, 0.0)}}
     assert Evaluation(per, {}, (), (), level=0.5).leader("auroc").difference.level == 0.5
     one = Evaluation(per, {}, (), (), n_resamples=1).leader("auroc").difference
     assert one.low == one.high  # one resample: a point
