@@ -8,6 +8,7 @@ The fakes make each test take milliseconds: no PyHealth model is built here.
 
 from __future__ import annotations
 
+import csv
 import itertools
 import json
 import locale
@@ -193,6 +194,19 @@ def test_read_rows_errors_name_the_file(tmp_path):
         message = rf"^'.*bad{i}\.json' is not a table written by captum_chefer \(no 'columns' and 'rows'\)$"
         with pytest.raises(ValueError, match=message):
             read_rows(path)
+
+
+def test_csv_cells_come_back_as_numbers_only_where_written_as_numbers(tmp_path):
+    # strings that merely look like numbers (a patient id "007", an ICD-9 code "0389", "1.50") stay strings
+    rows = [{"id": "007", "code": "0389", "text": "1.50", "exp": "1e5", "plus": "+3", "n": 12, "neg": -3, "x": 0.1,
+             "tiny": 1e-05, "big": 1e300, "nan": "not a number"}]
+    path = write_rows(rows, tmp_path / "rows.csv")
+    with path.open(newline="", encoding="utf-8") as f:
+        assert list(csv.reader(f))[1] == ["007", "0389", "1.50", "1e5", "+3", "12", "-3", "0.1", "1e-05", "1e+300",
+                                          "not a number"]
+    back = read_rows(path)
+    assert back == rows
+    assert [type(v) for v in back[0].values()] == [str, str, str, str, str, int, int, float, float, float, str]
 
 
 def test_an_empty_csv_file_holds_no_rows(tmp_path):

@@ -244,7 +244,9 @@ def _curved() -> Evaluation:
 def test_to_dict_by_hand():
     data = _curved().to_dict()
     assert list(data) == ["summary", "statistics", "fractions", "percentages", "mean_curves", "patient_ids",
-                          "per_sample", "curves", "seconds_per_sample", "higher_is_better"]
+                          "per_sample", "curves", "seconds_per_sample", "higher_is_better", "level", "n_resamples",
+                          "seed"]
+    assert (data["level"], data["n_resamples"], data["seed"]) == (0.95, 2000, 0)  # the defaults
     (row,) = data["summary"]
     assert list(row) == ["method", "auroc", "auroc_low", "auroc_high", "auroc_n", "seconds_per_sample"]
     assert row["auroc"] == 0.5 and row["auroc_n"] == 2
@@ -292,6 +294,38 @@ def test_rows_without_curves_patients_or_time():
         {"method": "b", "sample": 0, "patient_id": "p0", "auroc": 1.0, "seconds_per_sample": nan},
         {"method": "b", "sample": 1, "patient_id": None, "auroc": 0.0, "seconds_per_sample": nan},
     ]
+
+
+def test_save_and_load_keep_the_bootstrap_settings(tmp_path):
+    evaluation = _two(level=0.8, n_resamples=37, seed=5)
+    again = Evaluation.load(evaluation.save(tmp_path / "e.json"))
+    assert (again.level, again.n_resamples, again.seed) == (0.8, 37, 5)
+    assert Evaluation.load(tmp_path / "e.json", seed=9).seed == 9  # an argument replaces the file's value
+    csv_path = evaluation.save(tmp_path / "e.csv")  # rows hold no settings: the defaults, or the arguments
+    loaded = Evaluation.load(csv_path)
+    assert (loaded.level, loaded.n_resamples, loaded.seed) == (0.95, 2000, 0)
+    given = Evaluation.load(csv_path, level=0.8, n_resamples=37, seed=5)
+    assert (given.level, given.n_resamples, given.seed) == (0.8, 37, 5)
+    assert given.interval("a", "auroc") == evaluation.interval("a", "auroc")
+
+
+def test_empty_curves_survive_json_and_csv(tmp_path):
+    # a method evaluated without curves holds empty ones; they come back empty, not as NaN rows
+    per = {"a": {"auroc": _t(0.5, 0.25)}, "b": {"auroc": _t(1.0, 0.0)}}
+    curves = {"a": {"deletion": torch.tensor([[1.0, 0.5], [0.5, 0.0]])}, "b": {"deletion": torch.empty(0)}}
+    evaluation = Evaluation(per, curves, (0.0, 1.0), (), {"a": 0.5, "b": 0.25})
+    data = evaluation.to_dict()
+    assert data["curves"]["b"] == {"deletion": []} and data["mean_curves"]["b"] == {"deletion": []}
+    for suffix in (".json", ".csv"):
+        again = Evaluation.load(evaluation.save(tmp_path / f"e{suffix}"))
+        assert again.curves["b"]["deletion"].numel() == 0, suffix
+        assert again.curves["a"]["deletion"].tolist() == [[1.0, 0.5], [0.5, 0.0]], suffix
+        assert again.rows() == evaluation.rows(), suffix
+
+
+def test_csv_keeps_patient_ids_that_look_like_numbers(tmp_path):
+    evaluation = Evaluation({"a": {"auroc": _t(0.5, 0.25, 1.0)}}, {}, (), (), {}, ["007", "0389", "12"])
+    assert Evaluation.load(evaluation.save(tmp_path / "e.csv")).patient_ids == ["007", "0389", "12"]
 
 
 def test_load_a_minimal_json(tmp_path):
@@ -382,9 +416,18 @@ def test_ground_truth_shape_and_values():
         check_ground_truth({"conditions": REAL["conditions"], "procedures": torch.tensor([[0.5, 1.0]])}, REAL)
 
 
+def test_ground_truth_refuses_integers_other_than_0_and_1():
+    # code ids returned instead of a mask would otherwise all count as relevant
+    message = "ground_truth's mask for 'procedures' holds values other than 0 and 1"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        check_ground_truth({"conditions": REAL["conditions"], "procedures": torch.tensor([[2, 0]])}, REAL)
+    with pytest.raises(ValueError, match="'conditions' holds values other than 0 and 1"):
+        check_ground_truth({"conditions": torch.tensor([[-1, 0]]), "procedures": REAL["procedures"]}, REAL)
+
+
 def test_ground_truth_accepts_float_and_int_masks_in_the_order_of_real():
-    # 0.0 / 1.0 floats and any ints are masks (ints are not checked for 0 / 1: 2 is True)
-    out = check_ground_truth({"procedures": torch.tensor([[2, 0]]), "conditions": torch.tensor([[1.0, 0.0]])}, REAL)
+    # 0.0 / 1.0 floats and 0 / 1 ints are masks
+    out = check_ground_truth({"procedures": torch.tensor([[1, 0]]), "conditions": torch.tensor([[1.0, 0.0]])}, REAL)
     assert list(out) == ["conditions", "procedures"]
     assert out["conditions"].dtype == torch.bool and out["conditions"].tolist() == [[True, False]]
     assert out["procedures"].tolist() == [[True, False]]

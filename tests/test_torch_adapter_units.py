@@ -175,10 +175,14 @@ def test_logits_pass_the_model_arguments_at_both_levels():
         torch.testing.assert_close(adapter(*embedded, *args), expected)
 
 
-@pytest.mark.parametrize("args", [(), (torch.ones(2, 3, 4),)])
-def test_logits_need_the_token_ids_last(args):
+@pytest.mark.parametrize(
+    "args, got",
+    [((), "nothing"), ((torch.ones(2, 3, 4),), "a float tensor"), (([[1, 2, 3]],), "list"), ((None,), "NoneType")],
+)
+def test_logits_need_the_token_ids_last(args, got):
     model = net()
-    message = "the last additional forward arg must be the token ids; make the args with adapter.captum_inputs(batch)"
+    message = (f"the last additional forward arg must be the token ids (an integer tensor), got {got}; make the args "
+               "with adapter.captum_inputs(batch)")
     with pytest.raises(ValueError, match=exact(message)):
         TransformerAdapter(model, embedding=model.embed)(embeddings(), *args)
 
@@ -351,7 +355,14 @@ def test_token_masks_of_rectangular_images():
     assert mask.dtype == torch.bool and mask.shape == (1, 8) and bool(mask.all())
 
 
-@pytest.mark.parametrize("mask_arg, args", [(1, (MASK,)), (0, ("mask",)), (0, ())])
+def test_token_masks_name_a_mask_argument_that_is_not_a_tensor():
+    message = ("mask_arg=0 names additional forward arg 0, which is a str, not the attention mask tensor; pass the "
+               "index of the mask")
+    with pytest.raises(ValueError, match=exact(message)):
+        TransformerAdapter(net(), mask_arg=0).token_masks(("mask", MASK), (IDS,))
+
+
+@pytest.mark.parametrize("mask_arg, args", [(1, (MASK,)), (2, (MASK, MASK)), (0, ())])
 def test_token_masks_refuse_a_mask_argument_that_is_not_there(mask_arg, args):
     message = f"mask_arg={mask_arg}, but the additional forward args hold {len(args)} items"
     with pytest.raises(ValueError, match=exact(message)):
@@ -970,7 +981,8 @@ def test_logits_of_each_output_form():
     "output, name", [((), "tuple"), ({"y": torch.ones(2, 3)}, "dict"), ("logits", "str"), ((1, 2), "tuple")]
 )
 def test_logits_of_refuses_outputs_without_logits(output, name):
-    message = f"the model must return logits [B, C] (a tensor, .logits, or a tuple starting with them); got {name}"
+    message = ("the model must return logits [B, C] (a tensor, .logits, a tuple starting with them, or a dict with a "
+               f"'logit' tensor); got {name}")
     with pytest.raises(TypeError, match=exact(message)):
         logits_of(output)
 

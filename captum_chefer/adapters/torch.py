@@ -379,8 +379,13 @@ class TransformerAdapter(Adapter):
         """The model's logits for one input (ids, embeddings or images) and its arguments."""
         if self.embedding is None:
             return logits_of(self.model(x, *args))
-        if not args or args[-1].is_floating_point():
-            raise ValueError("the last additional forward arg must be the token ids; make the args with adapter.captum_inputs(batch)")
+        if not args or not isinstance(args[-1], Tensor) or args[-1].is_floating_point():
+            last = args[-1] if args else None
+            got = "nothing" if not args else "a float tensor" if isinstance(last, Tensor) else type(last).__name__
+            raise ValueError(
+                f"the last additional forward arg must be the token ids (an integer tensor), got {got}; make the args "
+                "with adapter.captum_inputs(batch)"
+            )
         model_args, ids = args[:-1], args[-1]
         if not x.is_floating_point():
             return logits_of(self.model(x, *model_args))
@@ -636,8 +641,13 @@ class TransformerAdapter(Adapter):
         if x is not None and self._kind(x) == "images":
             return torch.ones(x.shape[0], self._token_count(x), dtype=torch.bool, device=x.device)
         if self.mask_arg is not None:
-            if self.mask_arg >= len(args) or not isinstance(args[self.mask_arg], Tensor):
+            if self.mask_arg >= len(args):
                 raise ValueError(f"mask_arg={self.mask_arg}, but the additional forward args hold {len(args)} items")
+            if not isinstance(args[self.mask_arg], Tensor):
+                raise ValueError(
+                    f"mask_arg={self.mask_arg} names additional forward arg {self.mask_arg}, which is a "
+                    f"{type(args[self.mask_arg]).__name__}, not the attention mask tensor; pass the index of the mask"
+                )
             return args[self.mask_arg] != 0
         ids = None
         if x is not None and not x.is_floating_point():
@@ -693,7 +703,10 @@ def logits_of(output: Any) -> Tensor:
     elif isinstance(output, Mapping) and isinstance(output.get("logit"), Tensor):
         logits = output["logit"]
     else:
-        raise TypeError(f"the model must return logits [B, C] (a tensor, .logits, or a tuple starting with them); got {type(output).__name__}")
+        raise TypeError(
+            "the model must return logits [B, C] (a tensor, .logits, a tuple starting with them, or a dict with a "
+            f"'logit' tensor); got {type(output).__name__}"
+        )
     if logits.dim() != 2:
         raise ValueError(f"the model must return logits [B, C]; got shape {tuple(logits.shape)}")
     return logits

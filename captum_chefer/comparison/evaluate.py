@@ -239,8 +239,10 @@ class Evaluation:
             "fractions": list(self.fractions),
             "percentages": list(self.percentages),
             "mean_curves": {
-                name: {kind: [_json_number(float(v)) for v in c.nanmean(0)] for kind, c in curves.items()}
-                for name, curves in self.curves.items()
+                name: {
+                    kind: [_json_number(float(v)) for v in c.nanmean(0)] if c.numel() else [] for kind, c in per.items()
+                }
+                for name, per in self.curves.items()
             },
             "patient_ids": list(self.patient_ids),
             "per_sample": {
@@ -248,11 +250,14 @@ class Evaluation:
                 for name, metrics in self.per_sample.items()
             },
             "curves": {
-                name: {kind: [[_json_number(float(v)) for v in row] for row in c] for kind, c in curves.items()}
-                for name, curves in self.curves.items()
+                name: {kind: [[_json_number(float(v)) for v in row] for row in c] for kind, c in per.items()}
+                for name, per in self.curves.items()
             },
             "seconds_per_sample": {k: _json_number(v) for k, v in self.seconds_per_sample.items()},
             "higher_is_better": self.HIGHER_IS_BETTER,
+            "level": self.level,
+            "n_resamples": self.n_resamples,
+            "seed": self.seed,
         }
 
     def to_json(self, path: str | Path) -> Path:
@@ -302,15 +307,26 @@ class Evaluation:
         return write_rows(self.rows(), path)
 
     @classmethod
-    def load(cls, path: str | Path) -> "Evaluation":
-        """An evaluation saved by :meth:`save` (CSV, JSON or Parquet) or a report's ``results.json``."""
+    def load(
+        cls, path: str | Path, *, level: float | None = None, n_resamples: int | None = None, seed: int | None = None
+    ) -> "Evaluation":
+        """An evaluation saved by :meth:`save` (CSV, JSON or Parquet) or a report's ``results.json``.
+
+        ``level``, ``n_resamples`` and ``seed`` set the bootstrap of the loaded evaluation. A JSON file keeps the
+        ones it was saved with, and these arguments replace them; CSV and Parquet rows hold none, so there the
+        defaults apply unless these arguments are given.
+        """
         if table_format(path) == ".json":
             data = json.loads(Path(path).read_text())
             if not isinstance(data, dict) or "per_sample" not in data:
                 raise ValueError(f"{str(path)!r} holds no per-patient values; write it with Evaluation.save")
             number = lambda v: math.nan if v is None else float(v)  # noqa: E731
             curves = {
-                name: {kind: torch.tensor([[number(v) for v in row] for row in c]).reshape(len(c), -1) for kind, c in per.items()}
+                name: {
+                    kind: torch.tensor([[number(v) for v in row] for row in c]).reshape(len(c), -1)
+                    if c else torch.empty(0)
+                    for kind, c in per.items()
+                }
                 for name, per in data.get("curves", {}).items()
             }
             return cls(
@@ -323,6 +339,9 @@ class Evaluation:
                 percentages=tuple(float(p) for p in data.get("percentages", ())),
                 seconds_per_sample={k: number(v) for k, v in data.get("seconds_per_sample", {}).items()},
                 patient_ids=list(data.get("patient_ids", [])),
+                level=float(data.get("level", DEFAULT_LEVEL)) if level is None else level,
+                n_resamples=int(data.get("n_resamples", DEFAULT_RESAMPLES)) if n_resamples is None else n_resamples,
+                seed=int(data.get("seed", 0)) if seed is None else seed,
             )
         rows = read_rows(path)
         if not rows or "method" not in rows[0] or "sample" not in rows[0]:
@@ -344,8 +363,10 @@ class Evaluation:
         for name, mine in by_method.items():
             mine = sorted(mine, key=lambda r: int(r["sample"]))
             per_sample[name] = {m: torch.tensor([number(r.get(m)) for r in mine]) for m in metrics}
+            # a method saved without curves has empty curve cells: it gets empty curves back, not NaN ones
             curves[name] = {
                 kind: torch.tensor([[number(r[c]) for c in cols] for r in mine]).reshape(len(mine), len(cols))
+                if any(r.get(c) is not None for r in mine for c in cols) else torch.empty(0)
                 for kind, cols in curve_columns.items()
             }
             seconds[name] = number(mine[0].get("seconds_per_sample"))
@@ -359,6 +380,9 @@ class Evaluation:
             percentages=percentages,
             seconds_per_sample=seconds,
             patient_ids=patient_ids if any(p is not None for p in patient_ids) else [],
+            level=DEFAULT_LEVEL if level is None else level,
+            n_resamples=DEFAULT_RESAMPLES if n_resamples is None else n_resamples,
+            seed=0 if seed is None else seed,
         )
 
 
@@ -543,7 +567,7 @@ def check_ground_truth(truth: Any, real: Mapping[str, Tensor]) -> dict[str, Tens
                 f"ground_truth's mask for {key!r} has shape {tuple(mask.shape)}, but the batch's codes of {key!r} are "
                 f"{tuple(real[key].shape)}; return masks shaped like the batch's code ids"
             )
-        if mask.is_floating_point() and bool(((mask != 0) & (mask != 1)).any()):
+        if mask.dtype != torch.bool and bool(((mask != 0) & (mask != 1)).any()):
             raise ValueError(
                 f"ground_truth's mask for {key!r} holds values other than 0 and 1; return a bool mask (True on the "
                 "codes that truly matter), not scores"

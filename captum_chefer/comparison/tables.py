@@ -98,13 +98,17 @@ def _csv_cell(value: Any) -> Any:
 
 
 def _parse_cell(text: str) -> Any:
+    """A CSV cell back as the value :func:`_csv_cell` wrote: a number only where the text is exactly how that
+    number is written, so that strings such as a patient id ``"007"`` or an ICD code ``"0389"`` stay strings."""
     if text == "":
         return None
     for kind in (int, float):
         try:
-            return kind(text)
+            value = kind(text)
         except ValueError:
-            pass
+            continue
+        if repr(value) == text:
+            return value
     return text
 
 
