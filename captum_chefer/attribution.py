@@ -1,28 +1,35 @@
 """``CheferAttribution``: Chefer et al.'s relevance as a Captum attribution method.
 
-The algorithm depends on a narrow interface, :class:`AttentionModel`, that a forward function
-implements to expose its attention; the adapters in :mod:`captum_chefer.adapters` implement it (this
-module imports none of them).
+The algorithm depends on a narrow interface, :class:`~captum_chefer.protocol.AttentionModel` (in
+:mod:`captum_chefer.protocol`), that a forward function implements to expose its attention; the adapters in
+:mod:`captum_chefer.adapters` implement it (this module imports none of them, and they do not import it).
+The interface's names are imported here too, where earlier versions defined them.
 """
 
 from __future__ import annotations
 
-import inspect
 from contextlib import nullcontext
-from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Mapping, Optional, Protocol, Sequence, runtime_checkable
+from typing import Any, Callable, Literal, Mapping, Optional, Sequence
 
 import torch
 from captum.attr import GradientAttribution
 from captum.log import log_usage
 from torch import Tensor
-from torch.overrides import TorchFunctionMode
 
+from .layernorm import FixedScaleLayerNorm
+from .protocol import (
+    AttentionForward,
+    AttentionModel,
+    Capabilities,
+    DeferredAttention,
+    LayerNormMode,
+    TargetType,
+    check_target_range,
+)
 from .relevance import (
     HeadReduction,
     dense_increment,
     full_precision,
-    layer_norm_fixed_scale,
     pooling_rows,
     propagate_row_increment,
     propagate_weighted_increment,
@@ -37,10 +44,8 @@ __all__ = [
     "TargetType",
 ]
 
-TargetType = Optional[int | Sequence[int] | Tensor]
 Propagation = Literal["row", "dense"]
 CodeSplit = Literal["uniform", "gradient"]
-LayerNormMode = Literal["exact", "detach"]
 Score = Literal["logit", "log_odds"]
 Preset = Literal["pyhealth", "recommended"]
 
@@ -49,89 +54,6 @@ PRESETS: dict[str, dict[str, Any]] = {
     "pyhealth": {"exclude_self": False, "code_split": "uniform", "layernorm": "exact", "score": "logit"},
     "recommended": {"exclude_self": True, "code_split": "gradient", "layernorm": "detach", "score": "log_odds"},
 }
-
-
-@dataclass
-class AttentionForward:
-    """What one forward pass with attention capture returns.
-
-    Attributes:
-        logits: ``[B, C]`` model outputs, in the autograd graph.
-        attention: per attention stream (a feature key), the attention probabilities of each layer,
-            first (closest to the input) to last, each ``[B, H, L, L]`` and in the autograd graph, or a
-            :class:`DeferredAttention` that forms them when the backward pass reaches its layer. When
-            ``attention_forward`` was called with ``pooled_row_only=True``, the last layer's may be
-            ``[B, H, 1, L]``: each sample's row of its pooling position alone.
-        pool_index: per stream, ``[B]`` the position whose output the model pools.
-        stacked: each layer's attention is computed from the output of the layer below (a transformer
-            stack), so the backward pass delivers the gradients from the last layer down and the row can
-            be updated as they arrive. ``False`` collects all gradients first.
-        embeddings: per stream, the embedded input as the model received it (``[B, L, D]``, or
-            ``[B, V, C, D]`` for nested visits), in the graph below the first attention layer; optional
-            (gradient-based splits of a position's relevance over its parts read it).
-        code_masks: per stream of nested visits, ``[B, V, C]``, ``True`` on real codes. With
-            ``embeddings`` it lets ``code_split="gradient"`` split each visit's relevance over its codes.
-        state_values: per stream whose attended positions are recurrent states that each carry every
-            visit up to theirs (``StageAttentionNet``'s LSTM states), the first attention layer's value
-            projection ``[B, L, D_v]`` in the graph. ``code_split="gradient"`` then splits the stream's
-            relevance over the codes of all visits by their contribution through that value path.
-    """
-
-    logits: Tensor
-    attention: dict[str, list[Any]]
-    pool_index: dict[str, Tensor]
-    stacked: bool = True
-    embeddings: dict[str, Tensor] = field(default_factory=dict)
-    code_masks: dict[str, Tensor] = field(default_factory=dict)
-    state_values: dict[str, Tensor] = field(default_factory=dict)
-
-
-@runtime_checkable
-class DeferredAttention(Protocol):
-    """A layer's attention kept out of the autograd graph until its gradient is needed.
-
-    A model that computes attention without materialising the probabilities (SDPA, flash attention) keeps
-    each layer's ``[B, H, L, L]`` map out of memory; the relevance needs the map and its gradient for one
-    layer at a time, as the backward pass reaches it. ``graph_tensor`` is a tensor of the layer in the
-    graph (its output ``A V``); ``gradient`` maps the gradient of ``graph_tensor`` to the gradient of the
-    probabilities; ``probabilities`` forms them. Both take a slice of ``heads`` and, optionally, one query
-    row per sample (``rows``, ``[B]``; the result is then ``[B, H, 1, K]``), so that the relevance forms
-    them a few heads at a time and, for the last layer, the pooled row alone. ``shape`` and ``dtype`` are
-    the probabilities'.
-    """
-
-    shape: torch.Size
-    dtype: torch.dtype
-    graph_tensor: Tensor
-
-    def probabilities(self, heads: Optional[slice] = None, rows: Optional[Tensor] = None) -> Tensor: ...
-
-    def gradient(self, output_gradient: Tensor, heads: Optional[slice] = None, rows: Optional[Tensor] = None) -> Tensor: ...
-
-
-@runtime_checkable
-class AttentionModel(Protocol):  # pragma: no mutate block (an interface: no code to mutate)
-    """What ``CheferAttribution`` needs from its forward function, besides being callable.
-
-    ``attention_forward`` runs the model in evaluation mode with attention capture and leaves the
-    model exactly as it found it when it returns or raises. With ``pooled_row_only=True`` only the
-    pooling position's output of the last attention layer is needed (the row recursion reads nothing
-    else of that layer), so a model may compute that layer for the pooling position alone and return its
-    attention as ``[B, H, 1, L]``; returning the full map is always correct, and an
-    ``attention_forward`` without that keyword is called without it. ``relevance_to_inputs``
-    maps each stream's token relevance ``[B, L]`` back to tensors shaped like ``inputs``; for a stream
-    of nested visits it may be given ``[B, V, C]`` instead, each code's relevance (``code_split``).
-    """
-
-    def __call__(self, *args: Any) -> Tensor: ...
-
-    def attention_forward(
-        self, inputs: tuple[Tensor, ...], additional_forward_args: tuple, *, pooled_row_only: bool = False
-    ) -> AttentionForward: ...
-
-    def relevance_to_inputs(
-        self, relevance: Mapping[str, Tensor], inputs: tuple[Tensor, ...], additional_forward_args: tuple
-    ) -> tuple[Tensor, ...]: ...
 
 
 class CheferAttribution(GradientAttribution):
@@ -196,15 +118,11 @@ class CheferAttribution(GradientAttribution):
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {', '.join(map(repr, PRESETS))}, got {preset!r}")
         self.preset: Preset = preset
-        require_attention = getattr(forward_func, "require_attention", None)
-        if require_attention is not None:
-            require_attention()  # fail at construction, not at the first call
+        self._capabilities = Capabilities.of(forward_func)
+        if self._capabilities.require_attention is not None:
+            self._capabilities.require_attention()  # fail at construction, not at the first call
         super().__init__(forward_func)
         self.model: AttentionModel = forward_func
-        # An AttentionModel written before pooled_row_only existed is called without it (full maps).
-        self._asks_pooled_row = _accepts_keyword(forward_func.attention_forward, "pooled_row_only")
-        # An AttentionModel whose attention_forward takes layernorm holds its own layer norms' scale (cheaper).
-        self._asks_layernorm = _names_keyword(forward_func.attention_forward, "layernorm")
 
     @classmethod
     def get_name(cls) -> str:
@@ -300,16 +218,17 @@ class CheferAttribution(GradientAttribution):
 
         # Captum's NoiseTunnel and metrics call attribute() under torch.no_grad().
         with torch.enable_grad():
-            pooled = propagation == "row" and self._asks_pooled_row
+            pooled = propagation == "row" and self._capabilities.pooled_row_only
             options: dict[str, Any] = {"pooled_row_only": True} if pooled else {}
             fixed_scale = chosen["layernorm"] == "detach"
-            if fixed_scale and self._asks_layernorm:
+            if fixed_scale and self._capabilities.layernorm:
                 options["layernorm"] = "detach"
-            with FixedScaleLayerNorm() if fixed_scale and not self._asks_layernorm else nullcontext():
+            with FixedScaleLayerNorm() if fixed_scale and not self._capabilities.layernorm else nullcontext():
                 captured = self.model.attention_forward(inputs_tuple, args, **options)
             logits = captured.logits
             if chosen["score"] == "log_odds":
-                explained = _select_target(logits, target, log_odds=self._softmax_outputs(logits))
+                softmax = self._capabilities.activation(logits) == "softmax"
+                explained = _select_target(logits, target, log_odds=softmax)
             else:
                 explained = _select_target(logits, target)
             _check_depth(captured.attention, layers)
@@ -331,16 +250,6 @@ class CheferAttribution(GradientAttribution):
             relevance = split.codes(rows, extra)
         out = self.model.relevance_to_inputs(relevance, inputs_tuple, args)
         return out if is_tuple else out[0]
-
-    def _softmax_outputs(self, logits: Tensor) -> bool:
-        """Whether the model's probabilities are a softmax of its logits (else a sigmoid of each)."""
-        if logits.shape[1] == 1:
-            return False
-        probabilities = getattr(self.model, "probabilities", None)
-        if probabilities is None:
-            return True
-        probe = logits.detach()
-        return bool(torch.allclose(probabilities(probe), probe.softmax(dim=1)))
 
     # Captum's usage logging, which NoiseTunnel relies on (it calls ``attribute.__wrapped__``). Applied
     # by assignment rather than as ``@log_usage()``: mutation testing (``make mutation``) skips decorated
@@ -584,28 +493,6 @@ class _SplitInputs:
         return out
 
 
-class FixedScaleLayerNorm(TorchFunctionMode):
-    """Within the block, in this thread, every ``layer_norm`` holds its standard deviation constant for the backward pass.
-
-    What ``CheferAttribution(..., layernorm="detach")`` uses for models whose ``attention_forward`` has no
-    ``layernorm`` keyword of its own (an adapter that has one may override only its ``nn.LayerNorm`` layers,
-    which costs less than seeing every torch call).
-
-    Example:
-        >>> x = torch.tensor([[1.0, 2.0, 4.0]], requires_grad=True)
-        >>> with FixedScaleLayerNorm():
-        ...     y = torch.nn.functional.layer_norm(x, (3,))
-        >>> torch.autograd.grad(y.sum(), x)[0].abs().max().item() < 1e-6  # the centring alone
-        True
-    """
-
-    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: Optional[dict] = None) -> Any:
-        kwargs = kwargs or {}
-        if func is torch.nn.functional.layer_norm:  # torch hands over (input, normalized_shape) by position
-            return layer_norm_fixed_scale(*args, **kwargs)
-        return func(*args, **kwargs)
-
-
 def _check_choice(name: str, value: Any, allowed: Sequence[str]) -> None:
     if value not in allowed:
         raise ValueError(f"{name} must be one of {', '.join(map(repr, allowed))}, got {value!r}")
@@ -717,60 +604,6 @@ def _select_target(logits: Tensor, target: TargetType, log_odds: bool = False) -
             "NaN, an overflow in half precision)"
         )
     return scores.sum()
-
-
-def check_target_range(target: Any, classes: int) -> None:
-    """Refuse a target (int, ints, integer tensor) that names an output the model does not have.
-
-    Captum's methods index the logits with the target; a class beyond them fails deep inside torch (on a
-    GPU as a device-side assert), and a negative one silently counts from the end. A single-logit (binary)
-    model has only output 0, the positive class's score, whatever class the user has in mind.
-
-    Example:
-        >>> check_target_range(torch.tensor([0, 2]), 3)
-        >>> check_target_range(1, 1)
-        Traceback (most recent call last):
-        ...
-        ValueError: target 1 is out of range for a model with a single logit (binary): that logit is the positive class's score, explained with target=None (or 0)
-    """
-    if isinstance(target, bool):
-        raise TypeError("target must be an int, a sequence of ints or a tensor, not a bool")
-    if isinstance(target, int):
-        values = torch.tensor([target])
-    elif isinstance(target, Tensor):
-        if target.is_floating_point() or target.is_complex() or target.dtype == torch.bool:
-            return  # not class indices; the caller's own check says so
-        values = target.detach().reshape(-1)
-    elif isinstance(target, list) and all(isinstance(t, int) and not isinstance(t, bool) for t in target):
-        values = torch.tensor(target, dtype=torch.long).reshape(-1)
-    else:
-        return  # tuples (multi-dimensional targets) and lists of them: Captum's own indexing rules
-    if values.numel() == 0 or not bool(((values < 0) | (values >= classes)).any()):
-        return
-    bad = sorted({int(v) for v in values[(values < 0) | (values >= classes)].cpu()})
-    shown = bad[0] if len(bad) == 1 else bad[:10]
-    if classes == 1:
-        raise ValueError(
-            f"target {shown} is out of range for a model with a single logit (binary): that logit is the positive "
-            "class's score, explained with target=None (or 0)"
-        )
-    raise ValueError(f"target {shown} is out of range: the model has {classes} outputs, so targets are class indices 0..{classes - 1}")
-
-
-def _accepts_keyword(function: Callable[..., Any], name: str) -> bool:
-    try:
-        parameters = inspect.signature(function).parameters.values()
-    except (TypeError, ValueError):  # no signature to read: do not pass it
-        return False
-    return any(p.name == name or p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters)
-
-
-def _names_keyword(function: Callable[..., Any], name: str) -> bool:
-    """Whether ``function`` has a parameter called ``name`` (``**kwargs`` does not count)."""
-    try:
-        return name in inspect.signature(function).parameters
-    except (TypeError, ValueError):
-        return False
 
 
 def _as_tuple(args: Any) -> tuple:

@@ -13,7 +13,9 @@ import pytest
 import torch
 
 from captum_chefer import CheferAttribution, PyHealthAdapter
-from captum_chefer.attribution import PRESETS, FixedScaleLayerNorm, _names_keyword
+from captum_chefer.attribution import PRESETS
+from captum_chefer.layernorm import FixedScaleLayerNorm
+from captum_chefer.protocol import Capabilities, _names_keyword
 from captum_chefer.relevance import layer_norm_fixed_scale, softmax_log_odds, split_over_codes
 from conftest import first_batch, make_dataset, make_model
 
@@ -438,15 +440,6 @@ def test_bad_choices_name_the_fix():
             CheferAttribution(adapter).attribute(inputs, None, args, **{name: "nope"})
 
 
-class _Outputs:
-    """A stand-in for ``CheferAttribution`` in ``_softmax_outputs``: only ``.model`` is read."""
-
-    def __init__(self, probabilities=None):
-        self.model = type("Model", (), {})()
-        if probabilities is not None:
-            self.model.probabilities = probabilities
-
-
 @pytest.mark.parametrize("classes, probabilities, softmax", [
     (1, torch.sigmoid, False),  # one logit: a sigmoid, whatever the model says
     (1, None, False),
@@ -455,9 +448,13 @@ class _Outputs:
     (3, torch.sigmoid, False),  # multilabel: each label's own sigmoid
     (3, None, True),  # a model that does not say: softmax, Captum's usual classifier
 ])
-def test_softmax_outputs_reads_the_models_probabilities(classes, probabilities, softmax):
+def test_the_activation_is_read_from_the_models_probabilities(classes, probabilities, softmax):
     logits = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]])[:, :classes]
-    assert CheferAttribution._softmax_outputs(_Outputs(probabilities), logits) is softmax
+    model = type("Model", (), {})()
+    if probabilities is not None:
+        model.probabilities = probabilities
+    capabilities = Capabilities(False, False, None, getattr(model, "probabilities", None))
+    assert capabilities.activation(logits) == ("softmax" if softmax else "sigmoid")
 
 
 def test_log_odds_of_two_softmax_classes_is_the_logit_difference():

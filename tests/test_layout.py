@@ -1,4 +1,6 @@
-"""The package's modules import each other in one direction only (DESIGN.md), lazy imports included."""
+"""The package's modules import each other in one direction only (DESIGN.md), lazy imports included: the math
+imports nothing of the package, the interface (protocol) only the math, and the Captum method and the adapters
+depend on the interface, never on each other."""
 
 from __future__ import annotations
 
@@ -10,10 +12,10 @@ PACKAGE = Path(__file__).resolve().parents[1] / "captum_chefer"
 # Lower layers never import higher ones; modules of one layer do not import each other unless listed.
 LAYERS = [
     {"_optional"},  # the ImportError that names an extra: imports nothing of the package
-    {"relevance"},
-    {"attribution"},
-    {"capture"},
-    {"adapters"},
+    {"relevance"},  # the pure tensor math
+    {"protocol"},  # what an attention model offers the algorithm
+    {"capture", "layernorm"},  # model plumbing: attention capture, LayerNorm's fixed scale
+    {"attribution", "adapters"},  # the Captum method and the adapters: neither imports the other
     {"comparison", "visualization", "cohort", "synthetic", "llm"},
     {"report"},
     {"cli"},
@@ -68,3 +70,11 @@ def test_imports_point_one_way():
             if theirs > mine or (theirs == mine and (unit, imported) not in SAME_LAYER_ALLOWED):
                 problems.append(f"{path.relative_to(PACKAGE.parent)} imports {imported}")
     assert not problems, "imports against the layering:\n" + "\n".join(problems)
+
+
+def test_the_method_and_the_adapters_meet_only_in_the_protocol():
+    # the same-layer rule above forbids it; said here by name, as the design states it
+    adapters = {p.relative_to(PACKAGE).as_posix(): _imports(p) for p in (PACKAGE / "adapters").rglob("*.py")}
+    assert {name for name, found in adapters.items() if "attribution" in found} == set()
+    assert "adapters" not in _imports(PACKAGE / "attribution.py")
+    assert _imports(PACKAGE / "protocol.py") == set() and _imports(PACKAGE / "relevance.py") == set()

@@ -14,7 +14,7 @@ batches to Captum's ``(inputs, target, additional_forward_args)`` and back:
    dict), ``visualization_records(batch, attributions, ...)`` (Captum ``VisualizationDataRecord``s).
 4. **Forward**: ``forward(*inputs, *additional_forward_args)`` returns the logits ``[B, C]`` with dropout
    off; ``split_inputs`` undoes the flattening Captum does.
-5. **Attention** (:class:`captum_chefer.attribution.AttentionModel`, what ``CheferAttribution`` needs):
+5. **Attention** (:class:`captum_chefer.protocol.AttentionModel`, what ``CheferAttribution`` needs):
    ``require_attention()``, ``attention_forward(inputs, args, ...)``, ``relevance_to_inputs(...)``.
 
 This module holds the parts that are the same for every library: the record builder, and the mapping
@@ -33,7 +33,7 @@ import torch
 from captum.attr import visualization as captum_viz
 from torch import Tensor, nn
 
-from ..attribution import check_target_range
+from ..protocol import check_target_range
 
 __all__ = [
     "Adapter",

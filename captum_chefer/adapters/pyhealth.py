@@ -12,7 +12,7 @@ the batch when Captum expands it). The adapter maps one to the other and back:
   Masks come from the batch, never from embedding values, so a zero baseline is not mistaken for
   padding.
 
-The adapter also implements :class:`captum_chefer.attribution.AttentionModel`, the interface
+The adapter also implements :class:`captum_chefer.protocol.AttentionModel`, the interface
 ``CheferAttribution`` needs, for PyHealth's ``Transformer`` and ``StageAttentionNet``, with attention
 captured by :class:`captum_chefer.capture.AttentionCapture` (scoped to the call and the thread).
 
@@ -32,8 +32,9 @@ from typing import Any, Callable, Literal, Mapping, Optional
 import torch
 from torch import Tensor, nn
 
-from ..attribution import AttentionForward, FixedScaleLayerNorm
 from ..capture import AttentionCapture, evaluation_mode
+from ..layernorm import FixedScaleLayerNorm
+from ..protocol import AttentionForward
 from ..relevance import layer_norm_fixed_scale
 from ._pyhealth_media import media_adapter, media_batch
 from .base import Adapter, DecodedToken, LookupDict, check_devices, uncompiled

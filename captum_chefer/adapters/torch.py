@@ -35,8 +35,8 @@ from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
 import torch
 from torch import Tensor, nn
 
-from ..attribution import AttentionForward
 from ..capture import AttentionCapture, evaluation_mode, find_attention_modules
+from ..protocol import AttentionForward
 from .base import Adapter, DecodedToken, LookupDict, check_devices, spread_over_patches, sum_over_patches
 
 __all__ = ["Pool", "TransformerAdapter", "blurred_images", "logits_of"]
