@@ -1,27 +1,42 @@
-"""The package's modules import each other in one direction only (DESIGN.md), lazy imports included: the math
-imports nothing of the package, the interface (protocol) only the math, and the Captum method and the adapters
-depend on the interface, never on each other."""
+"""The package's modules import each other in one direction only, as the layer table of docs/architecture.md
+states, lazy imports included: the math imports nothing of the package, the interface (protocol) nothing either,
+and the Captum method and the adapters depend on the interface, never on each other."""
 
 from __future__ import annotations
 
 import ast
+import re
 from pathlib import Path
 
 PACKAGE = Path(__file__).resolve().parents[1] / "captum_chefer"
 
+ARCHITECTURE = PACKAGE.parent / "docs" / "architecture.md"
+
+
+def _between(text: str, tag: str) -> list[str]:
+    start, end = f"<!-- {tag}: read by tests/test_layout.py -->", "<!-- end " + tag + " -->"
+    assert start in text and end in text, f"docs/architecture.md has no {start} ... {end} block"
+    return [line.strip() for line in text.split(start, 1)[1].split(end, 1)[0].splitlines() if line.strip()]
+
+
+def _documented_layers() -> tuple[list[set[str]], set[tuple[str, str]]]:
+    """The layer table and the allowed same-layer imports, as docs/architecture.md states them."""
+    text = ARCHITECTURE.read_text()
+    layers = []
+    for row in _between(text, "layers")[2:]:  # past the header and the rule
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[0] == str(len(layers)), f"layer numbers out of order at {row!r}"
+        layers.append(set(re.findall(r"`([^`]+)`", cells[1])))
+    allowed = set()
+    for item in _between(text, "same-layer"):
+        found = re.fullmatch(r"- `(\w+)` -> `(\w+)`", item)
+        assert found, f"not a '- `module` -> `module`' line: {item!r}"
+        allowed.add((found.group(1), found.group(2)))
+    return layers, allowed
+
+
 # Lower layers never import higher ones; modules of one layer do not import each other unless listed.
-LAYERS = [
-    {"_optional"},  # the ImportError that names an extra: imports nothing of the package
-    {"relevance"},  # the pure tensor math
-    {"protocol"},  # what an attention model offers the algorithm
-    {"capture", "layernorm"},  # model plumbing: attention capture, LayerNorm's fixed scale
-    {"attribution", "adapters"},  # the Captum method and the adapters: neither imports the other
-    {"comparison", "visualization", "cohort", "synthetic", "llm"},
-    {"report"},
-    {"cli"},
-    {"__main__"},
-]
-SAME_LAYER_ALLOWED = {("comparison", "synthetic"), ("cohort", "comparison"), ("llm", "comparison")}
+LAYERS, SAME_LAYER_ALLOWED = _documented_layers()
 
 
 def _unit(path: Path) -> str:
@@ -54,7 +69,7 @@ def _layer(unit: str) -> int:
     for i, layer in enumerate(LAYERS):
         if unit in layer:
             return i
-    raise AssertionError(f"module {unit!r} is not in LAYERS; place it in tests/test_layout.py")
+    raise AssertionError(f"module {unit!r} is in no layer of docs/architecture.md; add it to the layer table")
 
 
 def test_imports_point_one_way():
@@ -78,3 +93,11 @@ def test_the_method_and_the_adapters_meet_only_in_the_protocol():
     assert {name for name, found in adapters.items() if "attribution" in found} == set()
     assert "adapters" not in _imports(PACKAGE / "attribution.py")
     assert _imports(PACKAGE / "protocol.py") == set() and _imports(PACKAGE / "relevance.py") == set()
+
+
+def test_the_documented_layers_name_every_module_once():
+    units = {_unit(p) for p in PACKAGE.rglob("*.py")} - {"__init__"}
+    named = [m for layer in LAYERS for m in layer]
+    assert sorted(named) == sorted(set(named)), "a module sits in two layers of docs/architecture.md"
+    assert set(named) == units, f"undocumented {sorted(units - set(named))}, gone {sorted(set(named) - units)}"
+    assert all(a in named and b in named for a, b in SAME_LAYER_ALLOWED)
