@@ -101,3 +101,45 @@ def test_the_documented_layers_name_every_module_once():
     assert sorted(named) == sorted(set(named)), "a module sits in two layers of docs/architecture.md"
     assert set(named) == units, f"undocumented {sorted(units - set(named))}, gone {sorted(set(named) - units)}"
     assert all(a in named and b in named for a, b in SAME_LAYER_ALLOWED)
+
+
+# the algorithm and its interface: the math, the protocol, the Captum method, LayerNorm's fixed scale
+GENERIC = ("relevance.py", "protocol.py", "attribution.py", "layernorm.py")
+
+
+def _code_words(path: Path) -> set[str]:
+    """The identifiers and string constants of a module's code, docstrings and comments left out."""
+    tree = ast.parse(path.read_text())
+    docstrings = {
+        id(node.body[0].value) for node in ast.walk(tree)
+        if isinstance(node, (ast.Module, ast.ClassDef, ast.FunctionDef, ast.AsyncFunctionDef)) and node.body
+        and isinstance(node.body[0], ast.Expr) and isinstance(node.body[0].value, ast.Constant)
+    }
+    words = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name):
+            words.add(node.id)
+        elif isinstance(node, ast.Attribute):
+            words.add(node.attr)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and id(node) not in docstrings:
+            words.update(re.findall(r"\w+", node.value))
+    return words
+
+
+def _model_classes() -> set[str]:
+    """Every model class PyHealth, torchvision and transformers export (the libraries the adapters serve)."""
+    import pyhealth.models
+    import torchvision.models
+    import transformers
+
+    names = {n for n in dir(pyhealth.models) if n[:1].isupper()}
+    names |= {n for n in dir(torchvision.models) if n[:1].isupper()}
+    names |= {n for n in dir(transformers) if re.search(r"(Model|For[A-Z]\w+|Attention|Layer)$", n)}
+    return names - {"Model"}
+
+
+def test_the_algorithm_names_no_model_class():
+    classes = _model_classes()
+    assert {"Transformer", "StageAttentionNet", "VisionTransformer", "BertForSequenceClassification"} <= classes
+    found = {name: sorted(_code_words(PACKAGE / name) & classes) for name in GENERIC}
+    assert found == {name: [] for name in GENERIC}, "model classes named in the generic algorithm"
