@@ -66,3 +66,40 @@ def test_a_note_follows_its_function_to_another_module_only_where_the_move_is_un
     ]
     assert notes[0].match(moved) and notes[1].match(method)
     assert not notes[2].match(moved) and not notes[3].match(moved)
+
+
+def test_functions_of_a_module_by_qualified_name():
+    source = (
+        "import x\n\n\ndef f(a):\n    def inner():\n        return a\n    return inner\n\n\n"
+        "class C:\n    k = 1\n\n    def m(self):  # note\n        return 2\n\n    async def n(self):\n        pass\n"
+    )
+    found = mutation_report.functions_of(source)
+    assert list(found) == ["f", "C.m", "C.n"]  # the nested function is inside f's text, not a function of its own
+    assert found["f"].startswith("def f(a):") and "return inner" in found["f"]
+    assert found["C.m"] == "def m(self):  # note\n        return 2"  # comments count: a change is never missed
+
+
+@pytest.mark.parametrize("name", sorted(PARTS))
+def test_the_stem_of_a_changed_function_is_the_one_mutmut_names_its_mutants_with(name, monkeypatch):
+    # with every function "changed" (a revision that has none of the files), each survivor of the report is named
+    # by the stem rerun_changed would select it with
+    part = PARTS[name]
+    monkeypatch.setattr(mutation_report.subprocess, "run",
+                        lambda *a, **k: mutation_report.subprocess.CompletedProcess(a, 128, "", "no such file"))
+    stems = mutation_report.changed_functions(part, "none")
+    survivors = [m for m in mutation_report.from_report(part)[0] if m.status != "killed"]
+    moved = [m for m in survivors if m.function not in stems]  # functions gone from the code since the run
+    assert len(moved) < len(survivors) / 2
+    for m in survivors:
+        if m.function in stems:
+            assert m.name.startswith(stems[m.function] + "__mutmut_"), m.name
+
+
+def test_nothing_changed_against_the_working_tree_itself(monkeypatch):
+    part = PARTS["metrics"]
+    files = {f: (ROOT / f).read_text() for f in part.module_files()}
+    def git_show(command, **kwargs):
+        return mutation_report.subprocess.CompletedProcess(command, 0, files[command[-1].split(":", 1)[1]], "")
+
+    monkeypatch.setattr(mutation_report.subprocess, "run", git_show)
+    assert mutation_report.changed_functions(part, "HEAD") == {}

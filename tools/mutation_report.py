@@ -30,6 +30,8 @@ Usage (from the repository root, with the project's Python)::
     python tools/mutation_report.py --part metrics --report-only  # the report of the last run (after editing notes)
     python tools/mutation_report.py --part metrics --rerun-survivors  # only the last report's survivors, after
                                                                       # tests were added (the code unchanged)
+    python tools/mutation_report.py --part llm --rerun-changed REV  # the survivors and the functions changed
+                                                                   # since REV, the commit the last run mutated
     python tools/mutation_report.py --part metrics --killers NAME [NAME ...]  # first failing test per mutant
         [--with-tests tests/test_x.py::test_y]                    # (of these tests, e.g. ones added after the run)
     python tools/mutation_report.py --part metrics --template     # note stubs for the survivors without one
@@ -676,6 +678,68 @@ def estimate(part: Part, jobs: int, number: str) -> None:
     print(f"sampled score {100 * counts['killed'] / len(sampled):.0f}%")
 
 
+def functions_of(source: str) -> dict[str, str]:
+    """The source text of each function mutmut mutates in a module (its functions and the methods of its
+    classes, nested functions inside their parent's text), by qualified name (``function``, ``Class.method``)."""
+    tree = ast.parse(source)
+    found = {}
+    for node in tree.body:
+        owner, items = (node.name + ".", node.body) if isinstance(node, ast.ClassDef) else ("", [node])
+        for item in items:
+            if isinstance(item, (ast.FunctionDef, ast.AsyncFunctionDef)):
+                found[owner + item.name] = ast.get_source_segment(source, item) or ""
+    return found
+
+
+def changed_functions(part: Part, rev: str) -> dict[str, str]:
+    """The part's functions whose source differs between the commit ``rev`` and the working tree, or that
+    ``rev`` does not have: ``{module.qualname: mutmut's name stem of its mutants}``."""
+    changed = {}
+    for file in part.module_files():
+        module = file.removesuffix(".py").removesuffix("/__init__").replace("/", ".")
+        old = subprocess.run(["git", "show", f"{rev}:{file}"], cwd=ROOT, capture_output=True, text=True)
+        before = functions_of(old.stdout) if old.returncode == 0 else {}
+        for qualname, text in functions_of((ROOT / file).read_text()).items():
+            if before.get(qualname) != text:
+                parts = qualname.split(".")
+                stem = "x" + CLASS_SEPARATOR + CLASS_SEPARATOR.join(parts) if len(parts) > 1 else "x_" + parts[0]
+                changed[f"{module}.{qualname}"] = f"{module}.{stem}"
+    return changed
+
+
+def rerun_changed(part: Part, jobs: int, rev: str) -> tuple[list[Mutant], dict]:
+    """Run again the last report's survivors and every mutant of a function that changed since ``rev``, the
+    commit whose code the report's run mutated; the other mutants keep the report's ``killed``.
+
+    mutmut derives a function's mutants from its source alone, so a function whose text is the same at ``rev``
+    and now has the same mutants, and a test added since cannot revive one it killed. (A change outside the
+    function, to a constant or a helper it calls, could in principle let one of them survive: run the whole
+    part where much changed.)
+    """
+    reported, old = from_report(part)
+    survivors = {m.name: m for m in reported if m.status != "killed"}
+    changed = changed_functions(part, rev)
+    patterns = sorted({*survivors, *(stem + "__mutmut_*" for stem in changed.values())})
+    seconds = run_mutmut(part, jobs, patterns)
+    mutants = collect(part)
+    load_diffs(part, mutants)
+    carried = 0
+    for m in mutants:
+        if m.status == "not checked" and m.function not in changed and m.name not in survivors:
+            m.status = "killed"
+            carried += 1
+    info = {**run_info(part), "jobs": jobs, "cpus": os.cpu_count()}
+    info.pop("sample", None)
+    then = old.get("started", "unknown")[:10]
+    info["note"] = (f"{len(mutants) - carried} mutants (the {len(survivors)} the run of {then} "
+                    f"did not kill, and every mutant of the {len(changed)} functions changed since {rev[:12]}, the "
+                    f"commit that run mutated) were run on {dt.datetime.now(dt.UTC).date()} ({seconds / 60:.1f} min, "
+                    f"{jobs} worker{'s' if jobs != 1 else ''}); the other {carried}, in functions unchanged since, "
+                    "keep that run's killed")
+    part.run_info.write_text(json.dumps(info))
+    return mutants, info
+
+
 def rerun_survivors(part: Part, jobs: int) -> tuple[list[Mutant], dict]:
     """Run again only the mutants the part's last report shows not killed; the others keep their ``killed``.
 
@@ -718,6 +782,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--report-only", action="store_true", help="no new run: report the last one")
     parser.add_argument("--rerun-survivors", action="store_true",
                         help="run again only the mutants the last report did not see killed (after tests were added)")
+    parser.add_argument("--rerun-changed", metavar="REV",
+                        help="run the last report's survivors and the functions changed since REV, the commit its run "
+                             "mutated; the others keep their killed")
     parser.add_argument("--jobs", type=int, default=os.cpu_count() or 2, help="parallel mutmut workers")
     parser.add_argument("--min-score", type=float, default=0.90, help="the share of mutants that must be killed")
     parser.add_argument("--killers", nargs="+", metavar="NAME", help="print the first failing test for each mutant")
@@ -754,14 +821,16 @@ def main(argv: list[str] | None = None) -> int:
             estimate(part, args.jobs, args.estimate)
             return 0
         info = None
-        if args.rerun_survivors:
+        if args.rerun_changed:
+            mutants, info = rerun_changed(part, args.jobs, args.rerun_changed)
+        elif args.rerun_survivors:
             mutants, info = rerun_survivors(part, args.jobs)
         elif not (args.report_only or args.template):
             run_mutmut(part, args.jobs)
         elif run_info(part).get("sample"):
             raise SystemExit(f"the last run of {part.name!r} was a sample (--estimate or --killers' preparation): "
                              "run the whole part first")
-        if args.rerun_survivors:
+        if args.rerun_survivors or args.rerun_changed:
             pass
         elif not part.mutants.exists() and (args.report_only or args.template):
             mutants, info = from_report(part)  # the run's directory is gone: its report still holds its results
