@@ -723,6 +723,14 @@ def rerun_changed(part: Part, jobs: int, rev: str) -> tuple[list[Mutant], dict]:
     seconds = run_mutmut(part, jobs, patterns)
     mutants = collect(part)
     load_diffs(part, mutants)
+    # a survivor of a function unchanged since rev must be there with the same change: else the run did not mutate rev
+    now = {m.name: m for m in mutants}
+    differ = [name for name, m in survivors.items() if m.function not in changed
+              and (name not in now or now[name].change != m.change)]
+    if differ:
+        raise SystemExit(f"{_rel(part.report)} does not describe the code of {rev}: its survivor {differ[0]} (of a "
+                         f"function unchanged since) is not the same mutant now ({len(differ)} such); give the commit "
+                         "its run mutated, or run the whole part")
     carried = 0
     for m in mutants:
         if m.status == "not checked" and m.function not in changed and m.name not in survivors:
