@@ -718,7 +718,7 @@ def rerun_changed(part: Part, jobs: int, rev: str) -> tuple[list[Mutant], dict]:
     """
     reported, old = from_report(part)
     survivors = {m.name: m for m in reported if m.status != "killed"}
-    changed = changed_functions(part, rev)
+    changed = {f: stem for f, stem in changed_functions(part, rev).items() if part.selects(stem + "__mutmut_1")}
     patterns = sorted({*survivors, *(stem + "__mutmut_*" for stem in changed.values())})
     seconds = run_mutmut(part, jobs, patterns)
     mutants = collect(part)
