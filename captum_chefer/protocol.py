@@ -106,10 +106,13 @@ class AttentionModel(Protocol):  # pragma: no mutate block (an interface: no cod
     model exactly as it found it when it returns or raises. With ``pooled_row_only=True`` only the
     pooling position's output of the last attention layer is needed (the row recursion reads nothing
     else of that layer), so a model may compute that layer for the pooling position alone and return its
-    attention as ``[B, H, 1, L]``; returning the full map is always correct, and an
-    ``attention_forward`` without that keyword is called without it. ``relevance_to_inputs``
-    maps each stream's token relevance ``[B, L]`` back to tensors shaped like ``inputs``; for a stream
-    of nested visits it may be given ``[B, V, C]`` instead, each code's relevance (``code_split``).
+    attention as ``[B, H, 1, L]``; returning the full map is always correct. With ``layernorm="detach"``
+    the model holds its layer norms' standard deviation constant for the backward pass
+    (:mod:`captum_chefer.layernorm`). Both keywords are optional: an ``attention_forward`` without one is
+    called without it (:class:`Capabilities`), and ``CheferAttribution`` then holds every ``layer_norm`` call's
+    scale itself. ``relevance_to_inputs`` maps each stream's token relevance ``[B, L]`` back to tensors shaped
+    like ``inputs``; for a stream of nested visits it may be given ``[B, V, C]`` instead, each code's relevance
+    (``code_split``).
     """
 
     def __call__(self, *args: Any) -> Tensor: ...
