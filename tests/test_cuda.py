@@ -282,3 +282,18 @@ def test_a_half_precision_model_on_cuda_gets_float32_relevance():
     )
     assert half.dtype == torch.float32
     assert_close_to_largest(half.cpu(), full.cpu(), 0.05)
+
+
+def test_masked_feature_dict_moves_cpu_masks_to_the_scores_device():
+    # compare_methods keeps the batch's masks on the CPU; scores of a GPU model are on the GPU
+    from captum_chefer.comparison.methods import masked_feature_dict
+
+    class OnCuda:
+        feature_keys = ["codes"]
+
+        def to_feature_dict(self, attributions):
+            return {"codes": attributions.to("cuda")}
+
+    scores = torch.tensor([[1.0, 2.0, 3.0]])
+    out = masked_feature_dict(OnCuda(), scores, [torch.tensor([[True, False, True]])])
+    assert out["codes"].device.type == "cpu" and out["codes"].tolist() == [[1.0, 0.0, 3.0]]

@@ -336,6 +336,13 @@ def test_load_a_minimal_json(tmp_path):
     assert values[0] == 0.5 and math.isnan(values[1])
     assert loaded.curves == {} and loaded.fractions == () and loaded.percentages == ()
     assert loaded.seconds_per_sample == {} and loaded.patient_ids == []
+    assert (loaded.level, loaded.n_resamples, loaded.seed) == (0.95, 2000, 0)  # a file without them: the defaults
+
+
+def test_load_arguments_replace_the_bootstrap_settings_of_a_json_file(tmp_path):
+    path = _two(level=0.8, n_resamples=37, seed=5).save(tmp_path / "e.json")
+    loaded = Evaluation.load(path, level=0.5, n_resamples=11, seed=3)
+    assert (loaded.level, loaded.n_resamples, loaded.seed) == (0.5, 11, 3)
 
 
 def test_load_refuses_json_and_csv_without_per_patient_values(tmp_path):

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.util
+import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -103,3 +104,17 @@ def test_nothing_changed_against_the_working_tree_itself(monkeypatch):
 
     monkeypatch.setattr(mutation_report.subprocess, "run", git_show)
     assert mutation_report.changed_functions(part, "HEAD") == {}
+
+
+def test_collect_counts_the_mutants_a_rerun_carried_over_as_killed(tmp_path, monkeypatch):
+    # --rerun-changed and --rerun-survivors run some mutants only; the others' killed is kept in the run's info
+    monkeypatch.setattr(mutation_report, "ROOT", tmp_path)
+    part = dataclasses.replace(PARTS["metrics"], patterns=[])
+    part.mutants.mkdir(parents=True)
+    part.run_info.write_text(json.dumps({"carried": ["m.x_f__mutmut_1", "m.x_f__mutmut_3"]}))
+    results = "m.x_f__mutmut_1: not checked\nm.x_f__mutmut_2: not checked\nm.x_f__mutmut_3: survived\n"
+    monkeypatch.setattr(mutation_report, "mutmut",
+                        lambda *args: mutation_report.subprocess.CompletedProcess(args, 0, results, ""))
+    found = [(m.name, m.status) for m in mutation_report.collect(part)]
+    # carried and not run: killed; not carried: still not checked; run again: its new status stands
+    assert found == [("m.x_f__mutmut_1", "killed"), ("m.x_f__mutmut_2", "not checked"), ("m.x_f__mutmut_3", "survived")]

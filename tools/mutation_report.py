@@ -296,11 +296,12 @@ def collect(part: Part) -> list[Mutant]:
     proc = mutmut(part, "results", "--all", "true")
     if proc.returncode:
         raise SystemExit(f"mutmut results failed: {proc.stderr[-2000:]}")
+    carried = set(run_info(part).get("carried", ()))  # killed in an earlier run, not run again (--rerun-*)
     mutants = []
     for line in proc.stdout.splitlines():
         name, sep, status = line.strip().rpartition(": ")
         if sep and "__mutmut_" in name and part.selects(name):
-            mutants.append(Mutant(name, status))
+            mutants.append(Mutant(name, "killed" if status == "not checked" and name in carried else status))
     return mutants
 
 
@@ -731,12 +732,13 @@ def rerun_changed(part: Part, jobs: int, rev: str) -> tuple[list[Mutant], dict]:
         raise SystemExit(f"{_rel(part.report)} does not describe the code of {rev}: its survivor {differ[0]} (of a "
                          f"function unchanged since) is not the same mutant now ({len(differ)} such); give the commit "
                          "its run mutated, or run the whole part")
-    carried = 0
+    kept = []
     for m in mutants:
         if m.status == "not checked" and m.function not in changed and m.name not in survivors:
             m.status = "killed"
-            carried += 1
-    info = {**run_info(part), "jobs": jobs, "cpus": os.cpu_count()}
+            kept.append(m.name)
+    carried = len(kept)
+    info = {**run_info(part), "jobs": jobs, "cpus": os.cpu_count(), "carried": kept}
     info.pop("sample", None)
     then = old.get("started", "unknown")[:10]
     info["note"] = (f"{len(mutants) - carried} mutants (the {len(survivors)} the run of {then} "
@@ -767,11 +769,13 @@ def rerun_survivors(part: Part, jobs: int) -> tuple[list[Mutant], dict]:
         raise SystemExit(f"the mutated code of {part.name!r} changed since {_rel(part.report)} was written "
                          f"({len(mutants)} mutants now, {len(reported)} then{example}): "
                          f"run the whole part (`make mutation PART={part.name}`)")
+    kept = []
     for m in mutants:
         if m.name not in survivors:
             m.status = "killed"
+            kept.append(m.name)
     info = {**run_info(part), "started": old.get("started", ""), "seconds": old.get("seconds", 0.0) + seconds,
-            "jobs": old.get("jobs", jobs), "cpus": old.get("cpus", os.cpu_count())}
+            "jobs": old.get("jobs", jobs), "cpus": old.get("cpus", os.cpu_count()), "carried": kept}
     info.pop("sample", None)
     today = dt.datetime.now(dt.UTC).date()
     info["note"] = (f"the {len(survivors)} mutants the run of {old.get('started', 'unknown')[:10]} did not kill were "
