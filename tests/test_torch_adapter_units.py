@@ -800,8 +800,9 @@ def test_warns_once_of_ids_equal_to_the_padding_idx():
         "if it marks padding"
     )
     ids = torch.tensor([[3, 4, 0]])
-    with pytest.warns(UserWarning, match=exact(message)):
+    with pytest.warns(UserWarning, match=exact(message)) as record:
         adapter.captum_inputs(ids, level="token")
+    assert record[0].filename == __file__  # the caller's line, not the adapter's
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         adapter.captum_inputs(ids, level="token")
@@ -823,8 +824,9 @@ def test_warns_once_of_an_argument_shaped_like_a_mask():
         "pool='last' at a padded position). If it is a mask that is non-zero on real tokens, pass mask_arg=2; if "
         "padding is a token id, pass pad_id="
     )
-    with pytest.warns(UserWarning, match=exact(message)):
+    with pytest.warns(UserWarning, match=exact(message)) as record:
         adapter.captum_inputs(batch, level="token")
+    assert record[0].filename == __file__
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         adapter.captum_inputs(batch, level="token")
