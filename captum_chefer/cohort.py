@@ -594,12 +594,11 @@ def _batch_rows(
     for i, sample_tokens in enumerate(adapter.decode(batch)):
         for token in sample_tokens:
             index = tuple(int(j) for j in token.index)
+            code = str(token.code)  # as the vocabulary spells it, without the display's visit
             if len(index) == 1:
-                visit, position, code = None, index[0], token.text
+                visit, position = None, index[0]
             elif len(index) == 2:
                 visit, position = index
-                prefix = f"v{visit + 1}:"  # decode's display prefix of nested codes
-                code = token.text[len(prefix):] if token.text.startswith(prefix) else token.text
             else:
                 raise ValueError(
                     f"feature {token.feature!r} has tokens indexed by {len(index)} dims; cohort rows hold a visit and a "

@@ -171,7 +171,7 @@ class Toy(Adapter):
                 for j, c in enumerate(visit):
                     if c:
                         text = f"v{v + 1}:P{int(c)}" if self.prefix else f"P{int(c)}"
-                        tokens.append(DecodedToken("px", text, (v, j)))
+                        tokens.append(DecodedToken("px", text, (v, j), code=f"P{int(c)}"))
             out.append(tokens)
         return out
 
@@ -727,6 +727,18 @@ def test_batch_rows_of_a_multiclass_model():
         assert [per_sample[i][0] for i in range(3)] == classes
         expected = [softmax([L, 0, -L])[c] for L, c in zip(LOGITS, classes, strict=False)]
         assert [per_sample[i][1] for i in range(3)] == pytest.approx(expected, rel=1e-6)
+
+
+def test_batch_rows_read_the_code_not_the_display_text():
+    class Displayed(Toy):
+        def decode(self, batch):  # text a row must not parse: the code is given apart from it
+            return [[DecodedToken(t.feature, f"[{t.text}]", t.index, code=t.code) for t in row]
+                    for row in super().decode(batch)]
+
+    adapter, columns = Displayed(), empty_columns("A")
+    cohort._batch_rows(adapter, collate(SAMPLES[:1]), [("A", Scores(adapter), {})], 0, "predicted", "unk",
+                       {"A": 0.0}, columns)
+    assert columns["A"]["code"] == ["D3", "D1", "P2", "P5", "P4"]
 
 
 def test_batch_rows_keep_a_nested_code_without_the_visit_prefix():

@@ -523,6 +523,20 @@ def test_decode_of_one_flat_stream(flat):
     ]
 
 
+def test_decode_of_nested_visits_shows_the_visit_and_keeps_the_code_apart(seq):
+    model, batch = seq
+    adapter = PyHealthAdapter(model)
+    (_, procedures), _ = adapter.captum_inputs(batch, level="token")
+    names = {i: c for c, i in model.dataset.input_processors["procedures"].code_vocab.items()}
+    nested = [(i, t) for i, sample in enumerate(adapter.decode(batch)) for t in sample if t.feature == "procedures"]
+    assert len(nested) == int((procedures != 0).sum()) > 0
+    for i, token in nested:
+        assert token.code == names[int(procedures[(i, *token.index)])]  # the vocabulary's spelling
+        assert token.text == f"v{token.index[0] + 1}:{token.code}"  # visit 1-based for display, index 0-based
+    flat_tokens = [t for sample in adapter.decode(batch) for t in sample if t.feature == "conditions"]
+    assert flat_tokens and all(t.code == t.text for t in flat_tokens)
+
+
 def test_decode_shows_ids_missing_from_the_vocabulary(flat, monkeypatch):
     adapter = PyHealthAdapter(flat[0])
     monkeypatch.delitem(flat[0].dataset.input_processors["conditions"].code_vocab, "B")

@@ -85,11 +85,25 @@ class LookupDict(dict):
 
 @dataclass(frozen=True)
 class DecodedToken:
-    """One real token of one sample, for display: its feature, its text and its index in the feature dict."""
+    """One real token of one sample: its feature, its text for display, its index in the feature dict, and the
+    token as its vocabulary spells it.
+
+    ``code`` is ``text`` unless the display adds to it, as a nested code's visit (``text="v2:P7"``,
+    ``code="P7"``, ``index=(1, j)``); what a token is, is read from ``code`` and ``index``, never from ``text``.
+
+    Example:
+        >>> DecodedToken("procedures", "v2:P7", (1, 0), code="P7").code, DecodedToken("conditions", "C1", (0,)).code
+        ('P7', 'C1')
+    """
 
     feature: str
     text: str
     index: tuple[int, ...]  # index into the sample's row of to_feature_dict(...)[feature]
+    code: str | None = None  # None: the text
+
+    def __post_init__(self) -> None:
+        if self.code is None:
+            object.__setattr__(self, "code", self.text)
 
 
 class MethodRecord(captum_viz.VisualizationDataRecord):

@@ -386,7 +386,8 @@ class PyHealthAdapter(Adapter):
     # ------------------------------------------------------------------ display
 
     def decode(self, batch: Mapping[str, Any]) -> list[list[DecodedToken]]:
-        """Each sample's real codes as text, feature by feature: ``"C3"``, or ``"v2:P7"`` for code P7 of visit 2.
+        """Each sample's real codes as text, feature by feature: ``"C3"``, or ``"v2:P7"`` for code P7 of visit 2
+        (its ``code`` is ``"P7"``).
 
         Codes are decoded through the dataset's processors; an id missing from the vocabulary shows as
         ``#<id>``.
@@ -407,10 +408,9 @@ class PyHealthAdapter(Adapter):
             for index in real.nonzero().tolist():
                 sample, position = index[0], tuple(index[1:])
                 code = int(codes[tuple(index)])
-                text = names.get(code, f"#{code}")
-                if len(position) == 2:
-                    text = f"v{position[0] + 1}:{text}"
-                out[sample].append(DecodedToken(feature.key, text, position))
+                name = names.get(code, f"#{code}")
+                text = f"v{position[0] + 1}:{name}" if len(position) == 2 else name
+                out[sample].append(DecodedToken(feature.key, text, position, code=name))
         return out
 
     def class_names(self) -> dict[int, str]:
