@@ -49,8 +49,9 @@ notebooks: $(STAMP)
 # Mutation testing, one part of the package at a time (the parts are sections of setup.cfg: [mutmut] is `math`,
 # [mutmut:<part>] the others): `make mutation PART=metrics` runs one part with its fast tests and writes
 # benchmarks/MUTATION-<part>.md and the summary benchmarks/MUTATION.md; `make mutation` alone runs `math`
-# (relevance.py, attribution.py, capture.py: about 30 minutes on 2 cores), `PART=all` every part in turn (hours).
-# `MUTATION_ARGS=--report-only` reports the last run again. Not part of `make test`.
+# (the math, the protocol and the capture layer: about 30 minutes on 2 cores), `PART=all` every part in turn (hours).
+# `MUTATION_ARGS=--report-only` reports the last run again; `MUTATION_ARGS='--rerun-changed REV'` runs only the last
+# report's survivors and the functions changed since REV, the commit its run mutated. Not part of `make test`.
 MUTMUT_VERSION := 3.8.1
 PART ?= math
 mutation: $(STAMP)
