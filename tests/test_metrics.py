@@ -228,6 +228,14 @@ def test_score_errors_name_the_fix():
         rank_codes({"x": torch.ones(1, 3)}, {"x": torch.ones(1, 4, dtype=torch.bool)})
     assert str(error.value) == ("scores['x'] has shape (1, 3) but the codes are (1, 4); pass per-code scores of the "
                                 "same batch (adapter.to_feature_dict or Comparison.scores[method])")
+    real = {"conditions": torch.ones(1, 2, dtype=torch.bool), "procedures": torch.ones(1, 2, dtype=torch.bool)}
+    with pytest.raises(KeyError) as missing:
+        rank_codes({"conditions": torch.ones(1, 2)}, real)
+    assert missing.value.args[0] == (
+        "no entry for feature(s) ['procedures']: got entries for ['conditions'], but the codes' feature keys are "
+        "['conditions', 'procedures']; pass one entry per feature key (adapter.to_feature_dict, "
+        "Comparison.scores[method] or a ground-truth mask)"
+    )
 
 
 # ---------------------------------------------------------------------------------------------- localization
