@@ -1196,3 +1196,11 @@ def test_decoder_classifiers_that_hand_over_to_their_parent_pool_the_last_token(
             return None
 
     assert not _pools_last_token(Commented)
+
+
+def test_a_decoded_token_s_code_is_its_text_unless_given():
+    plain = DecodedToken("conditions", "C1", (0,))
+    assert (plain.code, plain.text) == ("C1", "C1")
+    nested = DecodedToken("procedures", "v2:P7", (1, 0), code="P7")  # the display adds the visit, the code not
+    assert (nested.code, nested.text, nested.index) == ("P7", "v2:P7", (1, 0))
+    assert DecodedToken("procedures", "v2:P7", (1, 0), code="").code == ""  # given, even if empty
