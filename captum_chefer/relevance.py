@@ -377,7 +377,7 @@ def propagate_weighted_increment(
         )
     if missing:
         return increment
-    unit = pooling_rows(index, length, increment.dtype)
+    unit = pooling_rows(index, length, _wide(increment.dtype))  # e_p + d in float32 at least: a half d would round away
     return _add_weighted_product(
         increment, unit + increment, attention, gradient, use_gradient=use_gradient, clamp=clamp,
         head_reduction=head_reduction,
