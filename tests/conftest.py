@@ -86,6 +86,27 @@ def make_model(dataset, kind: str = "transformer", layers: int = 2, heads: int =
     return model.eval()
 
 
+# A tiny clinical text vocabulary: the tokenizer of save_tiny_bert has [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4,
+# then these words from 5.
+WORDS = ["fever", "cough", "rash", "pain", "no", "history", "of", "chest", "sepsis", "stable"]
+TEXTS = ["fever cough rash", "no history of chest pain", "sepsis", "stable chest"]
+
+
+def save_tiny_bert(directory, layers: int) -> None:
+    """A BERT of ``layers`` layers (hidden size 16, 2 heads) and its tokenizer over :data:`WORDS`, saved into
+    ``directory`` for ``from_pretrained`` (no hub access)."""
+    import transformers
+
+    vocab = directory / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
+    transformers.BertTokenizerFast(vocab=str(vocab)).save_pretrained(directory)
+    torch.manual_seed(0)
+    config = transformers.BertConfig(
+        vocab_size=15, hidden_size=16, num_hidden_layers=layers, num_attention_heads=2, intermediate_size=32
+    )
+    transformers.BertModel(config).save_pretrained(directory)
+
+
 def first_batch(dataset, batch_size: int = 6) -> dict[str, Any]:
     from pyhealth.datasets import get_dataloader
 

@@ -18,7 +18,7 @@ from captum_chefer.adapters import pyhealth as pyhealth_adapter
 from captum_chefer.adapters.pyhealth import FeatureSpec
 from captum_chefer.layernorm import FixedScaleLayerNorm
 from captum_chefer.synthetic import quiet_pyhealth
-from tests.conftest import first_batch, make_dataset, make_model
+from tests.conftest import TEXTS, first_batch, make_dataset, make_model, save_tiny_bert
 
 
 def exact(message: str) -> str:
@@ -90,26 +90,16 @@ def fresh(data_and_batch, kind: str = "transformer"):
     return make_model(model.dataset, kind, layers=model.num_layers if kind == "transformer" else 2), batch
 
 
-WORDS = ["fever", "cough", "rash", "pain", "no", "history", "of", "chest", "sepsis", "stable"]
-TEXTS = ["fever cough rash", "no history of chest pain", "sepsis", "stable chest"]
 # the tokenizer's vocabulary: [PAD] 0, [UNK] 1, [CLS] 2, [SEP] 3, [MASK] 4, then WORDS from 5
 
 
 @pytest.fixture(scope="module")
 def text(tmp_path_factory):
     """Two TransformersModels on a tiny BERT saved locally: ``{"multiclass": (model, batch), "binary": ...}``."""
-    import transformers
     from pyhealth.models import TransformersModel
 
     directory = tmp_path_factory.mktemp("tiny-bert")
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    transformers.BertTokenizerFast(vocab=str(vocab)).save_pretrained(directory)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=15, hidden_size=16, num_hidden_layers=2, num_attention_heads=2, intermediate_size=32
-    )
-    transformers.BertModel(config).save_pretrained(directory)
+    save_tiny_bert(directory, layers=2)
     out = {}
     for kind, labels in [("multiclass", [0, 1, 2, 1]), ("binary", [0, 1, 0, 1])]:
         data = dataset(samples("text", TEXTS, labels), {"text": "text"}, kind, name=f"notes-{kind}")

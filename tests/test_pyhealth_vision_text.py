@@ -20,11 +20,8 @@ from captum.attr import IntegratedGradients, LayerIntegratedGradients, NoiseTunn
 from captum_chefer import CheferAttribution, PyHealthAdapter, adapter_for, compare_methods
 from captum_chefer.adapters.base import sum_over_patches
 from captum_chefer.synthetic import quiet_pyhealth
+from tests.conftest import TEXTS, save_tiny_bert
 from tests.test_torch_adapter import independent_rows, manual_vit_forward
-
-WORDS = ["fever", "cough", "rash", "pain", "no", "history", "of", "chest", "sepsis", "stable"]
-TEXTS = ["fever cough rash", "no history of chest pain", "sepsis", "stable chest"]
-
 
 # ---------------------------------------------------------------------------------------------- fixtures
 
@@ -262,19 +259,11 @@ def test_other_torchvision_models_are_refused_with_the_supported_ones(images):
 @pytest.fixture(scope="module")
 def text_model(tmp_path_factory):
     """TransformersModel on a tiny BERT saved with its tokenizer into a local directory (no hub access)."""
-    import transformers
     from pyhealth.datasets import create_sample_dataset
     from pyhealth.models import TransformersModel
 
     directory = tmp_path_factory.mktemp("tiny-bert")
-    vocab = directory / "vocab.txt"
-    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *WORDS]) + "\n")
-    transformers.BertTokenizerFast(vocab=str(vocab)).save_pretrained(directory)
-    torch.manual_seed(0)
-    config = transformers.BertConfig(
-        vocab_size=15, hidden_size=16, num_hidden_layers=3, num_attention_heads=2, intermediate_size=32
-    )
-    transformers.BertModel(config).save_pretrained(directory)
+    save_tiny_bert(directory, layers=3)
     samples = [{"patient_id": f"p{i}", "text": text, "label": i % 3} for i, text in enumerate(TEXTS)]
     with quiet_pyhealth():
         dataset = create_sample_dataset(
