@@ -343,14 +343,20 @@ def from_report(part: Part) -> tuple[list[Mutant], dict]:
         if "killed" not in statuses.split(", "):
             continue
         module = _module_of(note.function)
-        qualname = note.function[len(module) + 1:].split(".")
-        mangled = "x" + CLASS_SEPARATOR + CLASS_SEPARATOR.join(qualname) if len(qualname) > 1 else "x_" + qualname[0]
+        mangled = mangled_name(note.function[len(module) + 1:])
         placeholder = next(i for i, m in enumerate(mutants)
                            if m.module == module and m.status == "killed" and not m.diff)
         diff = "--- original\n+++ mutant\n" + "".join(f"-{line}\n" for line in note.before.splitlines()) + "".join(
             f"+{line}\n" for line in note.after.splitlines())
         mutants[placeholder] = Mutant(f"{module}.{mangled}__mutmut_killer{k}", "killed", diff.rstrip("\n"))
     return mutants, info
+
+
+def mangled_name(qualname: str) -> str:
+    """mutmut's stem of the mutants of a function (``x_function``) or a method (``xǁClassǁmethod``), the inverse of
+    :attr:`Mutant.function`."""
+    parts = qualname.split(".")
+    return "x" + CLASS_SEPARATOR + CLASS_SEPARATOR.join(parts) if len(parts) > 1 else "x_" + parts[0]
 
 
 def _module_of(function: str) -> str:
@@ -705,9 +711,7 @@ def changed_functions(part: Part, rev: str) -> dict[str, str]:
         before = functions_of(old.stdout) if old.returncode == 0 else {}
         for qualname, text in functions_of((ROOT / file).read_text()).items():
             if before.get(qualname) != text:
-                parts = qualname.split(".")
-                stem = "x" + CLASS_SEPARATOR + CLASS_SEPARATOR.join(parts) if len(parts) > 1 else "x_" + parts[0]
-                changed[f"{module}.{qualname}"] = f"{module}.{stem}"
+                changed[f"{module}.{qualname}"] = f"{module}.{mangled_name(qualname)}"
     return changed
 
 
