@@ -15,7 +15,7 @@ import torch
 from captum_chefer import CheferAttribution, PyHealthAdapter
 from captum_chefer.attribution import PRESETS
 from captum_chefer.layernorm import FixedScaleLayerNorm
-from captum_chefer.protocol import Capabilities, _names_keyword
+from captum_chefer.protocol import _names_keyword
 from captum_chefer.relevance import layer_norm_fixed_scale, softmax_log_odds, split_over_codes
 from conftest import first_batch, make_dataset, make_model
 
@@ -438,23 +438,6 @@ def test_bad_choices_name_the_fix():
     for name, values in allowed.items():
         with pytest.raises(ValueError, match=f"{name} must be one of {values}, got 'nope'"):
             CheferAttribution(adapter).attribute(inputs, None, args, **{name: "nope"})
-
-
-@pytest.mark.parametrize("classes, probabilities, softmax", [
-    (1, torch.sigmoid, False),  # one logit: a sigmoid, whatever the model says
-    (1, None, False),
-    (2, lambda z: z.softmax(dim=1), True),  # two classes under a softmax: log-odds l_t - l_other
-    (3, lambda z: z.softmax(dim=1), True),
-    (3, torch.sigmoid, False),  # multilabel: each label's own sigmoid
-    (3, None, True),  # a model that does not say: softmax, Captum's usual classifier
-])
-def test_the_activation_is_read_from_the_models_probabilities(classes, probabilities, softmax):
-    logits = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]])[:, :classes]
-    model = type("Model", (), {})()
-    if probabilities is not None:
-        model.probabilities = probabilities
-    capabilities = Capabilities(False, False, None, getattr(model, "probabilities", None))
-    assert capabilities.activation(logits) == ("softmax" if softmax else "sigmoid")
 
 
 def test_log_odds_of_two_softmax_classes_is_the_logit_difference():

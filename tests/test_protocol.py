@@ -125,7 +125,9 @@ def test_keywords_taken_as_options_count_for_pooled_row_only_but_not_for_layerno
 
 @pytest.mark.parametrize("width, probabilities, activation", [
     (1, None, "sigmoid"), (1, lambda z: z.softmax(dim=1), "sigmoid"),  # one logit is a sigmoid whatever it says
-    (2, None, "softmax"), (3, lambda z: z.softmax(dim=1), "softmax"), (3, torch.sigmoid, "sigmoid"),
+    (1, torch.sigmoid, "sigmoid"), (2, None, "softmax"), (2, lambda z: z.softmax(dim=1), "softmax"),
+    (3, lambda z: z.softmax(dim=1), "softmax"), (3, torch.sigmoid, "sigmoid"),  # several sigmoids: multilabel
+    (3, None, "softmax"),  # a model that does not say: softmax, Captum's usual classifier
 ])
 def test_activation(width, probabilities, activation):
     logits = torch.tensor([[0.5, -1.0, 2.0], [1.0, 0.0, -0.5]])[:, :width]
