@@ -52,7 +52,7 @@ from captum.log import log_usage
 from torch import Tensor, nn
 
 from ._optional import extra
-from .adapters.base import spread_over_patches
+from .adapters.base import PACKAGE_FILES, spread_over_patches
 from .capture import AttentionCapture, evaluation_mode, find_attention_modules
 from .relevance import (
     encoder_decoder_rows,
@@ -793,7 +793,7 @@ def _warn_unknown_prompt(tokenizer: Any, ids: Tensor, skipped: Any) -> None:
 
 
 # Warnings point at the caller's line, not at this package or Captum's wrappers around ``attribute``.
-_OWN_FILES = (os.path.dirname(os.path.abspath(__file__)), os.path.dirname(os.path.abspath(captum.__file__)))
+_OWN_FILES = (*PACKAGE_FILES, os.path.dirname(os.path.abspath(captum.__file__)) + os.sep)
 
 
 def _vocabulary_size(embedding: Any) -> Optional[int]:

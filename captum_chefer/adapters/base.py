@@ -24,6 +24,7 @@ between patch relevance and pixels for vision transformers.
 from __future__ import annotations
 
 import inspect
+import os
 import sys
 import warnings
 from dataclasses import dataclass
@@ -46,6 +47,11 @@ __all__ = [
     "sum_over_patches",
     "uncompiled",
 ]
+
+
+#: The package's own files, for ``warnings.warn(..., skip_file_prefixes=PACKAGE_FILES)``: a warning then names
+#: the first line outside the package that led to it, however deep the call.
+PACKAGE_FILES = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,)
 
 
 class ZeroBaselineWarning(UserWarning):

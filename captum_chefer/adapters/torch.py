@@ -28,7 +28,6 @@ relevance is mapped back to the input tokens or patches.
 
 from __future__ import annotations
 
-import os
 import warnings
 from functools import partial
 from typing import Any, Callable, Literal, Mapping, Optional, Sequence, Union
@@ -38,10 +37,15 @@ from torch import Tensor, nn
 
 from ..capture import AttentionCapture, evaluation_mode, find_attention_modules
 from ..protocol import AttentionForward
-from .base import Adapter, DecodedToken, LookupDict, check_devices, spread_over_patches, sum_over_patches
-
-# a warning names the first line outside the package that led to it, however deep the call (warnings.warn)
-_PACKAGE_FILES = (os.path.dirname(os.path.dirname(os.path.abspath(__file__))) + os.sep,)
+from .base import (
+    PACKAGE_FILES,
+    Adapter,
+    DecodedToken,
+    LookupDict,
+    check_devices,
+    spread_over_patches,
+    sum_over_patches,
+)
 
 __all__ = ["Pool", "TransformerAdapter", "blurred_images", "logits_of"]
 
@@ -559,7 +563,7 @@ class TransformerAdapter(Adapter):
                 f"the token ids hold {padding_idx}, the padding_idx of the model's embedding, but TransformerAdapter was "
                 "told of no padding, so every token counts as real (scores and removal on padding, pool='last' at a "
                 f"padded position); pass pad_id={padding_idx} if it marks padding",
-                skip_file_prefixes=_PACKAGE_FILES,
+                skip_file_prefixes=PACKAGE_FILES,
             )
             return
         for k, a in enumerate(model_args):
@@ -573,7 +577,7 @@ class TransformerAdapter(Adapter):
                     f"mask does, but TransformerAdapter was told of no padding, so every token counts as real (scores and "
                     f"removal on padding, pool='last' at a padded position). If it is a mask that is non-zero on real "
                     f"tokens, pass mask_arg={k}; if padding is a token id, pass pad_id=",
-                    skip_file_prefixes=_PACKAGE_FILES,
+                    skip_file_prefixes=PACKAGE_FILES,
                 )
                 return
 
